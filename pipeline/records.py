@@ -1,0 +1,27 @@
+"""The record: what every source yields and what the shard writer consumes."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One image from a source.
+
+    key: unique within the source and split (it ends up in the shard as the sample's name).
+    image: uint8 array (H, W, C); grayscale sources use C = 1.
+    label: class index, when the source has labels.
+    factors: ground-truth generative factors (K,), for disentanglement metrics, when known.
+    """
+
+    key: str
+    image: np.ndarray
+    label: int | None = None
+    factors: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.image.dtype != np.uint8 or self.image.ndim != 3:
+            raise ValueError(
+                f"record {self.key!r}: image must be uint8 (H, W, C), got {self.image.dtype} {self.image.shape}"
+            )

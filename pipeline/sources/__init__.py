@@ -1,0 +1,92 @@
+"""Source plugins, found through the `vaepipe.sources` entry-point group.
+
+The built-ins are declared in pyproject.toml exactly as a third-party package would declare its own, so
+adding a source never means touching this repository. The registry is a plain dict built once per process;
+unknown and duplicate names fail loudly and list what is there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import SourceError
+from pipeline.records import Record
+
+ENTRY_POINT_GROUP = "vaepipe.sources"
+
+
+class SourceConfig(BaseModel):
+    """Base of every source's typed config; unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source:
+    """A source yields `Record`s per split. Subclasses set `name` and `Config` and implement both methods."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[SourceConfig]] = SourceConfig
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+
+    def splits(self) -> list[str]:
+        """The split names this source provides, e.g. ["train", "test"]."""
+        raise NotImplementedError
+
+    def records(self, split: str) -> Iterator[Record]:
+        """Yield every record of `split`, in a deterministic order."""
+        raise NotImplementedError
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits():
+            raise SourceError(f"source {self.name!r} has no split {split!r}; it has {self.splits()}")
+
+
+@functools.cache
+def available_sources() -> dict[str, Any]:
+    """Name -> entry point, for every installed source. Two packages claiming one name is an error."""
+    found: dict[str, Any] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            raise SourceError(
+                f"source name {ep.name!r} is registered twice ({found[ep.name].value} and {ep.value}); "
+                "uninstall one of the packages that declare it"
+            )
+        found[ep.name] = ep
+    return found
+
+
+def get_source_class(name: str) -> type[Source]:
+    """The plugin class registered under `name`."""
+    sources = available_sources()
+    if name not in sources:
+        valid = ", ".join(sorted(sources)) or "none (is vaepipe installed? run `pip install -e .`)"
+        raise SourceError(f"unknown source {name!r}; valid sources: {valid}")
+    cls = sources[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+        raise SourceError(f"entry point {name!r} ({sources[name].value}) is not a pipeline.sources.Source")
+    return cls
+
+
+def validate_options(name: str, options: dict[str, Any]) -> SourceConfig:
+    """Validate `options` against the plugin's config, naming the bad field and the source."""
+    cls = get_source_class(name)
+    try:
+        return cls.Config(**options)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"source.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        fields = ", ".join(cls.Config.model_fields) or "none"
+        raise SourceError(f"invalid options for source {name!r}: {problems} (its fields: {fields})") from None
+
+
+def build_source(name: str, options: dict[str, Any] | None = None) -> Source:
+    """Instantiate the source `name` with validated `options`."""
+    return get_source_class(name)(validate_options(name, options or {}))

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny shard directories, free ports, and a real MLflow server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text() if log else ''}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server (sqlite backend, local artifacts) on 127.0.0.1; returns its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc, log=log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_server, monkeypatch) -> str:
+    """Point this test's MLflow client (and any child process) at the loopback server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    return mlflow_server
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The offline default source ingested once per session (small shards, so there are several)."""
+    from pipeline import ingest
+
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    ingest("digits", {}, out, samples_per_shard=512, block_size=128, progress=False)
+    return out
+
+
+def write_numbered_shards(out: Path, counts: list[int], block_size: int = 4, shape=(4, 4, 1)) -> Path:
+    """A split 'train' whose shards hold `counts` samples; sample i has label i, so tests can trace it."""
+    from pipeline.records import Record
+    from pipeline.shards import ShardIndex, write_index, write_split
+
+    out.mkdir(parents=True, exist_ok=True)
+    infos = []
+    start = 0
+    for n in counts:  # one write per shard gives exactly the uneven sizes asked for
+        (out / "tmp").mkdir(exist_ok=True)
+        records = [Record(f"s{i}", np.full(shape, i % 256, np.uint8), label=i) for i in range(start, start + n)]
+        start += n
+        info, _ = write_split(records, out / "tmp", "train", samples_per_shard=4096 * block_size, block_size=block_size)
+        (out / "tmp" / info.shards[0].name).rename(out / f"train-{len(infos):06d}.tar")
+        infos.append(info.shards[0].model_copy(update={"name": f"train-{len(infos):06d}.tar"}))
+    (out / "tmp").rmdir()
+    from pipeline.shards import SplitInfo
+
+    split = SplitInfo(num_samples=start, shards=infos, num_classes=start)
+    write_index(out, ShardIndex(source={"name": "test", "config": {}}, block_size=block_size,
+                                image_shape=shape, splits={"train": split}))
+    return out
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command, returning its result; the output is kept for the assertion message."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

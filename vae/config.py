@@ -1,0 +1,228 @@
+"""One typed config tree for a run: source, ingest, data, model, loss, optim, train, tracking.
+
+The same pydantic models are the Prefect deployment's parameter schema. YAML presets live in
+`infra/configs/`; the command line overrides single fields (`--train.batch_size 512`). Invalid values stop
+the run before any work with a `ConfigError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSection(_Section):
+    name: str = Field("digits", description="Source plugin (entry point in group 'vaepipe.sources').")
+    options: dict[str, Any] = Field(default_factory=dict, description="The plugin's own config fields.")
+
+    @model_validator(mode="after")
+    def _check_plugin(self) -> SourceSection:
+        from pipeline.sources import validate_options  # registry lookup: unknown names list the valid ones
+
+        validate_options(self.name, self.options)
+        return self
+
+
+class IngestSection(_Section):
+    shard_dir: Path | None = Field(None, description="Where shards go; default data/shards/<source name>.")
+    samples_per_shard: int = Field(8192, gt=0, description="Images per tar shard (a multiple of block_size).")
+    block_size: int = Field(1024, gt=0, description="Images packed into one tar member.")
+    overwrite: bool = Field(False, description="Re-ingest even when a complete shard directory exists.")
+
+
+class DataSection(_Section):
+    train_split: str = Field("train", description="Split to train on.")
+    val_split: str = Field("test", description="Split for validation, evaluation and plots.")
+    shuffle_buffer: int = Field(65536, gt=0, description="Samples shuffled together within a rank.")
+
+
+class ModelSection(_Section):
+    arch: Literal["conv", "mlp"] = Field("conv", description="Architecture from the vae.models registry.")
+    latent_dim: int = Field(2, gt=0, description="Size of z; 2 gives the classic manifold plot.")
+    hidden_dim: int = Field(400, gt=0, description="Hidden width of the mlp architecture.")
+
+
+class LossSection(_Section):
+    likelihood: Literal["bernoulli"] = Field("bernoulli", description="p(x|z): Bernoulli on pixel intensities.")
+    beta: float = Field(1.0, ge=0, description="Weight of the KL term (1 is the ELBO).")
+
+
+class OptimSection(_Section):
+    name: Literal["adam", "adamw"] = Field("adam", description="Optimiser.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this; none: no clip.")
+
+
+class TrainSection(_Section):
+    epochs: int = Field(10, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(128, gt=0, description="Images per step on each process (global = this x processes).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="Overrides the accelerate launch setting when given."
+    )
+    seed: int = Field(0, description="Seed for weights, sampling and data order.")
+    output_dir: Path = Field(Path("runs/default"), description="Checkpoints, resolved config and plots.")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
+    keep_checkpoints: int = Field(2, gt=0, description="Newest epoch checkpoints kept on disk.")
+    log_every: int = Field(20, gt=0, description="Steps between training metric logs (a host sync each time).")
+    expected_world_size: int | None = Field(
+        None, gt=0, description="Fail fast when the launcher started a different number of processes."
+    )
+
+
+class TrackingSection(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; default MLFLOW_TRACKING_URI, else sqlite under the working directory."
+    )
+    experiment: str = Field("vaepipe", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name.")
+    finalize: bool = Field(True, description="After training: evaluate, plot, log and register the model.")
+    model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
+
+
+class RunConfig(_Section):
+    """Everything one training run needs."""
+
+    source: SourceSection = Field(default_factory=SourceSection)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.ingest.shard_dir or Path("data/shards") / self.source.name
+
+    @property
+    def model_name(self) -> str:
+        return self.tracking.model_name or f"vae-{self.source.name}"
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from plain data, turning pydantic's errors into a one-line ConfigError."""
+    from pipeline.errors import SourceError
+
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+    except SourceError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set data['a']['b']['c'] for 'a.b.c', checking each name against the config tree."""
+    *parents, leaf = dotted.split(".")
+    node, model = data, RunConfig
+    for depth, name in enumerate(parents):
+        if model is not None:
+            if name not in model.model_fields:
+                raise ConfigError(f"unknown config field --{dotted}: valid here are {', '.join(model.model_fields)}")
+            annotation = model.model_fields[name].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{'.'.join(parents[: depth + 1])} is a value, not a section")
+    if model is not None and leaf not in model.model_fields:
+        raise ConfigError(f"unknown config field --{dotted}: valid here are {', '.join(model.model_fields)}")
+    node[leaf] = value
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """['--train.epochs', '3', '--model.arch=mlp'] -> nested dict; values are parsed as YAML scalars."""
+    data: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"expected --section.field VALUE, got {token!r}")
+        if "=" in token:
+            key, raw = token[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"{token} needs a value")
+            key, raw = token[2:], tokens[i + 1]
+            i += 2
+        if "." not in key:
+            raise ConfigError(f"--{key}: config fields are written section.field, e.g. --train.epochs")
+        _set_dotted(data, key, yaml.safe_load(raw))
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `override` wins."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Preset YAML (optional) + command-line overrides -> a validated RunConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            presets = sorted(p.name for p in Path("infra/configs").glob("*.yaml"))
+            raise ConfigError(f"config file {path} does not exist (presets in infra/configs: {presets})")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return validate(merge(data, parse_overrides(overrides or [])))
+
+
+def field_help() -> str:
+    """Every config field with its type, default and description: the body of `--help`."""
+    lines = []
+    for section, info in RunConfig.model_fields.items():
+        model = info.annotation
+        lines.append(f"{section}:")
+        for name, field in model.model_fields.items():
+            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"  --{section}.{name} ({annotation}, default {default!r}): {field.description}")
+    return "\n".join(lines)
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: RunConfig) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

@@ -28,7 +28,7 @@ from pipeline.shards import read_index
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    images: torch.Tensor  # uint8 (B, C, H, W), a channels-last view of the packed (B, H, W, C) block
+    images: torch.Tensor  # uint8 (B, C, H, W), contiguous
     labels: torch.Tensor | None  # int64 (B,)
 
 
@@ -150,7 +150,11 @@ class ShardLoader:
 
     @staticmethod
     def _batch(images: np.ndarray, labels: np.ndarray | None) -> Batch:
-        tensor = torch.from_numpy(images).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W) view, no copy
+        # (B, H, W, C) -> (B, C, H, W). A channels-last view would be free, but its strides leak into the conv
+        # weight gradients and DDP warns that they do not match its buckets; one uint8 copy per batch is cheap.
+        b, h, w, c = images.shape
+        tensor = torch.from_numpy(images)
+        tensor = tensor.reshape(b, 1, h, w) if c == 1 else tensor.permute(0, 3, 1, 2).contiguous()
         return Batch(tensor, None if labels is None else torch.from_numpy(labels))
 
     def __iter__(self) -> Iterator[Batch]:

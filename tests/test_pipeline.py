@@ -1,0 +1,214 @@
+"""Sources, the shard format and the per-rank loader."""
+
+import gzip
+import json
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+from conftest import SHARED_DATA, write_numbered_shards
+
+import pipeline
+from pipeline import ShardFormatError, ShardLoader, SourceError
+from pipeline.sources.idx import read_idx
+
+
+def test_digits_round_trip(tmp_path):
+    index = pipeline.ingest("digits", {}, tmp_path, samples_per_shard=512, block_size=128, progress=False)
+    assert index.image_shape == (8, 8, 1)
+    assert sum(s.num_samples for s in index.splits.values()) == 1797
+    assert len(index.splits["train"].shards) == 3  # 1438 train images at 512 per shard
+    images, labels = pipeline.read_split(tmp_path, "test")
+    source_images = [r.image for r in pipeline.build_source("digits").records("test")]
+    np.testing.assert_array_equal(images, np.stack(source_images))
+    assert set(labels.tolist()) == set(range(10))
+    assert index.splits["test"].num_classes == 10
+
+
+def test_shards_are_plain_webdataset_and_tar(digits_shards):
+    shard = digits_shards / "train-000000.tar"
+    sample = next(iter(wds.WebDataset(str(shard), shardshuffle=False).decode()))
+    assert sample["images.npy"].shape == (128, 8, 8, 1) and sample["images.npy"].dtype == np.uint8
+    assert len(json.loads(sample["keys.json"]) if isinstance(sample["keys.json"], bytes) else sample["keys.json"]) == 128
+    listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
+    assert "train-block-000000.images.npy" in listing
+
+
+def test_index_records_checksums(digits_shards):
+    import hashlib
+
+    index = pipeline.read_index(digits_shards)
+    for info in index.splits["train"].shards:
+        data = (digits_shards / info.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info.sha256 and len(data) == info.bytes
+
+
+def test_missing_index_is_refused(digits_shards, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train-000000.tar").write_bytes((digits_shards / "train-000000.tar").read_bytes())
+    with pytest.raises(ShardFormatError, match="no index.json, so an ingest was interrupted.*Re-run the ingest"):
+        ShardLoader(partial, "train", batch_size=8)
+    assert not pipeline.is_complete(partial)
+
+
+def test_empty_and_missing_directories_are_refused(tmp_path):
+    with pytest.raises(ShardFormatError, match="has no index.json and no shards"):
+        pipeline.read_index(tmp_path)
+    with pytest.raises(ShardFormatError, match="does not exist; run the ingest first"):
+        pipeline.read_index(tmp_path / "nowhere")
+
+
+def test_unknown_source_lists_valid_names():
+    with pytest.raises(SourceError, match="unknown source 'nope'; valid sources: .*digits.*idx.*torchvision"):
+        pipeline.build_source("nope")
+
+
+def test_killed_ingest_leaves_no_index_and_rerun_completes(tmp_path, monkeypatch):
+    from pipeline import shards
+
+    real = shards.write_split
+    calls = []
+
+    def dies_on_second_split(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the ingest is killed while writing the second split
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_split", dies_on_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
+    assert not (tmp_path / "index.json").exists()
+    with pytest.raises(ShardFormatError, match="interrupted"):
+        pipeline.read_index(tmp_path)
+    monkeypatch.setattr(shards, "write_split", real)
+    index = pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
+    assert index.splits["train"].num_samples + index.splits["test"].num_samples == 1797
+
+
+def test_reingest_with_other_source_config_is_refused(digits_shards):
+    with pytest.raises(ShardFormatError, match="choose another ingest.shard_dir or set ingest.overwrite=true"):
+        pipeline.ingest("digits", {"seed": 7}, digits_shards, 512, 128, progress=False)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_read_disjoint_data_with_equal_batches_on_uneven_shards(tmp_path, world):
+    counts = [7, 30, 3, 11, 1]  # 52 samples, deliberately uneven
+    shard_dir = write_numbered_shards(tmp_path, counts)
+    total = sum(counts)
+    for epoch in (0, 1):
+        per_rank, lengths = [], []
+        for rank in range(world):
+            loader = ShardLoader(shard_dir, "train", batch_size=4, rank=rank, world_size=world, seed=5,
+                                 drop_last=False, shuffle_buffer=8)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            lengths.append((len(loader), len(batches)))
+            per_rank.append([int(i) for b in batches for i in b.labels])
+            for b in batches:  # the image really is the sample its label names
+                assert (b.images[:, 0, 0, 0] == b.labels % 256).all()
+        assert len({n for pair in lengths for n in pair}) == 1, lengths  # same count on every rank, as promised
+        together = [i for labels in per_rank for i in labels]
+        assert set(together) == set(range(total))
+        padding = len(together) - total  # ceil(N / world) * world - N repeats, like DistributedSampler
+        assert padding == -total % world
+        if padding == 0:
+            assert len(set(per_rank[0]) & set(per_rank[1])) == 0
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, [16, 16, 16])
+
+    def order(seed, epoch):
+        loader = ShardLoader(shard_dir, "train", batch_size=4, seed=seed, shuffle_buffer=8)
+        loader.set_epoch(epoch)
+        return [int(i) for b in loader for i in b.labels]
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1)
+    assert sorted(order(1, 1)) == list(range(48))
+
+
+def test_too_small_split_for_one_batch_per_rank(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, [5])
+    with pytest.raises(ShardFormatError, match="fewer than one batch of 4 for each of 2 rank"):
+        ShardLoader(shard_dir, "train", batch_size=4, world_size=2, rank=0)
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, [16, 16], block_size=4)
+    shard = shard_dir / "train-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()][:6]  # first 2 of its 4 blocks
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            import io
+
+            tar.addfile(member, io.BytesIO(data))
+    loader = ShardLoader(shard_dir, "train", batch_size=4, shuffle=False)
+    with pytest.raises(ShardFormatError, match="train-000001.tar holds 8 samples but index.json says"):
+        list(loader)
+
+
+def _write_idx(path, array):
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_idx_source_reads_gzipped_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 6, 5), dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20, dtype=np.uint8) % 10)
+    source = pipeline.build_source("idx", {"root": str(tmp_path)})
+    assert source.splits() == ["train"]
+    records = list(source.records("train"))
+    np.testing.assert_array_equal(np.stack([r.image[..., 0] for r in records]), images)
+    assert [r.label for r in records][:3] == [0, 1, 2]
+
+
+def test_idx_source_reports_truncated_and_missing_files(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + np.array([10, 28, 28], ">i4").tobytes() + b"x" * 100)
+    with pytest.raises(SourceError, match="truncated or corrupt"):
+        list(pipeline.build_source("idx", {"root": str(tmp_path)}).records("train"))
+    with pytest.raises(SourceError, match="does not exist; set source.options.root"):
+        pipeline.build_source("idx", {"root": str(tmp_path / "missing")}).splits()
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    with pytest.raises(SourceError, match="no 'train-images-idx3-ubyte"):
+        pipeline.build_source("idx", {"root": str(tmp_path)}).splits()
+
+
+def test_torchvision_source_by_class_name(tmp_path):
+    options = {"dataset": "FakeData", "kwargs": {"image_size": (3, 12, 10), "num_classes": 4},
+               "splits": {"train": {"size": 40}, "test": {"size": 10, "random_offset": 99}}}
+    index = pipeline.ingest("torchvision", options, tmp_path, 64, 16, progress=False)
+    assert index.image_shape == (12, 10, 3)
+    assert index.splits["train"].num_samples == 40 and index.splits["test"].num_samples == 10
+    with pytest.raises(SourceError, match="torchvision has no dataset 'NoSuchSet'; valid: .*MNIST"):
+        pipeline.build_source("torchvision", {"dataset": "NoSuchSet"}).records("train").__next__()
+
+
+def test_torchvision_missing_files_say_how_to_fix(tmp_path):
+    source = pipeline.build_source("torchvision", {"dataset": "MNIST", "root": str(tmp_path)})
+    with pytest.raises(SourceError, match="download=true when online"):
+        next(source.records("train"))
+
+
+@pytest.mark.slow
+def test_real_mnist_ingest(tmp_path):
+    mnist = SHARED_DATA / "mnist"
+    if not mnist.is_dir():
+        pytest.skip(f"real MNIST not found at {mnist} (../shared/data is absent on this machine)")
+    index = pipeline.ingest("idx", {"root": str(mnist)}, tmp_path, progress=False)
+    assert index.image_shape == (28, 28, 1)
+    assert index.splits["train"].num_samples == 60000 and index.splits["test"].num_samples == 10000
+    assert index.splits["train"].num_classes == 10
+    raw = read_idx(mnist / "t10k-images-idx3-ubyte.gz")
+    images, labels = pipeline.read_split(tmp_path, "test")
+    np.testing.assert_array_equal(images[..., 0], raw)
+    assert np.bincount(labels).min() > 800

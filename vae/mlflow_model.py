@@ -66,12 +66,13 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         self.model = model.eval()
         self.shapes = {"images": tuple(spec["image_shape"]), "latents": (spec["latent_dim"],)}
 
-    def predict(self, context, model_input, params=None):
+    # The ndarray hint tells MLflow to validate against the logged signature rather than the hint.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         mode = (params or {}).get("mode", "reconstruct")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
         fn, kind = MODES[mode]
-        x = np.asarray(model_input, dtype=np.float32)
+        x = np.array(model_input, dtype=np.float32)  # a writable copy: torch.from_numpy warns on read-only input
         expected = self.shapes[kind]
         if x.ndim != 1 + len(expected) or x.shape[1:] != expected:
             raise ValueError(

@@ -1,0 +1,197 @@
+"""MLflow packaging and registry against a real loopback server: log, register, alias, load back."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from vae.registry import build_from_spec, load_torch_model, log_model, model_spec, register
+from vae.tracking import ensure_experiment
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = model_spec("conv", (1, 8, 8), 2)
+
+
+@pytest.fixture
+def logged(mlflow_uri):
+    """A tiny conv VAE logged into a fresh run: (module, run_id, model_uri)."""
+    torch.manual_seed(0)
+    model = build_from_spec(SPEC).eval()
+    run = mlflow.MlflowClient().create_run(ensure_experiment("registry-tests", mlflow_uri))
+    return model, run.info.run_id, log_model(model, SPEC, run.info.run_id)
+
+
+def images(n: int = 4) -> np.ndarray:
+    return np.random.default_rng(1).random((n, *SPEC["image_shape"]), dtype=np.float32)  # (N, 1, 8, 8)
+
+
+def unique_name() -> str:
+    return f"vae-test-{uuid.uuid4().hex[:8]}"
+
+
+# Run in a fresh interpreter that cannot see the installed vaepipe: `vae` may only come from the code the
+# model carries (MLflow puts it on sys.path while loading). argv: repo, model URI, input .npy, output .npy.
+LOAD_ELSEWHERE = r"""
+import importlib.machinery, site, sys
+from pathlib import Path
+import numpy as np
+
+hidden = {Path(p).resolve() for p in [*site.getsitepackages(), sys.argv[1]]}
+
+class OnlyFromModel:
+    def find_spec(self, name, path=None, target=None):
+        if name != "vae":
+            return None
+        # Only real directories: the editable install also hooks a pseudo-entry into sys.path.
+        visible = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() not in hidden]
+        spec = importlib.machinery.PathFinder.find_spec(name, visible)
+        if spec is None:
+            raise ModuleNotFoundError("the installed vae is hidden in this test", name=name)
+        return spec
+
+sys.meta_path.insert(0, OnlyFromModel())
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[2])
+np.save(sys.argv[4], model.predict(np.load(sys.argv[3])))
+import vae
+print(vae.__file__)
+"""
+
+
+def test_champion_loads_and_predicts_in_a_fresh_process(logged, mlflow_uri, tmp_path):
+    model, run_id, uri = logged
+    assert uri.startswith("models:/m-")  # MLflow 3: a logged model, not runs:/<run>/model
+    name = unique_name()
+    version = register(uri, name, val_elbo=-100.0, run_id=run_id)
+    assert version.champion and version.version == 1 and version.uri == f"models:/{name}/1"
+
+    x = images()
+    with torch.no_grad():
+        mu, _ = model.encode(torch.from_numpy(x))
+        expected = torch.sigmoid(model.decode_logits(mu)).numpy()
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_ELSEWHERE, str(REPO), f"models:/{name}@champion",
+         str(tmp_path / "x.npy"), str(tmp_path / "out.npy")],
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    vae_file = result.stdout.strip().splitlines()[-1]
+    assert Path(vae_file).parts[-3:] == ("code", "vae", "__init__.py"), vae_file  # the model's own copy
+    out = np.load(tmp_path / "out.npy")
+    assert out.shape == (4, 1, 8, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
+def test_champion_alias_moves_only_to_a_strictly_better_elbo(logged):
+    _, run_id, uri = logged
+    name = unique_name()
+    client = mlflow.MlflowClient()
+
+    first = register(uri, name, val_elbo=-100.0, run_id=run_id)
+    assert (first.version, first.champion, first.previous_champion_elbo) == (1, True, None)
+
+    worse = register(uri, name, val_elbo=-120.0, run_id=run_id)
+    assert (worse.version, worse.champion, worse.previous_champion_elbo) == (2, False, -100.0)
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+    tie = register(uri, name, val_elbo=-100.0, run_id=run_id)  # equal is not better
+    assert not tie.champion and client.get_model_version_by_alias(name, "champion").version == "1"
+
+    better = register(uri, name, val_elbo=-90.0, run_id=run_id)
+    assert (better.version, better.champion, better.previous_champion_elbo) == (4, True, -100.0)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "4" and float(champion.tags["val_elbo"]) == -90.0
+    assert client.get_run(run_id).data.tags["registered_model_version"] == f"{name}/4"
+
+
+def test_a_champion_without_its_elbo_tag_is_a_loud_failure(logged):
+    _, run_id, uri = logged
+    name = unique_name()
+    client = mlflow.MlflowClient()
+    untagged = mlflow.register_model(uri, name)  # registered by hand, outside `register`
+    # The model exists but nobody holds the alias: the first `register` call takes it.
+    assert register(uri, name, val_elbo=-100.0, run_id=run_id).champion
+    client.set_registered_model_alias(name, "champion", untagged.version)
+    with pytest.raises(ValueError, match="has no 'val_elbo' tag"):
+        register(uri, name, val_elbo=-90.0, run_id=run_id)
+    assert len(client.search_model_versions(f"name='{name}'")) == 2  # refused before registering
+
+
+def test_register_refuses_a_non_finite_elbo(logged):
+    _, run_id, uri = logged
+    with pytest.raises(ValueError, match="finite"):
+        register(uri, unique_name(), val_elbo=float("nan"), run_id=run_id)
+
+
+def test_load_torch_model_reproduces_the_module(logged):
+    model, run_id, uri = logged
+    name = unique_name()
+    register(uri, name, val_elbo=-100.0, run_id=run_id)
+    loaded = load_torch_model(f"models:/{name}@champion")
+    assert type(loaded) is type(model) and not loaded.training
+    x = torch.from_numpy(images())
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x)[0], model.encode(x)[0])
+        assert torch.equal(loaded.decode_logits(torch.ones(3, 2)), model.decode_logits(torch.ones(3, 2)))
+
+
+def test_log_model_inside_the_active_run_and_refuses_another(mlflow_uri):
+    model = build_from_spec(SPEC)
+    experiment = ensure_experiment("registry-tests", mlflow_uri)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        uri = log_model(model, SPEC, run.info.run_id)
+        assert mlflow.active_run().info.run_id == run.info.run_id  # still ours, not ended by log_model
+        with pytest.raises(ValueError, match="is active"):
+            log_model(model, SPEC, "0" * 32)
+    assert torch.equal(load_torch_model(uri).mu.weight, model.mu.weight)
+
+
+def test_wrong_input_shapes_name_the_expected_shape(logged):
+    _, _, uri = logged
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    # MLflow enforces the logged signature before predict runs, naming the expected tensor shape.
+    with pytest.raises(MlflowException, match=re.escape("(-1, 1, 8, 8)")):
+        pyfunc.predict(np.zeros((2, 1, 7, 7), np.float32))
+    # The model's own checks: the same promise without MLflow in front, and for the latent modes.
+    inner = pyfunc.unwrap_python_model()
+    with pytest.raises(ValueError, match=re.escape("shape (N, 1, 8, 8), got (2, 64)")):
+        inner.predict(None, np.zeros((2, 64), np.float32))
+    with pytest.raises(ValueError, match=re.escape("shape (N, 2), got (2, 3)")):
+        inner.predict(None, np.zeros((2, 3), np.float32), params={"mode": "decode"})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        inner.predict(None, np.full((2, 1, 8, 8), 255, np.float32))
+    with pytest.raises(ValueError, match="unknown mode 'blur'; valid: reconstruct, encode, decode, sample"):
+        pyfunc.predict(images(), params={"mode": "blur"})
+
+
+def test_encode_and_decode_modes(logged):
+    model, _, uri = logged
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    x = images(5)
+    mu = pyfunc.predict(x, params={"mode": "encode"})
+    assert mu.shape == (5, 2) and mu.dtype == np.float32
+    with torch.no_grad():
+        np.testing.assert_allclose(mu, model.encode(torch.from_numpy(x))[0].numpy(), atol=1e-6, rtol=0)
+    # Latent modes go around MLflow's image-shaped signature check (see vae/mlflow_model.py).
+    z = np.random.default_rng(2).standard_normal((3, 2)).astype(np.float32)
+    decoded = pyfunc.unwrap_python_model().predict(None, z, params={"mode": "decode"})
+    sampled = pyfunc.unwrap_python_model().predict(None, z, params={"mode": "sample"})
+    assert decoded.shape == (3, 1, 8, 8) and np.array_equal(decoded, sampled)
+    assert decoded.min() >= 0 and decoded.max() <= 1
+    # Reconstruction is deterministic: the posterior mean, no sampling noise.
+    np.testing.assert_array_equal(pyfunc.predict(x), pyfunc.predict(x))

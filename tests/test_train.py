@@ -118,3 +118,19 @@ def test_real_mnist_one_epoch(tmp_path, mlflow_uri):
     # An untrained model scores about -543 nats; one epoch of the MLP VAE reaches about -170.
     assert val["val/elbo"] > -200
     assert val["val/recon_mse"] < 0.07
+
+
+def test_finalize_evaluates_plots_and_registers(tmp_path, digits_shards, mlflow_uri):
+    import uuid
+
+    name = f"vae-test-{uuid.uuid4().hex[:8]}"
+    result = launch(tmp_path, digits_shards, "--train.epochs", "2", "--tracking.model_name", name, finalize=True)
+    assert f"registered models:/{name}/1 (champion: True)" in result.stdout
+    plots = {p.name for p in (tmp_path / "run" / "plots").iterdir()}
+    assert plots == {"latent_scatter.png", "manifold.png", "samples.png", "reconstructions.png"}
+    client = mlflow.MlflowClient(mlflow_uri)
+    run_id = meta(tmp_path, 2)["mlflow_run_id"]
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {f"plots/{p}" for p in plots}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics) == {"val/elbo", "val/recon", "val/kl", "val/recon_mse"}
+    assert client.get_model_version_by_alias(name, "champion").version == "1"

@@ -13,6 +13,15 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
 
+def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
+    """Tile images (N, C, H, W) in [0, 1]; tiles under 32 px are enlarged (nearest) so 8x8 digits stay legible."""
+    scale = max(1, 32 // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    save_image(make_grid(images, nrow=nrow, padding=2, pad_value=0.5), path)
+    return path
+
+
 def latent_scatter(mu: np.ndarray, labels: np.ndarray | None, path: Path) -> Path:
     """The test set's latent means, first two dimensions, coloured by label."""
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -33,16 +42,14 @@ def manifold(model: torch.nn.Module, path: Path, n: int = 15, device: str | torc
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.01, 0.99, n))
     zy, zx = torch.meshgrid(q.flip(0), q, indexing="ij")  # rows top to bottom = high to low z[1]
     z = torch.stack([zx.flatten(), zy.flatten()], 1).to(device)
-    save_image(make_grid(model.decode(z).float().cpu(), nrow=n, padding=1), path)
-    return path
+    return _save_grid(model.decode(z).float().cpu(), path, nrow=n)
 
 
 @torch.no_grad()
 def samples(model: torch.nn.Module, latent_dim: int, path: Path, n: int = 64, seed: int = 0,
             device: str | torch.device = "cpu") -> Path:
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    save_image(make_grid(model.decode(z).float().cpu(), nrow=int(n**0.5), padding=1), path)
-    return path
+    return _save_grid(model.decode(z).float().cpu(), path, nrow=int(n**0.5))
 
 
 @torch.no_grad()
@@ -53,5 +60,4 @@ def reconstructions(model: torch.nn.Module, x: torch.Tensor, path: Path, n: int 
     recon = model.decode(mu).float().cpu()
     rows = 8
     pairs = [t for i in range(0, len(x), rows) for t in (x[i : i + rows].cpu(), recon[i : i + rows])]
-    save_image(make_grid(torch.cat(pairs), nrow=rows, padding=1), path)
-    return path
+    return _save_grid(torch.cat(pairs), path, nrow=rows)

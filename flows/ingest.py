@@ -24,8 +24,11 @@ def ingest_split(
     return pipeline.ingest_split(name, options, split, out_dir, samples_per_shard, block_size, progress=False)
 
 
+DEFAULT_SOURCE, DEFAULT_INGEST = SourceSection(), IngestSection()  # pydantic models: never mutated in place
+
+
 @flow(name="ingest-dataset")
-def ingest_dataset(source: SourceSection = SourceSection(), ingest: IngestSection = IngestSection()) -> str:
+def ingest_dataset(source: SourceSection = DEFAULT_SOURCE, ingest: IngestSection = DEFAULT_INGEST) -> str:
     """Ingest every split of `source` into `ingest.shard_dir` (reused when already complete); return its path."""
     logger = get_run_logger()
     out_dir = RunConfig(source=source, ingest=ingest).shard_dir.resolve()  # one place knows the default dir

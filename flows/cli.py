@@ -1,0 +1,137 @@
+"""The `vaepipe` command: demo, ingest, serve, train.
+
+Config fields are overridden as `--section.field VALUE` after the command (`vaepipe demo --train.epochs 3`);
+an invalid config stops with the field and the allowed values, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_PRESET = Path("infra/configs/digits.yaml")
+
+TRAIN_HELP = """\
+Training without Prefect runs the entry point directly under Accelerate:
+
+  accelerate launch vae/train.py --config infra/configs/digits.yaml [--section.field VALUE ...]
+
+Two CPU ranks (gloo) on one machine:
+
+  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+      --mixed_precision no --dynamo_backend no vae/train.py --config infra/configs/digits.yaml \\
+      --train.expected_world_size 2
+
+With GPUs, put the topology in an Accelerate YAML (infra/accelerate/) and pass --config_file.
+The whole pipeline (ingest, train, evaluate, register) is `vaepipe demo`, or the deployment
+`prefect deployment run train-vae/train-vae` under `vaepipe serve`.
+"""
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The root parser and the config-taking subcommands' parsers (their `error` exits with status 2)."""
+    from vae.config import field_help
+
+    root = argparse.ArgumentParser(
+        prog="vaepipe", description="Train VAEs: Prefect ingestion to WebDataset shards, Accelerate, MLflow."
+    )
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_epilog = "config fields (override as --section.field VALUE):\n" + field_help()
+    with_config = {}
+    for name, text in (
+        ("demo", "run the train-vae flow here (embedded MLflow, no server) and print the registered model"),
+        ("ingest", "run the ingest-dataset flow: source -> shard directory"),
+    ):
+        sub = with_config[name] = commands.add_parser(
+            name, help=text, description=text, epilog=config_epilog, allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("--config", type=Path, help=f"YAML preset (default {DEFAULT_PRESET} when present)")
+    serve = commands.add_parser(
+        "serve", help="start a Prefect server and serve the train-vae deployment (Ctrl-C stops both)",
+        description="Start a Prefect server and a runner serving train-vae/train-vae and "
+        "ingest-dataset/ingest-dataset; state in .vaepipe/ under the working directory.",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=4200)
+    serve.add_argument("--stop", action="store_true", help="stop the server and runner started from this directory")
+    commands.add_parser("train", help="how to train directly with accelerate launch")
+    return root, with_config
+
+
+def load(sub: argparse.ArgumentParser, path: Path | None, overrides: list[str]):
+    """The run config from a preset and overrides; a ConfigError ends the command with status 2."""
+    from vae.config import ConfigError, load_config
+
+    if path is None and DEFAULT_PRESET.is_file():
+        path = DEFAULT_PRESET
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        sub.error(str(err))  # prints usage and the message, exits 2
+
+
+def demo(cfg) -> int:
+    from flows.train import train_vae
+    from vae import tracking
+
+    if cfg.tracking.tracking_uri is None:
+        cfg.tracking.tracking_uri = tracking.embedded_uri()
+    try:
+        summary = train_vae(cfg)
+    except Exception as err:  # the flow run's log above holds the traceback
+        print(f"\nerror: the train-vae flow failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    uri = cfg.tracking.tracking_uri
+    ui = uri if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    print(f"""
+validation ELBO    {summary['metrics']['val/elbo']:.4f} nats per image
+registered model   models:/{summary['model_name']}/{summary['version']} \
+({'now the champion' if summary['champion'] else 'the champion alias stayed on an earlier version'})
+load it            mlflow.pyfunc.load_model("{summary['model_uri']}")  (with MLFLOW_TRACKING_URI={uri})
+MLflow UI          {ui}""")
+    return 0
+
+
+def ingest(cfg) -> int:
+    from flows.ingest import ingest_dataset
+
+    print(ingest_dataset(cfg.source, cfg.ingest))
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    root, with_config = parser()
+    args, rest = root.parse_known_args(argv)
+    if args.command in ("serve", "train") and rest:
+        root.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "train":
+        print(TRAIN_HELP, end="")
+        return 0
+    if args.command == "serve":
+        from flows import serve
+
+        return serve.stop() if args.stop else serve.serve(args.host, args.port)
+    cfg = load(with_config[args.command], args.config, rest)
+    # without PREFECT_API_URL, Prefect starts a temporary local server; its telemetry heartbeat only adds
+    # "database is locked" tracebacks on sqlite
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # SIGTERM unwinds like Ctrl-C: the training group is killed and Prefect's temporary server stopped
+    # (under the default action the temporary server would be orphaned)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return demo(cfg) if args.command == "demo" else ingest(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

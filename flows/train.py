@@ -1,0 +1,231 @@
+"""Flow `train-vae`: shards -> MLflow run -> `accelerate launch vae/train.py` -> evaluate -> register -> report.
+
+The `RunConfig` pydantic model is the flow's parameter, so it is also the deployment's parameter schema and
+its form in the Prefect UI. Training runs as a child process in its own session (process group): cancelling
+the flow run sends SIGTERM to this process only, and a plain child would outlive it and keep its GPUs, so
+the launch task kills the whole group on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+import pipeline
+from flows.ingest import ingest_dataset
+from vae import tracking
+from vae.config import RunConfig, dump
+from vae.launch import accelerate_command
+
+KILL_GRACE_S = 10.0  # SIGTERM -> SIGKILL; well inside the runner's own grace before it hard-kills this process
+TAIL_LINES = 40  # child output quoted in the error when training fails
+
+
+class TrainingFailed(RuntimeError):
+    """`accelerate launch` exited nonzero; the message ends with the child's last lines of output."""
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative `sqlite:///x.db` depends on the working directory; the child gets an absolute one."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def resolved(config: RunConfig, shard_dir: str, run_name: str) -> RunConfig:
+    """A copy with absolute paths and tracking URI, so the child, evaluation and registry agree on them.
+
+    Unless it resumes, each flow run trains in its own `<train.output_dir>/<time>-<flow run name>`: the
+    trainer refuses a directory that already holds checkpoints, so a fixed directory would let only the
+    first run of a deployment with default parameters succeed. The MLflow run takes the flow run's name.
+    """
+    cfg = config.model_copy(deep=True)
+    cfg.ingest.shard_dir = Path(shard_dir)
+    output_dir = Path(cfg.train.output_dir).resolve()
+    if not cfg.train.resume:
+        output_dir = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name}"
+    cfg.train.output_dir = output_dir
+    cfg.tracking.tracking_uri = absolute_uri(tracking.resolve_uri(cfg))
+    cfg.tracking.run_name = cfg.tracking.run_name or run_name
+    return cfg
+
+
+@task(name="find-shards", cache_policy=NO_CACHE)
+def find_shards(config: RunConfig) -> str | None:
+    """The shard directory when it is complete for this source (another source's shards raise), else None."""
+    if config.ingest.overwrite or not pipeline.is_complete(config.shard_dir):
+        return None
+    pipeline.prepare_dir(config.source.name, config.source.options, config.shard_dir, overwrite=False)
+    get_run_logger().info("reusing the complete shard directory %s", config.shard_dir.resolve())
+    return str(config.shard_dir.resolve())
+
+
+@task(name="create-mlflow-run", cache_policy=NO_CACHE)
+def create_mlflow_run(config: RunConfig) -> str:
+    run_id = tracking.create_run(config)
+    get_run_logger().info("MLflow run %s in %s", run_id, config.tracking.tracking_uri)
+    return run_id
+
+
+def end_mlflow_run(config: RunConfig, run_id: str, status: str) -> None:
+    """Mark the run ended unless the child already did; otherwise it would read RUNNING forever.
+
+    Called while another error propagates: a tracking server that is down only earns a warning here, so the
+    flow run fails with the original error.
+    """
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(config.tracking.tracking_uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    except Exception as err:
+        get_run_logger().warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
+    """SIGTERM the child's whole process group (launcher and ranks), then SIGKILL what is left after `grace` s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the child leads its own session, so its pgid is its pid
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # ranks that ignored SIGTERM, even after the launcher has gone
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def launch_training(
+    config: RunConfig, run_id: str, num_processes: int = 1, accelerate_config: str | None = None
+) -> None:
+    """Save the resolved config beside the checkpoints and run `accelerate launch vae/train.py` on it.
+
+    Called directly from the flow, so it runs on the main thread, where Prefect's SIGTERM handler raises
+    `TerminationSignal` (a BaseException): the `finally` below then takes the process group down.
+    """
+    logger = get_run_logger()
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    config_path.write_text(dump(config))
+    # evaluation and registration are separate tasks of this flow, so the child only trains
+    argv, extra_env = accelerate_command(
+        config_path, num_processes, accelerate_config, overrides=["--tracking.finalize", "false"]
+    )
+    env = {
+        **os.environ, **extra_env, "PYTHONUNBUFFERED": "1",
+        # each line of the child's output becomes a Prefect log record: a tqdm refresh every 0.1 s would
+        # flood the run's log, so bars redraw at most every 30 s here (tqdm reads TQDM_* defaults from the env)
+        "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"),
+        "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": str(config.tracking.tracking_uri),
+    }
+    logger.info("launching: %s", " ".join(argv))
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:  # text mode turns tqdm's '\r' updates into lines too
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                logger.info(line)
+        returncode = proc.wait()
+    finally:
+        stop_group(proc)  # no-op after a normal exit; on cancellation, Ctrl-C or an error, kills the ranks
+    if returncode != 0:
+        raise TrainingFailed(f"accelerate launch exited with {returncode}; last output:\n" + "\n".join(tail))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(config: RunConfig, run_id: str) -> dict[str, float]:
+    from vae.finalize import evaluate_run  # imported here so the flows import without the training stack
+
+    return evaluate_run(config, run_id)
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(config: RunConfig, run_id: str, metrics: dict[str, float]) -> Any:
+    from vae.finalize import register_run
+
+    return register_run(config, run_id, metrics)
+
+
+def run_link(uri: str, run_id: str) -> str:
+    """Where to look at the run: a UI link for an http server, else the store and the command to browse it."""
+    if uri.startswith(("http://", "https://")):
+        import mlflow
+
+        experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run `{run_id}` in `{uri}` (browse: `mlflow ui --backend-store-uri {uri}`)"
+
+
+def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: Any) -> str:
+    """The markdown artifact: metrics, registered version and alias, the load URI and the MLflow run."""
+    rows = "\n".join(f"| `{name}` | {value:.4f} |" for name, value in sorted(metrics.items()))
+    alias = (
+        "became the `champion`" if version.champion
+        else "did not beat the current `champion`, which keeps the alias"
+    )
+    return f"""# train-vae: `{config.model_name}` version {version.version}
+
+| metric | value |
+| --- | --- |
+{rows}
+
+- Registered model: `{version.name}` version **{version.version}** (`{version.uri}`); it {alias}.
+- Load the champion: `mlflow.pyfunc.load_model("models:/{version.name}@champion")`
+- MLflow run: {run_link(str(config.tracking.tracking_uri), run_id)}
+- Checkpoints and resolved config: `{config.train.output_dir}`
+"""
+
+
+DEFAULT_CONFIG = RunConfig()  # the deployment's default parameters; the flow copies, never mutates it
+
+
+@flow(name="train-vae")
+def train_vae(
+    config: RunConfig = DEFAULT_CONFIG, num_processes: int = 1, accelerate_config: str | None = None
+) -> dict[str, Any]:
+    """Ingest when needed, train with Accelerate, evaluate, register in MLflow, and leave a report."""
+    shard_dir = find_shards(config) or ingest_dataset(config.source, config.ingest)
+    config = resolved(config, shard_dir, flow_run.name)
+    run_id = create_mlflow_run(config)
+    try:
+        launch_training(config, run_id, num_processes, accelerate_config)
+        metrics = evaluate(config, run_id)
+        version = register(config, run_id, metrics)
+    except BaseException as err:  # cancelled (TerminationSignal), interrupted or failed: say so in MLflow too
+        end_mlflow_run(config, run_id, "FAILED" if isinstance(err, Exception) else "KILLED")
+        raise
+    create_markdown_artifact(
+        key="train-vae-report", markdown=report(config, run_id, metrics, version),
+        description=f"{version.name} v{version.version}",
+    )
+    return {
+        "run_id": run_id,
+        "metrics": metrics,
+        "model_name": version.name,
+        "version": int(version.version),
+        "champion": bool(version.champion),
+        "model_uri": f"models:/{version.name}@champion",
+    }

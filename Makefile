@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/vaepipe demo
 
 test: $(STAMP)
+	$(BIN)/ruff check pipeline vae flows tests bench
 	$(BIN)/python -m pytest
 
 serve: $(STAMP)

@@ -146,7 +146,8 @@ class ShardLoader:
 
     def _batches(self, images: np.ndarray, labels: np.ndarray | None) -> Iterator[Batch]:
         for i in range(0, len(images) - self.batch_size + 1, self.batch_size):
-            yield self._batch(images[i : i + self.batch_size], None if labels is None else labels[i : i + self.batch_size])
+            end = i + self.batch_size
+            yield self._batch(images[i:end], None if labels is None else labels[i:end])
 
     @staticmethod
     def _batch(images: np.ndarray, labels: np.ndarray | None) -> Batch:

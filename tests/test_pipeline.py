@@ -31,7 +31,8 @@ def test_shards_are_plain_webdataset_and_tar(digits_shards):
     shard = digits_shards / "train-000000.tar"
     sample = next(iter(wds.WebDataset(str(shard), shardshuffle=False).decode()))
     assert sample["images.npy"].shape == (128, 8, 8, 1) and sample["images.npy"].dtype == np.uint8
-    assert len(json.loads(sample["keys.json"]) if isinstance(sample["keys.json"], bytes) else sample["keys.json"]) == 128
+    keys = sample["keys.json"]
+    assert len(json.loads(keys) if isinstance(keys, bytes) else keys) == 128
     listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
     assert "train-block-000000.images.npy" in listing
 
@@ -173,7 +174,8 @@ def test_idx_source_reads_gzipped_files(tmp_path):
 
 
 def test_idx_source_reports_truncated_and_missing_files(tmp_path):
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + np.array([10, 28, 28], ">i4").tobytes() + b"x" * 100)
+    header = bytes([0, 0, 8, 3]) + np.array([10, 28, 28], ">i4").tobytes()  # promises 10 images of 28x28
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + b"x" * 100)
     with pytest.raises(SourceError, match="truncated or corrupt"):
         list(pipeline.build_source("idx", {"root": str(tmp_path)}).records("train"))
     with pytest.raises(SourceError, match="does not exist; set source.options.root"):

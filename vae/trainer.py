@@ -168,7 +168,8 @@ def train(cfg: RunConfig) -> None:
         from vae.finalize import finalize
 
         metrics, version = finalize(cfg, run_id)
-        print(f"registered {version.uri} (champion: {version.champion}); val ELBO {metrics['val/elbo']:.3f}", flush=True)
+        elbo = metrics["val/elbo"]
+        print(f"registered {version.uri} (champion: {version.champion}); val ELBO {elbo:.3f}", flush=True)
     if main:
         import mlflow
 

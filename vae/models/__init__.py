@@ -27,6 +27,27 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
+class VAE(nn.Module):
+    """Base of the single-latent-layer models: subclasses define `encode` and `decode_logits`."""
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) in [0, 1] -> mu, logvar (B, D)."""
+        raise NotImplementedError
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D) -> Bernoulli logits (B, C, H, W)."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z -> pixel means in [0, 1] (the sigmoid output layer of the classic decoder)."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def forward(self, x: torch.Tensor) -> VAEOutput:
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar)
+        return VAEOutput(self.decode_logits(z), mu, logvar, z)
+
+
 def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     def add(cls: type[nn.Module]) -> type[nn.Module]:
         if name in MODELS:

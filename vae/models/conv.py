@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae.models import VAEOutput, register_model, reparameterize
+from vae.models import VAE, register_model
 
 
 @register_model("conv")
-class ConvVAE(nn.Module):
+class ConvVAE(VAE):
     """Encoder: conv 5x5/2 -> 64, LeakyReLU(0.2), conv 5x5/2 -> 128, LeakyReLU, flatten, dense mu and logvar.
     Decoder: dense -> (128, H/4, W/4), LeakyReLU, upsample x2, conv 5x5 -> 64, LeakyReLU, upsample x2,
     conv 5x5 -> C logits. Images whose H or W is not a multiple of 4 are zero-padded on the way in and the
@@ -39,23 +39,12 @@ class ConvVAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C, H, W) in [0, 1] -> mu, logvar (B, D)."""
         h, w = self.image_shape[1:]
         x = F.pad(x, (0, self.padded[1] - w, 0, self.padded[0] - h))
         features = self.encoder(x)
         return self.mu(features), self.logvar(features)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, D) -> logits (B, C, H, W)."""
         h, w = self.image_shape[1:]
         logits = self.decoder(self.project(z).view(-1, *self.grid))
-        return logits[:, :, :h, :w]
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z -> pixel means in [0, 1] (the sigmoid output of the classic decoder)."""
-        return torch.sigmoid(self.decode_logits(z))
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar)
-        return VAEOutput(self.decode_logits(z), mu, logvar, z)
+        return logits[:, :, :h, :w]  # crop the padding added in encode

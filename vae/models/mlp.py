@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vae.models import VAEOutput, register_model, reparameterize
+from vae.models import VAE, register_model
 
 
 @register_model("mlp")
-class MLPVAE(nn.Module):
+class MLPVAE(VAE):
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 2, hidden_dim: int = 400):
         super().__init__()
         self.image_shape = tuple(image_shape)
@@ -26,11 +26,3 @@ class MLPVAE(nn.Module):
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z).view(-1, *self.image_shape)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decode_logits(z))
-
-    def forward(self, x: torch.Tensor) -> VAEOutput:
-        mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar)
-        return VAEOutput(self.decode_logits(z), mu, logvar, z)

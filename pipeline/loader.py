@@ -96,10 +96,27 @@ class ShardLoader:
                 f"{world_size} rank(s); lower the batch size or add data"
             )
         self.epoch = 0
+        self.position = 0  # batches of this epoch already handed out
+        self._skip = 0  # batches to pass over at the next iteration (a resumed mid-epoch position)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard order and shuffle to use (call before iterating, on every rank)."""
+        """Select the epoch whose shard order and shuffle to use (call before iterating, on every rank).
+
+        Setting the epoch a restored position belongs to keeps that position; any other epoch starts at 0.
+        """
+        if epoch != self.epoch:
+            self._skip = 0
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this rank stands: the epoch and how many of its batches were consumed."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at `state`: the next iteration yields that epoch's batches from `position` on, so a resumed
+        run neither repeats nor skips a sample (the order is a pure function of seed, epoch and rank)."""
+        self.epoch, self._skip = int(state["epoch"]), int(state["position"])
+        self.position = self._skip
 
     @property
     def samples_per_rank(self) -> int:
@@ -159,6 +176,14 @@ class ShardLoader:
         return Batch(tensor, None if labels is None else torch.from_numpy(labels))
 
     def __iter__(self) -> Iterator[Batch]:
+        skip, self._skip = self._skip, 0
+        self.position = skip
+        for index, batch in enumerate(self._epoch_batches()):
+            if index >= skip:
+                self.position = index + 1  # counted when handed out: a checkpoint taken now must not repeat it
+                yield batch
+
+    def _epoch_batches(self) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
         buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
         buffered = 0

@@ -5,6 +5,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from vae.config import LossSection
 from vae.models import VAEOutput
 
 
@@ -33,3 +34,8 @@ def elbo_terms(out: VAEOutput, x: torch.Tensor, beta: float = 1.0) -> ELBOTerms:
     recon = bernoulli_nll(out.logits, x)
     kl = gaussian_kl(out.mu, out.logvar)
     return ELBOTerms(loss=(recon + beta * kl).mean(), elbo=-(recon + kl), recon=recon, kl=kl)
+
+
+def training_loss(model: torch.nn.Module, x: torch.Tensor, cfg: LossSection, step: int) -> ELBOTerms:
+    """The objective the trainer minimises at optimiser step `step`. `model` may be DDP-wrapped: call it once."""
+    return elbo_terms(model(x), x, cfg.beta)

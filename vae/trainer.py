@@ -16,11 +16,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from pipeline import ShardLoader, read_index
+from pipeline import read_index
 from vae import checkpoint, tracking
 from vae.config import RunConfig, dump
-from vae.evaluate import evaluation_sums, to_metrics, to_unit
-from vae.losses import elbo_terms
+from vae.data import build_loaders, to_input
+from vae.evaluate import evaluation_sums, to_metrics
+from vae.losses import training_loss
 from vae.models import build_model
 
 log = logging.getLogger("vaepipe.train")
@@ -74,9 +75,7 @@ def train(cfg: RunConfig) -> None:
 
     model = build(cfg)
     optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    common = dict(batch_size=cfg.train.batch_size, rank=rank, world_size=world, seed=cfg.train.seed)
-    train_loader = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer, **common)
-    val_loader = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, **common)
+    train_loader, val_loader = build_loaders(cfg, rank, world)
     model, optimizer = accelerator.prepare(model, optimizer)
     progress = checkpoint.TrainProgress()
     accelerator.register_for_checkpointing(progress)
@@ -104,10 +103,9 @@ def train(cfg: RunConfig) -> None:
         seen, tick = 0, time.perf_counter()
         bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main)
         for i, batch in enumerate(train_loader):
-            x = to_unit(batch.images.to(device, non_blocking=True))
+            x = to_input(batch.images.to(device, non_blocking=True), cfg)
             with accelerator.accumulate(model):
-                out = model(x)  # autocast is applied by accelerate's prepared forward
-                terms = elbo_terms(out, x, cfg.loss.beta)
+                terms = training_loss(model, x, cfg.loss, progress.global_step)  # autocast: accelerate's forward
                 accelerator.backward(terms.loss)
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.optim.grad_clip is not None:

@@ -105,7 +105,7 @@ class ShardLoader:
         Setting the epoch a restored position belongs to keeps that position; any other epoch starts at 0.
         """
         if epoch != self.epoch:
-            self._skip = 0
+            self._skip = self.position = 0
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, int]:

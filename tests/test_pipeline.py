@@ -236,4 +236,5 @@ def test_position_resumes_mid_epoch_without_repeats_or_gaps(tmp_path):
     rest = [b.labels.tolist() for b in resumed]
     assert seen + rest == expected
     resumed.set_epoch(3)  # the next epoch starts from its beginning
+    assert resumed.position == 0
     assert len(list(resumed)) == len(resumed)

@@ -1,13 +1,20 @@
 """The real training entry point under `accelerate launch`, on CPU: files written, resume, DDP, precision."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
+import torch
 from conftest import REPO, SHARED_DATA, run
 
 import pipeline
 from vae.launch import accelerate_command
+from vae.trainer import PREEMPTED_EXIT
 
 PRESET = REPO / "infra/configs/digits.yaml"
 
@@ -23,14 +30,18 @@ def launch(tmp_path, shard_dir, *overrides, processes=1, finalize=False):
     return result
 
 
-def meta(tmp_path, epoch):
-    return json.loads((tmp_path / "run" / "checkpoints" / f"epoch-{epoch:04d}" / "meta.json").read_text())
+def meta(tmp_path, epoch=None, run="run"):
+    """meta.json of the newest checkpoint, or of the one written at the end of `epoch`."""
+    metas = [json.loads(p.read_text()) for p in sorted((tmp_path / run / "checkpoints").glob("*/meta.json"))]
+    if epoch is None:
+        return metas[-1]
+    return next(m for m in metas if m["epoch"] == epoch and m["reason"] == "end of epoch")
 
 
 def test_two_epochs_write_checkpoints_and_metrics(tmp_path, digits_shards, mlflow_uri):
     launch(tmp_path, digits_shards, "--train.epochs", "3", "--train.keep_checkpoints", "2")
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert checkpoints == ["epoch-0002", "epoch-0003"]  # the oldest was pruned
+    assert checkpoints == ["step-000000044", "step-000000066"]  # one per epoch; the oldest was pruned
     last = meta(tmp_path, 3)
     assert last["epoch"] == 3 and last["global_step"] == 3 * last["steps_per_epoch"] == 3 * (1438 // 64)
     assert last["config"]["train"]["epochs"] == 3
@@ -48,7 +59,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, digits_shards, mlflow_u
     launch(tmp_path, digits_shards, "--train.epochs", "1")
     first = meta(tmp_path, 1)
     result = launch(tmp_path, digits_shards, "--train.epochs", "2", "--train.resume", "true")
-    assert f"(epoch 1, step {first['global_step']})" in result.stdout
+    assert f"(epoch 1, step {first['global_step']}," in result.stdout
     assert "epoch 1/2" not in result.stderr and "epoch 2/2" in result.stderr  # only the second epoch ran
     second = meta(tmp_path, 2)
     assert second["global_step"] == 2 * first["global_step"]
@@ -134,3 +145,65 @@ def test_finalize_evaluates_plots_and_registers(tmp_path, digits_shards, mlflow_
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"val/elbo", "val/recon", "val/kl", "val/recon_mse"}
     assert client.get_model_version_by_alias(name, "champion").version == "1"
+
+
+def direct(tmp_path, shard_dir, run, *overrides):
+    """vae/train.py in one process without a launcher (Accelerate then runs single-process): its own exit code."""
+    return [sys.executable, str(REPO / "vae/train.py"), "--config", str(PRESET), "--ingest.shard_dir", str(shard_dir),
+            "--train.output_dir", str(tmp_path / run), "--tracking.finalize", "false", *overrides]
+
+
+def weights(tmp_path, run):
+    from safetensors.torch import load_file
+
+    newest = sorted((tmp_path / run / "checkpoints").glob("*/meta.json"))[-1].parent
+    return load_file(newest / "model.safetensors")
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, digits_shards, mlflow_uri):
+    args = ["--train.epochs", "1", "--train.batch_size", "16", "--train.ema_decay", "0.9",
+            "--optim.warmup_steps", "10", "--optim.schedule", "cosine"]
+    whole = run(direct(tmp_path, digits_shards, "whole", *args), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    proc = subprocess.Popen(direct(tmp_path, digits_shards, "cut", *args), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = tmp_path / "cut" / "config.yaml"  # written just before training starts
+    deadline = time.monotonic() + 120
+    while not config.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    cut = meta(tmp_path, run="cut")
+    assert cut["reason"] == "preempted"
+    assert 0 < cut["loader"]["position"] < cut["steps_per_epoch"]  # really mid-epoch
+    assert "resume with --train.resume true" in out
+
+    resumed = run(direct(tmp_path, digits_shards, "cut", *args, "--train.resume", "true"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"loader at batch {cut['loader']['position']} of epoch 1" in resumed.stdout
+    expected, got = weights(tmp_path, "whole"), weights(tmp_path, "cut")
+    assert meta(tmp_path, run="cut")["global_step"] == meta(tmp_path, run="whole")["global_step"]
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name  # bit for bit, not merely close
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, digits_shards, mlflow_uri):
+    # lr 1e30: the first update blows the weights up, every later gradient is NaN or inf
+    result = run(direct(tmp_path, digits_shards, "run", "--optim.lr", "1e30", "--train.max_nonfinite_steps", "3"),
+                 cwd=tmp_path)
+    assert result.returncode == 1
+    assert "3 optimiser steps in a row had non-finite gradients" in result.stderr
+    assert "lower optim.lr, set optim.grad_clip" in result.stderr
+
+
+def test_gradient_accumulation_and_lr_scaling(tmp_path, digits_shards, mlflow_uri):
+    launch(tmp_path, digits_shards, "--train.epochs", "1", "--train.gradient_accumulation_steps", "2",
+           "--optim.lr_scaling", "linear", "--optim.reference_batch", "64")
+    info = meta(tmp_path)
+    assert info["steps_per_epoch"] == (1438 // 64) // 2 and info["global_batch"] == 128
+    history = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_metric_history(info["mlflow_run_id"],
+                                                                                          "train/lr")
+    assert history[-1].value == pytest.approx(2e-3)  # 1e-3 tuned at batch 64, scaled linearly to 128

@@ -1,8 +1,12 @@
-"""Checkpoint layout: `<output_dir>/checkpoints/epoch-NNNN/` from `accelerator.save_state` plus `meta.json`.
+"""Checkpoint layout: `<output_dir>/checkpoints/step-NNNNNNNNN/` from `accelerator.save_state` plus `meta.json`.
 
-`meta.json` (epoch, step, resolved config, MLflow run id, per-rank parameter checksums) is written last and
-atomically, so a checkpoint without it is incomplete and never resumed from. Directories are named explicitly:
-Accelerate's automatic naming does not restore its counter on `load_state`, and the next save collides.
+One is written at the end of every epoch and one when the run is preempted mid-epoch (SIGTERM/SIGINT). Each
+holds everything needed to resume exactly: weights, optimiser, RNG states of every rank, the training
+progress, the loader position, the EMA and the skipped-step counter. `meta.json` (epoch, step, resolved
+config, MLflow run id, per-rank parameter checksums, why it was written) is written last and atomically, so a
+checkpoint without it is incomplete and never resumed from. Directories are named by optimiser step, which
+orders them whatever the epoch: Accelerate's automatic naming does not restore its counter on `load_state`,
+and the next save collides.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ class TrainProgress:
     """Where training stands; saved and restored with the rest of the state by Accelerate."""
 
     def __init__(self) -> None:
-        self.epoch = 0  # completed epochs
-        self.global_step = 0  # optimiser steps taken
+        self.epoch = 0  # the epoch in progress (equal to the completed epochs between epochs)
+        self.global_step = 0  # optimiser steps taken, skipped ones included (the schedule follows the data)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "global_step": self.global_step}
@@ -34,14 +38,14 @@ def checkpoint_root(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def epoch_dir(output_dir: Path, epoch: int) -> Path:
-    return checkpoint_root(output_dir) / f"epoch-{epoch:04d}"
+def step_dir(output_dir: Path, step: int) -> Path:
+    return checkpoint_root(output_dir) / f"step-{step:09d}"
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoint_root(output_dir)
-    return sorted(p for p in root.glob("epoch-*") if (p / META).is_file()) if root.is_dir() else []
+    return sorted(p for p in root.glob("step-*") if (p / META).is_file()) if root.is_dir() else []
 
 
 def latest(output_dir: Path) -> Path | None:
@@ -65,6 +69,6 @@ def prune(output_dir: Path, keep: int) -> None:
     for old in complete[:-keep]:
         shutil.rmtree(old)
     newest = complete[-1] if complete else None
-    for leftover in checkpoint_root(output_dir).glob("epoch-*"):
+    for leftover in checkpoint_root(output_dir).glob("step-*"):
         if not (leftover / META).is_file() and newest is not None and leftover.name < newest.name:
             shutil.rmtree(leftover)

@@ -61,17 +61,33 @@ class LossSection(_Section):
 
 class OptimSection(_Section):
     name: Literal["adam", "adamw"] = Field("adam", description="Optimiser.")
-    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate at optim.reference_batch (see optim.lr_scaling).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this; none: no clip.")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="Scale lr by the global batch over reference_batch: linear, sqrt, or not at all."
+    )
+    reference_batch: int = Field(128, gt=0, description="Global batch size at which optim.lr was tuned.")
+    warmup_steps: int = Field(0, ge=0, description="Optimiser steps of linear warm-up from 0 to the peak lr.")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: constant or cosine.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
 
 
 class TrainSection(_Section):
     epochs: int = Field(10, gt=0, description="Passes over the training split.")
     batch_size: int = Field(128, gt=0, description="Images per step on each process (global = this x processes).")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimiser step.")
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
-        None, description="Overrides the accelerate launch setting when given."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: the accelerate launch setting if it names one, else bf16 on a GPU that "
+        "supports it, else fp32. fp16 uses a gradient scaler."
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Keep an EMA of the weights (e.g. 0.999) for evaluation and the registry."
+    )
+    compile: bool = Field(False, description="torch.compile the model (inductor).")
+    channels_last: bool = Field(False, description="Channels-last memory format for conv models.")
+    max_nonfinite_steps: int = Field(
+        10, gt=0, description="Steps with non-finite gradients are skipped; stop after this many in a row."
     )
     seed: int = Field(0, description="Seed for weights, sampling and data order.")
     output_dir: Path = Field(Path("runs/default"), description="Checkpoints, resolved config and plots.")

@@ -25,7 +25,8 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
     if path is None:
         raise TrainingError(f"no complete checkpoint in {cfg.train.output_dir}; train first")
     model = build(cfg)
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    ema = path / "ema.safetensors"  # the EMA weights, when the run kept them, are what gets evaluated and shipped
+    model.load_state_dict(load_file(ema if ema.is_file() else path / "model.safetensors"))
     return model.eval(), checkpoint.read_meta(path)
 
 

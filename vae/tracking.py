@@ -17,6 +17,7 @@ EMBEDDED_ARTIFACTS = "mlartifacts"
 # The fixed, slash-separated metric names (DESIGN.md). Anything logged goes through one of these.
 METRICS = (
     "train/loss", "train/elbo", "train/recon", "train/kl", "train/lr", "train/grad_norm", "train/samples_per_s",
+    "train/skipped_steps",
     "val/elbo", "val/recon", "val/kl", "val/nll_iwae", "val/bpd", "val/active_units", "val/recon_mse",
 )
 
@@ -111,3 +112,10 @@ def _metric(key: str, value: float, step: int):
     from mlflow.entities import Metric
 
     return Metric(key, value, int(time.time() * 1000), step)
+
+
+def end_run(status: str) -> None:
+    """End the active run with `status` (FINISHED, or KILLED when preempted: a resume reopens it)."""
+    import mlflow
+
+    mlflow.end_run(status=status)

@@ -2,18 +2,24 @@
 
 Accelerate does devices, DDP, mixed precision, gradient accumulation and save/load of state. The data loader
 is ours (pipeline.ShardLoader, one slice per rank) and deliberately not passed to `accelerator.prepare()`.
-Rank 0 alone talks to MLflow.
+Rank 0 alone talks to MLflow. SIGTERM or SIGINT finishes the current step, writes a checkpoint and exits with
+PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true and lose nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import signal
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline import read_index
@@ -23,10 +29,13 @@ from vae.data import build_loaders, to_input
 from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
+from vae.schedule import lr_at, scaled_lr
 
 log = logging.getLogger("vaepipe.train")
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written
+EMA_WEIGHTS = "ema.safetensors"
 
 
 class TrainingError(RuntimeError):
@@ -52,10 +61,54 @@ def param_checksum(model: torch.nn.Module) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
 
 
+def resolve_precision(cfg: RunConfig) -> str:
+    """`auto`: what `accelerate launch --mixed_precision` named, else bf16 where the GPU has it, else fp32."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg.train.mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
+        return launcher
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class StepGuard:
+    """Counts optimiser steps skipped for non-finite gradients; stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def record(self, skipped: bool, step: int) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        self.total += int(skipped)
+        if self.in_a_row >= self.limit:
+            raise TrainingError(
+                f"{self.in_a_row} optimiser steps in a row had non-finite gradients (the last at step {step}); "
+                "lower optim.lr, set optim.grad_clip, or train in bf16 rather than fp16"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
+
+
+class Preemption:
+    """SIGTERM and SIGINT only raise a flag: the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
 def train(cfg: RunConfig) -> None:
+    preemption = Preemption()  # first: a signal during start-up must not kill the process half-way either
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.gradient_accumulation_steps
     )
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     expected = cfg.train.expected_world_size
@@ -73,19 +126,29 @@ def train(cfg: RunConfig) -> None:
             "or choose another --train.output_dir"
         )
 
+    # ---- build: model, optimiser, loaders, and everything a checkpoint must hold
     model = build(cfg)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
     optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     train_loader, val_loader = build_loaders(cfg, rank, world)
     model, optimizer = accelerator.prepare(model, optimizer)
-    progress = checkpoint.TrainProgress()
-    accelerator.register_for_checkpointing(progress)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+    progress, guard = checkpoint.TrainProgress(), StepGuard(cfg.train.max_nonfinite_steps)
+    for state in (progress, train_loader, guard, *([ema] if ema is not None else [])):
+        accelerator.register_for_checkpointing(state)
 
     run_id = None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         run_id = checkpoint.read_meta(resume_from).get("mlflow_run_id")
         if main:
-            print(f"resuming from {resume_from} (epoch {progress.epoch}, step {progress.global_step})", flush=True)
+            print(f"resuming from {resume_from} (epoch {progress.epoch}, step {progress.global_step}, "
+                  f"loader at batch {train_loader.position} of epoch {train_loader.epoch + 1})", flush=True)
     elif cfg.train.resume and main:
         print(f"no complete checkpoint in {output_dir}; starting from scratch", flush=True)
     if main:
@@ -93,41 +156,89 @@ def train(cfg: RunConfig) -> None:
         (output_dir / "config.yaml").write_text(dump(cfg))
         run_id = tracking.start_or_resume(cfg, run_id).info.run_id
 
+    def save(reason: str, val: dict[str, float] | None = None) -> Path:
+        """State from every rank, then EMA weights and meta.json (last) from rank 0."""
+        checksums = accelerator.gather(param_checksum(model).reshape(1)).tolist()
+        if len(set(checksums)) != 1:
+            raise TrainingError(f"the ranks' weights diverged by step {progress.global_step}: checksums {checksums}")
+        path = checkpoint.step_dir(output_dir, progress.global_step)
+        accelerator.save_state(str(path))
+        if main:
+            if ema is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                          path / EMA_WEIGHTS)
+            checkpoint.write_meta(path, {
+                **progress.state_dict(), "reason": reason, "loader": train_loader.state_dict(),
+                "steps_per_epoch": steps_per_epoch, "world_size": world, "global_batch": global_batch,
+                "rank_param_checksums": checksums, "skipped_steps": guard.total, "mlflow_run_id": run_id,
+                "val": val, "config": cfg.model_dump(mode="json"),
+            })
+            checkpoint.prune(output_dir, cfg.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    # ---- schedule: pure functions of the optimiser step
+    accumulation = cfg.train.gradient_accumulation_steps
+    global_batch = cfg.train.batch_size * world * accumulation
+    peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
+    steps_per_epoch = len(train_loader) // accumulation
+    total_steps = steps_per_epoch * cfg.train.epochs
+    fp16_scaler = accelerator.scaler is not None  # the scaler skips overflowing steps itself and must see them
     device = accelerator.device
-    steps_per_epoch = len(train_loader) // cfg.train.gradient_accumulation_steps
+
     for epoch in range(progress.epoch, cfg.train.epochs):
-        # ---- train one epoch
+        # ---- train one epoch (possibly the rest of one, after a mid-epoch resume)
         model.train()
         train_loader.set_epoch(epoch)
         running = torch.zeros(4, dtype=torch.float64, device=device)  # loss, elbo, recon, kl sums; no per-step sync
-        seen, tick = 0, time.perf_counter()
-        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not main)
-        for i, batch in enumerate(train_loader):
+        seen, tick, grad_norm = 0, time.perf_counter(), None
+        bar = tqdm(total=len(train_loader), initial=train_loader.position, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not main)
+        for batch in train_loader:
             x = to_input(batch.images.to(device, non_blocking=True), cfg)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(progress.global_step, total_steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.schedule,
+                       cfg.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stop = False
             with accelerator.accumulate(model):
                 terms = training_loss(model, x, cfg.loss, progress.global_step)  # autocast: accelerate's forward
                 accelerator.backward(terms.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.optim.grad_clip is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                    # The one host sync per optimiser step: whether to step, and whether any rank must stop.
+                    flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
+                                         torch.tensor(float(preemption.requested), device=device)])
+                    nonfinite, stop = (accelerator.reduce(flags, "sum") if world > 1 else flags).gt(0).tolist()
+                    if fp16_scaler or not nonfinite:
+                        optimizer.step()
+                    skipped = accelerator.optimizer_step_was_skipped if fp16_scaler else nonfinite
+                    guard.record(skipped, progress.global_step)
+                    if ema is not None and not skipped:
+                        ema.update_parameters(accelerator.unwrap_model(model))
+                    progress.global_step += 1
                 optimizer.zero_grad(set_to_none=True)
             parts = (terms.loss * len(x), terms.elbo.sum(), terms.recon.sum(), terms.kl.sum())
             running += torch.stack(parts).detach().double()
             seen += len(x)
-            if accelerator.sync_gradients:
-                progress.global_step += 1
             bar.update(1)
-            last = i == len(train_loader) - 1
+            if stop:
+                path = save("preempted")
+                if main:
+                    print(f"preempted: wrote {path}; resume with --train.resume true", flush=True)
+                    tracking.end_run("KILLED")
+                raise SystemExit(PREEMPTED_EXIT)
+            last = train_loader.position == len(train_loader)
             if (accelerator.sync_gradients and progress.global_step % cfg.train.log_every == 0) or last:
                 # A host sync and an all-reduce: every rank reaches this line at the same step.
                 totals = accelerator.reduce(torch.cat([running, running.new_tensor([seen])]), "sum").tolist()
-                elapsed = time.perf_counter() - tick
                 n = totals[-1]
                 metrics = {
                     "train/loss": totals[0] / n, "train/elbo": totals[1] / n, "train/recon": totals[2] / n,
-                    "train/kl": totals[3] / n, "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/samples_per_s": n / elapsed,
+                    "train/kl": totals[3] / n, "train/lr": lr, "train/skipped_steps": guard.total,
+                    "train/samples_per_s": n / (time.perf_counter() - tick),
                 }
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
@@ -138,29 +249,18 @@ def train(cfg: RunConfig) -> None:
                 seen, tick = 0, time.perf_counter()
         bar.close()
 
-        # ---- validate: each rank its exact slice, one all-reduce of the sums
-        sums = evaluation_sums(accelerator.unwrap_model(model), (b.images for b in val_loader), device)
+        # ---- validate (the EMA weights when kept): each rank its exact slice, one all-reduce of the sums
+        evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
+        sums = evaluation_sums(evaluated, (b.images for b in val_loader), device)
         val = to_metrics(accelerator.reduce(sums, "sum"))
         if main:
             tracking.log_metrics(val, step=progress.global_step)
             print(f"epoch {epoch + 1}: val ELBO {val['val/elbo']:.3f} nats (recon {val['val/recon']:.3f}, "
                   f"KL {val['val/kl']:.3f}), recon MSE {val['val/recon_mse']:.4f}", flush=True)
 
-        # ---- checkpoint: state from every rank, meta.json last from rank 0
+        # ---- checkpoint
         progress.epoch = epoch + 1
-        checksums = accelerator.gather(param_checksum(model).reshape(1)).tolist()
-        if len(set(checksums)) != 1:
-            raise TrainingError(f"the ranks' weights diverged after epoch {epoch + 1}: checksums {checksums}")
-        path = checkpoint.epoch_dir(output_dir, progress.epoch)
-        accelerator.save_state(str(path))
-        if main:
-            checkpoint.write_meta(path, {
-                **progress.state_dict(), "steps_per_epoch": steps_per_epoch, "world_size": world,
-                "rank_param_checksums": checksums, "mlflow_run_id": run_id, "val": val,
-                "config": cfg.model_dump(mode="json"),
-            })
-            checkpoint.prune(output_dir, cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        save("end of epoch", val)
 
     if main and cfg.tracking.finalize:
         from vae.finalize import finalize
@@ -169,8 +269,6 @@ def train(cfg: RunConfig) -> None:
         elbo = metrics["val/elbo"]
         print(f"registered {version.uri} (champion: {version.champion}); val ELBO {elbo:.3f}", flush=True)
     if main:
-        import mlflow
-
-        mlflow.end_run()
+        tracking.end_run("FINISHED")
     accelerator.wait_for_everyone()
     accelerator.end_training()

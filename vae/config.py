@@ -8,6 +8,7 @@ the run before any work with a `ConfigError` naming the field and what is allowe
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field and the allowed values."""
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 booleans: only true/false. Under YAML 1.1, `mixed_precision: no` reads as False."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAML12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_YAML12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class _Section(BaseModel):
@@ -186,7 +204,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             i += 2
         if "." not in key:
             raise ConfigError(f"--{key}: config fields are written section.field, e.g. --train.epochs")
-        _set_dotted(data, key, yaml.safe_load(raw))
+        _set_dotted(data, key, load_yaml(raw))
     return data
 
 
@@ -206,7 +224,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             presets = sorted(p.name for p in Path("infra/configs").glob("*.yaml"))
             raise ConfigError(f"config file {path} does not exist (presets in infra/configs: {presets})")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return validate(merge(data, parse_overrides(overrides or [])))

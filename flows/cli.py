@@ -1,4 +1,4 @@
-"""The `vaepipe` command: demo, ingest, serve, train.
+"""The `vaepipe` command: demo, ingest, serve, train, verify.
 
 Config fields are overridden as `--section.field VALUE` after the command (`vaepipe demo --train.epochs 3`);
 an invalid config stops with the field and the allowed values, exit status 2.
@@ -59,6 +59,12 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     serve.add_argument("--port", type=int, default=4200)
     serve.add_argument("--stop", action="store_true", help="stop the server and runner started from this directory")
     commands.add_parser("train", help="how to train directly with accelerate launch")
+    check = commands.add_parser(
+        "verify", help="check a shard directory's shards against the sha256 in its index.json",
+        description="Check every shard of a shard directory (local path or fsspec URL) against index.json; "
+        "name each bad shard. Exit status 0 when all match, 1 otherwise.",
+    )
+    check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
     return root, with_config
 
 
@@ -103,6 +109,25 @@ def ingest(cfg) -> int:
     return 0
 
 
+def verify(shard_dir: str) -> int:
+    """Print one line per bad shard (or that all are intact); 1 when any is bad or the directory is incomplete."""
+    import pipeline
+
+    try:
+        problems = pipeline.verify(shard_dir)
+    except pipeline.ShardFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"BAD {problem}")
+    if problems:
+        print(f"{len(problems)} bad shard(s) in {shard_dir}: delete them and {pipeline.INDEX_NAME}, then re-run the "
+              "ingest with the same config (intact shard groups are kept, the rest rewritten)", file=sys.stderr)
+        return 1
+    print(f"ok: every shard in {shard_dir} matches its sha256 in {pipeline.INDEX_NAME}")
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -110,11 +135,13 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     root, with_config = parser()
     args, rest = root.parse_known_args(argv)
-    if args.command in ("serve", "train") and rest:
+    if args.command in ("serve", "train", "verify") and rest:
         root.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
         print(TRAIN_HELP, end="")
         return 0
+    if args.command == "verify":
+        return verify(args.shard_dir)
     if args.command == "serve":
         from flows import serve
 

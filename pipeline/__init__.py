@@ -4,16 +4,33 @@ This module is the public API that `vae` and `flows` import; the submodules are 
 """
 
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.ingest import finalize_ingest, ingest, ingest_split, is_complete, prepare_dir
+from pipeline.ingest import (
+    GroupResult,
+    GroupTask,
+    IngestOptions,
+    IngestPlan,
+    finalize_ingest,
+    ingest,
+    is_complete,
+    plan_ingest,
+    prepare_dir,
+    write_group,
+)
 from pipeline.loader import Batch, ShardLoader, read_split
-from pipeline.records import Record
-from pipeline.shards import INDEX_NAME, ShardIndex, read_index
+from pipeline.records import Record, Rejected
+from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
 
 __all__ = [
     "INDEX_NAME",
+    "REPORT_NAME",
     "Batch",
+    "GroupResult",
+    "GroupTask",
+    "IngestOptions",
+    "IngestPlan",
     "Record",
+    "Rejected",
     "ShardFormatError",
     "ShardIndex",
     "ShardLoader",
@@ -23,9 +40,11 @@ __all__ = [
     "get_source_class",
     "finalize_ingest",
     "ingest",
-    "ingest_split",
     "is_complete",
+    "plan_ingest",
     "prepare_dir",
     "read_index",
     "read_split",
+    "verify",
+    "write_group",
 ]

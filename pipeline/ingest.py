@@ -1,32 +1,95 @@
-"""Ingestion: a source's records -> a complete shard directory.
+"""Ingestion: a source's records -> a complete shard directory, in parallel shard groups, resumable.
 
-The steps are separate functions so that a Prefect flow can fan them out as tasks (`ingest_split` per
-split, then `finalize_ingest` once); `ingest` composes them for plain, in-process use.
+The steps are separate functions so that a Prefect flow can fan them out as tasks:
+
+1. `plan_ingest` (once): the splits, the target image shape (config, or the first image's) and the layout,
+   and per split the *shard groups*: record ranges of `shards_per_task * samples_per_shard` inputs each.
+2. `write_group` (one task per group, on any worker): its records -> conformed images -> its shards, then a
+   small marker `.ingest/{split}-{group}.json` listing them with their sha256. A re-run finds a group whose
+   marker matches this plan and whose shards still match their checksums and keeps it; every other group is
+   written again. So a killed ingest resumes where it stopped, and a corrupt shard costs only its group.
+3. `finalize_ingest` (once): merge the groups, write `skipped.jsonl` (every skipped input with its reason),
+   and write `index.json` last: only then does the directory read as complete.
+
+`ingest` composes them in-process.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from pathlib import Path
-from typing import Any
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from pipeline import shards
-from pipeline.errors import ShardFormatError
-from pipeline.shards import INDEX_NAME, ShardIndex, SplitInfo, read_index
+from pipeline.conform import ChannelRule, SizeRule, conform
+from pipeline.errors import ShardFormatError, SourceError
+from pipeline.records import Record, Rejected
+from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, ShardInfo, ShardPlan, SplitInfo, read_index
 from pipeline.sources import build_source, validate_options
+from pipeline.storage import Location
 
-SplitResult = tuple[SplitInfo, tuple[int, int, int]]
+MARKERS = ".ingest"  # per-group completion markers, beside the shards
 
 
-def is_complete(shard_dir: str | os.PathLike) -> bool:
-    """True when the directory holds a readable `index.json` (the completion marker)."""
-    try:
-        read_index(shard_dir)
-    except ShardFormatError:
-        return False
-    return True
+class IngestOptions(BaseModel, frozen=True):
+    """The ingest settings `pipeline` needs (vae.config.IngestSection documents each for users)."""
+
+    samples_per_shard: int = 8192
+    block_size: int = 1024
+    layout: Literal["auto", "packed", "encoded"] = "auto"
+    image_format: Literal["png", "jpeg"] = "png"
+    shards_per_task: int = 1
+    on_error: Literal["skip", "fail"] = "skip"
+    size_rule: SizeRule = "reject"
+    channel_rule: ChannelRule = "reject"
+    image_size: tuple[int, int] | None = None
+    channels: Literal[1, 3, 4] | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroupTask(BaseModel, frozen=True):
+    split: str
+    group: int
+    start: int
+    stop: int | None  # None: to the end of the split (a source that cannot count its inputs)
+    first_shard: int
+
+
+class IngestPlan(BaseModel, frozen=True):
+    source: dict[str, Any]  # {'name', 'config'} as index.json stores it
+    out: str  # local path or fsspec URL
+    options: IngestOptions
+    shard: ShardPlan
+    splits: list[str]
+    factor_names: list[str] | None
+    groups: list[GroupTask]
+
+    def location(self) -> Location:
+        return Location(self.out, self.options.storage_options)
+
+
+class Skip(BaseModel):
+    split: str
+    key: str
+    kind: str
+    reason: str
+
+
+class GroupResult(BaseModel):
+    task: GroupTask
+    fingerprint: str
+    shards: list[ShardInfo]
+    skipped: list[Skip]
+    max_label: int
+    has_labels: bool | None
+    num_factors: int | None
+    reused: bool = False
 
 
 def source_record(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -34,51 +97,212 @@ def source_record(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "config": validate_options(name, options).model_dump(mode="json")}
 
 
-def ingest_split(
-    name: str, options: dict[str, Any], split: str, out_dir: Path, samples_per_shard: int, block_size: int,
-    progress: bool = True,
-) -> SplitResult:
-    """Write one split of source `name` into `out_dir`."""
-    source = build_source(name, options)
-    records = tqdm(source.records(split), desc=f"ingest {name}/{split}", unit="img", disable=not progress)
-    return shards.write_split(records, Path(out_dir), split, samples_per_shard, block_size)
+def is_complete(shard_dir: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """True when the directory holds a readable `index.json` (the completion marker)."""
+    try:
+        read_index(shard_dir, storage_options)
+    except ShardFormatError:
+        return False
+    return True
 
 
-def finalize_ingest(
-    name: str, options: dict[str, Any], out_dir: Path, block_size: int, results: dict[str, SplitResult]
-) -> ShardIndex:
-    """Check the splits agree on the image shape, then write `index.json` last."""
-    image_shapes = {split: shape for split, (_, shape) in results.items()}
-    if len(set(image_shapes.values())) != 1:
-        raise ShardFormatError(f"splits disagree on the image shape: {image_shapes}; packed shards need one size")
-    index = ShardIndex(
-        source=source_record(name, options),
-        block_size=block_size,
-        image_shape=next(iter(image_shapes.values())),
-        splits={split: info for split, (info, _) in results.items()},
-    )
-    shards.write_index(Path(out_dir), index)
-    return index
-
-
-def prepare_dir(name: str, options: dict[str, Any], out_dir: Path, overwrite: bool) -> ShardIndex | None:
+def prepare_dir(
+    name: str, options: dict[str, Any], out_dir: str | os.PathLike, overwrite: bool,
+    storage_options: dict | None = None,
+) -> ShardIndex | None:
     """Return the existing index when `out_dir` is already complete for this source, else make it ready.
 
-    A complete directory written from a different source config is never silently reused or overwritten.
+    A complete directory written from a different source config is never silently reused or overwritten;
+    overwrite=True forgets the finished groups too, so every shard is written again.
     """
-    out_dir = Path(out_dir)
-    if is_complete(out_dir):
-        index = read_index(out_dir)
+    location = Location(out_dir, storage_options)
+    if location.exists() and location.isfile(INDEX_NAME):
+        index = read_index(location)
         if not overwrite:
             if index.source != source_record(name, options):
                 raise ShardFormatError(
-                    f"{out_dir} already holds shards of {index.source}, not of source {name!r} with {options}; "
+                    f"{location} already holds shards of {index.source}, not of source {name!r} with {options}; "
                     "choose another ingest.shard_dir or set ingest.overwrite=true"
                 )
             return index
-        (out_dir / INDEX_NAME).unlink()  # from here on the directory reads as incomplete until rewritten
-    out_dir.mkdir(parents=True, exist_ok=True)
+        location.remove(INDEX_NAME)  # from here on the directory reads as incomplete until rewritten
+    if overwrite:
+        for marker in location.glob(f"{MARKERS}/*.json"):
+            location.remove(marker)
+    location.mkdir()
     return None
+
+
+def _first_image(source, splits: list[str]) -> Record:
+    for split in splits:
+        for item in source.records(split):
+            if isinstance(item, Record):
+                return item
+    raise SourceError(
+        f"source {source.name!r} yielded no readable image in splits {splits}; check its path and options "
+        "(an empty folder, a wrong root, or only unreadable files)"
+    )
+
+
+def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, opts: IngestOptions) -> IngestPlan:
+    """Splits, target shape, layout and shard groups (see the module docstring)."""
+    if opts.samples_per_shard % opts.block_size:
+        raise ValueError(
+            f"ingest.samples_per_shard ({opts.samples_per_shard}) must be a multiple of ingest.block_size "
+            f"({opts.block_size})"
+        )
+    source = build_source(name, options)
+    splits = source.splits()
+    if not splits:
+        raise SourceError(f"source {name!r} has no splits; check its options")
+    shape = None
+    if opts.image_size is None or opts.channels is None:
+        first = _first_image(source, splits).image.shape
+        shape = (*(opts.image_size or first[:2]), opts.channels or first[2])
+    else:
+        shape = (*opts.image_size, opts.channels)
+    layout = shards.choose_layout(opts.layout, shape)
+    per_group = opts.shards_per_task * opts.samples_per_shard
+    groups = []
+    for split in splits:
+        count = source.num_records(split)
+        if count == 0:
+            raise SourceError(f"split {split!r} of source {name!r} has no inputs; check the source's path and options")
+        bounds = [(0, None)] if count is None else [(a, min(a + per_group, count)) for a in range(0, count, per_group)]
+        for g, (start, stop) in enumerate(bounds):
+            groups.append(GroupTask(split=split, group=g, start=start, stop=stop, first_shard=g * opts.shards_per_task))
+    return IngestPlan(
+        source=source_record(name, options),
+        out=str(Location(out_dir, opts.storage_options)),
+        options=opts,
+        shard=ShardPlan(layout=layout, image_format=opts.image_format, samples_per_shard=opts.samples_per_shard,
+                        block_size=opts.block_size, image_shape=shape),
+        splits=splits,
+        factor_names=list(source.factor_names) or None,
+        groups=groups,
+    )
+
+
+def _fingerprint(plan: IngestPlan, task: GroupTask) -> str:
+    """What a group's shards depend on; a marker with another fingerprint is stale."""
+    settings = plan.options.model_dump(mode="json", exclude={"storage_options"})
+    data = {"source": plan.source, "options": settings, "shard": plan.shard.model_dump(mode="json"),
+            "task": task.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _marker(task: GroupTask) -> str:
+    return f"{MARKERS}/{task.split}-{task.group:06d}.json"
+
+
+def _reusable(location: Location, task: GroupTask, fingerprint: str) -> GroupResult | None:
+    """The stored result of a finished group, when it belongs to this plan and its shards are intact."""
+    if not location.isfile(_marker(task)):
+        return None
+    try:
+        result = GroupResult.model_validate_json(location.read_text(_marker(task)))
+    except ValueError:
+        return None
+    if result.fingerprint != fingerprint or any(shards.check_shard(location, s) for s in result.shards):
+        return None
+    return result.model_copy(update={"reused": True})
+
+
+def _conformed(
+    items: Iterator[Record | Rejected], plan: IngestPlan, split: str, skipped: list[Skip]
+) -> Iterator[Record]:
+    """The records at the plan's shape; rejected inputs are listed in `skipped` or, under 'fail', stop the run."""
+    opts = plan.options
+    for item in items:
+        if isinstance(item, Record):
+            item = conform(item, plan.shard.image_shape, opts.size_rule, opts.channel_rule)
+        if isinstance(item, Rejected):
+            if opts.on_error == "fail":
+                raise SourceError(
+                    f"input {item.key!r} of split {split!r} was rejected ({item.kind}): {item.reason}. Fix or remove "
+                    "it, or set ingest.on_error=skip to skip such inputs and list them in skipped.jsonl"
+                )
+            skipped.append(Skip(split=split, key=item.key, kind=item.kind, reason=item.reason))
+            continue
+        yield item
+
+
+def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> GroupResult:
+    """Write one shard group (or keep it, when a previous run finished it intact)."""
+    location = plan.location()
+    fingerprint = _fingerprint(plan, task)
+    reused = _reusable(location, task, fingerprint)
+    if reused is not None:
+        return reused
+    location.remove(_marker(task))
+    last_shard = task.first_shard + plan.options.shards_per_task
+    for stale in location.glob(f"{task.split}-*.tar"):  # leftovers of an interrupted run in this group's range
+        number = stale.removeprefix(f"{task.split}-").removesuffix(".tar")
+        if number.isdigit() and task.first_shard <= int(number) < last_shard:
+            location.remove(stale)
+    source = build_source(plan.source["name"], plan.source["config"])
+    items = source.records(task.split, task.start, task.stop)
+    total = None if task.stop is None else task.stop - task.start
+    items = tqdm(items, desc=f"ingest {task.split}/{task.group}", unit="img", total=total, disable=not progress)
+    skipped: list[Skip] = []
+    written = shards.write_shards(_conformed(items, plan, task.split, skipped), location, task.split,
+                                  task.first_shard, plan.shard)
+    result = GroupResult(task=task, fingerprint=fingerprint, shards=written.shards, skipped=skipped,
+                         max_label=written.max_label, has_labels=written.has_labels, num_factors=written.num_factors)
+    location.write_text(_marker(task), result.model_dump_json())
+    return result
+
+
+def _merge_split(split: str, results: list[GroupResult], location: Location) -> SplitInfo:
+    labelled = {r.has_labels for r in results if r.has_labels is not None}
+    factors = {r.num_factors for r in results if r.has_labels is not None}
+    if len(labelled) > 1 or len(factors) > 1:
+        raise SourceError(f"split {split!r}: some records have labels or factors and others do not; fix the source")
+    shard_list = [s for r in sorted(results, key=lambda r: r.task.group) for s in r.shards]
+    skipped = Counter(s.kind for r in results for s in r.skipped)
+    if not shard_list:
+        report = location.display(REPORT_NAME)
+        detail = f"all {sum(skipped.values())} inputs were skipped ({dict(skipped)}), each listed in {report}"
+        raise SourceError(f"split {split!r} yielded no images: {detail if skipped else 'the source gave none'}")
+    has_labels = labelled == {True}
+    return SplitInfo(
+        num_samples=sum(s.num_samples for s in shard_list),
+        shards=shard_list,
+        num_classes=max(r.max_label for r in results) + 1 if has_labels else None,
+        num_factors=next(iter(factors), None),
+        skipped=dict(skipped),
+    )
+
+
+def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
+    """Merge the groups, write the skip report, remove stray shards, and write `index.json` last."""
+    location = plan.location()
+    missing = {(t.split, t.group) for t in plan.groups} - {(r.task.split, r.task.group) for r in results}
+    if missing:
+        raise ShardFormatError(f"shard groups {sorted(missing)} were not written; re-run the ingest")
+    report = [s for r in sorted(results, key=lambda r: (r.task.split, r.task.group)) for s in r.skipped]
+    location.write_text(REPORT_NAME, "".join(s.model_dump_json() + "\n" for s in report))
+    splits = {
+        split: _merge_split(split, [r for r in results if r.task.split == split], location) for split in plan.splits
+    }
+    for split, info in splits.items():  # shards of an earlier, differently planned run: never mixed in
+        listed = {s.name for s in info.shards}
+        for name in location.glob(f"{split}-*.tar"):
+            if name not in listed:
+                location.remove(name)
+    index = ShardIndex(
+        source=plan.source,
+        layout=plan.shard.layout,
+        image_format=plan.shard.image_format if plan.shard.layout == "encoded" else None,
+        block_size=plan.shard.block_size,
+        image_shape=plan.shard.image_shape,
+        splits=splits,
+        factor_names=plan.factor_names,
+        skipped=dict(Counter(s.kind for s in report)),
+        skipped_report=REPORT_NAME,
+    )
+    shards.write_index(location, index)
+    return index
 
 
 def ingest(
@@ -89,13 +313,16 @@ def ingest(
     block_size: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> ShardIndex:
-    """Ingest every split of source `name` into `out_dir`; reuse the directory when it is already complete."""
+    """Ingest every split of source `name` into `out_dir` in this process; reuse the directory when complete.
+
+    `settings` are the other `IngestOptions` fields (layout, on_error, size_rule, storage_options, ...).
+    """
     options = options or {}
-    out_dir = Path(out_dir)
-    existing = prepare_dir(name, options, out_dir, overwrite)
+    opts = IngestOptions(samples_per_shard=samples_per_shard, block_size=block_size, **settings)
+    existing = prepare_dir(name, options, out_dir, overwrite, opts.storage_options)
     if existing is not None:
         return existing
-    splits = build_source(name, options).splits()
-    results = {s: ingest_split(name, options, s, out_dir, samples_per_shard, block_size, progress) for s in splits}
-    return finalize_ingest(name, options, out_dir, block_size, results)
+    plan = plan_ingest(name, options, out_dir, opts)
+    return finalize_ingest(plan, [write_group(plan, task, progress) for task in plan.groups])

@@ -1,11 +1,18 @@
 """Per-rank loader over a shard directory: every rank gets the same number of batches per epoch.
 
-Each epoch the shard order is permuted with a seed shared by all ranks, the shards are laid end to end as
-one global sample stream, and rank r reads the contiguous slice [r * n, (r + 1) * n) with n = ceil(N / world),
-wrapping to the start for the last few (as torch's DistributedSampler pads). So the ranks read disjoint data
-that together cover the split, their batch counts are equal whatever the shard sizes (plain `split_by_node`
-on uneven shards makes ranks disagree on step counts and DDP hangs), and a rank opens only the shards that
-overlap its slice. Samples are then shuffled within the rank through a buffer.
+Each epoch the order is a pure function of (seed, epoch, rank), so a saved position resumes exactly.
+
+Streaming mode: the shard order is permuted with a seed shared by all ranks, the shards are laid end to end
+as one global sample stream, and rank r reads the contiguous slice [r * n, (r + 1) * n) with
+n = ceil(N / world), wrapping to the start for the last few (as torch's DistributedSampler pads). So the
+ranks read disjoint data that together cover the split, their batch counts are equal whatever the shard
+sizes (plain `split_by_node` on uneven shards makes ranks disagree on step counts and DDP hangs), and a rank
+opens only the shards that overlap its slice. Within a rank, a window of `shuffle_buffer` samples is
+permuted and each batch gathered from it by index: one batch-sized copy, no permuted copy of the window.
+
+Resident mode (the split fits `memory_budget`): the split is decoded once into a uint8 tensor on the
+device, and each epoch a permutation shared by all ranks is cut into the same per-rank slices as above:
+disjoint, equal in count, and on a GPU no host work per batch at all.
 
 The loader never goes through `accelerator.prepare()`: that would make rank 0 read every batch and scatter it.
 """
@@ -16,28 +23,23 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from pipeline.errors import ShardFormatError
-from pipeline.shards import read_index
+from pipeline.shards import Chunk, check_shard, packed_blocks, read_chunks, read_index
+from pipeline.storage import Location
+
+Resident = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     images: torch.Tensor  # uint8 (B, C, H, W), contiguous
     labels: torch.Tensor | None  # int64 (B,)
-
-
-def _blocks(url: str) -> Iterator[dict]:
-    """Decoded blocks of one shard, in file order."""
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.reraise_exception), wds.decode()
-    )
-    yield from pipeline
+    factors: torch.Tensor | None = None  # float32 (B, K): ground-truth factors, when the source has them
 
 
 def _slice_ranges(start: int, stop: int, total: int) -> list[tuple[int, int]]:
@@ -51,12 +53,23 @@ def _slice_ranges(start: int, stop: int, total: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _generator(*seed: int) -> torch.Generator:
+    """A CPU torch generator seeded from a tuple, as numpy's default_rng(list) is."""
+    return torch.Generator().manual_seed(int(np.random.default_rng(list(seed)).integers(1 << 62)))
+
+
+def _concat(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    return None if parts[0] is None else (parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
 class ShardLoader:
     """Iterates one split of a shard directory for one rank, yielding `Batch`es.
 
     pad=True (training): every rank reads ceil(N / world) samples, so batch counts are equal.
     pad=False (evaluation): rank r reads exactly [r * N // world, (r + 1) * N // world); counts may differ by
     one batch, which is fine when evaluation runs no collective per batch.
+    resident: 'auto' keeps the split on `device` when its decoded size fits `memory_budget` bytes.
+    verify: check each shard's sha256 against index.json before its first read (reads every shard twice).
     """
 
     def __init__(
@@ -71,19 +84,37 @@ class ShardLoader:
         drop_last: bool = True,
         pad: bool = True,
         shuffle_buffer: int = 65536,
+        resident: Resident = "off",
+        memory_budget: int = 2 << 30,
+        device: torch.device | str | None = None,
+        verify: bool = False,
+        storage_options: dict | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.shard_dir = Path(shard_dir)
-        self.index = read_index(self.shard_dir)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.location = Location(shard_dir, storage_options)
+        self.shard_dir = shard_dir
+        self.index = read_index(self.location)
         info = self.index.split(split)
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.pad = seed, shuffle, drop_last, pad
         self.shuffle_buffer = max(shuffle_buffer, batch_size)
-        self.urls = [str(self.shard_dir / s.name) for s in info.shards]
+        self.names = [s.name for s in info.shards]
+        self.infos = info.shards
         self.counts = np.array([s.num_samples for s in info.shards], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
         self.has_labels = info.num_classes is not None
+        self.has_factors = info.num_factors is not None
+        self.verify = verify
+        self._verified: set[str] = set()
+        self.nbytes = self.num_samples * int(np.prod(self.index.image_shape))
+        if resident not in ("auto", "on", "off"):
+            raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
+        self.resident = resident == "on" or (resident == "auto" and self.nbytes <= memory_budget)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._data: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         if pad:
             per_rank = math.ceil(self.num_samples / world_size)
             self.start, self.stop = rank * per_rank, (rank + 1) * per_rank
@@ -126,13 +157,25 @@ class ShardLoader:
         n = self.samples_per_rank
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def __iter__(self) -> Iterator[Batch]:
+        skip, self._skip = self._skip, 0
+        self.position = skip
+        plans = self._resident_batches() if self.resident else self._streamed_batches()
+        for index, make in enumerate(plans):
+            if index >= skip:  # a resumed position skips batches without gathering them
+                self.position = index + 1  # counted when handed out: a checkpoint taken now must not repeat it
+                yield make()
+
+    # ---- streaming
+
+    def _shard_order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.names))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.names))
+
     def _segments(self) -> list[tuple[int, int, int]]:
         """(shard index, first, last) local sample ranges this rank reads this epoch, in stream order."""
-        order = (
-            np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
-            if self.shuffle
-            else np.arange(len(self.urls))
-        )
+        order = self._shard_order()
         starts = np.concatenate([[0], np.cumsum(self.counts[order])])  # global offset of each shard in the stream
         segments = []
         for lo, hi in _slice_ranges(self.start, self.stop, self.num_samples):
@@ -142,81 +185,200 @@ class ShardLoader:
                     segments.append((int(order[pos]), int(a - starts[pos]), int(b - starts[pos])))
         return segments
 
-    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """The rank's samples as (images, labels) array chunks, block by block."""
-        for shard, first, last in self._segments():
+    def _read(self, shard: int) -> Iterator[Chunk]:
+        name = self.names[shard]
+        if self.verify and name not in self._verified:
+            problem = check_shard(self.location, self.infos[shard])
+            if problem:
+                raise ShardFormatError(f"{self.location}: {problem}; re-run the ingest (intact groups are kept)")
+            self._verified.add(name)
+        return read_chunks(self.location, name, self.index)
+
+    def _chunks(self, segments: list[tuple[int, int, int]] | None = None) -> Iterator[Chunk]:
+        """The rank's samples as array chunks, block by block (views into the shard bytes, not copies)."""
+        for shard, first, last in self._segments() if segments is None else segments:
             offset = 0
-            for block in _blocks(self.urls[shard]):
-                images = block["images.npy"]
-                a, b = max(first, offset), min(last, offset + len(images))
+            for chunk in self._read(shard):
+                n = len(chunk.images)
+                a, b = max(first, offset), min(last, offset + n)
                 if a < b:
-                    labels = block["labels.npy"][a - offset : b - offset] if self.has_labels else None
-                    yield images[a - offset : b - offset], labels
-                offset += len(images)
+                    sl = slice(a - offset, b - offset)
+                    yield Chunk(
+                        chunk.images[sl],
+                        chunk.labels[sl] if self.has_labels else None,
+                        chunk.factors[sl] if self.has_factors else None,
+                    )
+                offset += n
                 if offset >= last:
                     break
             if offset < last:
                 raise ShardFormatError(
-                    f"{self.urls[shard]} holds {offset} samples but index.json says at least {last}; "
-                    "the shard is truncated or was replaced: re-run the ingest"
+                    f"{self.location.display(self.names[shard])} holds {offset} samples but index.json says at least "
+                    f"{last}; the shard is truncated or was replaced: re-run the ingest"
                 )
 
-    def _batches(self, images: np.ndarray, labels: np.ndarray | None) -> Iterator[Batch]:
-        for i in range(0, len(images) - self.batch_size + 1, self.batch_size):
-            end = i + self.batch_size
-            yield self._batch(images[i:end], None if labels is None else labels[i:end])
+    def _packed_pieces(self) -> Iterator[tuple[object, int, int, np.ndarray | None, np.ndarray | None]]:
+        """(open shard file, byte offset, samples, labels, factors) for each piece of a block this rank reads."""
+        sample_bytes = int(np.prod(self.index.image_shape))
+        for shard, first, last in self._segments():
+            if self.verify:
+                self._read(shard)  # checks the sha256 once
+            offset = 0
+            for block, f in packed_blocks(self.location, self.names[shard]):
+                a, b = max(first, offset), min(last, offset + block.num)
+                if a < b:
+                    sl = slice(a - offset, b - offset)
+                    yield (f, block.offset + (a - offset) * sample_bytes, b - a,
+                           block.labels[sl] if self.has_labels else None,
+                           block.factors[sl] if self.has_factors else None)
+                offset += block.num
+                if offset >= last:
+                    break
+            if offset < last:
+                raise ShardFormatError(
+                    f"{self.location.display(self.names[shard])} holds {offset} samples but index.json says at least "
+                    f"{last}; the shard is truncated or was replaced: re-run the ingest"
+                )
+
+    def _packed_batches(self):
+        """Packed shards: block pieces are read straight into one window buffer (`readinto`: the only copy before
+        the batch gather), the window is permuted, and each batch gathered from it by index."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        capacity = self.shuffle_buffer + self.index.block_size + self.batch_size
+        images = np.empty((capacity, *self.index.image_shape), np.uint8)
+        flat = memoryview(images.reshape(-1))
+        sample_bytes = int(np.prod(self.index.image_shape))
+        labels: list[np.ndarray] = []
+        factors: list[np.ndarray] = []
+        pos = 0
+        for f, offset, n, block_labels, block_factors in self._packed_pieces():
+            f.seek(offset)
+            if f.readinto(flat[pos * sample_bytes : (pos + n) * sample_bytes]) != n * sample_bytes:
+                raise ShardFormatError(f"{self.location}: a shard ended inside a block; re-run the ingest")
+            labels.append(block_labels)
+            factors.append(block_factors)
+            pos += n
+            if pos >= self.shuffle_buffer:
+                window = Chunk(images[:pos], _concat(labels), _concat(factors))
+                rest = yield from self._window([window], rng, final=False)
+                pos = len(rest.images)
+                images[:pos] = rest.images  # fewer than one batch, carried to the front of the buffer
+                labels, factors = [rest.labels], [rest.factors]
+        if pos:
+            yield from self._window([Chunk(images[:pos], _concat(labels), _concat(factors))], rng, final=True)
+
+    def _streamed_batches(self):
+        """Batch makers for this epoch: a window of chunks is merged, permuted, and gathered batch by batch."""
+        if self.index.layout == "packed":
+            yield from self._packed_batches()
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        pending: list[Chunk] = []
+        buffered = 0
+        for chunk in self._chunks():
+            pending.append(chunk)
+            buffered += len(chunk.images)
+            if buffered >= self.shuffle_buffer:
+                leftover = yield from self._window(pending, rng, final=False)
+                pending, buffered = [leftover], len(leftover.images)
+        if buffered:
+            yield from self._window(pending, rng, final=True)
+
+    def _window(self, chunks: list[Chunk], rng: np.random.Generator, final: bool):
+        images = _concat([c.images for c in chunks])
+        labels = _concat([c.labels for c in chunks])
+        factors = _concat([c.factors for c in chunks])
+        n = len(images)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)  # gathers copy: the buffer is reused
+        usable = n - n % self.batch_size
+        for i in range(0, usable, self.batch_size):
+            yield self._maker(images, labels, factors, i, i + self.batch_size, order)
+        if final:
+            if usable < n and not self.drop_last:
+                yield self._maker(images, labels, factors, usable, n, order)
+            return None
+        rest = order[usable:]  # carried into the next window
+        return Chunk(images[rest], None if labels is None else labels[rest], None if factors is None else factors[rest])
+
+    def _maker(self, images, labels, factors, lo: int, hi: int, order: np.ndarray):
+        def make() -> Batch:
+            idx = order[lo:hi]
+            return self._batch(images[idx], None if labels is None else labels[idx],
+                               None if factors is None else factors[idx])
+
+        return make
 
     @staticmethod
-    def _batch(images: np.ndarray, labels: np.ndarray | None) -> Batch:
+    def _batch(images: np.ndarray, labels: np.ndarray | None, factors: np.ndarray | None = None) -> Batch:
         # (B, H, W, C) -> (B, C, H, W). A channels-last view would be free, but its strides leak into the conv
         # weight gradients and DDP warns that they do not match its buckets; one uint8 copy per batch is cheap.
         b, h, w, c = images.shape
         tensor = torch.from_numpy(images)
         tensor = tensor.reshape(b, 1, h, w) if c == 1 else tensor.permute(0, 3, 1, 2).contiguous()
-        return Batch(tensor, None if labels is None else torch.from_numpy(labels))
+        return Batch(
+            tensor,
+            None if labels is None else torch.from_numpy(np.array(labels, dtype=np.int64)),
+            None if factors is None else torch.from_numpy(np.array(factors, dtype=np.float32)),
+        )
 
-    def __iter__(self) -> Iterator[Batch]:
-        skip, self._skip = self._skip, 0
-        self.position = skip
-        for index, batch in enumerate(self._epoch_batches()):
-            if index >= skip:
-                self.position = index + 1  # counted when handed out: a checkpoint taken now must not repeat it
-                yield batch
+    # ---- resident
 
-    def _epoch_batches(self) -> Iterator[Batch]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
-        buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
-        buffered = 0
-        for chunk in self._chunks():
-            buffer.append(chunk)
-            buffered += len(chunk[0])
-            if buffered < self.shuffle_buffer:
-                continue
-            images, labels = self._merge(buffer, rng)
-            usable = len(images) - len(images) % self.batch_size
-            yield from self._batches(images[:usable], None if labels is None else labels[:usable])
-            buffer = [(images[usable:], None if labels is None else labels[usable:])]
-            buffered = len(images) - usable
-        if buffered:
-            images, labels = self._merge(buffer, rng)
-            yield from self._batches(images, labels)
-            rest = len(images) % self.batch_size
-            if rest and not self.drop_last:
-                yield self._batch(images[-rest:], None if labels is None else labels[-rest:])
+    def _load_resident(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The whole split, decoded once, in file order: uint8 (N, C, H, W) on the device."""
+        if self._data is None:
+            images, labels, factors = read_split(self.shard_dir, self.split, self.location.storage_options,
+                                                 with_factors=True, verify=self.verify)
+            tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
+            self._data = (
+                tensor,
+                None if labels is None else torch.from_numpy(labels).to(self.device),
+                None if factors is None else torch.from_numpy(factors).to(self.device),
+            )
+        return self._data
 
-    def _merge(self, buffer, rng) -> tuple[np.ndarray, np.ndarray | None]:
-        images = np.concatenate([c[0] for c in buffer])
-        labels = np.concatenate([c[1] for c in buffer]) if self.has_labels else None
-        if self.shuffle:
-            perm = rng.permutation(len(images))
-            images, labels = images[perm], None if labels is None else labels[perm]
-        return images, labels
+    def _resident_batches(self):
+        images, labels, factors = self._load_resident()
+        n = self.num_samples
+        if self.shuffle:  # the same permutation on every rank (seed, epoch): the rank slices stay disjoint
+            perm = torch.randperm(n, generator=_generator(self.seed, self.epoch))
+        else:
+            perm = torch.arange(n)
+        positions = torch.arange(self.start, self.stop) % n  # the padded slice wraps like the streamed one
+        mine = perm[positions].to(self.device)
+        if self.shuffle:  # and a within-rank order of its own, as in streaming mode
+            local = torch.randperm(len(mine), generator=_generator(self.seed, self.epoch, self.rank, 1))
+            mine = mine[local.to(self.device)]
+        count = len(self)
+        for i in range(count):
+            idx = mine[i * self.batch_size : (i + 1) * self.batch_size]
+
+            def make(idx=idx) -> Batch:
+                return Batch(
+                    images.index_select(0, idx),
+                    None if labels is None else labels.index_select(0, idx),
+                    None if factors is None else factors.index_select(0, idx),
+                )
+
+            yield make
 
 
-def read_split(shard_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A whole split in file order: uint8 images (N, H, W, C) and labels (N,) or None. For evaluation and plots."""
-    loader = ShardLoader(shard_dir, split, batch_size=1, shuffle=False, drop_last=False, pad=False)
+def read_split(
+    shard_dir: str | os.PathLike,
+    split: str,
+    storage_options: dict | None = None,
+    with_factors: bool = False,
+    verify: bool = False,
+) -> tuple:
+    """A whole split in file order: uint8 images (N, H, W, C) and labels (N,) or None. For evaluation and plots.
+
+    with_factors=True adds the factors (N, K) float32, or None, as a third element.
+    """
+    loader = ShardLoader(shard_dir, split, batch_size=1, shuffle=False, drop_last=False, pad=False,
+                         storage_options=storage_options, verify=verify)
     chunks = list(loader._chunks())
-    images = np.concatenate([c[0] for c in chunks])
-    labels = np.concatenate([c[1] for c in chunks]) if loader.has_labels else None
-    return images, labels
+    images = np.concatenate([c.images for c in chunks])
+    labels = np.concatenate([c.labels for c in chunks]) if loader.has_labels else None
+    if not with_factors:
+        return images, labels
+    factors = np.concatenate([c.factors for c in chunks]) if loader.has_factors else None
+    return images, labels, factors

@@ -1,4 +1,9 @@
-"""The record: what every source yields and what the shard writer consumes."""
+"""The record: what every source yields and what the shard writer consumes.
+
+A source yields `Record`s, and `Rejected` for an input it could not turn into an image (a corrupt or
+unreadable file): the ingest's bad-input policy, not the source, decides whether that stops the run or is
+skipped and reported.
+"""
 
 from dataclasses import dataclass
 
@@ -25,3 +30,12 @@ class Record:
             raise ValueError(
                 f"record {self.key!r}: image must be uint8 (H, W, C), got {self.image.dtype} {self.image.shape}"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An input that yields no image. kind: a short reason class ('corrupt', 'unreadable', 'size', ...)."""
+
+    key: str
+    kind: str
+    reason: str

@@ -1,9 +1,15 @@
-"""Shard format, version 1: packed WebDataset tar shards plus an `index.json` written last.
+"""Shard format, version 1: WebDataset tar shards plus an `index.json` written last.
 
-A tar member groups a *block* of up to `block_size` images as one uint8 array (n, H, W, C) in `.images.npy`,
-with `.labels.npy` (n,) when the source has labels and `.keys.json` naming each image. One member per
-784-byte image costs ~5k samples/s per core in tar and Python overhead; a block of 1,024 costs almost
-nothing. The files are ordinary WebDataset shards: `webdataset.WebDataset(url).decode()` and GNU tar read them.
+Two layouts, both ordinary WebDataset shards that `webdataset.WebDataset(url).decode()` and GNU tar read:
+
+- packed (small images): a tar member groups a *block* of up to `block_size` images as one uint8 array
+  (n, H, W, C) in `.images.npy`, with `.labels.npy` (n,) when the source has labels, `.factors.npy` (n, K)
+  when it has ground-truth factors, and `.keys.json` naming each image. One member per 784-byte image costs
+  ~5k samples/s per core in tar and Python overhead; a block of 1,024 costs almost nothing.
+- encoded (large images): one sample per image, `.png` or `.jpg`, with `.cls`, `.factors.npy`, `.key.txt`.
+
+`index.json` records the layout, per split the shards with sample count, bytes and sha256, the image shape,
+and the skipped inputs per reason (each one is listed in `skipped.jsonl` beside the shards).
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import hashlib
 import io
 import json
 import os
+import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -21,12 +30,19 @@ import numpy as np
 import webdataset as wds
 from pydantic import BaseModel, Field, ValidationError
 
+from pipeline.conform import decode_image, encode_image
 from pipeline.errors import ShardFormatError, SourceError
 from pipeline.records import Record
+from pipeline.storage import Location
 
 FORMAT_NAME = "vaepipe-shards"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+REPORT_NAME = "skipped.jsonl"
+# "auto" packs images up to this many bytes (64x64x3 = 12,288: CIFAR, dSprites, MNIST) and encodes larger ones
+PACKED_MAX_IMAGE_BYTES = 16384
+Layout = Literal["packed", "encoded"]
+ImageFormat = Literal["png", "jpeg"]
 
 
 class ShardInfo(BaseModel):
@@ -40,6 +56,8 @@ class SplitInfo(BaseModel):
     num_samples: int
     shards: list[ShardInfo]
     num_classes: int | None = Field(None, description="1 + the largest label, when the split has labels.")
+    num_factors: int | None = Field(None, description="K of the per-sample factors (K,), when the split has them.")
+    skipped: dict[str, int] = Field(default_factory=dict, description="Reason -> inputs skipped in this split.")
 
 
 class ShardIndex(BaseModel):
@@ -49,12 +67,15 @@ class ShardIndex(BaseModel):
     version: int = FORMAT_VERSION
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     source: dict[str, Any] = Field(description="{'name': ..., 'config': {...}} of the source that wrote it.")
-    layout: Literal["packed"] = "packed"
+    layout: Layout = "packed"
+    image_format: ImageFormat | None = Field(None, description="Encoding of each image in the encoded layout.")
     block_size: int
     image_shape: tuple[int, int, int] = Field(description="(H, W, C) of every image.")
     dtype: Literal["uint8"] = "uint8"
     splits: dict[str, SplitInfo]
+    factor_names: list[str] | None = Field(None, description="Names of the factors, when the source knows them.")
     skipped: dict[str, int] = Field(default_factory=dict, description="Reason -> number of inputs skipped.")
+    skipped_report: str | None = Field(None, description=f"File listing every skipped input ({REPORT_NAME}).")
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -62,16 +83,38 @@ class ShardIndex(BaseModel):
         return self.splits[name]
 
 
-def shard_pattern(out_dir: Path, split: str) -> str:
-    return str(out_dir / f"{split}-%06d.tar")
+class ShardPlan(BaseModel, frozen=True):
+    """How a split's records become shards; every shard group of one ingest shares it."""
+
+    layout: Layout
+    image_format: ImageFormat = "png"
+    samples_per_shard: int
+    block_size: int
+    image_shape: tuple[int, int, int]
+
+    @property
+    def per_write(self) -> int:
+        return self.block_size if self.layout == "packed" else 1
 
 
-def _sha256(path: str) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+def choose_layout(requested: Literal["auto", "packed", "encoded"], shape: tuple[int, int, int]) -> Layout:
+    """'auto': packed blocks for images up to PACKED_MAX_IMAGE_BYTES, one encoded image per sample above."""
+    if requested != "auto":
+        return requested
+    return "packed" if int(np.prod(shape)) <= PACKED_MAX_IMAGE_BYTES else "encoded"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def sha256_of(location: Location, name: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with location.open(name) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest(), os.path.getsize(path)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -80,105 +123,297 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _blocks(records: Iterable[Record], block_size: int) -> Iterator[list[Record]]:
+def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of .npy bytes (the first kilobyte is enough)."""
+    header = io.BytesIO(data[:1024])
+    version = np.lib.format.read_magic(header)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(header)
+    if fortran or dtype.hasobject:
+        raise ShardFormatError("a shard member holds a Fortran-order or object array; re-run the ingest")
+    return shape, dtype, header.tell()
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """A read-only array over a .npy member's bytes, without the copy `np.load` makes (~1 ms per 800 kB)."""
+    shape, dtype, offset = npy_header(data)
+    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+
+
+def _chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     block: list[Record] = []
     for record in records:
         block.append(record)
-        if len(block) == block_size:
+        if len(block) == size:
             yield block
             block = []
     if block:
         yield block
 
 
-def write_split(
-    records: Iterable[Record], out_dir: Path, split: str, samples_per_shard: int, block_size: int
-) -> tuple[SplitInfo, tuple[int, int, int]]:
-    """Write one split's records as packed shards; return its index entry and the image shape.
+@dataclass
+class WrittenShards:
+    shards: list[ShardInfo]
+    max_label: int  # -1 when unlabelled
+    has_labels: bool | None  # None: no records
+    num_factors: int | None
 
-    Every image must have the first record's shape: a mixed-size source is an error naming the record.
+
+class _LabelCheck:
+    """Labels and factors must be present on every record or on none: a mix would lose data silently."""
+
+    def __init__(self) -> None:
+        self.has_labels: bool | None = None
+        self.num_factors: int | None = None
+        self.max_label = -1
+        self.first = True
+
+    def __call__(self, record: Record) -> None:
+        has_label = record.label is not None
+        factors = None if record.factors is None else len(record.factors)
+        if self.first:
+            self.has_labels, self.num_factors, self.first = has_label, factors, False
+        elif has_label != self.has_labels or factors != self.num_factors:
+            raise SourceError(
+                f"record {record.key!r} has label={record.label!r}, factors of length {factors}, but earlier records "
+                f"have {'labels' if self.has_labels else 'no labels'} and factors of length {self.num_factors}; "
+                "a source must give labels (and factors) for every record or for none"
+            )
+        if has_label:
+            self.max_label = max(self.max_label, int(record.label))
+
+
+def _packed_sample(split: str, number: int, block: list[Record], check: _LabelCheck) -> dict[str, bytes | str]:
+    for record in block:
+        check(record)
+    sample: dict[str, bytes | str] = {
+        "__key__": f"{split}-block-{number:06d}",
+        "images.npy": _npy_bytes(np.stack([r.image for r in block])),
+        "keys.json": json.dumps([r.key for r in block]).encode(),
+    }
+    if check.has_labels:
+        sample["labels.npy"] = _npy_bytes(np.asarray([r.label for r in block], dtype=np.int64))
+    if check.num_factors is not None:
+        sample["factors.npy"] = _npy_bytes(np.stack([np.asarray(r.factors, np.float32) for r in block]))
+    return sample
+
+
+def _encoded_sample(split: str, number: int, record: Record, fmt: ImageFormat, check: _LabelCheck) -> dict:
+    check(record)
+    ext = "png" if fmt == "png" else "jpg"
+    sample = {"__key__": f"{split}-{number:09d}", ext: encode_image(record.image, fmt), "key.txt": record.key}
+    if check.has_labels:
+        sample["cls"] = str(int(record.label))
+    if check.num_factors is not None:
+        sample["factors.npy"] = _npy_bytes(np.asarray(record.factors, np.float32))
+    return sample
+
+
+def write_shards(
+    records: Iterable[Record], location: Location, split: str, first_shard: int, plan: ShardPlan
+) -> WrittenShards:
+    """Write conformed records as shards numbered from `first_shard` (ShardWriter, checksummed in its post hook).
+
+    A local destination is written in place; any other is staged in a temporary directory and uploaded shard
+    by shard. Records must already have `plan.image_shape` (see `pipeline.conform`).
     """
-    if samples_per_shard % block_size:
+    if plan.samples_per_shard % plan.block_size:
         raise ValueError(
-            f"ingest.samples_per_shard ({samples_per_shard}) must be a multiple of ingest.block_size ({block_size})"
+            f"ingest.samples_per_shard ({plan.samples_per_shard}) must be a multiple of ingest.block_size "
+            f"({plan.block_size})"
         )
-    for stale in out_dir.glob(f"{split}-*.tar"):  # leftovers of an interrupted run; never mixed with new shards
-        stale.unlink()
     shards: list[ShardInfo] = []
     pending = 0  # samples written to the shard that is open now
+    staging = None if location.local else tempfile.TemporaryDirectory(prefix="vaepipe-shards-")
 
     def on_shard_closed(fname: str) -> None:  # ShardWriter's post= hook, called as each shard closes
         nonlocal pending
-        digest, size = _sha256(fname)
-        shards.append(ShardInfo(name=Path(fname).name, num_samples=pending, bytes=size, sha256=digest))
+        name = Path(fname).name
+        if pending == 0:  # ShardWriter opens its first file eagerly; an empty group leaves nothing behind
+            os.unlink(fname)
+            return
+        local = Location(Path(fname).parent)
+        digest, size = sha256_of(local, name)
+        location.put(fname, name)
+        shards.append(ShardInfo(name=name, num_samples=pending, bytes=size, sha256=digest))
         pending = 0
 
-    shape: tuple[int, int, int] | None = None
-    max_label = -1
-    has_labels = True
+    check = _LabelCheck()
+    per_write = plan.per_write
     writer = wds.ShardWriter(
-        shard_pattern(out_dir, split), maxcount=samples_per_shard // block_size, maxsize=float("inf"),
-        post=on_shard_closed, verbose=0,
+        str(Path(staging.name if staging else location.root) / f"{split}-%06d.tar"),
+        maxcount=plan.samples_per_shard // per_write, maxsize=float("inf"), post=on_shard_closed,
+        start_shard=first_shard, verbose=0,
     )
     try:
-        for number, block in enumerate(_blocks(records, block_size)):
-            shape = shape or block[0].image.shape
-            for record in block:
-                if record.image.shape != shape:
+        first_write = first_shard * (plan.samples_per_shard // per_write)
+        for number, chunk in enumerate(_chunked(records, per_write), start=first_write):
+            for record in chunk:
+                if record.image.shape != plan.image_shape:
                     raise SourceError(
-                        f"record {record.key!r} has shape {record.image.shape}, but this split's images are {shape}; "
-                        "packed shards need one image size"
+                        f"record {record.key!r} has shape {record.image.shape}, but this dataset's images are "
+                        f"{plan.image_shape}; set ingest.size_rule / ingest.channel_rule to fit or skip such images"
                     )
-            sample = {
-                "__key__": f"{split}-block-{number:06d}",
-                "images.npy": _npy_bytes(np.stack([r.image for r in block])),
-                "keys.json": json.dumps([r.key for r in block]).encode(),
-            }
-            labels = [r.label for r in block]
-            has_labels = has_labels and all(label is not None for label in labels)
-            if has_labels:
-                sample["labels.npy"] = _npy_bytes(np.asarray(labels, dtype=np.int64))
-                max_label = max(max_label, *labels)
+            if plan.layout == "packed":
+                sample = _packed_sample(split, number, chunk, check)
+            else:
+                sample = _encoded_sample(split, number, chunk[0], plan.image_format, check)
             writer.write(sample)
-            pending += len(block)
+            pending += len(chunk)
     finally:
         writer.close()
-    if shape is None:
-        for empty in out_dir.glob(f"{split}-*.tar"):
-            empty.unlink()
+        if staging is not None:
+            staging.cleanup()
+    return WrittenShards(shards, check.max_label, check.has_labels, check.num_factors)
+
+
+def write_split(
+    records: Iterable[Record], out_dir: Path, split: str, samples_per_shard: int, block_size: int
+) -> tuple[SplitInfo, tuple[int, int, int]]:
+    """One split of same-shape records as packed shards from number 0 (no policies): for tests and tools."""
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
         raise SourceError(f"split {split!r} of the source yielded no images; check the source's path and options")
-    num_classes = max_label + 1 if has_labels else None
-    info = SplitInfo(num_samples=sum(s.num_samples for s in shards), shards=shards, num_classes=num_classes)
-    return info, tuple(shape)
+    location = Location(out_dir)
+    for stale in location.glob(f"{split}-*.tar"):
+        location.remove(stale)
+    plan = ShardPlan(layout="packed", samples_per_shard=samples_per_shard, block_size=block_size,
+                     image_shape=first.image.shape)
+    written = write_shards(_prepend(first, records), location, split, 0, plan)
+    num_classes = written.max_label + 1 if written.has_labels else None
+    info = SplitInfo(num_samples=sum(s.num_samples for s in written.shards), shards=written.shards,
+                     num_classes=num_classes, num_factors=written.num_factors)
+    return info, tuple(first.image.shape)
 
 
-def write_index(out_dir: Path, index: ShardIndex) -> Path:
-    """Write `index.json` atomically (temporary name, then rename): only now is the directory complete."""
-    path = out_dir / INDEX_NAME
-    tmp = out_dir / f".{INDEX_NAME}.tmp"
-    tmp.write_text(index.model_dump_json(indent=2))
-    os.replace(tmp, path)
-    return path
+def _prepend(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
+    yield first
+    yield from rest
 
 
-def read_index(shard_dir: str | os.PathLike) -> ShardIndex:
+# ---- reading
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    images: np.ndarray  # uint8 (n, H, W, C)
+    labels: np.ndarray | None  # int64 (n,)
+    factors: np.ndarray | None  # float32 (n, K)
+
+
+def _members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
+    for member in tar:
+        if member.isreg():
+            yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+
+
+def _samples(location: Location, name: str) -> Iterator[dict]:
+    """A shard's samples, grouped by webdataset's `group_by_keys`.
+
+    The tar is opened seekable ('r:') rather than as a stream ('r|*', webdataset's `tar_file_iterator`):
+    a stream reads each 800 kB block in 10 kB pieces and joins them, which costs ~40% of the loader's time.
+    """
+    with location.open(name) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
+        yield from wds.tariterators.group_by_keys(_members(tar, location.display(name)))
+
+
+@dataclass(frozen=True, slots=True)
+class PackedBlock:
+    """Where one packed block's images lie in its shard, so a reader copies them straight into its buffer."""
+
+    num: int
+    offset: int  # byte offset of the first image's pixels in the shard file
+    labels: np.ndarray | None
+    factors: np.ndarray | None
+
+
+def packed_blocks(location: Location, name: str) -> Iterator[tuple[PackedBlock, Any]]:
+    """(block, open shard file) for each block of a packed shard, reading only the tar and .npy headers and the
+    small labels/factors arrays; the caller seeks and `readinto`s the images it wants (one copy, no parsing)."""
+    with location.open(name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        key, found = None, {}
+        for member in [*tar, None]:
+            member_key = None if member is None else member.name.split(".", 1)[0]
+            if found and member_key != key:
+                if "images.npy" not in found:
+                    raise ShardFormatError(
+                        f"{location.display(name)}: block {key} has no images.npy; re-run the ingest"
+                    )
+                num, offset = found["images.npy"]
+                yield PackedBlock(num, offset, found.get("labels.npy"), found.get("factors.npy")), f
+                found = {}
+            if member is None or not member.isreg():
+                continue
+            key, suffix = member_key, member.name.split(".", 1)[1]
+            if suffix == "images.npy":
+                f.seek(member.offset_data)
+                shape, _, header_length = npy_header(f.read(min(member.size, 1024)))
+                found[suffix] = (shape[0], member.offset_data + header_length)
+            elif suffix in ("labels.npy", "factors.npy"):
+                found[suffix] = npy_view(tar.extractfile(member).read())
+
+
+def read_chunks(location: Location, name: str, index: ShardIndex, chunk: int = 256) -> Iterator[Chunk]:
+    """A shard's images in file order, as chunks: one per block when packed, `chunk` images when encoded."""
+    if index.layout == "packed":
+        for sample in _samples(location, name):
+            labels = sample.get("labels.npy")
+            factors = sample.get("factors.npy")
+            yield Chunk(
+                npy_view(sample["images.npy"]),
+                None if labels is None else npy_view(labels),
+                None if factors is None else npy_view(factors),
+            )
+        return
+    ext = "png" if index.image_format == "png" else "jpg"
+    images, labels, factors = [], [], []
+    for sample in _samples(location, name):
+        images.append(decode_image(sample[ext]))
+        if "cls" in sample:
+            labels.append(int(sample["cls"]))
+        if "factors.npy" in sample:
+            factors.append(npy_view(sample["factors.npy"]))
+        if len(images) == chunk:
+            yield _stack(images, labels, factors)
+            images, labels, factors = [], [], []
+    if images:
+        yield _stack(images, labels, factors)
+
+
+def _stack(images: list, labels: list, factors: list) -> Chunk:
+    return Chunk(
+        np.stack(images),
+        np.asarray(labels, dtype=np.int64) if labels else None,
+        np.stack(factors) if factors else None,
+    )
+
+
+def write_index(out_dir: str | os.PathLike | Location, index: ShardIndex) -> str:
+    """Write `index.json` last and whole (see pipeline.storage): only now is the directory complete."""
+    location = out_dir if isinstance(out_dir, Location) else Location(out_dir)
+    location.write_text(INDEX_NAME, index.model_dump_json(indent=2))
+    return location.display(INDEX_NAME)
+
+
+def read_index(shard_dir: str | os.PathLike | Location, storage_options: dict | None = None) -> ShardIndex:
     """Read and check a shard directory's index; refuse a missing, incomplete or foreign directory."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.exists():
-        raise ShardFormatError(f"shard directory {shard_dir} does not exist; run the ingest first (vaepipe ingest)")
-    path = shard_dir / INDEX_NAME
-    if not path.is_file():
-        tars = sorted(p.name for p in shard_dir.glob("*.tar"))
+    location = shard_dir if isinstance(shard_dir, Location) else Location(shard_dir, storage_options)
+    if not location.exists():
+        raise ShardFormatError(f"shard directory {location} does not exist; run the ingest first (vaepipe ingest)")
+    if not location.isfile(INDEX_NAME):
+        tars = location.glob("*.tar")
         state = (
             f"it holds {len(tars)} tar file(s) but no {INDEX_NAME}, so an ingest was interrupted"
             if tars
             else f"it has no {INDEX_NAME} and no shards"
         )
         raise ShardFormatError(
-            f"{shard_dir} is not a complete shard directory: {state}. Re-run the ingest into it (vaepipe ingest)."
+            f"{location} is not a complete shard directory: {state}. Re-run the ingest into it (vaepipe ingest)."
         )
+    path = location.display(INDEX_NAME)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(location.read_text(INDEX_NAME))
     except json.JSONDecodeError as err:
         raise ShardFormatError(f"{path} is not valid JSON ({err}); re-run the ingest") from None
     if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
@@ -190,3 +425,27 @@ def read_index(shard_dir: str | os.PathLike) -> ShardIndex:
         return ShardIndex.model_validate(raw)
     except ValidationError as err:
         raise ShardFormatError(f"{path} is malformed: {err}") from None
+
+
+def check_shard(location: Location, info: ShardInfo) -> str | None:
+    """None when the shard matches its index entry, else what is wrong with it."""
+    if not location.isfile(info.name):
+        return f"{info.name}: missing"
+    digest, size = sha256_of(location, info.name)
+    if size != info.bytes:
+        return f"{info.name}: {size} bytes, index.json says {info.bytes} (truncated or replaced)"
+    if digest != info.sha256:
+        return f"{info.name}: sha256 {digest[:12]}... does not match index.json's {info.sha256[:12]}... (corrupt)"
+    return None
+
+
+def verify(shard_dir: str | os.PathLike | Location, storage_options: dict | None = None) -> list[str]:
+    """Check every shard of a complete directory against index.json; return one line per bad shard."""
+    location = shard_dir if isinstance(shard_dir, Location) else Location(shard_dir, storage_options)
+    index = read_index(location)
+    problems = []
+    for info in (s for split in index.splits.values() for s in split.shards):
+        problem = check_shard(location, info)
+        if problem:
+            problems.append(problem)
+    return problems

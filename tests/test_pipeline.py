@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from conftest import SHARED_DATA, write_numbered_shards
 
@@ -31,6 +32,7 @@ def test_shards_are_plain_webdataset_and_tar(digits_shards):
     shard = digits_shards / "train-000000.tar"
     sample = next(iter(wds.WebDataset(str(shard), shardshuffle=False).decode()))
     assert sample["images.npy"].shape == (128, 8, 8, 1) and sample["images.npy"].dtype == np.uint8
+    assert set(sample) >= {"images.npy", "labels.npy", "keys.json"}
     keys = sample["keys.json"]
     assert len(json.loads(keys) if isinstance(keys, bytes) else keys) == 128
     listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
@@ -67,27 +69,36 @@ def test_unknown_source_lists_valid_names():
         pipeline.build_source("nope")
 
 
-def test_killed_ingest_leaves_no_index_and_rerun_completes(tmp_path, monkeypatch):
+def test_killed_ingest_leaves_no_index_and_rerun_keeps_finished_groups(tmp_path, monkeypatch):
     from pipeline import shards
 
-    real = shards.write_split
+    real = shards.write_shards
     calls = []
 
-    def dies_on_second_split(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the ingest is killed while writing the second split
+    def dies_on_third_group(*args, **kwargs):
+        calls.append(args[2:4])  # (split, first shard)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the ingest is killed while writing its third shard group
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "write_split", dies_on_second_split)
+    monkeypatch.setattr(shards, "write_shards", dies_on_third_group)
     with pytest.raises(KeyboardInterrupt):
         pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
     assert not (tmp_path / "index.json").exists()
     with pytest.raises(ShardFormatError, match="interrupted"):
         pipeline.read_index(tmp_path)
-    monkeypatch.setattr(shards, "write_split", real)
+    finished = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("train-00000[01].tar")}
+    assert len(finished) == 2
+    calls.clear()
+    monkeypatch.setattr(shards, "write_shards", lambda *a, **k: (calls.append(a[2:4]), real(*a, **k))[1])
     index = pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
     assert index.splits["train"].num_samples + index.splits["test"].num_samples == 1797
+    assert calls == [("train", 2), ("test", 0)]  # the two finished groups were kept, not rewritten
+    assert {n: (tmp_path / n).stat().st_mtime_ns for n in finished} == finished
+    fresh = tmp_path / "fresh"
+    pipeline.ingest("digits", {}, fresh, 512, 128, progress=False)
+    for a, b in zip(pipeline.read_split(fresh, "train"), pipeline.read_split(tmp_path, "train"), strict=True):
+        np.testing.assert_array_equal(a, b)  # the resumed directory holds what a clean ingest holds
 
 
 def test_reingest_with_other_source_config_is_refused(digits_shards):
@@ -95,8 +106,9 @@ def test_reingest_with_other_source_config_is_refused(digits_shards):
         pipeline.ingest("digits", {"seed": 7}, digits_shards, 512, 128, progress=False)
 
 
+@pytest.mark.parametrize("resident", ["off", "on"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_read_disjoint_data_with_equal_batches_on_uneven_shards(tmp_path, world):
+def test_ranks_read_disjoint_data_with_equal_batches_on_uneven_shards(tmp_path, world, resident):
     counts = [7, 30, 3, 11, 1]  # 52 samples, deliberately uneven
     shard_dir = write_numbered_shards(tmp_path, counts)
     total = sum(counts)
@@ -104,7 +116,7 @@ def test_ranks_read_disjoint_data_with_equal_batches_on_uneven_shards(tmp_path, 
         per_rank, lengths = [], []
         for rank in range(world):
             loader = ShardLoader(shard_dir, "train", batch_size=4, rank=rank, world_size=world, seed=5,
-                                 drop_last=False, shuffle_buffer=8)
+                                 drop_last=False, shuffle_buffer=8, resident=resident)
             loader.set_epoch(epoch)
             batches = list(loader)
             lengths.append((len(loader), len(batches)))
@@ -120,11 +132,12 @@ def test_ranks_read_disjoint_data_with_equal_batches_on_uneven_shards(tmp_path, 
             assert len(set(per_rank[0]) & set(per_rank[1])) == 0
 
 
-def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
+@pytest.mark.parametrize("resident", ["off", "on"])
+def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path, resident):
     shard_dir = write_numbered_shards(tmp_path, [16, 16, 16])
 
     def order(seed, epoch):
-        loader = ShardLoader(shard_dir, "train", batch_size=4, seed=seed, shuffle_buffer=8)
+        loader = ShardLoader(shard_dir, "train", batch_size=4, seed=seed, shuffle_buffer=8, resident=resident)
         loader.set_epoch(epoch)
         return [int(i) for b in loader for i in b.labels]
 
@@ -216,9 +229,11 @@ def test_real_mnist_ingest(tmp_path):
     assert np.bincount(labels).min() > 800
 
 
-def test_position_resumes_mid_epoch_without_repeats_or_gaps(tmp_path):
+@pytest.mark.parametrize("resident", ["off", "on"])
+def test_position_resumes_mid_epoch_without_repeats_or_gaps(tmp_path, resident):
     shard_dir = write_numbered_shards(tmp_path, [13, 20, 9])
-    make = lambda: ShardLoader(shard_dir, "train", batch_size=4, rank=1, world_size=2, seed=3, shuffle_buffer=8)  # noqa: E731
+    make = lambda: ShardLoader(shard_dir, "train", batch_size=4, rank=1, world_size=2, seed=3,  # noqa: E731
+                               shuffle_buffer=8, resident=resident)
     full = make()
     full.set_epoch(2)
     expected = [b.labels.tolist() for b in full]
@@ -238,3 +253,56 @@ def test_position_resumes_mid_epoch_without_repeats_or_gaps(tmp_path):
     resumed.set_epoch(3)  # the next epoch starts from its beginning
     assert resumed.position == 0
     assert len(list(resumed)) == len(resumed)
+
+
+def test_resident_mode_is_chosen_by_the_memory_budget(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, [16, 16])  # 32 images of 4x4x1: 512 bytes
+    assert ShardLoader(shard_dir, "train", batch_size=4, resident="auto", memory_budget=512).resident
+    assert not ShardLoader(shard_dir, "train", batch_size=4, resident="auto", memory_budget=511).resident
+    loader = ShardLoader(shard_dir, "train", batch_size=4, resident="on", shuffle=False)
+    batch = next(iter(loader))
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 1, 4, 4)
+    assert batch.labels.tolist() == [0, 1, 2, 3] and (batch.images[:, 0, 0, 0] == batch.labels).all()
+    assert loader._data[0].shape == (32, 1, 4, 4)  # decoded once, kept as one uint8 tensor
+
+
+def test_streamed_batches_gather_rgb_as_channels_first(tmp_path):
+    shard_dir = write_numbered_shards(tmp_path, [10, 6], shape=(3, 5, 3))
+    for resident in ("off", "on"):
+        batches = list(ShardLoader(shard_dir, "train", batch_size=4, resident=resident))
+        assert len(batches) == 4 and all(b.images.shape == (4, 3, 3, 5) and b.images.is_contiguous() for b in batches)
+        for b in batches:
+            assert (b.images == (b.labels % 256).to(torch.uint8)[:, None, None, None]).all()
+
+
+def test_to_input_binarizes_afresh_and_dequantizes():
+    from vae.config import RunConfig
+    from vae.data import to_input
+
+    images = torch.full((64, 1, 8, 8), 128, dtype=torch.uint8)
+    plain = to_input(images, RunConfig())
+    assert torch.allclose(plain, torch.full_like(plain, 128 / 255))
+    cfg = RunConfig.model_validate({"data": {"binarize": True}})
+    first, second = to_input(images, cfg), to_input(images, cfg)
+    assert set(first.unique().tolist()) == {0.0, 1.0} and not torch.equal(first, second)  # a fresh draw each time
+    assert abs(first.mean().item() - 128 / 255) < 0.03  # Bernoulli(intensity)
+    cfg = RunConfig.model_validate({"data": {"dequantize": True}})
+    x = to_input(images, cfg)
+    assert (x >= 128 / 256).all() and (x <= 129 / 256).all() and x.std() > 0  # (128 + u) / 256
+    from vae.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="data.binarize and data.dequantize exclude each other"):
+        validate({"data": {"binarize": True, "dequantize": True}})
+
+
+def test_build_loaders_follows_the_data_section(digits_shards):
+    from vae.config import RunConfig
+    from vae.data import build_loaders
+
+    cfg = RunConfig.model_validate({"ingest": {"shard_dir": str(digits_shards)}, "train": {"batch_size": 32}})
+    train, val = build_loaders(cfg, rank=1, world_size=2)
+    assert train.resident and val.resident and train.device == torch.device("cpu")  # 1797 8x8 images fit
+    cfg.data.resident = "off"
+    train, val = build_loaders(cfg, rank=1, world_size=2)
+    assert not train.resident and len(train) == 1438 // 2 // 32
+    assert sum(len(b.images) for b in val) == 359 - 359 // 2

@@ -54,27 +54,116 @@ class SourceSection(_Section):
 
 
 class IngestSection(_Section):
-    shard_dir: Path | None = Field(None, description="Where shards go; default data/shards/<source name>.")
+    shard_dir: Path | str | None = Field(
+        None, description="Where shards go: a local path or an fsspec URL (s3://bucket/prefix); "
+        "default data/shards/<source name>."
+    )
     samples_per_shard: int = Field(8192, gt=0, description="Images per tar shard (a multiple of block_size).")
     block_size: int = Field(1024, gt=0, description="Images packed into one tar member.")
     overwrite: bool = Field(False, description="Re-ingest even when a complete shard directory exists.")
+    layout: Literal["auto", "packed", "encoded"] = Field(
+        "auto", description="packed: blocks of images per tar member; encoded: one PNG/JPEG per sample; "
+        "auto: packed up to 16 kB per image (64x64x3), encoded above."
+    )
+    image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of the encoded layout.")
+    shards_per_task: int = Field(1, gt=0, description="Shards written by one ingest task (a shard group).")
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="Unusable inputs (corrupt, unreadable, rejected by the rules below): skip and list "
+        "them in skipped.jsonl, or stop the ingest."
+    )
+    size_rule: Literal["reject", "resize", "crop"] = Field(
+        "reject", description="Images of another size than the dataset's: reject, resize (stretch), or crop "
+        "(scale the shorter side, centre-crop)."
+    )
+    channel_rule: Literal["reject", "convert"] = Field(
+        "reject", description="Images with another channel count (L/RGB/RGBA): reject, or convert."
+    )
+    image_size: tuple[int, int] | None = Field(None, description="Target (H, W); default: the first image's.")
+    channels: Literal[1, 3, 4] | None = Field(None, description="Target channels; default: the first image's.")
+    runner: Literal["threads", "processes"] = Field(
+        "threads", description="Local task runner of the ingest flow (processes: true parallelism, slower start)."
+    )
+    workers: int | None = Field(None, gt=0, description="Local workers; default: the CPU count.")
+    dask_address: str | None = Field(
+        None, description="Dask scheduler address (tcp://host:8786): run the shard groups on that cluster."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL shard_dir (e.g. {endpoint_url: ...} for S3)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_or_url(cls, data: Any) -> Any:
+        """shard_dir: a URL stays a string (Path would fold its '//'); anything else is a local Path."""
+        value = data.get("shard_dir") if isinstance(data, dict) else None
+        if value is not None and not isinstance(value, Path) and "://" not in str(value):
+            data = {**data, "shard_dir": Path(value)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_block(self) -> IngestSection:
+        if self.samples_per_shard % self.block_size:
+            raise ValueError(
+                f"ingest.samples_per_shard ({self.samples_per_shard}) must be a multiple of ingest.block_size "
+                f"({self.block_size})"
+            )
+        return self
 
 
 class DataSection(_Section):
     train_split: str = Field("train", description="Split to train on.")
     val_split: str = Field("test", description="Split for validation, evaluation and plots.")
     shuffle_buffer: int = Field(65536, gt=0, description="Samples shuffled together within a rank.")
+    resident: Literal["auto", "on", "off"] = Field(
+        "auto", description="Decode the split once into a uint8 tensor on the device; auto: when it fits "
+        "data.memory_budget_mb."
+    )
+    memory_budget_mb: int = Field(2048, ge=0, description="Largest decoded split (MB) that auto keeps resident.")
+    verify: bool = Field(False, description="Check each shard's sha256 before reading it (reads shards twice).")
+    binarize: bool = Field(
+        False, description="Dynamic binarisation: a fresh Bernoulli(pixel) draw every time an image is seen."
+    )
+    dequantize: bool = Field(
+        False, description="Uniform dequantisation (x + u) / 256, u ~ U[0, 1), for continuous likelihoods."
+    )
+
+    @model_validator(mode="after")
+    def _one_transform(self) -> DataSection:
+        if self.binarize and self.dequantize:
+            raise ValueError("data.binarize and data.dequantize exclude each other: binarised pixels are 0/1, "
+                             "dequantised ones continuous; turn one off")
+        return self
 
 
 class ModelSection(_Section):
-    arch: Literal["conv", "mlp"] = Field("conv", description="Architecture from the vae.models registry.")
-    latent_dim: int = Field(2, gt=0, description="Size of z; 2 gives the classic manifold plot.")
+    """Fields an architecture's constructor does not take are ignored by it (see trainer.model_options)."""
+
+    arch: Literal["conv", "hvae", "mlp", "resnet"] = Field("conv", description="Architecture from vae.models.")
+    latent_dim: int = Field(
+        2, gt=0, description="Size of z (mlp, conv, resnet; 2 gives the manifold plot); hvae: channels per group."
+    )
     hidden_dim: int = Field(400, gt=0, description="Hidden width of the mlp architecture.")
+    hidden_layers: int = Field(1, gt=0, description="Hidden layers on each side of the mlp architecture.")
+    width: int = Field(32, gt=0, description="Base channels of the resnet and hvae architectures.")
+    depth: int = Field(2, gt=0, description="resnet: stride-2 stages each side (image sides divisible by 2**depth).")
+    blocks: int = Field(1, gt=0, description="resnet and hvae: residual blocks per stage.")
+    groups: int = Field(2, ge=2, description="hvae: groups of latents in the hierarchy.")
 
 
 class LossSection(_Section):
-    likelihood: Literal["bernoulli"] = Field("bernoulli", description="p(x|z): Bernoulli on pixel intensities.")
+    likelihood: Literal["bernoulli", "gaussian", "gaussian_learned", "logistic_mixture"] = Field(
+        "bernoulli", description="p(x|z): bernoulli (on binarised pixels), gaussian with loss.gaussian_std, "
+        "gaussian_learned (per-pixel std), logistic_mixture (discretised, for 8-bit pixels)."
+    )
+    mixtures: int = Field(10, gt=0, description="Components of the logistic_mixture likelihood.")
+    gaussian_std: float = Field(0.1, gt=0, description="Fixed std of the gaussian likelihood, on the [0, 1] scale.")
     beta: float = Field(1.0, ge=0, description="Weight of the KL term (1 is the ELBO).")
+    warmup_steps: int = Field(0, ge=0, description="KL warm-up: the weight ramps from 0 to beta over this many steps.")
+    free_bits: float = Field(0.0, ge=0, description="Free bits: nats of KL per loss.free_bits_per not penalised.")
+    free_bits_per: Literal["dim", "group"] = Field("dim", description="Free bits per latent dimension or group.")
+    objective: Literal["elbo", "iwae"] = Field("elbo", description="Train on the ELBO or the IWAE-k bound.")
+    iwae_k: int = Field(5, gt=0, description="Importance samples per image of the iwae objective.")
+    eval_iwae_k: int = Field(100, gt=0, description="Importance samples of the final val/nll_iwae (papers: 5000).")
 
 
 class OptimSection(_Section):
@@ -138,6 +227,25 @@ class RunConfig(_Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        """Combinations that would train without error but measure nonsense, refused before any work."""
+        loss = self.loss
+
+        def on(name: str) -> bool:  # the data section's binarize / dequantize switches (bool or a mode name)
+            return getattr(self.data, name, None) not in (None, False, 0, "none", "no", "off")
+
+        if loss.likelihood == "logistic_mixture" and on("binarize"):
+            raise ValueError("loss.likelihood 'logistic_mixture' models 8-bit pixels, but data.binarize makes them "
+                             "0/1: use --loss.likelihood bernoulli, or turn data.binarize off")
+        if loss.likelihood == "logistic_mixture" and on("dequantize"):
+            raise ValueError("loss.likelihood 'logistic_mixture' is discrete and needs the exact 8-bit values: turn "
+                             "data.dequantize off (dequantise only for a gaussian likelihood)")
+        if loss.objective == "iwae" and (loss.beta != 1 or loss.warmup_steps or loss.free_bits):
+            raise ValueError("loss.objective 'iwae' is the bound itself: set loss.beta 1, loss.warmup_steps 0 and "
+                             "loss.free_bits 0, or use --loss.objective elbo")
+        return self
 
     @property
     def shard_dir(self) -> Path:

@@ -11,14 +11,42 @@ from pipeline import ShardLoader
 from vae.config import RunConfig
 
 
-def build_loaders(cfg: RunConfig, rank: int, world_size: int) -> tuple[ShardLoader, ShardLoader]:
-    """Training loader (shuffled, equal batch counts on every rank) and validation loader (exact slices)."""
-    common = dict(batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed)
+def _device() -> torch.device:
+    """The device Accelerate chose for this process when it is set up (resident data goes there), else CPU."""
+    from accelerate.state import PartialState
+
+    return PartialState().device if PartialState._shared_state else torch.device("cpu")
+
+
+def build_loaders(
+    cfg: RunConfig, rank: int, world_size: int, device: torch.device | str | None = None
+) -> tuple[ShardLoader, ShardLoader]:
+    """Training loader (shuffled, equal batch counts on every rank) and validation loader (exact slices).
+
+    Both are resident (decoded once onto `device`, default Accelerate's) when a split fits data.memory_budget_mb.
+    """
+    common = dict(
+        batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed,
+        resident=cfg.data.resident, memory_budget=cfg.data.memory_budget_mb << 20,
+        device=device if device is not None else _device(), verify=cfg.data.verify,
+        storage_options=cfg.ingest.storage_options,
+    )
     train = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer, **common)
     val = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, **common)
     return train, val
 
 
 def to_input(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the device -> float32 model input in [0, 1]."""
-    return images.float().div_(255.0)
+    """uint8 (B, C, H, W) on the device -> float32 model input.
+
+    Default: intensities in [0, 1]. data.binarize: a fresh Bernoulli draw per pixel on every call, so an
+    image seen in ten epochs is ten different binary images (dynamically binarised MNIST, as in the
+    literature). data.dequantize: (x + u) / 256 with u ~ U[0, 1) per pixel, a continuous density's input.
+    Both draw from torch's global generator on the images' device (seeded by accelerate's set_seed).
+    """
+    x = images.float()
+    if cfg.data.binarize:
+        return torch.bernoulli(x.div_(255.0))
+    if cfg.data.dequantize:
+        return x.add_(torch.rand_like(x)).div_(256.0)
+    return x.div_(255.0)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import SourceError
-from pipeline.records import Record
+from pipeline.records import Record, Rejected
 
 ENTRY_POINT_GROUP = "vaepipe.sources"
 
@@ -27,10 +27,19 @@ class SourceConfig(BaseModel):
 
 
 class Source:
-    """A source yields `Record`s per split. Subclasses set `name` and `Config` and implement both methods."""
+    """A source yields `Record`s per split. Subclasses set `name` and `Config` and implement `splits` and
+    `records`.
+
+    `records(split, start, stop)` yields the inputs [start, stop) of the split in a deterministic order: a
+    `Record` each, or a `Rejected` for an input that gives no image (a corrupt file), so that the ingest's
+    policy decides and nothing disappears silently. A source that can say how many inputs a split has
+    (`num_records`) is ingested in parallel, one task per group of shards; one that cannot (None, the
+    default) is ingested by one task per split, and its `records` is called with start=0, stop=None only.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[SourceConfig]] = SourceConfig
+    factor_names: ClassVar[tuple[str, ...]] = ()  # names of Record.factors' entries, when the source has them
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
@@ -39,8 +48,12 @@ class Source:
         """The split names this source provides, e.g. ["train", "test"]."""
         raise NotImplementedError
 
-    def records(self, split: str) -> Iterator[Record]:
-        """Yield every record of `split`, in a deterministic order."""
+    def num_records(self, split: str) -> int | None:
+        """How many inputs `split` has (Records plus Rejected), or None when unknown without reading them all."""
+        return None
+
+    def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record | Rejected]:
+        """Yield the inputs [start, stop) of `split` (stop None: to the end), in a deterministic order."""
         raise NotImplementedError
 
     def _check_split(self, split: str) -> None:

@@ -64,7 +64,17 @@ class TorchvisionSource(Source):
     def splits(self) -> list[str]:
         return list(self._split_arguments())
 
-    def records(self, split: str) -> Iterator[Record]:
+    def num_records(self, split: str) -> int:
+        return len(self._dataset(split))
+
+    def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record]:
+        dataset = self._dataset(split)
+        for i in range(*slice(start, stop).indices(len(dataset))):
+            image, target = dataset[i]
+            label = int(target) if isinstance(target, (int, np.integer)) else None
+            yield Record(key=f"{split}-{i:06d}", image=_to_uint8_hwc(image), label=label)
+
+    def _dataset(self, split: str):
         self._check_split(split)
         cls = self._class()
         kwargs = {**self.config.kwargs, **self._split_arguments()[split]}
@@ -80,7 +90,4 @@ class TorchvisionSource(Source):
                 f"torchvision {self.config.dataset} ({split}) could not be opened under {self.config.root}: {err}. "
                 "Set source.options.download=true when online, or point source.options.root at the files."
             ) from err
-        for i in range(len(dataset)):
-            image, target = dataset[i]
-            label = int(target) if isinstance(target, (int, np.integer)) else None
-            yield Record(key=f"{split}-{i:06d}", image=_to_uint8_hwc(image), label=label)
+        return dataset

@@ -1,0 +1,125 @@
+"""Images in, images of one shape out: decoding, and the size and channel rules of the ingest config.
+
+Plain functions. `decode_image` turns file bytes into uint8 (H, W, C) or raises `BadImage` with a reason
+class; `conform` brings a record to the target (H, W, C) by the configured rules or returns a `Rejected`.
+What happens to a rejected input (skip and report, or stop) is the ingest's `on_error` policy.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.records import Record, Rejected
+
+SizeRule = Literal["reject", "resize", "crop"]
+ChannelRule = Literal["reject", "convert"]
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# PIL modes read as-is, and modes converted losslessly to one we store (palette, bilevel, gray+alpha, CMYK)
+_CONVERT = {"1": "L", "LA": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+class BadImage(ValueError):
+    """An input that is not a usable 8-bit image; `kind` is the reason class counted in index.json."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, C) with C in {1, 3, 4}; 16-bit and float images are refused."""
+    mode = image.mode
+    if mode == "P":
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+        image = image.convert(mode)
+    elif mode in _CONVERT:
+        image = image.convert(_CONVERT[mode])
+    elif mode not in ("L", "RGB", "RGBA"):
+        raise BadImage("mode", f"PIL mode {mode!r} (16-bit or float) is not stored; convert the file to 8-bit")
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes (PNG, JPEG, WebP, ...) -> uint8 (H, W, C); a truncated or corrupt file raises BadImage."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes fully: a truncated file fails here, not later
+            return pil_to_array(image)
+    except UnidentifiedImageError:
+        raise BadImage("corrupt", "not a readable image (unknown format or corrupt header)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated/corrupt data
+        if isinstance(err, BadImage):
+            raise
+        raise BadImage("corrupt", f"corrupt or truncated image: {err}") from None
+
+
+def encode_image(image: np.ndarray, fmt: Literal["png", "jpeg"]) -> bytes:
+    """uint8 (H, W, C) -> PNG (lossless) or JPEG (quality 95; RGBA cannot be JPEG) bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image, _MODES[image.shape[2]]).save(
+        buf, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {"compress_level": 1})
+    )
+    return buf.getvalue()
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(image[..., 0] if image.shape[2] == 1 else image, _MODES[image.shape[2]])
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """L <-> RGB <-> RGBA with PIL's rules (RGB -> L is ITU-R 601 luma; RGBA -> RGB drops alpha)."""
+    if image.shape[2] == channels:
+        return image
+    return _from_pil(_to_pil(image).convert(_MODES[channels]))
+
+
+def resize(image: np.ndarray, size: tuple[int, int], rule: SizeRule) -> np.ndarray:
+    """Bring (H, W) to `size` = (H, W): 'resize' stretches; 'crop' scales the shorter side, then centre-crops."""
+    h, w = size
+    pil = _to_pil(image)
+    if rule == "crop":
+        scale = max(h / image.shape[0], w / image.shape[1])
+        sh, sw = max(h, round(image.shape[0] * scale)), max(w, round(image.shape[1] * scale))
+        pil = pil.resize((sw, sh), Image.Resampling.BILINEAR)
+        top, left = (sh - h) // 2, (sw - w) // 2
+        pil = pil.crop((left, top, left + w, top + h))
+    else:
+        pil = pil.resize((w, h), Image.Resampling.BILINEAR)
+    return _from_pil(pil)
+
+
+def conform(
+    record: Record, shape: tuple[int, int, int], size_rule: SizeRule, channel_rule: ChannelRule
+) -> Record | Rejected:
+    """The record at `shape` (H, W, C), or a Rejected naming the mismatch and the setting that would fix it."""
+    image = record.image
+    h, w, c = shape
+    if image.shape[2] != c:
+        if channel_rule == "reject":
+            return Rejected(
+                record.key, "channels",
+                f"has {image.shape[2]} channel(s), the dataset has {c}; set ingest.channel_rule=convert "
+                f"(or ingest.channels) to convert",
+            )
+        image = convert_channels(image, c)
+    if image.shape[:2] != (h, w):
+        if size_rule == "reject":
+            return Rejected(
+                record.key, "size",
+                f"is {image.shape[0]}x{image.shape[1]}, the dataset is {h}x{w}; set ingest.size_rule=resize or "
+                "crop (or ingest.image_size) to fit it",
+            )
+        image = resize(image, (h, w), size_rule)
+    if image is record.image:
+        return record
+    return Record(record.key, np.ascontiguousarray(image), record.label, record.factors)

@@ -1,0 +1,128 @@
+"""`imagefolder`: a tree of PNG / JPEG / WebP files; labels from the first-level subfolders when present.
+
+    root/cat/001.png, root/dog/002.jpg  -> labels 0 (cat), 1 (dog), classes sorted by name
+    root/train/cat/..., root/test/cat/... -> splits train and test, each with the same class folders
+
+Files are listed once, sorted, so the order (and each shard group's range) is deterministic. A file that
+cannot be read or decoded is yielded as `Rejected` with the reason; the ingest's policy decides its fate.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.conform import BadImage, decode_image
+from pipeline.errors import SourceError
+from pipeline.records import Record, Rejected
+from pipeline.sources import Source, SourceConfig
+
+SPLIT_DIRS = ("train", "val", "validation", "test")
+
+
+class ImageFolderConfig(SourceConfig):
+    root: Path = Field(description="Top of the tree.")
+    extensions: tuple[str, ...] = Field((".png", ".jpg", ".jpeg", ".webp"), description="File suffixes read.")
+    labels: Literal["auto", "folders", "none"] = Field(
+        "auto", description="folders: first-level subfolders are classes; auto: folders when every image is in one."
+    )
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Without train/test subfolders: share of files held out as a 'test' split."
+    )
+    seed: int = Field(0, description="Seed of the train/test assignment when test_fraction > 0.")
+
+
+@functools.lru_cache(maxsize=8)
+def _walk(root: str, extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """Every image file under root, relative, sorted; cached per process (shard groups list it once)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(extensions) and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return tuple(sorted(found))
+
+
+class ImageFolderSource(Source):
+    name = "imagefolder"
+    Config = ImageFolderConfig
+
+    def _split_roots(self) -> dict[str, Path]:
+        root = self.config.root
+        if not root.is_dir():
+            raise SourceError(f"imagefolder source: {root} is not a directory (missing or unreadable); set "
+                              "source.options.root")
+        present = {d: root / d for d in SPLIT_DIRS if (root / d).is_dir()}
+        return present or {"": root}
+
+    def _listing(self) -> dict[str, tuple[Path, list[str]]]:
+        """Split -> (its root, its files relative to that root)."""
+        extensions = tuple(e.lower() for e in self.config.extensions)
+        roots = self._split_roots()
+        if "" not in roots:
+            out = {split: (r, list(_walk(str(r), extensions))) for split, r in roots.items()}
+        else:
+            files = list(_walk(str(roots[""]), extensions))
+            if self.config.test_fraction and files:
+                order = np.random.default_rng(self.config.seed).permutation(len(files))
+                n_test = max(1, int(round(len(files) * self.config.test_fraction)))
+                test = set(order[:n_test].tolist())
+                out = {
+                    "train": (roots[""], [f for i, f in enumerate(files) if i not in test]),
+                    "test": (roots[""], [f for i, f in enumerate(files) if i in test]),
+                }
+            else:
+                out = {"train": (roots[""], files)}
+        if not any(files for _, files in out.values()):
+            raise SourceError(
+                f"imagefolder source: no {'/'.join(self.config.extensions)} files under {self.config.root}; "
+                "check source.options.root and source.options.extensions"
+            )
+        return out
+
+    def _classes(self, listing: dict[str, tuple[Path, list[str]]]) -> list[str] | None:
+        if self.config.labels == "none":
+            return None
+        in_folders = [os.sep in f for _, files in listing.values() for f in files]
+        if self.config.labels == "auto" and not any(in_folders):
+            return None
+        if not all(in_folders):
+            loose = sum(1 for x in in_folders if not x)
+            raise SourceError(
+                f"imagefolder source: {loose} image(s) lie directly under the root while others are in class "
+                "subfolders; move them into a class folder, or set source.options.labels=none"
+            )
+        return sorted({f.split(os.sep, 1)[0] for _, files in listing.values() for f in files})
+
+    def splits(self) -> list[str]:
+        return [s for s, (_, files) in self._listing().items() if files]
+
+    def num_records(self, split: str) -> int:
+        self._check_split(split)
+        return len(self._listing()[split][1])
+
+    def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record | Rejected]:
+        self._check_split(split)
+        listing = self._listing()
+        classes = self._classes(listing)
+        label_of = {name: i for i, name in enumerate(classes or [])}
+        root, files = listing[split]
+        for rel in files[start:stop]:
+            try:
+                data = (root / rel).read_bytes()
+                image = decode_image(data)
+            except OSError as err:
+                yield Rejected(rel, "unreadable", f"cannot be read: {err.strerror or err}")
+                continue
+            except BadImage as err:
+                yield Rejected(rel, err.kind, str(err))
+                continue
+            label = label_of[rel.split(os.sep, 1)[0]] if classes else None
+            yield Record(key=rel, image=image, label=label)

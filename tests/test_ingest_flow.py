@@ -1,0 +1,73 @@
+"""The `ingest-dataset` flow fans out one task per shard group: on local threads, and on a Dask cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from flows.ingest import ingest_dataset, task_runner
+from vae.config import IngestSection, SourceSection
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """An isolated Prefect home and Prefect's own test server, for flows run in this process."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.delenv("PREFECT_API_URL", raising=False)
+        with temporary_settings(
+            updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False}, restore_defaults={PREFECT_API_URL}
+        ), prefect_test_harness():
+            yield
+
+
+def _task_runs(flow_name: str) -> list[str]:
+    """Names of the task runs of the latest run of the flow `flow_name`."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
+    return sorted(t.name for t in tasks)
+
+
+def test_flow_runs_one_task_per_shard_group(tmp_path, prefect_api):
+    section = IngestSection(shard_dir=tmp_path / "shapes", samples_per_shard=64, block_size=16, workers=2)
+    source = SourceSection(name="shapes", options={"train_samples": 300, "test_samples": 40, "size": 16})
+    out = Path(ingest_dataset(source, section))
+    index = pipeline.read_index(out)
+    assert [len(index.splits[s].shards) for s in ("train", "test")] == [5, 1]
+    assert _task_runs("write-shard-groups") == sorted([f"ingest-train-{g}" for g in range(5)] + ["ingest-test-0"])
+    images, labels = pipeline.read_split(out, "train")
+    expected = list(pipeline.build_source(source.name, source.options).records("train"))
+    np.testing.assert_array_equal(images, np.stack([r.image for r in expected]))
+
+
+def test_flow_runs_on_a_dask_cluster(tmp_path, prefect_api):
+    distributed = pytest.importorskip("distributed", reason="prefect-dask (a dependency) brings dask.distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster:
+        section = IngestSection(shard_dir=tmp_path / "digits", samples_per_shard=256, block_size=128,
+                                dask_address=cluster.scheduler_address)
+        assert type(task_runner(section)).__name__ == "DaskTaskRunner"
+        out = Path(ingest_dataset(SourceSection(), section))
+        with distributed.Client(cluster) as client:  # the tasks really ran on the cluster's workers
+            ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    index = pipeline.read_index(out)
+    assert len(index.splits["train"].shards) == 6 and index.splits["train"].num_samples == 1438
+    assert any("ingest" in prefix for prefix in ran), ran
+    images, _ = pipeline.read_split(out, "test")
+    assert len(images) == 359

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from pipeline import read_split
 from vae import checkpoint, plots, tracking
 from vae.config import RunConfig
-from vae.evaluate import evaluation_sums, to_metrics, to_unit
+from vae.data import to_input
+from vae.evaluate import evaluate
 from vae.trainer import TrainingError, build, image_shape_chw, model_options
 
 
@@ -31,25 +32,45 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
 
 
 def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
-    """Validation metrics and plots of the trained model, logged to `run_id` and saved in output_dir."""
+    """Validation metrics and plots of the trained model, logged to `run_id` and saved in output_dir.
+
+    Metrics: val/elbo, val/recon, val/kl, val/recon_mse, val/nll_iwae (k = loss.eval_iwae_k), val/bpd,
+    val/active_units. KL per dimension and per group go to evaluation.json (an artifact beside the plots).
+    """
     model, meta = load_trained(cfg)
     images, labels = read_split(cfg.shard_dir, cfg.data.val_split)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
     batches = torch.split(x, 1024)
-    metrics = to_metrics(evaluation_sums(model, batches, torch.device("cpu")))
+    torch.manual_seed(cfg.train.seed)  # the same binarisation draws and importance samples on every call
+
+    def prepare(batch: torch.Tensor) -> torch.Tensor:
+        return to_input(batch, cfg)
+
+    result = evaluate(model, batches, k=cfg.loss.eval_iwae_k, prepare=prepare)
+    metrics = result.metrics
 
     out = Path(cfg.train.output_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        mu = torch.cat([model.encode(to_unit(b))[0] for b in batches]).numpy()
+        inputs = [prepare(b) for b in batches]
+        mu = torch.cat([model.encode(b)[0] for b in inputs]).numpy()
+    first = inputs[0]
+    by_kl = sorted(range(model.latent_size), key=lambda d: -result.kl_per_dim[d])[:8]  # the most used dimensions
     files = [
         plots.latent_scatter(mu, labels, out / "latent_scatter.png"),
-        plots.samples(model, cfg.model.latent_dim, out / "samples.png", seed=cfg.train.seed),
-        plots.reconstructions(model, to_unit(x[:32]), out / "reconstructions.png"),
+        plots.samples(model, model.latent_size, out / "samples.png", seed=cfg.train.seed),
+        plots.temperatures(model, out / "temperatures.png", seed=cfg.train.seed),
+        plots.reconstructions(model, first[:32], out / "reconstructions.png"),
+        plots.traversals(model, first[:1], by_kl, out / "traversals.png"),
+        plots.interpolations(model, first, out / "interpolations.png"),
     ]
-    if cfg.model.latent_dim == 2:
+    if model.latent_size == 2:
         files.append(plots.manifold(model, out / "manifold.png"))
-    (Path(cfg.train.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run_dir = Path(cfg.train.output_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    details = {"kl_per_dim": result.kl_per_dim, "kl_per_group": result.kl_per_group, "active": result.active,
+               "iwae_k": cfg.loss.eval_iwae_k}
+    (run_dir / "evaluation.json").write_text(json.dumps(details, indent=2))
 
     tracking.configure(cfg)
     tracking.log_metrics(metrics, step=meta["global_step"], run_id=run_id)
@@ -58,6 +79,7 @@ def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
     client = mlflow.MlflowClient()
     for f in files:
         client.log_artifact(run_id, str(f), artifact_path="plots")
+    client.log_artifact(run_id, str(run_dir / "evaluation.json"))
     return metrics
 
 

@@ -1,41 +1,116 @@
-"""The ELBO and its parts, as pure functions of a model output and the data. Units: nats per image."""
+"""Objectives as pure functions of a model output and the data: the ELBO and its parts, KL warm-up and free
+bits, and the IWAE-k bound. Units: nats per image. The trainer calls `training_loss` and nothing else."""
 
+from __future__ import annotations
+
+import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from vae.config import LossSection
-from vae.models import VAEOutput
+from vae.likelihoods import bernoulli_log_prob, log_likelihood
+from vae.models import Gaussian, VAEOutput
+from vae.models.heads import Head
+
+LOG_2PI = math.log(2 * math.pi)
 
 
 class ELBOTerms(NamedTuple):
-    loss: torch.Tensor  # scalar: mean over the batch of recon + beta * kl, what is minimised
+    loss: torch.Tensor  # scalar: what is minimised (recon + weighted, possibly free-bits KL; or -IWAE bound)
     elbo: torch.Tensor  # (B,): -(recon + kl), the evidence lower bound on log p(x)
     recon: torch.Tensor  # (B,): -log p(x|z), summed over pixels
-    kl: torch.Tensor  # (B,): KL(q(z|x) || N(0, I))
+    kl: torch.Tensor  # (B,): KL(q(z|x) || p(z)), summed over all latent groups
 
 
 def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log Bernoulli(x; sigmoid(logits)) summed over pixels (binary cross-entropy), per image (B,).
-
-    Computed from logits in float32: the sigmoid-then-BCE form overflows in half precision.
-    """
-    return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").flatten(1).sum(1)
+    """-log Bernoulli(x; sigmoid(logits)) summed over pixels (binary cross-entropy), per image (B,)."""
+    return -bernoulli_log_prob(logits, x)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Analytic KL(N(mu, exp(logvar)) || N(0, I)) per image (B,)."""
     mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
-def elbo_terms(out: VAEOutput, x: torch.Tensor, beta: float = 1.0) -> ELBOTerms:
-    recon = bernoulli_nll(out.logits, x)
-    kl = gaussian_kl(out.mu, out.logvar)
+def kl_elements(q: Gaussian, p: Gaussian) -> torch.Tensor:
+    """Analytic KL(q || p) per latent element, flattened to (B, D): the per-dimension KL."""
+    q_mu, q_lv, p_mu, p_lv = (t.float().flatten(1) for t in (*q, *p))
+    return 0.5 * (p_lv - q_lv + (q_lv.exp() + (q_mu - p_mu).pow(2)) * torch.exp(-p_lv) - 1.0)
+
+
+def group_kls(out: VAEOutput) -> list[torch.Tensor]:
+    """Per group, the KL of each latent element (B, D_g). For lower groups it is analytic given the sampled
+    groups above (NVAE's estimator): its mean over samples is the group's KL term of the ELBO."""
+    return [kl_elements(g.q, g.p) for g in out.groups]
+
+
+def gaussian_log_density(z: torch.Tensor, dist: Gaussian) -> torch.Tensor:
+    """log N(z; dist) summed per row (B,)."""
+    z, mu, logvar = z.float(), dist.mu.float(), dist.logvar.float()
+    return (-0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)).flatten(1).sum(1)
+
+
+def log_weights(out: VAEOutput, x: torch.Tensor, head: Head) -> torch.Tensor:
+    """log p(x|z) + log p(z) - log q(z|x) for each row's sample (rows of `out`, x repeated to match): (k*B,)."""
+    log_w = log_likelihood(head, out.params, x)
+    for g in out.groups:
+        log_w = log_w + gaussian_log_density(g.z, g.p) - gaussian_log_density(g.z, g.q)
+    return log_w
+
+
+def iwae_bound(log_w: torch.Tensor, k: int) -> torch.Tensor:
+    """log (1/k) sum_s w_s per image from sample-major log-weights (k*B,) -> (B,). k = 1 is the ELBO."""
+    return torch.logsumexp(log_w.view(k, -1), dim=0) - math.log(k)
+
+
+def elbo_terms(out: VAEOutput, x: torch.Tensor, head: Head, beta: float = 1.0) -> ELBOTerms:
+    recon = -log_likelihood(head, out.params, x)
+    kl = sum(k.sum(1) for k in group_kls(out))
     return ELBOTerms(loss=(recon + beta * kl).mean(), elbo=-(recon + kl), recon=recon, kl=kl)
 
 
+def kl_weight(cfg: LossSection, step: int) -> float:
+    """beta, ramped linearly from 0 over the first `warmup_steps` optimiser steps: a pure function of the step."""
+    if cfg.warmup_steps == 0:
+        return cfg.beta
+    return cfg.beta * min(1.0, step / cfg.warmup_steps)
+
+
+def free_bits_kl(kls: list[torch.Tensor], nats: float, per: str) -> torch.Tensor:
+    """Batch-mean KL with each dimension's (per="dim") or group's (per="group") mean held at >= `nats`
+    (Kingma et al. 2016): below the floor the KL gets no gradient, so the encoder keeps those units in use."""
+    if per == "dim":
+        return torch.cat(kls, 1).mean(0).clamp(min=nats).sum()
+    return torch.stack([k.sum(1).mean() for k in kls]).clamp(min=nats).sum()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while not hasattr(model, "head"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def training_loss(model: torch.nn.Module, x: torch.Tensor, cfg: LossSection, step: int) -> ELBOTerms:
-    """The objective the trainer minimises at optimiser step `step`. `model` may be DDP-wrapped: call it once."""
-    return elbo_terms(model(x), x, cfg.beta)
+    """The objective the trainer minimises at optimiser step `step`. `model` may be DDP-wrapped: called once.
+
+    objective "elbo": recon + w(step) * KL, with free bits when `cfg.free_bits` > 0. objective "iwae": minus the
+    IWAE-k bound, the k samples per image drawn in the same forward (`samples=k`: the batch is k * B rows).
+    """
+    head = unwrap(model).head
+    if cfg.objective == "iwae":
+        k = cfg.iwae_k
+        out = model(x, samples=k)
+        xs = x.repeat(k, *([1] * (x.dim() - 1)))
+        log_w = log_weights(out, xs, head)
+        recon = -log_likelihood(head, out.params, xs).view(k, -1).mean(0)
+        kl = sum(g.sum(1) for g in group_kls(out)).view(k, -1).mean(0)
+        return ELBOTerms(loss=-iwae_bound(log_w, k).mean(), elbo=-(recon + kl), recon=recon, kl=kl)
+    out = model(x)
+    kls = group_kls(out)
+    recon = -log_likelihood(head, out.params, x)
+    kl = sum(k.sum(1) for k in kls)
+    penalty = free_bits_kl(kls, cfg.free_bits, cfg.free_bits_per) if cfg.free_bits > 0 else kl.mean()
+    return ELBOTerms(loss=recon.mean() + kl_weight(cfg, step) * penalty, elbo=-(recon + kl), recon=recon, kl=kl)

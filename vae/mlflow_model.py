@@ -7,8 +7,9 @@ carries two artifacts, `config` (JSON: arch, image_shape [C, H, W], latent_dim, 
 `predict(images, params={"mode": ...})`, all outputs float32 numpy, all deterministic (no sampling noise):
 
 - `reconstruct` (default): images (N, C, H, W) in [0, 1] -> decoded posterior means (N, C, H, W) in [0, 1],
-  i.e. sigmoid(decode_logits(mu));
-- `encode`: images (N, C, H, W) -> mu (N, D), the mean of q(z|x);
+  i.e. decode(mu), the mean of p(x|z) under the model's likelihood head;
+- `encode`: images (N, C, H, W) -> mu (N, D), the mean of q(z|x) in the prior's whitened coordinates (for a
+  hierarchical model all groups, flattened; D is the model's `latent_size`);
 - `decode`: latents (N, D) -> images (N, C, H, W) in [0, 1];
 - `sample`: the same computation as `decode`; the caller draws z ~ N(0, I) of shape (N, D), which keeps the
   model deterministic and the seed in the caller's hands.
@@ -64,7 +65,7 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         model = build_model(spec["arch"], tuple(spec["image_shape"]), spec["latent_dim"], **spec.get("options", {}))
         model.load_state_dict(load_file(context.artifacts["weights"], device="cpu"))
         self.model = model.eval()
-        self.shapes = {"images": tuple(spec["image_shape"]), "latents": (spec["latent_dim"],)}
+        self.shapes = {"images": tuple(spec["image_shape"]), "latents": (model.latent_size,)}
 
     # The ndarray hint tells MLflow to validate against the logged signature rather than the hint.
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""The pictures people look at: latent scatter, 2-D manifold, samples, reconstructions (PNG files)."""
+"""The pictures people look at (PNG files): latent scatter, 2-D manifold, samples at several temperatures,
+reconstructions, latent traversals, interpolations between test images.
+
+Latents are in the coordinates of `model.encode` / `model.decode` (vae/models/__init__.py): whitened, so
+N(0, I) is the prior for every architecture and `t * N(0, I)` a sample at temperature t."""
 
 from __future__ import annotations
 
@@ -48,8 +52,41 @@ def manifold(model: torch.nn.Module, path: Path, n: int = 15, device: str | torc
 @torch.no_grad()
 def samples(model: torch.nn.Module, latent_dim: int, path: Path, n: int = 64, seed: int = 0,
             device: str | torch.device = "cpu") -> Path:
+    """n samples of the prior, decoded to pixel means; `latent_dim` is the model's `latent_size`."""
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     return _save_grid(model.decode(z).float().cpu(), path, nrow=int(n**0.5))
+
+
+@torch.no_grad()
+def temperatures(model: torch.nn.Module, path: Path, temps: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0),
+                 n: int = 10, seed: int = 0) -> Path:
+    """One row per temperature t: decode(t * u) with the same u ~ N(0, I) in every row."""
+    u = torch.randn(n, model.latent_size, generator=torch.Generator().manual_seed(seed))
+    return _save_grid(torch.cat([model.decode(t * u).float() for t in temps]), path, nrow=n)
+
+
+@torch.no_grad()
+def traversals(model: torch.nn.Module, x: torch.Tensor, dims: list[int], path: Path, span: float = 3.0,
+               steps: int = 9) -> Path:
+    """One row per latent dimension in `dims`: the posterior mean of image x (1, C, H, W) with that dimension
+    swept from -span to +span (prior standard deviations), everything else held."""
+    mu, _ = model.encode(x[:1])
+    values = torch.linspace(-span, span, steps)
+    rows = []
+    for d in dims:
+        z = mu.repeat(steps, 1)
+        z[:, d] = values
+        rows.append(model.decode(z).float())
+    return _save_grid(torch.cat(rows), path, nrow=steps)
+
+
+@torch.no_grad()
+def interpolations(model: torch.nn.Module, x: torch.Tensor, path: Path, pairs: int = 4, steps: int = 10) -> Path:
+    """Rows of linear interpolations between the posterior means of test images 2i and 2i + 1."""
+    mu, _ = model.encode(x[: 2 * pairs])
+    t = torch.linspace(0, 1, steps).unsqueeze(1)
+    rows = [model.decode((1 - t) * mu[i] + t * mu[i + 1]).float() for i in range(0, len(mu) - 1, 2)]
+    return _save_grid(torch.cat(rows), path, nrow=steps)
 
 
 @torch.no_grad()

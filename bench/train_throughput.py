@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline
-from pipeline import shards
 from vae.losses import elbo_terms
 from vae.models import build_model
 
@@ -37,15 +37,17 @@ MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def make_shards(out: Path, n_train: int) -> torch.Tensor:
-    """The first `n_train` MNIST training images as shards (and the test split); returns them as uint8 NCHW."""
+    """The first `n_train` MNIST training images (and 1,024 test images) as shards, through the `arrays` source;
+    returns the training images as uint8 (N, 1, 28, 28) for the in-memory loops."""
     source = pipeline.build_source("idx", {"root": str(MNIST)})
-    out.mkdir(parents=True)
-    results = {}
+    files, labels = {}, {}
     for split, n in (("train", n_train), ("test", 1024)):
-        records = itertools.islice(source.records(split), n)
-        results[split] = shards.write_split(records, out, split, samples_per_shard=4096, block_size=1024)
-    pipeline.finalize_ingest("idx", {"root": str(MNIST)}, out, 1024, results)
-    images, _ = pipeline.read_split(out, "train")
+        records = list(itertools.islice(source.records(split), n))
+        files[split], labels[split] = out / f"{split}-images.npy", out / f"{split}-labels.npy"
+        np.save(files[split], np.stack([r.image for r in records]))
+        np.save(labels[split], np.array([r.label for r in records]))
+    pipeline.ingest("arrays", {"files": files, "labels": labels}, out / "shards", 4096, 1024, progress=False)
+    images, _ = pipeline.read_split(out / "shards", "train")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
@@ -139,7 +141,7 @@ def main() -> None:
         sys.exit(f"needs real MNIST at {MNIST}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        images = make_shards(tmp / "shards", args.images)
+        images = make_shards(tmp, args.images)
         flops, peak = flops_per_image(args.device), measured_peak(args.device)
         rows = []
         for batch in args.batch:

@@ -16,10 +16,11 @@ def test_preset_and_overrides():
     ("overrides", "message"),
     [
         (["--train.mixed_precision", "fp8"], r"train.mixed_precision: Input should be 'auto', 'no', 'bf16' or 'fp16'"),
-        (["--model.arch", "transformer"], r"model.arch: Input should be 'conv' or 'mlp'"),
+        (["--model.arch", "transformer"], r"model.arch: Input should be 'conv', 'hvae', 'mlp' or 'resnet'"),
         (["--train.batch_size", "0"], r"train.batch_size: Input should be greater than 0"),
         (["--train.epoch", "3"], r"unknown config field --train.epoch: valid here are epochs, batch_size"),
-        (["--source.name", "nope"], r"unknown source 'nope'; valid sources: (\w+, )*digits, (\w+, )*idx, (\w+, )*torchvision"),
+        (["--source.name", "nope"], r"unknown source 'nope'; valid sources: arrays, cifar, digits, hf, idx, "
+                                    r"imagefolder, shapes, torchvision"),
         (["--source.options.bogus", "1"], r"source.options.bogus: Extra inputs are not permitted"),
         (["--epochs", "3"], r"config fields are written section.field"),
     ],

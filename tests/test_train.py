@@ -138,12 +138,15 @@ def test_finalize_evaluates_plots_and_registers(tmp_path, digits_shards, mlflow_
     result = launch(tmp_path, digits_shards, "--train.epochs", "2", "--tracking.model_name", name, finalize=True)
     assert f"registered models:/{name}/1 (champion: True)" in result.stdout
     plots = {p.name for p in (tmp_path / "run" / "plots").iterdir()}
-    assert plots == {"latent_scatter.png", "manifold.png", "samples.png", "reconstructions.png"}
+    assert plots == {"latent_scatter.png", "manifold.png", "samples.png", "reconstructions.png", "temperatures.png",
+                     "traversals.png", "interpolations.png"}
     client = mlflow.MlflowClient(mlflow_uri)
     run_id = meta(tmp_path, 2)["mlflow_run_id"]
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {f"plots/{p}" for p in plots}
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(metrics) == {"val/elbo", "val/recon", "val/kl", "val/recon_mse"}
+    assert set(metrics) == {"val/elbo", "val/recon", "val/kl", "val/recon_mse", "val/nll_iwae", "val/bpd",
+                            "val/active_units"}
+    assert metrics["val/nll_iwae"] <= -metrics["val/elbo"] + 0.5  # the IWAE bound is tighter than the ELBO
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
 

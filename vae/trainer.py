@@ -48,8 +48,17 @@ def image_shape_chw(cfg: RunConfig) -> tuple[int, int, int]:
 
 
 def model_options(cfg: RunConfig) -> dict:
-    """Architecture-specific constructor arguments taken from the model section."""
-    return {"hidden_dim": cfg.model.hidden_dim} if cfg.model.arch == "mlp" else {}
+    """Constructor arguments for cfg.model.arch: the model-section fields its constructor names, plus the
+    output head chosen by the loss section (likelihood, mixtures, gaussian_std)."""
+    import inspect
+
+    from vae.models import MODELS
+
+    fields = {**cfg.model.model_dump(exclude={"arch", "latent_dim"}),
+              **cfg.loss.model_dump(include={"likelihood", "mixtures", "gaussian_std"})}
+    accepted = inspect.signature(MODELS[cfg.model.arch]).parameters
+    head = ("likelihood", "mixtures", "gaussian_std")  # taken by every model through **head
+    return {k: v for k, v in fields.items() if k in accepted or k in head}
 
 
 def build(cfg: RunConfig) -> torch.nn.Module:
@@ -133,7 +142,7 @@ def train(cfg: RunConfig) -> None:
     if cfg.train.compile:
         model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
     optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    train_loader, val_loader = build_loaders(cfg, rank, world)
+    train_loader, val_loader = build_loaders(cfg, rank, world, device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
     if cfg.train.ema_decay is not None:
@@ -251,7 +260,8 @@ def train(cfg: RunConfig) -> None:
 
         # ---- validate (the EMA weights when kept): each rank its exact slice, one all-reduce of the sums
         evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
-        sums = evaluation_sums(evaluated, (b.images for b in val_loader), device)
+        # validation sees the inputs training sees (binarised or dequantised per data.*)
+        sums = evaluation_sums(evaluated, (b.images for b in val_loader), device, prepare=lambda im: to_input(im, cfg))
         val = to_metrics(accelerator.reduce(sums, "sum"))
         if main:
             tracking.log_metrics(val, step=progress.global_step)

@@ -35,6 +35,11 @@ VARIANTS = {
     "b8192-sqrt-warmup": ["--train.batch_size", "8192", "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "10"],
     "b8192-linear-warmup": ["--train.batch_size", "8192", "--optim.lr_scaling", "linear", "--optim.warmup_steps",
                             "10", "--optim.grad_clip", "10"],
+    "b8192-sqrt-cosine": ["--train.batch_size", "8192", "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "7",
+                          "--optim.schedule", "cosine"],
+    "b8192-lr2e-2-cosine": ["--train.batch_size", "8192", "--optim.lr", "2e-2", "--optim.warmup_steps", "7",
+                            "--optim.schedule", "cosine", "--optim.grad_clip", "100"],
+    "b1024-sqrt": ["--train.batch_size", "1024", "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "20"],
 }
 
 

@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline
-from vae.losses import elbo_terms
+from vae.config import LossSection
+from vae.losses import training_loss
 from vae.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+LOSS = LossSection()  # the default objective (Bernoulli ELBO), exactly what the trainer calls
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
@@ -55,7 +57,7 @@ def flops_per_image(device: str) -> float:
     model = build_model("conv", (1, 28, 28), 2).to(device)
     x = torch.rand(64, 1, 28, 28, device=device)
     with FlopCounterMode(display=False) as counter:
-        elbo_terms(model(x), x).loss.backward()
+        training_loss(model, x, LOSS, 0).loss.backward()
     return counter.get_total_flops() / 64
 
 
@@ -89,7 +91,7 @@ def bare_loop(images: torch.Tensor, batch: int, steps: int, device: str) -> floa
             sync(device)
             start = time.perf_counter()
         x = xb.float().div_(255.0)
-        loss = elbo_terms(model(x), x).loss
+        loss = training_loss(model, x, LOSS, 0).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -107,7 +109,7 @@ def example_loop(images: torch.Tensor, steps: int, device: str) -> float:
     for (x,) in itertools.islice(itertools.cycle(loader), steps):
         x = x.to(device)
         optimizer.zero_grad()
-        loss = elbo_terms(model(x), x).loss
+        loss = training_loss(model, x, LOSS, 0).loss
         loss.backward()
         optimizer.step()
         loss.item()

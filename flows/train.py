@@ -42,6 +42,11 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def absolute_location(location: str | Path) -> str:
+    """A local path made absolute (the child may run elsewhere); a URL (s3://...) as it is."""
+    return str(location) if "://" in str(location) else str(Path(location).resolve())
+
+
 def resolved(config: RunConfig, shard_dir: str, run_name: str) -> RunConfig:
     """A copy with absolute paths and tracking URI, so the child, evaluation and registry agree on them.
 
@@ -50,7 +55,7 @@ def resolved(config: RunConfig, shard_dir: str, run_name: str) -> RunConfig:
     first run of a deployment with default parameters succeed. The MLflow run takes the flow run's name.
     """
     cfg = config.model_copy(deep=True)
-    cfg.ingest.shard_dir = Path(shard_dir)
+    cfg.ingest.shard_dir = shard_dir  # the config keeps a URL a string, a local path a Path
     output_dir = Path(cfg.train.output_dir).resolve()
     if not cfg.train.resume:
         output_dir = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name}"
@@ -63,11 +68,13 @@ def resolved(config: RunConfig, shard_dir: str, run_name: str) -> RunConfig:
 @task(name="find-shards", cache_policy=NO_CACHE)
 def find_shards(config: RunConfig) -> str | None:
     """The shard directory when it is complete for this source (another source's shards raise), else None."""
-    if config.ingest.overwrite or not pipeline.is_complete(config.shard_dir):
+    storage = config.ingest.storage_options
+    if config.ingest.overwrite or not pipeline.is_complete(config.shard_dir, storage):
         return None
-    pipeline.prepare_dir(config.source.name, config.source.options, config.shard_dir, overwrite=False)
-    get_run_logger().info("reusing the complete shard directory %s", config.shard_dir.resolve())
-    return str(config.shard_dir.resolve())
+    pipeline.prepare_dir(config.source.name, config.source.options, config.shard_dir, False, storage)
+    location = absolute_location(config.shard_dir)
+    get_run_logger().info("reusing the complete shard directory %s", location)
+    return location
 
 
 @task(name="create-mlflow-run", cache_policy=NO_CACHE)

@@ -194,20 +194,16 @@ class ShardLoader:
             self._verified.add(name)
         return read_chunks(self.location, name, self.index)
 
-    def _chunks(self, segments: list[tuple[int, int, int]] | None = None) -> Iterator[Chunk]:
-        """The rank's samples as array chunks, block by block (views into the shard bytes, not copies)."""
-        for shard, first, last in self._segments() if segments is None else segments:
+    def _overlaps(self, segments, blocks_of) -> Iterator[tuple[object, slice]]:
+        """Walk each segment's shard block by block (`blocks_of(shard)` yields (block, samples in it)) and yield
+        (block, slice) for the part of each block inside the segment. A shard shorter than index.json says is
+        an error, never a silently short epoch."""
+        for shard, first, last in segments:
             offset = 0
-            for chunk in self._read(shard):
-                n = len(chunk.images)
+            for block, n in blocks_of(shard):
                 a, b = max(first, offset), min(last, offset + n)
                 if a < b:
-                    sl = slice(a - offset, b - offset)
-                    yield Chunk(
-                        chunk.images[sl],
-                        chunk.labels[sl] if self.has_labels else None,
-                        chunk.factors[sl] if self.has_factors else None,
-                    )
+                    yield block, slice(a - offset, b - offset)
                 offset += n
                 if offset >= last:
                     break
@@ -217,28 +213,30 @@ class ShardLoader:
                     f"{last}; the shard is truncated or was replaced: re-run the ingest"
                 )
 
+    def _chunks(self, segments: list[tuple[int, int, int]] | None = None) -> Iterator[Chunk]:
+        """The rank's samples as array chunks, block by block (views into the shard bytes, not copies)."""
+        segments = self._segments() if segments is None else segments
+        chunks_of = lambda shard: ((chunk, len(chunk.images)) for chunk in self._read(shard))  # noqa: E731
+        for chunk, sl in self._overlaps(segments, chunks_of):
+            yield Chunk(
+                chunk.images[sl],
+                chunk.labels[sl] if self.has_labels else None,
+                chunk.factors[sl] if self.has_factors else None,
+            )
+
     def _packed_pieces(self) -> Iterator[tuple[object, int, int, np.ndarray | None, np.ndarray | None]]:
         """(open shard file, byte offset, samples, labels, factors) for each piece of a block this rank reads."""
         sample_bytes = int(np.prod(self.index.image_shape))
-        for shard, first, last in self._segments():
+
+        def blocks_of(shard: int):
             if self.verify:
                 self._read(shard)  # checks the sha256 once
-            offset = 0
-            for block, f in packed_blocks(self.location, self.names[shard]):
-                a, b = max(first, offset), min(last, offset + block.num)
-                if a < b:
-                    sl = slice(a - offset, b - offset)
-                    yield (f, block.offset + (a - offset) * sample_bytes, b - a,
-                           block.labels[sl] if self.has_labels else None,
-                           block.factors[sl] if self.has_factors else None)
-                offset += block.num
-                if offset >= last:
-                    break
-            if offset < last:
-                raise ShardFormatError(
-                    f"{self.location.display(self.names[shard])} holds {offset} samples but index.json says at least "
-                    f"{last}; the shard is truncated or was replaced: re-run the ingest"
-                )
+            return (((block, f), block.num) for block, f in packed_blocks(self.location, self.names[shard]))
+
+        for (block, f), sl in self._overlaps(self._segments(), blocks_of):
+            yield (f, block.offset + sl.start * sample_bytes, sl.stop - sl.start,
+                   block.labels[sl] if self.has_labels else None,
+                   block.factors[sl] if self.has_factors else None)
 
     def _packed_batches(self):
         """Packed shards: block pieces are read straight into one window buffer (`readinto`: the only copy before

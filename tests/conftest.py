@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -16,6 +17,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
+
+
+def shared_dataset(name: str) -> Path:
+    """../shared/data/<name>, or skip the test saying so: the project itself never requires these files."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (../shared/data is absent on this machine)")
+    return path
 
 
 def free_port() -> int:
@@ -48,6 +57,22 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def isolated_prefect(home: Path):
+    """Prefect settings pointing at `home` for this process (settings are read at import, so the environment
+    alone is not enough) and for its children, with no API URL inherited from the shell and no telemetry."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.delenv("PREFECT_API_URL", raising=False)
+        with temporary_settings(
+            updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False}, restore_defaults={PREFECT_API_URL}
+        ):
+            yield home
 
 
 @pytest.fixture(scope="session")

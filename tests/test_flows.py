@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, free_port, run, stop, wait_http
+from conftest import BIN, free_port, isolated_prefect, run, stop, wait_http
 
 import pipeline
 from flows.ingest import ingest_dataset
@@ -26,17 +26,8 @@ from vae.config import IngestSection, SourceSection
 @pytest.fixture(scope="module", autouse=True)
 def prefect_home(tmp_path_factory):
     """An isolated Prefect home for this process and its children, and no API URL inherited from the shell."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.delenv("PREFECT_API_URL", raising=False)
-        with temporary_settings(
-            updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False}, restore_defaults={PREFECT_API_URL}
-        ):
-            yield home
+    with isolated_prefect(tmp_path_factory.mktemp("prefect-home")) as home:
+        yield home
 
 
 @pytest.fixture(scope="module")

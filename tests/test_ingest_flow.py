@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import isolated_prefect
 
 import pipeline
 from flows.ingest import ingest_dataset, task_runner
@@ -15,18 +16,10 @@ from vae.config import IngestSection, SourceSection
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """An isolated Prefect home and Prefect's own test server, for flows run in this process."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.delenv("PREFECT_API_URL", raising=False)
-        with temporary_settings(
-            updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False}, restore_defaults={PREFECT_API_URL}
-        ), prefect_test_harness():
-            yield
+    with isolated_prefect(tmp_path_factory.mktemp("prefect-home")), prefect_test_harness():
+        yield
 
 
 def _task_runs(flow_name: str) -> list[str]:

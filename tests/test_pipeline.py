@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import SHARED_DATA, write_numbered_shards
+from conftest import shared_dataset, write_numbered_shards
 
 import pipeline
 from pipeline import ShardFormatError, ShardLoader, SourceError
@@ -216,9 +216,7 @@ def test_torchvision_missing_files_say_how_to_fix(tmp_path):
 
 @pytest.mark.slow
 def test_real_mnist_ingest(tmp_path):
-    mnist = SHARED_DATA / "mnist"
-    if not mnist.is_dir():
-        pytest.skip(f"real MNIST not found at {mnist} (../shared/data is absent on this machine)")
+    mnist = shared_dataset("mnist")
     index = pipeline.ingest("idx", {"root": str(mnist)}, tmp_path, progress=False)
     assert index.image_shape == (28, 28, 1)
     assert index.splits["train"].num_samples == 60000 and index.splits["test"].num_samples == 10000

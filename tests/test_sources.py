@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import SHARED_DATA
+from conftest import shared_dataset
 from PIL import Image
 
 import pipeline
@@ -170,9 +170,7 @@ def test_cifar_truncated_and_missing_files(tmp_path):
 
 @pytest.mark.slow
 def test_real_cifar10_subset(tmp_path):
-    root = SHARED_DATA / "cifar10-subset"
-    if not root.is_dir():
-        pytest.skip(f"the CIFAR-10 subset is not at {root} (../shared/data is absent on this machine)")
+    root = shared_dataset("cifar10-subset")
     index = pipeline.ingest("cifar", {"root": str(root)}, tmp_path, progress=False)
     assert index.image_shape == (32, 32, 3) and index.layout == "packed"
     assert index.splits["train"].num_samples == 10000 and index.splits["test"].num_samples == 1000

@@ -10,7 +10,7 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, run
+from conftest import REPO, run, shared_dataset
 
 import pipeline
 from vae.launch import accelerate_command
@@ -113,9 +113,7 @@ def test_bf16_mixed_precision(tmp_path, digits_shards, mlflow_uri):
 
 @pytest.mark.slow
 def test_real_mnist_one_epoch(tmp_path, mlflow_uri):
-    mnist = SHARED_DATA / "mnist"
-    if not mnist.is_dir():
-        pytest.skip(f"real MNIST not found at {mnist} (../shared/data is absent on this machine)")
+    mnist = shared_dataset("mnist")
     shards = tmp_path / "shards"
     pipeline.ingest("idx", {"root": str(mnist)}, shards, progress=False)
     argv, env = accelerate_command(

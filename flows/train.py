@@ -44,7 +44,7 @@ def absolute_uri(uri: str) -> str:
 
 def absolute_location(location: str | Path) -> str:
     """A local path made absolute (the child may run elsewhere); a URL (s3://...) as it is."""
-    return str(location) if "://" in str(location) else str(Path(location).resolve())
+    return str(location) if pipeline.is_url(location) else str(Path(location).resolve())
 
 
 def resolved(config: RunConfig, shard_dir: str, run_name: str) -> RunConfig:

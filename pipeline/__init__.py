@@ -20,6 +20,7 @@ from pipeline.loader import Batch, ShardLoader, read_split
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
+from pipeline.storage import is_url
 
 __all__ = [
     "INDEX_NAME",
@@ -40,6 +41,7 @@ __all__ = [
     "get_source_class",
     "finalize_ingest",
     "ingest",
+    "is_url",
     "is_complete",
     "plan_ingest",
     "prepare_dir",

@@ -104,10 +104,6 @@ def choose_layout(requested: Literal["auto", "packed", "encoded"], shape: tuple[
     return "packed" if int(np.prod(shape)) <= PACKED_MAX_IMAGE_BYTES else "encoded"
 
 
-def shard_name(split: str, number: int) -> str:
-    return f"{split}-{number:06d}.tar"
-
-
 def sha256_of(location: Location, name: str) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     with location.open(name) as f:

@@ -17,7 +17,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 def is_url(location: str | os.PathLike) -> bool:
-    return "://" in str(location) and not str(location).startswith("file://")
+    """A location with a scheme (s3://, gs://, file://...): kept as a string, since Path would fold its '//'."""
+    return "://" in str(location)
 
 
 class Location:

@@ -96,7 +96,9 @@ class IngestSection(_Section):
     def _path_or_url(cls, data: Any) -> Any:
         """shard_dir: a URL stays a string (Path would fold its '//'); anything else is a local Path."""
         value = data.get("shard_dir") if isinstance(data, dict) else None
-        if value is not None and not isinstance(value, Path) and "://" not in str(value):
+        from pipeline import is_url
+
+        if value is not None and not isinstance(value, Path) and not is_url(value):
             data = {**data, "shard_dir": Path(value)}
         return data
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from vae.config import LossSection
-from vae.likelihoods import bernoulli_log_prob, log_likelihood
+from vae.likelihoods import log_likelihood
 from vae.models import Gaussian, VAEOutput
 from vae.models.heads import Head
 
@@ -21,11 +21,6 @@ class ELBOTerms(NamedTuple):
     elbo: torch.Tensor  # (B,): -(recon + kl), the evidence lower bound on log p(x)
     recon: torch.Tensor  # (B,): -log p(x|z), summed over pixels
     kl: torch.Tensor  # (B,): KL(q(z|x) || p(z)), summed over all latent groups
-
-
-def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log Bernoulli(x; sigmoid(logits)) summed over pixels (binary cross-entropy), per image (B,)."""
-    return -bernoulli_log_prob(logits, x)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

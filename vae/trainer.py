@@ -8,7 +8,6 @@ PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true and lose n
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
@@ -30,8 +29,6 @@ from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
 from vae.schedule import lr_at, scaled_lr
-
-log = logging.getLogger("vaepipe.train")
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written

@@ -10,6 +10,10 @@ One architecture per run; prints (and with --out writes) JSON: the figures, imag
     .venv/bin/python bench/quality.py mnist --arch mlp --latent-dim 50 --hidden-layers 2 --epochs 100 --k 5000
     .venv/bin/python bench/quality.py cifar --arch resnet --minutes 10 --k 100
 
+--save PATH keeps the trained weights (safetensors) and the model's arguments beside them (PATH.json), so a
+costly evaluation can be rerun on them with --load PATH (no training; the model arguments are read from
+PATH.json, so only the evaluation flags matter).
+
 Training stops at --epochs or --minutes, whichever comes first. Published anchors (dynamically binarised MNIST,
 k = 5,000): MLP VAE 86.76 nats (Burda et al. 2016, table 1), conv VAE ~81, NVAE 78.01; CIFAR-10 NVAE 2.91
 and VDVAE 2.87 bits/dim.
@@ -27,12 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from vae.config import LossSection
 from vae.evaluate import evaluate
 from vae.losses import training_loss
 from vae.models import build_model
 
+MODEL_ARGS = ("dataset", "arch", "latent_dim", "hidden_dim", "hidden_layers", "width", "depth", "blocks", "groups",
+              "mixtures", "batch_size", "lr", "warmup_steps", "seed")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PUBLISHED = {("mnist", "mlp"): 86.76, ("mnist", "conv"): 81.0, ("mnist", "hvae"): 78.01}
 
@@ -82,7 +89,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--save", type=Path, help="write the trained weights here (and the model arguments to .json)")
+    p.add_argument("--load", type=Path, help="evaluate weights written by --save instead of training")
     args = p.parse_args()
+    saved = None
+    if args.load is not None:
+        meta = args.load.with_suffix(".json")
+        if not args.load.is_file() or not meta.is_file():
+            p.error(f"--load {args.load}: need the weights and {meta}, as written by --save")
+        saved = json.loads(meta.read_text())
+        for name in MODEL_ARGS:  # the saved model's arguments win over the command line's
+            setattr(args, name, saved["args"][name])
+        args.epochs = 0
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -104,7 +122,7 @@ def main() -> None:
     loss_cfg = LossSection(likelihood=likelihood, mixtures=args.mixtures, warmup_steps=args.warmup_steps)
     steps_per_epoch = len(train) // args.batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    total = args.epochs * steps_per_epoch
+    total = max(args.epochs * steps_per_epoch, 1)
     # Cosine decay to lr/10 over the planned steps (a pure function of the step).
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -140,6 +158,17 @@ def main() -> None:
         if stopped_by_budget:
             break
     train_s = time.perf_counter() - tick
+    if saved is not None:
+        model.load_state_dict(load_file(args.load, device=str(device)))
+        seen, step, epochs_done, train_s = saved["images_seen"], saved["steps"], saved["epochs"], saved["train_wall_s"]
+        stopped_by_budget = saved["stopped_by_time_budget"]
+    elif args.save is not None:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, args.save)
+        args.save.with_suffix(".json").write_text(json.dumps({
+            "args": {name: getattr(args, name) for name in MODEL_ARGS}, "images_seen": seen, "steps": step,
+            "epochs": epochs_done, "train_wall_s": round(train_s, 1), "stopped_by_time_budget": stopped_by_budget,
+        }, indent=2))
 
     torch.manual_seed(1234)  # the fixed binarisation of the test images, and the importance samples
     test_x = prepare(test.to(device))
@@ -157,7 +186,8 @@ def main() -> None:
         "stopped_by_time_budget": stopped_by_budget, "train_wall_s": round(train_s, 1),
         "eval_wall_s": round(eval_s, 1), "device": str(device) if device.type == "cuda" else
         f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads; no GPU)",
-        "torch": torch.__version__, "published_nats": PUBLISHED.get((args.dataset, args.arch)),
+        "torch": torch.__version__, "weights": str(args.save or args.load or ""),
+        "published_nats": PUBLISHED.get((args.dataset, args.arch)),
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -161,9 +161,10 @@ def weights(tmp_path, run):
     return load_file(newest / "model.safetensors")
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, digits_shards, mlflow_uri):
+@pytest.mark.parametrize("optimizer", ["adam", "lamb"])
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, digits_shards, mlflow_uri, optimizer):
     args = ["--train.epochs", "1", "--train.batch_size", "16", "--train.ema_decay", "0.9",
-            "--optim.warmup_steps", "10", "--optim.schedule", "cosine"]
+            "--optim.warmup_steps", "10", "--optim.schedule", "cosine", "--optim.name", optimizer]
     whole = run(direct(tmp_path, digits_shards, "whole", *args), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 

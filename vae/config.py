@@ -169,7 +169,9 @@ class LossSection(_Section):
 
 
 class OptimSection(_Section):
-    name: Literal["adam", "adamw"] = Field("adam", description="Optimiser.")
+    name: Literal["adam", "adamw", "lamb"] = Field(
+        "adam", description="Optimiser; lamb adds a layer-wise trust ratio to Adam for large global batches."
+    )
     lr: float = Field(1e-3, gt=0, description="Learning rate at optim.reference_batch (see optim.lr_scaling).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this; none: no clip.")

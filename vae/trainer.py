@@ -28,9 +28,10 @@ from vae.data import build_loaders, to_input
 from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
+from vae.optim import Lamb
 from vae.schedule import lr_at, scaled_lr
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written
 EMA_WEIGHTS = "ema.safetensors"
 

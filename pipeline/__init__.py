@@ -18,7 +18,7 @@ from pipeline.ingest import (
 )
 from pipeline.loader import Batch, ShardLoader, read_split
 from pipeline.records import Record, Rejected
-from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, read_index, verify
+from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
 from pipeline.storage import is_url
 
@@ -40,6 +40,7 @@ __all__ = [
     "build_source",
     "get_source_class",
     "finalize_ingest",
+    "index_sha256",
     "ingest",
     "is_url",
     "is_complete",

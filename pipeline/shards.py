@@ -392,6 +392,14 @@ def write_index(out_dir: str | os.PathLike | Location, index: ShardIndex) -> str
     return location.display(INDEX_NAME)
 
 
+def index_sha256(shard_dir: str | os.PathLike | Location, storage_options: dict | None = None) -> str:
+    """sha256 of the directory's index.json bytes (what `sha256sum index.json` prints). The index holds every
+    shard's own sha256, so this one hash pins the exact data: provenance tags and cache keys use it."""
+    location = shard_dir if isinstance(shard_dir, Location) else Location(shard_dir, storage_options)
+    with location.open(INDEX_NAME) as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def read_index(shard_dir: str | os.PathLike | Location, storage_options: dict | None = None) -> ShardIndex:
     """Read and check a shard directory's index; refuse a missing, incomplete or foreign directory."""
     location = shard_dir if isinstance(shard_dir, Location) else Location(shard_dir, storage_options)

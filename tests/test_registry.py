@@ -1,4 +1,4 @@
-"""MLflow packaging and registry against a real loopback server: log, register, alias, load back."""
+"""MLflow packaging and registry against a real loopback server: log, register, aliases, every mode, load back."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_champion_loads_and_predicts_in_a_fresh_process(logged, mlflow_uri, tmp_
     model, run_id, uri = logged
     assert uri.startswith("models:/m-")  # MLflow 3: a logged model, not runs:/<run>/model
     name = unique_name()
-    version = register(uri, name, val_elbo=-100.0, run_id=run_id)
+    version = register(uri, name, val_nll=100.0, run_id=run_id)
     assert version.champion and version.version == 1 and version.uri == f"models:/{name}/1"
 
     x = images()
@@ -98,51 +98,72 @@ def test_champion_loads_and_predicts_in_a_fresh_process(logged, mlflow_uri, tmp_
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 
-def test_champion_alias_moves_only_to_a_strictly_better_elbo(logged):
+def test_champion_moves_only_to_a_strictly_better_nll_and_challenger_to_every_new_version(logged):
     _, run_id, uri = logged
     name = unique_name()
     client = mlflow.MlflowClient()
 
-    first = register(uri, name, val_elbo=-100.0, run_id=run_id)
-    assert (first.version, first.champion, first.previous_champion_elbo) == (1, True, None)
+    def aliases() -> dict[str, str]:
+        return client.get_registered_model(name).aliases
 
-    worse = register(uri, name, val_elbo=-120.0, run_id=run_id)
-    assert (worse.version, worse.champion, worse.previous_champion_elbo) == (2, False, -100.0)
-    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    first = register(uri, name, val_nll=100.0, run_id=run_id)
+    assert (first.version, first.champion, first.previous_champion_nll) == (1, True, None)
+    assert aliases() == {"champion": "1", "challenger": "1"}
 
-    tie = register(uri, name, val_elbo=-100.0, run_id=run_id)  # equal is not better
-    assert not tie.champion and client.get_model_version_by_alias(name, "champion").version == "1"
+    worse = register(uri, name, val_nll=120.0, run_id=run_id)
+    assert (worse.version, worse.champion, worse.previous_champion_nll) == (2, False, 100.0)
+    assert aliases() == {"champion": "1", "challenger": "2"}
 
-    better = register(uri, name, val_elbo=-90.0, run_id=run_id)
-    assert (better.version, better.champion, better.previous_champion_elbo) == (4, True, -100.0)
+    tie = register(uri, name, val_nll=100.0, run_id=run_id)  # equal is not better
+    assert not tie.champion and aliases() == {"champion": "1", "challenger": "3"}
+
+    better = register(uri, name, val_nll=90.0, run_id=run_id, tags={"val_elbo": "-95.5", "git_commit": "abc"})
+    assert (better.version, better.champion, better.previous_champion_nll) == (4, True, 100.0)
+    assert aliases() == {"champion": "4", "challenger": "4"}
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == "4" and float(champion.tags["val_elbo"]) == -90.0
+    assert champion.tags == {"val_nll": "90.0", "val_elbo": "-95.5", "git_commit": "abc"}
     assert client.get_run(run_id).data.tags["registered_model_version"] == f"{name}/4"
 
 
-def test_a_champion_without_its_elbo_tag_is_a_loud_failure(logged):
+def test_versions_registered_by_hand_do_not_compete(logged):
+    _, run_id, uri = logged
+    name = unique_name()
+    client = mlflow.MlflowClient()
+    register(uri, name, val_nll=100.0, run_id=run_id)
+    mlflow.register_model(uri, name)  # version 2, no val_nll tag: neither champion nor challenger
+    third = register(uri, name, val_nll=110.0, run_id=run_id)
+    assert third.version == 3 and not third.champion
+    assert client.get_registered_model(name).aliases == {"champion": "1", "challenger": "3"}
+
+
+def test_a_champion_without_its_nll_tag_is_a_loud_failure(logged):
     _, run_id, uri = logged
     name = unique_name()
     client = mlflow.MlflowClient()
     untagged = mlflow.register_model(uri, name)  # registered by hand, outside `register`
     # The model exists but nobody holds the alias: the first `register` call takes it.
-    assert register(uri, name, val_elbo=-100.0, run_id=run_id).champion
+    assert register(uri, name, val_nll=100.0, run_id=run_id).champion
     client.set_registered_model_alias(name, "champion", untagged.version)
-    with pytest.raises(ValueError, match="has no 'val_elbo' tag"):
-        register(uri, name, val_elbo=-90.0, run_id=run_id)
+    with pytest.raises(ValueError, match=r"version 1 holds the alias 'champion' but has no 'val_nll' tag.*"
+                                         r"set_model_version_tag"):
+        register(uri, name, val_nll=90.0, run_id=run_id)
     assert len(client.search_model_versions(f"name='{name}'")) == 2  # refused before registering
 
 
-def test_register_refuses_a_non_finite_elbo(logged):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_register_refuses_a_non_finite_nll(logged, bad):
     _, run_id, uri = logged
-    with pytest.raises(ValueError, match="finite"):
-        register(uri, unique_name(), val_elbo=float("nan"), run_id=run_id)
+    name = unique_name()
+    with pytest.raises(ValueError, match="val_nll must be a finite number"):
+        register(uri, name, val_nll=bad, run_id=run_id)
+    with pytest.raises(MlflowException, match="not found"):  # nothing was registered
+        mlflow.MlflowClient().get_registered_model(name)
 
 
 def test_load_torch_model_reproduces_the_module(logged):
     model, run_id, uri = logged
     name = unique_name()
-    register(uri, name, val_elbo=-100.0, run_id=run_id)
+    register(uri, name, val_nll=100.0, run_id=run_id)
     loaded = load_torch_model(f"models:/{name}@champion")
     assert type(loaded) is type(model) and not loaded.training
     x = torch.from_numpy(images())
@@ -162,40 +183,62 @@ def test_log_model_inside_the_active_run_and_refuses_another(mlflow_uri):
     assert torch.equal(load_torch_model(uri).mu.weight, model.mu.weight)
 
 
-def test_wrong_input_shapes_name_the_expected_shape(logged):
+def test_the_signature_declares_the_params_and_leaves_the_input_to_the_mode(logged):
     _, _, uri = logged
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.inputs is None
+    assert {p.name: (p.dtype.name, p.default) for p in signature.params.params} == {
+        "mode": ("string", "reconstruct"), "seed": ("long", 0), "temperature": ("double", 1.0)}
     pyfunc = mlflow.pyfunc.load_model(uri)
-    # MLflow enforces the logged signature before predict runs, naming the expected tensor shape.
-    with pytest.raises(MlflowException, match=re.escape("(-1, 1, 8, 8)")):
-        pyfunc.predict(np.zeros((2, 1, 7, 7), np.float32))
-    # The model's own checks: the same promise without MLflow in front, and for the latent modes.
-    inner = pyfunc.unwrap_python_model()
-    with pytest.raises(ValueError, match=re.escape("shape (N, 1, 8, 8), got (2, 64)")):
-        inner.predict(None, np.zeros((2, 64), np.float32))
-    with pytest.raises(ValueError, match=re.escape("shape (N, 2), got (2, 3)")):
-        inner.predict(None, np.zeros((2, 3), np.float32), params={"mode": "decode"})
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        inner.predict(None, np.full((2, 1, 8, 8), 255, np.float32))
-    with pytest.raises(ValueError, match="unknown mode 'blur'; valid: reconstruct, encode, decode, sample"):
-        pyfunc.predict(images(), params={"mode": "blur"})
+    with pytest.raises(MlflowException, match="seed"):  # MLflow type-checks the params against the signature
+        pyfunc.predict(3, params={"mode": "sample", "seed": "abc"})
 
 
-def test_encode_and_decode_modes(logged):
+ZEROS = np.zeros((2, 1, 8, 8), np.float32)
+
+
+@pytest.mark.parametrize(("data", "params", "message"), [
+    (ZEROS[:, :, :7, :7], {}, "mode 'reconstruct' expects images of shape (N, 1, 8, 8), got (2, 1, 7, 7)"),
+    (ZEROS.reshape(2, 64), {"mode": "encode"}, "mode 'encode' expects images of shape (N, 1, 8, 8), got (2, 64)"),
+    (np.zeros((2, 3), np.float32), {"mode": "decode"}, "mode 'decode' expects latents of shape (N, 2), got (2, 3)"),
+    (ZEROS + 255, {}, "pixel values in [0, 1] (divide uint8 images by 255)"),
+    (ZEROS, {"mode": "sample"}, "a positive integer such as 16 or [16], got an array of shape (2, 1, 8, 8)"),
+    (0, {"mode": "sample"}, "got 0"),
+    (2.5, {"mode": "sample"}, "got 2.5"),
+    (3, {"mode": "sample", "temperature": 0.0}, "param 'temperature' must be positive"),
+    (ZEROS, {"mode": "blur"}, "unknown mode 'blur'; valid: reconstruct, encode, decode, sample"),
+])
+def test_bad_input_names_what_the_mode_expects(logged, data, params, message):
+    _, _, uri = logged
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mlflow.pyfunc.load_model(uri).predict(data, params=params)
+
+
+def test_every_mode_through_predict(logged):
     model, _, uri = logged
     pyfunc = mlflow.pyfunc.load_model(uri)
     x = images(5)
     mu = pyfunc.predict(x, params={"mode": "encode"})
     assert mu.shape == (5, 2) and mu.dtype == np.float32
     with torch.no_grad():
-        np.testing.assert_allclose(mu, model.encode(torch.from_numpy(x))[0].numpy(), atol=1e-6, rtol=0)
-    # Latent modes go around MLflow's image-shaped signature check (see vae/mlflow_model.py).
-    z = np.random.default_rng(2).standard_normal((3, 2)).astype(np.float32)
-    decoded = pyfunc.unwrap_python_model().predict(None, z, params={"mode": "decode"})
-    sampled = pyfunc.unwrap_python_model().predict(None, z, params={"mode": "sample"})
-    assert decoded.shape == (3, 1, 8, 8) and np.array_equal(decoded, sampled)
-    assert decoded.min() >= 0 and decoded.max() <= 1
-    # Reconstruction is deterministic: the posterior mean, no sampling noise.
-    np.testing.assert_array_equal(pyfunc.predict(x), pyfunc.predict(x))
+        np.testing.assert_array_equal(mu, model.encode(torch.from_numpy(x))[0].numpy())
+    reconstruction = pyfunc.predict(x)
+    assert reconstruction.shape == (5, 1, 8, 8) and reconstruction.dtype == np.float32
+    np.testing.assert_array_equal(pyfunc.predict(mu, params={"mode": "decode"}), reconstruction)  # exactly
+
+    samples = pyfunc.predict(4, params={"mode": "sample", "seed": 7, "temperature": 0.5})
+    assert samples.shape == (4, 1, 8, 8) and samples.dtype == np.float32
+    assert samples.min() >= 0 and samples.max() <= 1
+    u = torch.randn(4, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        np.testing.assert_array_equal(samples, model.decode(0.5 * u).numpy())
+    # The count may come as a number or a one-element array (JSON [4]); the default seed is 0, fixed.
+    np.testing.assert_array_equal(pyfunc.predict([4], params={"mode": "sample", "seed": 7, "temperature": 0.5}),
+                                  samples)
+    assert np.array_equal(pyfunc.predict(4, params={"mode": "sample"}),
+                          pyfunc.predict(4, params={"mode": "sample", "seed": 0}))
+    assert not np.array_equal(pyfunc.predict(4, params={"mode": "sample", "seed": 1}),
+                              pyfunc.predict(4, params={"mode": "sample", "seed": 2}))
 
 
 # Small instances of every registered architecture, with a non-Bernoulli head on colour images for two of them.
@@ -230,8 +273,7 @@ def test_every_architecture_reloads_with_identical_outputs(arch, mlflow_uri):
     pyfunc = mlflow.pyfunc.load_model(uri)
     np.testing.assert_array_equal(pyfunc.predict(x), expected["reconstruct"])
     np.testing.assert_array_equal(pyfunc.predict(x, params={"mode": "encode"}), expected["encode"])
-    np.testing.assert_array_equal(pyfunc.unwrap_python_model().predict(None, u, params={"mode": "decode"}),
-                                  expected["decode"])
+    np.testing.assert_array_equal(pyfunc.predict(u, params={"mode": "decode"}), expected["decode"])
     loaded = load_torch_model(uri)
     assert type(loaded) is type(model) and loaded.head == model.head
     state, original = loaded.state_dict(), model.state_dict()

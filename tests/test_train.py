@@ -145,7 +145,11 @@ def test_finalize_evaluates_plots_and_registers(tmp_path, digits_shards, mlflow_
     assert set(metrics) == {"val/elbo", "val/recon", "val/kl", "val/recon_mse", "val/nll_iwae", "val/bpd",
                             "val/active_units"}
     assert metrics["val/nll_iwae"] <= -metrics["val/elbo"] + 0.5  # the IWAE bound is tighter than the ELBO
-    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1" and client.get_model_version_by_alias(name, "challenger").version == "1"
+    assert float(champion.tags["val_nll"]) == metrics["val/nll_iwae"]  # the registry ranks versions on it
+    assert champion.tags["shard_index_sha256"] == pipeline.index_sha256(digits_shards)
+    assert champion.tags["config_sha256"] and champion.tags["git_commit"]
 
 
 def direct(tmp_path, shard_dir, run, *overrides):

@@ -5,19 +5,24 @@ Called by vae/train.py on rank 0 (tracking.finalize=true), or by the Prefect flo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
+import pipeline
 from pipeline import read_split
 from vae import checkpoint, plots, tracking
 from vae.config import RunConfig
 from vae.data import to_input
 from vae.evaluate import evaluate
 from vae.trainer import TrainingError, build, image_shape_chw, model_options
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when vaepipe runs from one
 
 
 def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
@@ -83,8 +88,41 @@ def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
     return metrics
 
 
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """The commit checked out at `root`, or 'unknown' where that is no git checkout (an installed wheel, a
+    copied tree, no git): provenance is worth a tag, never a failed registration."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    # Inside some other checkout (a virtualenv in a project's tree), git answers with that project's commit.
+    if len(out) != 2 or Path(out[0]).resolve() != Path(root).resolve():
+        return "unknown"
+    return out[1]
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    """sha256 of the resolved config as sorted, compact JSON: equal configs hash equal across runs."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def version_tags(cfg: RunConfig, metrics: dict[str, float]) -> dict[str, str]:
+    """The registered version's provenance and headline metrics (floats as repr: they round-trip exactly);
+    the validation NLL is the registry's own tag (`vae.registry.NLL_TAG`)."""
+    return {
+        "val_elbo": repr(float(metrics["val/elbo"])),
+        "val_bpd": repr(float(metrics["val/bpd"])),
+        "shard_index_sha256": pipeline.index_sha256(cfg.shard_dir, cfg.ingest.storage_options),
+        "git_commit": git_commit(),
+        "config_sha256": config_sha256(cfg),
+    }
+
+
 def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float]):
-    """Log the trained model to `run_id` as a pyfunc and register it; the champion alias moves only if better."""
+    """Log the trained model to `run_id` as a pyfunc and register it with its tags (`version_tags`); the alias
+    `challenger` goes to the new version, `champion` only if its validation NLL is the best."""
     from vae import registry
 
     model, _ = load_trained(cfg)
@@ -93,7 +131,7 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float]):
     images, _ = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options)
     example = (images[:4].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
     uri = registry.log_model(model, spec, run_id, input_example=example)
-    return registry.register(uri, cfg.model_name, metrics["val/elbo"], run_id)
+    return registry.register(uri, cfg.model_name, metrics["val/nll_iwae"], run_id, tags=version_tags(cfg, metrics))
 
 
 def finalize(cfg: RunConfig, run_id: str):

@@ -4,57 +4,52 @@ MLflow runs this file when it logs and again when it loads the model, so nothing
 carries two artifacts, `config` (JSON: arch, image_shape [C, H, W], latent_dim, options) and `weights`
 (safetensors), and a copy of `vae.models`, so it loads where vaepipe is not installed.
 
-`predict(images, params={"mode": ...})`, all outputs float32 numpy, all deterministic (no sampling noise):
+`predict(data, params={"mode": ..., "seed": ..., "temperature": ...})`, every output float32 numpy. D is the
+model's `latent_size` (for a hierarchical model all groups, flattened); latents are in the prior's whitened
+coordinates, so z ~ N(0, I) is a draw from the prior.
 
-- `reconstruct` (default): images (N, C, H, W) in [0, 1] -> decoded posterior means (N, C, H, W) in [0, 1],
-  i.e. decode(mu), the mean of p(x|z) under the model's likelihood head;
-- `encode`: images (N, C, H, W) -> mu (N, D), the mean of q(z|x) in the prior's whitened coordinates (for a
-  hierarchical model all groups, flattened; D is the model's `latent_size`);
-- `decode`: latents (N, D) -> images (N, C, H, W) in [0, 1];
-- `sample`: the same computation as `decode`; the caller draws z ~ N(0, I) of shape (N, D), which keeps the
-  model deterministic and the seed in the caller's hands.
+- `reconstruct` (default): images (N, C, H, W) in [0, 1] -> decode(encode(x)), the mean of p(x|z) at the
+  posterior mean, (N, C, H, W) in [0, 1]; deterministic, no sampling noise;
+- `encode`: images (N, C, H, W) in [0, 1] -> the posterior means mu (N, D);
+- `decode`: latents (N, D) -> images (N, C, H, W) in [0, 1]; decode(encode(x)) is exactly reconstruct(x);
+- `sample`: a count N (a number, or a one-element array) -> N prior samples decoded, (N, C, H, W), from
+  z = temperature * u, u ~ N(0, I) drawn with the `seed` param (default 0: the same N images every call;
+  temperature default 1.0; lower it for smoother, more typical images).
 
-MLflow checks the input against the logged signature, images (-1, C, H, W), before `predict` runs, so
-through `mlflow.pyfunc.load_model(...).predict` only the image modes are reachable. The latent modes are
-reached with `loaded.unwrap_python_model().predict(None, z, params={"mode": "decode"})`, or with the torch
-module from `vae.registry.load_torch_model`.
+The same calls work in-process (`mlflow.pyfunc.load_model(uri).predict(data, params=...)`) and over REST
+(`mlflow models serve`, POST /invocations `{"inputs": data, "params": {...}}`). One MLflow input schema cannot
+describe images, latents and a count (a tensor spec fixes the number of dimensions), so the logged signature
+declares only the params, which MLflow type-checks and fills with the defaults; this file checks the input
+against the mode and names the shape it expects.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from safetensors.torch import load_file
-from torch import nn
 
 from vae.models import build_model
 
-
-def _reconstruct(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    mu, _ = model.encode(x)  # the posterior mean, not a sample: the same input gives the same output
-    return model.decode(mu)
+# The inference params with their defaults; vae.registry logs them as the signature's ParamSchema.
+PARAMS: dict[str, Any] = {"mode": "reconstruct", "seed": 0, "temperature": 1.0}
 
 
-def _encode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.encode(x)[0]
+class InputError(MlflowException, ValueError):
+    """Input that does not fit the mode: a ValueError in-process, and over REST a 400 that carries this
+    message (the scoring server turns any other exception into a 500 saying only "unexpected error")."""
 
-
-def _decode(model: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    return model.decode(z)
-
-
-# mode -> (function, what its input is): "images" (N, C, H, W) in [0, 1] or "latents" (N, D)
-MODES: dict[str, tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], str]] = {
-    "reconstruct": (_reconstruct, "images"),
-    "encode": (_encode, "images"),
-    "decode": (_decode, "latents"),
-    "sample": (_decode, "latents"),
-}
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class VAEModel(mlflow.pyfunc.PythonModel):
@@ -65,25 +60,54 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         model = build_model(spec["arch"], tuple(spec["image_shape"]), spec["latent_dim"], **spec.get("options", {}))
         model.load_state_dict(load_file(context.artifacts["weights"], device="cpu"))
         self.model = model.eval()
-        self.shapes = {"images": tuple(spec["image_shape"]), "latents": (model.latent_size,)}
+        self.image_shape = tuple(spec["image_shape"])
+        # mode -> the function computing it from the raw input and the params
+        self.modes: dict[str, Callable[[Any, dict], torch.Tensor]] = {
+            "reconstruct": lambda data, _: self.model.decode(self.model.encode(self._images(data, "reconstruct"))[0]),
+            "encode": lambda data, _: self.model.encode(self._images(data, "encode"))[0],
+            "decode": lambda data, _: self.model.decode(self._latents(data)),
+            "sample": self._sample,
+        }
 
-    # The ndarray hint tells MLflow to validate against the logged signature rather than the hint.
+    # The ndarray hint keeps MLflow from deriving an input schema from the type hint: the mode decides the shape.
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        mode = (params or {}).get("mode", "reconstruct")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-        fn, kind = MODES[mode]
-        x = np.array(model_input, dtype=np.float32)  # a writable copy: torch.from_numpy warns on read-only input
-        expected = self.shapes[kind]
-        if x.ndim != 1 + len(expected) or x.shape[1:] != expected:
-            raise ValueError(
-                f"mode {mode!r} expects {kind} of shape (N, {', '.join(map(str, expected))}), got {x.shape}"
-            )
-        # Images outside [0, 1] are almost always unscaled uint8 pixels; the output would be silently wrong.
-        if kind == "images" and x.size and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"mode {mode!r} expects pixel values in [0, 1], got [{x.min()}, {x.max()}]")
+        params = {**PARAMS, **(params or {})}
+        mode = params["mode"]
+        if mode not in self.modes:
+            raise InputError(f"unknown mode {mode!r}; valid: {', '.join(self.modes)}")
         with torch.inference_mode():
-            return fn(self.model, torch.from_numpy(x)).numpy()
+            return self.modes[mode](model_input, params).numpy()
+
+    def _array(self, data: Any, mode: str, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+        x = np.array(data, dtype=np.float32)  # a writable copy: torch.from_numpy warns on read-only input
+        if x.ndim != 1 + len(shape) or x.shape[1:] != shape:
+            raise InputError(f"mode {mode!r} expects {kind} of shape (N, {', '.join(map(str, shape))}), got {x.shape}")
+        return torch.from_numpy(x)
+
+    def _images(self, data: Any, mode: str) -> torch.Tensor:
+        x = self._array(data, mode, "images", self.image_shape)
+        # Images outside [0, 1] are almost always unscaled uint8 pixels; the output would be silently wrong.
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise InputError(f"mode {mode!r} expects pixel values in [0, 1] (divide uint8 images by 255), "
+                             f"got [{x.min().item()}, {x.max().item()}]")
+        return x
+
+    def _latents(self, data: Any) -> torch.Tensor:
+        return self._array(data, "decode", "latents", (self.model.latent_size,))
+
+    def _sample(self, data: Any, params: dict) -> torch.Tensor:
+        count = np.asarray(data)
+        n = count.item() if count.size == 1 and count.ndim <= 1 else None
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 1 or n != int(n):
+            got = f"an array of shape {count.shape}" if n is None else repr(n)
+            raise InputError(f"mode 'sample' expects the number of samples, a positive integer such as 16 or [16], "
+                             f"got {got}")
+        temperature = float(params["temperature"])
+        if not temperature > 0:
+            raise InputError(f"param 'temperature' must be positive (1.0 samples the prior), got {temperature}")
+        generator = torch.Generator().manual_seed(int(params["seed"]))
+        u = torch.randn(int(n), self.model.latent_size, generator=generator)
+        return self.model.decode(temperature * u)
 
 
 mlflow.models.set_model(VAEModel())

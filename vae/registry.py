@@ -2,7 +2,8 @@
 
 The MLflow model is `vae/mlflow_model.py` logged as code, with the config as JSON and the weights as
 safetensors: nothing is pickled. The alias `champion` names the registered version with the best
-validation ELBO (higher is better; a negative number in nats), read from each version's `val_elbo` tag.
+validation NLL (`val/nll_iwae` in nats, lower is better), read from each version's `val_nll` tag; the newest
+version holds the alias `challenger`. `register` explains how the aliases stay right under concurrent runs.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vae.mlflow_model import PARAMS
 from vae.models import build_model
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "mlflow_model.py"
 CHAMPION = "champion"
-ELBO_TAG = "val_elbo"
+CHALLENGER = "challenger"
+NLL_TAG = "val_nll"
+ALIAS_ROUNDS = 20  # a round is two reads and any writes; two concurrent registrars settle in two or three
 REQUIREMENTS = ("torch", "safetensors", "numpy", "mlflow")
 
 
@@ -39,8 +42,8 @@ class RegisteredVersion:
     name: str
     version: int
     uri: str  # models:/<name>/<version>
-    champion: bool  # whether this version now holds the alias
-    previous_champion_elbo: float | None  # the champion's val_elbo before this registration; None: there was none
+    champion: bool  # whether this version holds the alias `champion` once the aliases have settled
+    previous_champion_nll: float | None  # the champion's val_nll before this registration; None: there was none
 
 
 def model_spec(arch: str, image_shape: tuple[int, int, int], latent_dim: int, **options: Any) -> dict:
@@ -73,7 +76,8 @@ def _requirements() -> list[str]:
 def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarray | None = None) -> str:
     """Log `model` into run `run_id` as the pyfunc model "model"; return its URI (models:/m-...).
 
-    `input_example` is a float32 batch (N, C, H, W) in [0, 1]; by default two uniform-noise images.
+    `input_example` is a float32 batch (N, C, H, W) in [0, 1] for the default mode, reconstruct; by default
+    two uniform-noise images.
     """
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
@@ -85,11 +89,9 @@ def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarr
     packaged.eval()
     if input_example is None:
         input_example = np.random.default_rng(0).random((2, *spec["image_shape"]), dtype=np.float32)
-    input_example = np.array(input_example, dtype=np.float32)  # a writable copy for torch.from_numpy
-    with torch.inference_mode():
-        mu, _ = packaged.encode(torch.from_numpy(input_example))
-        output = packaged.decode(mu).numpy()
-    signature = infer_signature(input_example, output, params={"mode": "reconstruct"})
+    input_example = np.array(input_example, dtype=np.float32)
+    # Params only: the input's shape depends on the mode (see vae/mlflow_model.py), which checks it itself.
+    signature = infer_signature(params=PARAMS)
 
     with tempfile.TemporaryDirectory() as tmp:
         save_file(weights, Path(tmp, "weights.safetensors"))
@@ -109,42 +111,69 @@ def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarr
     return info.model_uri
 
 
-def _champion_elbo(client: mlflow.MlflowClient, name: str) -> float | None:
-    """The champion's val_elbo; None when the model does not exist yet or no version holds the alias."""
+def _contest(client: mlflow.MlflowClient, name: str) -> tuple[dict[str, int], dict[int, float]]:
+    """The model's aliases {alias: version} and its competing versions {version: val_nll}; both empty when the
+    model does not exist yet. Versions without the tag (registered by hand) do not compete."""
     try:
-        aliases = client.get_registered_model(name).aliases  # {alias: version}
+        aliases = {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
+            return {}, {}
         raise
-    # Looked up in the alias list first: a missing alias is INVALID_PARAMETER_VALUE over REST, as is a bad name.
-    if CHAMPION not in aliases:
-        return None
-    champion = client.get_model_version_by_alias(name, CHAMPION)
-    if ELBO_TAG not in champion.tags:
+    # One query for all versions (paged at 10,000, far beyond what a model accumulates).
+    versions = client.search_model_versions(f"name='{name}'")
+    nll = {int(v.version): float(v.tags[NLL_TAG]) for v in versions if NLL_TAG in v.tags}
+    if CHAMPION in aliases and aliases[CHAMPION] not in nll:
         raise ValueError(
-            f"{name} version {champion.version} holds the alias {CHAMPION!r} but has no {ELBO_TAG!r} tag to "
-            f"compare against; tag it or move the alias by hand"
+            f"{name} version {aliases[CHAMPION]} holds the alias {CHAMPION!r} but has no {NLL_TAG!r} tag to "
+            f"compare against; tag it (MlflowClient().set_model_version_tag({name!r}, '{aliases[CHAMPION]}', "
+            f"{NLL_TAG!r}, '<validation NLL in nats>')) or move the alias to a tagged version"
         )
-    return float(champion.tags[ELBO_TAG])
+    return aliases, nll
 
 
-def register(model_uri: str, name: str, val_elbo: float, run_id: str) -> RegisteredVersion:
-    """Register `model_uri` as a new version of `name`; it takes the alias `champion` only if its
-    validation ELBO is strictly higher than the champion's (or there is no champion)."""
-    val_elbo = float(val_elbo)
-    if not math.isfinite(val_elbo):
-        raise ValueError(f"val_elbo must be a finite number, got {val_elbo}")
+def register(model_uri: str, name: str, val_nll: float, run_id: str, tags: dict[str, str] | None = None,
+             ) -> RegisteredVersion:
+    """Register `model_uri` as a new version of `name`, tagged with `val_nll` (nats) and `tags`.
+
+    The new version takes the alias `challenger`; `champion` moves to it only if its validation NLL is
+    strictly lower than every other competing version's (a tie keeps the earlier version).
+
+    MLflow has no transaction over aliases, so a read-compare-set races: two registrars finishing together
+    both read the old champion and the last writer wins, even when it is the worse one. Instead each
+    registrar creates its version with its tags in one request, then loops: read every version and the
+    aliases, compute the targets (champion: lowest val_nll, then lowest version; challenger: the newest
+    version), write the aliases that differ, and read again; it returns only after a read that agrees with
+    its targets. Why that converges on the right answer: take the last alias write, W. Its registrar read
+    again after W and found the aliases agreeing with the targets over every version in that read. A version
+    it could not see was created later, so its own registrar read everything after W, found agreement too
+    (it would otherwise have written after W), and saw a superset. Versions are only added, and the targets
+    are a deterministic function of them, so the final aliases are the targets over all versions, whatever
+    the interleaving. With no write at all, the aliases already agreed with every registrar's last read.
+    """
+    val_nll = float(val_nll)
+    if not math.isfinite(val_nll):
+        raise ValueError(f"val_nll must be a finite number of nats, got {val_nll}")
     client = mlflow.MlflowClient()
-    previous = _champion_elbo(client, name)  # read first: a broken champion tag fails before registering
-    # repr() round-trips a float exactly, so the comparison next time sees the same number.
-    registered = mlflow.register_model(model_uri, name, tags={ELBO_TAG: repr(val_elbo)})
+    aliases, nll = _contest(client, name)  # read first: a champion without its tag fails before registering
+    previous = nll.get(aliases[CHAMPION]) if CHAMPION in aliases else None
+    # repr() round-trips a float exactly, so the next comparison sees the same number.
+    registered = mlflow.register_model(model_uri, name, tags={**(tags or {}), NLL_TAG: repr(val_nll)})
     version = int(registered.version)
-    champion = previous is None or val_elbo > previous
-    if champion:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+    for _ in range(ALIAS_ROUNDS):
+        aliases, nll = _contest(client, name)
+        best = min(nll, key=lambda v: (nll[v], v))
+        targets = {CHAMPION: best, CHALLENGER: max(nll)}
+        if all(aliases.get(alias) == v for alias, v in targets.items()):
+            break
+        for alias, v in targets.items():
+            if aliases.get(alias) != v:
+                client.set_registered_model_alias(name, alias, str(v))
+    else:
+        raise RuntimeError(f"the aliases of {name} did not settle in {ALIAS_ROUNDS} rounds: other registrations "
+                           f"keep moving them; check them by hand (version {version} is registered)")
     client.set_tag(run_id, "registered_model_version", f"{name}/{version}")  # the run page names its version
-    return RegisteredVersion(name, version, f"models:/{name}/{version}", champion, previous)
+    return RegisteredVersion(name, version, f"models:/{name}/{version}", aliases[CHAMPION] == version, previous)
 
 
 def load_torch_model(model_uri: str) -> nn.Module:

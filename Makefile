@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test serve lint clean
+.PHONY: demo test serve lint clean postgres
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/vaepipe demo
 
-test: $(STAMP)
+# tests/test_postgres.py runs the PostgreSQL server binaries (Debian's postgresql package): installed here when
+# missing and running as root; otherwise those tests skip and say how to install them
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL missing: tests/test_postgres.py will skip (sudo apt-get install postgresql)"; fi; }
+
+test: $(STAMP) postgres
 	$(BIN)/ruff check pipeline vae flows tests bench
 	$(BIN)/python -m pytest
 
+# Prefect server, MLflow server and the deployment runner on 127.0.0.1; e.g. make serve SERVE_ARGS="--mlflow-port 5001"
 serve: $(STAMP)
-	$(BIN)/vaepipe serve
+	$(BIN)/vaepipe serve $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline vae flows tests bench

@@ -1,4 +1,4 @@
-"""The `vaepipe` command: demo, ingest, serve, train, verify.
+"""The `vaepipe` command: demo, ingest, serve, status, models, train, verify.
 
 Config fields are overridden as `--section.field VALUE` after the command (`vaepipe demo --train.epochs 3`);
 an invalid config stops with the field and the allowed values, exit status 2.
@@ -50,14 +50,26 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", type=Path, help=f"YAML preset (default {DEFAULT_PRESET} when present)")
+    from flows.serve import STATUS_NOT_RUNNING, positive_int
+
     serve = commands.add_parser(
-        "serve", help="start a Prefect server and serve the train-vae deployment (Ctrl-C stops both)",
-        description="Start a Prefect server and a runner serving train-vae/train-vae and "
-        "ingest-dataset/ingest-dataset; state in .vaepipe/ under the working directory.",
+        "serve", help="start Prefect and MLflow servers and serve the deployments (Ctrl-C stops all)",
+        description="Start a Prefect server, an MLflow server (sqlite, artifacts proxied) and a runner serving "
+        "train-vae/train-vae and ingest-dataset/ingest-dataset, whose runs log to that MLflow; state in "
+        ".vaepipe/ under the working directory.",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=4200)
-    serve.add_argument("--stop", action="store_true", help="stop the server and runner started from this directory")
+    serve.add_argument("--port", type=int, default=4200, help="Prefect server (API and UI) port (default 4200)")
+    serve.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
+    serve.add_argument("--runner-port", type=int, default=4201, help="the runner's /health port (default 4201)")
+    serve.add_argument("--train-concurrency", type=positive_int, default=1, metavar="N",
+                       help="at most N train-vae runs at once; later runs wait for a slot (default 1)")
+    serve.add_argument("--stop", action="store_true", help="stop the servers and runner started from this directory")
+    commands.add_parser(
+        "status", help="whether the Prefect server, MLflow server and runner of `vaepipe serve` here are running",
+        description="One line per process of `vaepipe serve` in this directory: running (pid alive and its URL "
+        f"answering) or not, with its URL. Exit status 0 when all three run, {STATUS_NOT_RUNNING} when any does not.",
+    )
     commands.add_parser("train", help="how to train directly with accelerate launch")
     check = commands.add_parser(
         "verify", help="check a shard directory's shards against the sha256 in its index.json",
@@ -65,6 +77,24 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         "name each bad shard. Exit status 0 when all match, 1 otherwise.",
     )
     check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
+    models = commands.add_parser(
+        "models", help="list the registered models, or pull one's files into a directory",
+        description="The MLflow model registry at --tracking-uri (default: MLFLOW_TRACKING_URI, else ./mlflow.db).",
+    )
+    store = argparse.ArgumentParser(add_help=False)  # the option both actions take, after the action's name
+    store.add_argument("--tracking-uri", help="MLflow server or store URI (default: MLFLOW_TRACKING_URI, else "
+                       "sqlite:///<working directory>/mlflow.db)")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_commands.add_parser("list", parents=[store],
+                               help="every registered model: versions, aliases, val_nll/val_elbo/val_bpd")
+    pull = models_commands.add_parser(
+        "pull", parents=[store],
+        help="download a model (MLmodel, weights.safetensors, config.json, code) into a new directory",
+        description="Download NAME (its champion), NAME@ALIAS or NAME/VERSION into DIR, which must be missing or "
+        "empty; the result serves with `mlflow models serve -m DIR --env-manager local`.",
+    )
+    pull.add_argument("ref", metavar="NAME[@ALIAS]", help="e.g. vae-digits, vae-digits@challenger, vae-digits/3")
+    pull.add_argument("dest", metavar="DIR", type=Path, help="destination directory (missing or empty)")
     return root, with_config
 
 
@@ -109,6 +139,25 @@ def ingest(cfg) -> int:
     return 0
 
 
+def models(args: argparse.Namespace) -> int:
+    """`vaepipe models list|pull`: 0 on success, 1 with one line naming what exists instead."""
+    from mlflow.exceptions import MlflowException
+
+    from vae import model_store, tracking
+
+    uri = args.tracking_uri or tracking.resolve_uri()
+    try:
+        if args.models_command == "list":
+            print(model_store.format_table(model_store.list_models(uri)) or f"no registered models at {uri}")
+            return 0
+        name, version, dest = model_store.pull_model(args.ref, args.dest, uri)
+    except (model_store.ModelStoreError, MlflowException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"pulled {name} version {version} into {dest}\nserve it: mlflow models serve -m {dest} --env-manager local")
+    return 0
+
+
 def verify(shard_dir: str) -> int:
     """Print one line per bad shard (or that all are intact); 1 when any is bad or the directory is incomplete."""
     import pipeline
@@ -135,7 +184,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     root, with_config = parser()
     args, rest = root.parse_known_args(argv)
-    if args.command in ("serve", "train", "verify") and rest:
+    if args.command == "models":
+        if rest:
+            root.error(f"unrecognized arguments: {' '.join(rest)}")
+        return models(args)
+    if args.command in ("serve", "status", "train", "verify") and rest:
         root.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train":
         print(TRAIN_HELP, end="")
@@ -145,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from flows import serve
 
-        return serve.stop() if args.stop else serve.serve(args.host, args.port)
+        if args.stop:
+            return serve.stop()
+        return serve.serve(args.host, args.port, args.mlflow_port, args.runner_port, args.train_concurrency)
+    if args.command == "status":
+        from flows import serve
+
+        return serve.status()
     cfg = load(with_config[args.command], args.config, rest)
     # without PREFECT_API_URL, Prefect starts a temporary local server; its telemetry heartbeat only adds
     # "database is locked" tracebacks on sqlite

@@ -1,16 +1,23 @@
-"""`vaepipe serve`: a Prefect server and a runner that serves the deployments, as two child processes.
+"""`vaepipe serve` and `vaepipe status`: a Prefect server, an MLflow server and a deployment runner.
 
-    .vaepipe/prefect/            PREFECT_HOME of both (the server's sqlite database lives here)
-    .vaepipe/prefect-server.log  the server's output
-    .vaepipe/serve.pid           pids, for `vaepipe serve --stop` when this runs in the background
+    .vaepipe/prefect/              PREFECT_HOME of the Prefect server and the runner (its sqlite database)
+    .vaepipe/mlflow/mlflow.db      the MLflow server's backend store
+    .vaepipe/mlflow/artifacts/     its artifact store; clients reach it through the server (mlflow-artifacts:/)
+    .vaepipe/*-server.log          the servers' output
+    .vaepipe/serve.pid             JSON: pid of `vaepipe serve`, and pid, port, URL of each child
 
-The server runs as a plain child: `prefect server start --background` dies soon after start (DESIGN.md).
-Each child leads its own session, so Ctrl-C in this terminal reaches only this process, which then stops
-the runner first (it still reports to the server) and the server last.
+Each child is a plain child (`prefect server start --background` dies soon after start, DESIGN.md) leading
+its own session, so Ctrl-C in this terminal reaches only this process, which then stops the runner first
+(it still reports to the servers) and the servers last. The runner serves `train-vae/train-vae` with a
+deployment concurrency limit (default 1: two training runs never share the GPUs; a run that finds the
+slot taken waits in Scheduled/AwaitingConcurrencySlot) and `ingest-dataset/ingest-dataset`, and logs to
+the served MLflow through MLFLOW_TRACKING_URI.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,15 +26,35 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEPLOYMENT = "train-vae/train-vae"  # Prefect's `flow/deployment` form; flow and deployment share the name
+DEPLOYMENTS = (DEPLOYMENT, "ingest-dataset/ingest-dataset")
 STOP_GRACE_S = 20.0
-START_TIMEOUT_S = 120.0  # a fresh sqlite database takes ~15 s; the first start on a cold disk longer
-# server, runner. SIGINT is the runner's Ctrl-C path; its SIGTERM handler (Prefect 3.8) calls a coroutine
-# without awaiting it and warns.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+START_TIMEOUT_S = 180.0  # a fresh sqlite database takes ~15 s; both servers at once on 2 busy cores longer
+STATUS_NOT_RUNNING = 3  # `vaepipe status` when any part is down (as an LSB init script's `status`)
+# Each child's stop signal. SIGINT is the runner's Ctrl-C path: its SIGTERM handler (Prefect 3.8) calls a
+# coroutine without awaiting it and warns.
+STOP_SIGNAL = {"runner": signal.SIGINT, "mlflow-server": signal.SIGTERM, "prefect-server": signal.SIGTERM}
+STOP_ORDER = ("runner", "mlflow-server", "prefect-server")
+
+
+@dataclass(frozen=True)
+class Ports:
+    prefect: int = 4200
+    mlflow: int = 5000
+    runner: int = 4201  # the runner's health endpoint (Prefect's runner webserver)
+
+
+@dataclass(frozen=True)
+class Child:
+    """One served process, as recorded in the state file."""
+
+    pid: int
+    port: int
+    url: str  # what a person opens or exports
+    health: str  # answers 200 while the process works
 
 
 def state_dir() -> Path:
@@ -38,13 +65,16 @@ def pid_file() -> Path:
     return state_dir() / "serve.pid"
 
 
+def client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is reached on loopback
+
+
 def api_url(host: str, port: int) -> str:
-    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is reached on loopback
-    return f"http://{client_host}:{port}/api"
+    return f"http://{client_host(host)}:{port}/api"
 
 
 def child_env(api: str) -> dict[str, str]:
-    """Environment of both children: PREFECT_HOME under the working directory, the API URL, no analytics."""
+    """Environment of the Prefect children: PREFECT_HOME under the working directory, the API URL, no analytics."""
     env = {**os.environ, "PREFECT_HOME": str(state_dir() / "prefect"), "PREFECT_API_URL": api}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # off by default in Prefect 3.8: without them `prefect deployment run --watch` shows state changes only,
@@ -54,25 +84,28 @@ def child_env(api: str) -> dict[str, str]:
     return env
 
 
+def commands(host: str, ports: Ports, train_concurrency: int) -> dict[str, list[str]]:
+    """The three children's command lines (all bound to `host`)."""
+    bin_dir = Path(sys.executable).parent
+    mlflow_dir = (state_dir() / "mlflow").resolve()
+    return {
+        "prefect-server": [str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(ports.prefect)],
+        # one worker: sqlite takes one writer; artifacts are proxied, so clients need no access to the directory
+        "mlflow-server": [
+            str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination", str(mlflow_dir / "artifacts"), "--host", host, "--port", str(ports.mlflow),
+            "--workers", "1",
+        ],
+        "runner": [sys.executable, "-m", "flows.serve", "--runner", "--train-concurrency", str(train_concurrency)],
+    }
+
+
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
-    except (OSError, urllib.error.URLError):
+    except (OSError, urllib.error.URLError, ValueError):  # ValueError: no URL recorded
         return False
-
-
-def polled_since(url: str, since: datetime) -> bool:
-    """True when the deployment at `url` exists and a runner has polled for its work after `since`.
-
-    Mere existence says nothing: deployments outlive their runner in the server's database.
-    """
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            last_polled = json.load(response).get("last_polled")
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
-    return last_polled is not None and datetime.fromisoformat(last_polled) >= since
 
 
 def wait_until(ready, procs: list[subprocess.Popen], timeout: float, what: str) -> None:
@@ -119,128 +152,255 @@ def stop_group(pid: int, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S)
         pass
 
 
-def run_runner() -> None:
-    """The runner process: serve both deployments until SIGTERM or Ctrl-C (`prefect.serve` handles both)."""
-    from prefect import serve as prefect_serve
+def deployments(train_concurrency: int = 1, work_pool: str | None = None, working_dir: str | None = None) -> list:
+    """The two deployments; `train-vae` admits `train_concurrency` runs at once, later ones wait their turn.
+
+    `work_pool` registers them for a worker's pool (infra/compose.yaml) instead of this process's runner.
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
     from flows.ingest import ingest_dataset
     from flows.train import train_vae
 
+    if train_concurrency < 1:  # the server deadlocks every run of a deployment limited to 0
+        raise ValueError(f"train_concurrency must be at least 1, got {train_concurrency}")
+    limit = ConcurrencyLimitConfig(limit=train_concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     # a module entrypoint loads through the installed package, whatever the runner's working directory
-    prefect_serve(
-        train_vae.to_deployment("train-vae", entrypoint_type=EntrypointType.MODULE_PATH),
-        ingest_dataset.to_deployment("ingest-dataset", entrypoint_type=EntrypointType.MODULE_PATH),
-    )
+    pool = {} if work_pool is None else {
+        "work_pool_name": work_pool, "job_variables": {"working_dir": working_dir} if working_dir else {}
+    }
+    return [
+        train_vae.to_deployment("train-vae", entrypoint_type=EntrypointType.MODULE_PATH, concurrency_limit=limit,
+                                **pool),
+        ingest_dataset.to_deployment("ingest-dataset", entrypoint_type=EntrypointType.MODULE_PATH, **pool),
+    ]
 
 
-def banner(host: str, port: int, api: str) -> str:
-    ui = api.removesuffix("/api")
+def run_runner(train_concurrency: int) -> None:
+    """The runner process: serve both deployments until SIGTERM or Ctrl-C (`prefect.serve` handles both)."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments(train_concurrency))
+
+
+def deploy_to_pool(pool: str, train_concurrency: int, working_dir: str | None) -> None:
+    """Register both deployments for the workers of `pool` at PREFECT_API_URL (a team's server)."""
+    for deployment in deployments(train_concurrency, pool, working_dir):
+        deployment_id = deployment.apply(work_pool_name=pool)
+        print(f"deployed {deployment.flow_name}/{deployment.name} to work pool {pool!r} ({deployment_id})")
+
+
+def banner(host: str, children: dict[str, Child], train_concurrency: int) -> str:
+    api = children["prefect-server"].url
+    mlflow_url = children["mlflow-server"].url
     example = json.dumps({"config": {"train": {"epochs": 1}}})
     return f"""
-Prefect server  {ui}   (bound to {host}:{port}; log: {state_dir() / 'prefect-server.log'})
-Prefect UI      {ui}
-Deployments     {DEPLOYMENT}, ingest-dataset/ingest-dataset
+Prefect UI      {api.removesuffix('/api')}   (log: {state_dir() / 'prefect-server.log'})
+Prefect API     {api}
+MLflow UI       {mlflow_url}   (log: {state_dir() / 'mlflow-server.log'})
+Runner health   {children['runner'].health}
+Deployments     {', '.join(DEPLOYMENTS)}   ({DEPLOYMENT}: at most {train_concurrency} run(s) at once)
+All bound to {host}.
 
 In another shell:
   export PREFECT_API_URL={api}
+  export MLFLOW_TRACKING_URI={mlflow_url}
   prefect deployment run {DEPLOYMENT} --watch
   prefect deployment run {DEPLOYMENT} --params '{example}' --watch
 
-Stop: Ctrl-C here, or `vaepipe serve --stop` in {Path.cwd()} (pid file {pid_file()}).
+Status: `vaepipe status`. Stop: Ctrl-C here, or `vaepipe serve --stop` in {Path.cwd()} (state {pid_file()}).
 """
+
+
+def write_state(host: str, children: dict[str, Child]) -> None:
+    state = {"serve": os.getpid(), "host": host, "api_url": children["prefect-server"].url,
+             "children": {name: asdict(child) for name, child in children.items()}}
+    tmp = pid_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(pid_file())  # `vaepipe status` never reads half a file
+
+
+def read_state() -> dict | None:
+    try:
+        state = json.loads(pid_file().read_text())
+    except FileNotFoundError:
+        return None
+    if "children" not in state:  # written by the earlier two-process `vaepipe serve`: pids only
+        state["children"] = {name: {"pid": state[key], "port": 0, "url": state["api_url"], "health": ""}
+                             for name, key in (("prefect-server", "server"), ("runner", "runner")) if key in state}
+    return state
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(host: str = "127.0.0.1", port: int = 4200) -> int:
-    """Start the server and the runner, print how to use them, and stay in the foreground until stopped."""
-    if pid_file().exists():
-        pids = json.loads(pid_file().read_text())
-        if alive(pids["serve"]):
-            print(f"vaepipe serve is already running here (pid {pids['serve']}, {pids['api_url']}); "
+def serve(host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, runner_port: int = 4201,
+          train_concurrency: int = 1) -> int:
+    """Start the servers and the runner, print how to use them, and stay in the foreground until stopped."""
+    state = read_state()
+    if state is not None:
+        if alive(state["serve"]):
+            print(f"vaepipe serve is already running here (pid {state['serve']}, {state['api_url']}); "
                   "stop it with `vaepipe serve --stop`", file=sys.stderr)
             return 1
         pid_file().unlink()  # stale: its owner died without cleaning up
+    ports = Ports(port, mlflow_port, runner_port)
     api = api_url(host, port)
-    if answers(f"{api}/health"):
-        print(f"something already answers on {api}; choose another --port", file=sys.stderr)
+    mlflow_url = f"http://{client_host(host)}:{mlflow_port}"
+    planned = {
+        "prefect-server": (port, api, f"{api}/health", "--port"),
+        "mlflow-server": (mlflow_port, mlflow_url, f"{mlflow_url}/health", "--mlflow-port"),
+        "runner": (runner_port, f"http://{client_host(host)}:{runner_port}",
+                   f"http://{client_host(host)}:{runner_port}/health", "--runner-port"),
+    }
+    if len({p for p, *_ in planned.values()}) < len(planned):
+        print(f"--port, --mlflow-port and --runner-port must differ, got {port}, {mlflow_port}, {runner_port}",
+              file=sys.stderr)
         return 1
+    for name, (_, _, health, option) in planned.items():
+        if answers(health):
+            print(f"something already answers on {health} (for the {name}); choose another {option}", file=sys.stderr)
+            return 1
     state_dir().mkdir(parents=True, exist_ok=True)
+    (state_dir() / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
     env = child_env(api)
-    prefect_bin = Path(sys.executable).with_name("prefect")
+    envs = {
+        "prefect-server": env,
+        # MLflow 3.17's job runner (~8 huey consumer processes) serves GenAI features vaepipe does not use
+        "mlflow-server": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
+        # the runner's flow runs log to the served MLflow; its webserver answers /health while it polls
+        "runner": {**env, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_RUNNER_SERVER_ENABLE": "true",
+                   "PREFECT_RUNNER_SERVER_HOST": host, "PREFECT_RUNNER_SERVER_PORT": str(runner_port)},
+    }
+    argv = commands(host, ports, train_concurrency)
     started = time.monotonic()
-    procs: list[subprocess.Popen] = []
+    procs: dict[str, subprocess.Popen] = {}
+    children: dict[str, Child] = {}
+
+    def start(name: str, log_name: str | None) -> None:
+        # the servers log to files; the runner writes to this terminal (the flow runs' progress)
+        with open(state_dir() / log_name, "ab") if log_name else contextlib.nullcontext() as log:
+            out = {"stdout": log, "stderr": subprocess.STDOUT} if log_name else {}
+            procs[name] = subprocess.Popen(argv[name], env=envs[name], stdin=subprocess.DEVNULL,
+                                           start_new_session=True, **out)
+        p, url, health, _ = planned[name]
+        children[name] = Child(procs[name].pid, p, url, health)
+        write_state(host, children)  # recorded at once: `--stop` also cleans up a start that hangs
+
     # SIGTERM (from --stop, or a supervisor) unwinds like Ctrl-C so the `finally` below stops the children
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with open(state_dir() / "prefect-server.log", "ab") as log:
-            procs.append(subprocess.Popen(
-                [str(prefect_bin), "server", "start", "--host", host, "--port", str(port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            ))
-        print(f"starting the Prefect server on {host}:{port} ...", flush=True)
-        wait_until(lambda: answers(f"{api}/health"), procs, START_TIMEOUT_S, "Prefect server")
-        print(f"server up after {time.monotonic() - started:.1f} s; starting the deployment runner ...", flush=True)
-        runner_started = datetime.now(UTC)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "flows.serve", "--runner"], env=env, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        ))
-        pid_file().write_text(json.dumps(
-            {"serve": os.getpid(), "server": procs[0].pid, "runner": procs[1].pid, "api_url": api}
-        ))
-        url = f"{api}/deployments/name/{DEPLOYMENT}"
-        wait_until(lambda: polled_since(url, runner_started), procs, START_TIMEOUT_S, "deployment runner")
+        print(f"starting the Prefect server on {host}:{port} and the MLflow server on {host}:{mlflow_port} ...",
+              flush=True)
+        start("prefect-server", "prefect-server.log")
+        start("mlflow-server", "mlflow-server.log")  # both start at once: each takes ~15 s
+        servers = list(procs.values())
+        wait_until(lambda: answers(f"{api}/health"), servers, START_TIMEOUT_S, "Prefect server")
+        wait_until(lambda: answers(f"{mlflow_url}/health"), servers, START_TIMEOUT_S, "MLflow server")
+        print(f"servers up after {time.monotonic() - started:.1f} s; starting the deployment runner ...", flush=True)
+        start("runner", None)
+        wait_until(lambda: answers(children["runner"].health), list(procs.values()), START_TIMEOUT_S,
+                   "deployment runner")
         print(f"ready after {time.monotonic() - started:.1f} s", flush=True)
-        print(banner(host, port, api), flush=True)
-        while all(proc.poll() is None for proc in procs):
+        print(banner(host, children, train_concurrency), flush=True)
+        shell_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if shell_uri and shell_uri != mlflow_url:
+            print(f"note: flow runs log to {mlflow_url}, not to MLFLOW_TRACKING_URI={shell_uri} of this shell "
+                  "(a run's config.tracking.tracking_uri still overrides both)", flush=True)
+        while all(proc.poll() is None for proc in procs.values()):
             time.sleep(1)
-        dead = next(proc for proc in procs if proc.poll() is not None)
-        print(f"{dead.args[:4]} exited with {dead.returncode}; stopping", file=sys.stderr)
+        dead = next(name for name, proc in procs.items() if proc.poll() is not None)
+        print(f"the {dead} ({procs[dead].args[:4]}) exited with {procs[dead].returncode}; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0
     except (RuntimeError, TimeoutError) as err:
-        print(f"error: {err}; see {state_dir() / 'prefect-server.log'}", file=sys.stderr)
+        print(f"error: {err}; see {state_dir() / 'prefect-server.log'} and {state_dir() / 'mlflow-server.log'}",
+              file=sys.stderr)
         return 1
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or --stop must not cut the shutdown short
             signal.signal(sig, signal.SIG_IGN)
-        # the runner first, while the server still answers it
-        for proc, sig in reversed(list(zip(procs, STOP_SIGNALS[: len(procs)], strict=True))):
-            stop_group(proc.pid, sig)
-            proc.wait()
+        # the runner first, while the servers still answer it
+        for name in STOP_ORDER:
+            if name in procs:
+                stop_group(procs[name].pid, STOP_SIGNAL[name])
+                procs[name].wait()
         pid_file().unlink(missing_ok=True)
 
 
 def stop() -> int:
-    """`vaepipe serve --stop`: ask the serving process to shut down; kill its children if it is gone."""
-    if not pid_file().exists():
+    """`vaepipe serve --stop`: ask the serving process to shut down; stop its children itself if it is gone."""
+    state = read_state()
+    if state is None:
         print(f"no {pid_file()}: nothing is served from {Path.cwd()}", file=sys.stderr)
         return 1
-    pids = json.loads(pid_file().read_text())
-    if alive(pids["serve"]):
-        os.kill(pids["serve"], signal.SIGTERM)
-        deadline = time.monotonic() + 3 * STOP_GRACE_S
+    if alive(state["serve"]):
+        os.kill(state["serve"], signal.SIGTERM)
+        deadline = time.monotonic() + (len(STOP_ORDER) + 1) * STOP_GRACE_S
         # it removes the pid file as its last step; its pid alone can linger as an unreaped zombie
-        while pid_file().exists() and alive(pids["serve"]) and time.monotonic() < deadline:
+        while pid_file().exists() and alive(state["serve"]) and time.monotonic() < deadline:
             time.sleep(0.2)
-    for name, sig in (("runner", STOP_SIGNALS[1]), ("server", STOP_SIGNALS[0])):
-        if alive(pids[name]):
-            stop_group(pids[name], sig)
+    for name in STOP_ORDER:
+        child = state["children"].get(name)
+        if child is not None and alive(child["pid"]):
+            stop_group(child["pid"], STOP_SIGNAL[name])
     pid_file().unlink(missing_ok=True)
-    print(f"stopped the Prefect server and runner of {pids['api_url']}")
+    print(f"stopped the Prefect server, the MLflow server and the runner of {state['api_url']}")
     return 0
+
+
+def status() -> int:
+    """`vaepipe status`: one line per served process; 0 when all run, STATUS_NOT_RUNNING (3) otherwise."""
+    state = read_state()
+    if state is None:
+        for name in reversed(STOP_ORDER):
+            print(f"{name:15} stopped")
+        print(f"nothing is served from {Path.cwd()} (no {pid_file()}); start it with `vaepipe serve`")
+        return STATUS_NOT_RUNNING
+    running = 0
+    for name in reversed(STOP_ORDER):
+        child = state["children"].get(name)
+        if child is None:
+            print(f"{name:15} stopped      (not started yet)")
+            continue
+        pid_ok, url_ok = alive(child["pid"]), answers(child["health"])
+        running += pid_ok and url_ok
+        word = "running" if pid_ok and url_ok else "stopped" if not pid_ok else "not answering"
+        why = "" if pid_ok and url_ok else f"; pid {'alive' if pid_ok else 'gone'}, {child['health']} " + (
+            "answers" if url_ok else "does not answer")
+        print(f"{name:15} {word:12} {child['url']}  (pid {child['pid']}{why})")
+    if not alive(state["serve"]):
+        print(f"note: `vaepipe serve` (pid {state['serve']}) is gone; `vaepipe serve --stop` cleans up")
+    return 0 if running == len(STOP_ORDER) else STATUS_NOT_RUNNING
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":
     # a shell starts background jobs with SIGINT ignored and children inherit that; restore Ctrl-C's
     # KeyboardInterrupt first thing, as `vaepipe serve` stops this process with SIGINT
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if sys.argv[1:] != ["--runner"]:
-        sys.exit("usage: python -m flows.serve --runner (started by `vaepipe serve`)")
-    run_runner()
+    cli = argparse.ArgumentParser(
+        prog="python -m flows.serve",
+        description="--runner: the runner started by `vaepipe serve`. --deploy POOL: register both deployments "
+        "for the workers of a work pool on the server at PREFECT_API_URL (infra/compose.yaml).",
+    )
+    mode = cli.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--runner", action="store_true")
+    mode.add_argument("--deploy", metavar="POOL")
+    cli.add_argument("--train-concurrency", type=positive_int, default=1)
+    cli.add_argument("--working-dir", help="with --deploy: the worker's directory for runs (data/, runs/)")
+    args = cli.parse_args()
+    if args.runner:
+        run_runner(args.train_concurrency)
+    else:
+        deploy_to_pool(args.deploy, args.train_concurrency, args.working_dir)

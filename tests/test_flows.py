@@ -1,4 +1,4 @@
-"""The Prefect flows and the `vaepipe` command: ingestion, bad input, cancellation, and a served deployment.
+"""The Prefect flows and the `vaepipe` command: ingestion, bad input, cancellation (`vaepipe serve`: test_serve.py).
 
 Prefect reads its settings once, at import, so PREFECT_HOME is redirected with `temporary_settings` for this
 process and through the environment for child processes: the tests never touch ~/.prefect.
@@ -6,17 +6,14 @@ process and through the environment for child processes: the tests never touch ~
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, free_port, isolated_prefect, run, stop, wait_http
+from conftest import BIN, isolated_prefect, run, stop
 
 import pipeline
 from flows.ingest import ingest_dataset
@@ -105,43 +102,3 @@ def test_terminating_the_flow_kills_the_training_process_group(tmp_path):
         for proc in _processes_mentioning(str(out)):  # leave nothing behind even when the test fails
             proc.kill()
 
-
-@pytest.mark.server
-def test_served_deployment_trains_and_registers(tmp_path, mlflow_uri):
-    """`vaepipe serve` + `prefect deployment run train-vae/train-vae --watch` on loopback, MLflow server too."""
-    from mlflow import MlflowClient
-
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    name = f"vae-test-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    with open(log, "w") as f:
-        serve = subprocess.Popen([str(BIN / "vaepipe"), "serve", "--port", str(port)], cwd=tmp_path, env=env,
-                                 stdout=f, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"{api}/deployments/name/train-vae/train-vae", timeout=180, proc=serve, log=log)
-        assert (tmp_path / ".vaepipe" / "serve.pid").is_file()
-        params = {"config": {
-            "ingest": {"shard_dir": str(tmp_path / "shards"), "samples_per_shard": 512, "block_size": 128},
-            "train": {"epochs": 1, "batch_size": 64, "output_dir": str(tmp_path / "runs")},
-            "tracking": {"model_name": name, "experiment": "test-flows"},
-        }}
-        client_env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client-home")}
-        result = run([str(BIN / "prefect"), "deployment", "run", "train-vae/train-vae", "--watch",
-                      "--params", json.dumps(params)], env=client_env, cwd=tmp_path, timeout=600)
-        assert result.returncode == 0, result.stdout + result.stderr + log.read_text()
-        assert "Completed" in result.stdout
-
-        versions = MlflowClient(mlflow_uri).search_model_versions(f"name = '{name}'")
-        assert [int(v.version) for v in versions] == [1]
-        assert MlflowClient(mlflow_uri).get_model_version_by_alias(name, "champion").version == "1"
-        artifact = run([str(BIN / "prefect"), "artifact", "inspect", "train-vae-report"], env=client_env,
-                       cwd=tmp_path, timeout=60)
-        assert f"{name}@champion" in artifact.stdout, artifact.stdout + artifact.stderr
-    finally:
-        run([str(BIN / "vaepipe"), "serve", "--stop"], cwd=tmp_path, timeout=120)
-        stop(serve)
-    assert not (tmp_path / ".vaepipe" / "serve.pid").exists()
-    with pytest.raises(TimeoutError):  # nothing answers on the port any more
-        wait_http(f"{api}/health", timeout=2)

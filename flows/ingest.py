@@ -5,28 +5,58 @@ task per group through the subflow `write-shard-groups`, and writes `index.json`
 landed. The subflow's task runner is chosen from the config: a Dask cluster (`prefect-dask`) when
 `ingest.dask_address` names one, else a local thread or process pool. Groups finished by an earlier,
 interrupted run are kept when their shards still match their checksums.
+
+Faults: a failed group task is retried `ingest.retries` times with exponential back-off and jitter (a flaky
+disk or object store); the retry rewrites only that group. Caching: the whole ingest is the task
+`ingest-shards`, cached by Prefect under a key of the source config, the shard-shaping ingest options, the
+location and the sha256 of the existing `index.json` (see `ShardDirCache`), so a re-run is a `Cached` task
+and a changed, deleted or corrupt index, or a listed shard gone, is a miss.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.results import get_result_store
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
 
 import pipeline
+from pipeline.storage import Location
 from vae.config import IngestSection, RunConfig, SourceSection
 
+RETRY_JITTER = 0.5  # each back-off delay is drawn from [d, 1.5 d]: retries of many groups do not hit a store at once
+CACHE_KEY_VERSION = "vaepipe-shards-1"  # bump when what a cached location promises changes
 
-@task(name="ingest-shard-group", task_run_name="ingest-{task.split}-{task.group}", cache_policy=NO_CACHE)
+
+@task(name="ingest-shard-group", task_run_name="ingest-{task.split}-{task.group}", cache_policy=NO_CACHE,
+      retries=3, retry_delay_seconds=exponential_backoff(2.0), retry_jitter_factor=RETRY_JITTER)
 def ingest_shard_group(plan: pipeline.IngestPlan, task: pipeline.GroupTask) -> pipeline.GroupResult:
-    """One shard group: its records -> its shards and completion marker (or the marker of an intact earlier run)."""
+    """One shard group: its records -> its shards and completion marker (or the marker of an intact earlier run).
+
+    A retry starts the group over: `write_group` removes the partial shards of its range first.
+    """
     return pipeline.write_group(plan, task)
 
 
+def with_retries(ingest: IngestSection):
+    """`ingest_shard_group` with the config's retries and back-off (first delay ingest.retry_delay_s, doubling)."""
+    return ingest_shard_group.with_options(
+        retries=ingest.retries, retry_delay_seconds=exponential_backoff(ingest.retry_delay_s),
+        retry_jitter_factor=RETRY_JITTER,
+    )
+
+
 @flow(name="write-shard-groups")
-def write_shard_groups(plan: pipeline.IngestPlan) -> list[pipeline.GroupResult]:
+def write_shard_groups(plan: pipeline.IngestPlan, ingest: IngestSection) -> list[pipeline.GroupResult]:
     """Submit every group of the plan to this flow's task runner and wait for all of them."""
-    futures = [ingest_shard_group.submit(plan, group) for group in plan.groups]
+    group_task = with_retries(ingest)
+    futures = [group_task.submit(plan, group) for group in plan.groups]
     return [future.result() for future in futures]
 
 
@@ -49,21 +79,73 @@ def _location(source: SourceSection, ingest: IngestSection) -> str:
     return shard_dir if isinstance(shard_dir, str) else str(shard_dir.resolve())
 
 
-@flow(name="ingest-dataset")
-def ingest_dataset(source: SourceSection = DEFAULT_SOURCE, ingest: IngestSection = DEFAULT_INGEST) -> str:
-    """Ingest every split of `source` into `ingest.shard_dir` (reused when already complete); return its location."""
+def _options(ingest: IngestSection) -> pipeline.IngestOptions:
+    return pipeline.IngestOptions(**ingest.model_dump(include=set(pipeline.IngestOptions.model_fields)))
+
+
+def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str | None:
+    """The cache key of a complete shard directory, or None (no cache read, nothing recorded) when there is none.
+
+    sha256 over: the key version, the source as index.json stores it, the ingest options that shape the shards
+    (storage credentials left out), the location, and the bytes of the existing `index.json`. Missing, a
+    deleted or unreadable index, a listed shard that is gone or of another size, and `ingest.overwrite`, all
+    give None. Costs one read of index.json and one stat per shard, never a read of the shards.
+    """
+    if ingest.overwrite:
+        return None
+    location = Location(out, ingest.storage_options)
+    try:
+        raw = location.open(pipeline.INDEX_NAME).read()
+        index = pipeline.read_index(location)
+        source_record = {"name": source.name, "config": pipeline.get_source_class(source.name).Config(
+            **source.options).model_dump(mode="json")}
+    except (OSError, ValueError):  # no index, unreadable or malformed (ShardFormatError is a ValueError)
+        return None
+    for split in index.splits.values():
+        for shard in split.shards:
+            if not location.isfile(shard.name) or location.size(shard.name) != shard.bytes:
+                return None
+    settings = _options(ingest).model_dump(mode="json", exclude={"storage_options"})
+    data = {"version": CACHE_KEY_VERSION, "source": source_record, "options": settings, "location": str(location),
+            "index_sha256": hashlib.sha256(raw).hexdigest()}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ShardDirCache(CachePolicy):
+    """Prefect cache policy of `ingest-shards`: `shard_dir_key` of its inputs (source, ingest, out)."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        return shard_dir_key(inputs["source"], inputs["ingest"], inputs["out"])
+
+
+def remember(source: SourceSection, ingest: IngestSection, out: str) -> None:
+    """Record `out` in the task's result store under the key the next run will compute.
+
+    Prefect computes a task's cache key before the task runs, when a fresh ingest has no index yet; without
+    this the first re-run would miss and only the second would hit.
+    """
+    key = shard_dir_key(source, ingest.model_copy(update={"overwrite": False}), out)
+    if key is not None:
+        store = get_result_store()
+        store.persist_result_record(store.create_result_record(out, key=key))
+
+
+@task(name="ingest-shards", cache_policy=ShardDirCache(), persist_result=True)
+def ingest_shards(source: SourceSection, ingest: IngestSection, out: str) -> str:
+    """Plan, write every shard group, write index.json last; a complete directory of this source is kept."""
     logger = get_run_logger()
-    out = _location(source, ingest)
     name, options = source.name, source.options
     if pipeline.prepare_dir(name, options, out, ingest.overwrite, ingest.storage_options) is not None:
         logger.info("%s is already complete for source %r; reusing it", out, name)
+        remember(source, ingest, out)
         return out
-    opts = pipeline.IngestOptions(**ingest.model_dump(include=set(pipeline.IngestOptions.model_fields)))
-    plan = pipeline.plan_ingest(name, options, out, opts)
+    plan = pipeline.plan_ingest(name, options, out, _options(ingest))
     runner = task_runner(ingest)
     logger.info("%d shard group(s) of %s, layout %s, image shape %s, on %s", len(plan.groups), name,
                 plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
-    results = write_shard_groups.with_options(task_runner=runner)(plan)
+    results = write_shard_groups.with_options(task_runner=runner)(plan, ingest)
     index = pipeline.finalize_ingest(plan, results)
     kept = sum(r.reused for r in results)
     counts = {split: info.num_samples for split, info in index.splits.items()}
@@ -72,4 +154,11 @@ def ingest_dataset(source: SourceSection = DEFAULT_SOURCE, ingest: IngestSection
     if index.skipped:
         logger.warning("skipped %s input(s), each listed with its reason in %s/%s", index.skipped, out,
                        pipeline.REPORT_NAME)
+    remember(source, ingest, out)
     return out
+
+
+@flow(name="ingest-dataset")
+def ingest_dataset(source: SourceSection = DEFAULT_SOURCE, ingest: IngestSection = DEFAULT_INGEST) -> str:
+    """Ingest every split of `source` into `ingest.shard_dir` (reused when already complete); return its location."""
+    return ingest_shards(source, ingest, _location(source, ingest))

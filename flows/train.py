@@ -4,10 +4,22 @@ The `RunConfig` pydantic model is the flow's parameter, so it is also the deploy
 its form in the Prefect UI. Training runs as a child process in its own session (process group): cancelling
 the flow run sends SIGTERM to this process only, and a plain child would outlive it and keep its GPUs, so
 the launch task kills the whole group on the way out.
+
+Faults: the `train` task is retried `train.retries` times when the child dies (killed, out of memory, a lost
+node) or is preempted (it checkpoints and exits; through `accelerate launch` its exit code 75 arrives as 1).
+Each retry resumes from the newest complete checkpoint of the same output directory and logs into the same
+MLflow run; a `TrainingError` or `ConfigError` of the child (a message naming the fix) is not retried.
+
+A Prefect server restart needs no setting of ours: once a client has connected, Prefect 3.8 retries a request
+that cannot connect PREFECT_CLIENT_MAX_RETRIES times (default 5, delays 2, 4, ... 32 s: about a minute in all)
+and the events client re-sends task-run states after it reconnects; tests/test_flow_faults.py restarts the
+server in the middle of a run. An outage longer than a minute needs that variable raised where flows run.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import subprocess
@@ -19,20 +31,38 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
+from prefect.tasks import exponential_backoff
 
 import pipeline
 from flows.ingest import ingest_dataset
-from vae import tracking
+from vae import checkpoint, tracking
 from vae.config import RunConfig, dump
 from vae.launch import accelerate_command
 
 KILL_GRACE_S = 10.0  # SIGTERM -> SIGKILL; well inside the runner's own grace before it hard-kills this process
 TAIL_LINES = 40  # child output quoted in the error when training fails
+RETRY_DELAY_S = 5.0  # first delay between launch attempts, doubled per retry: a preempted node gets time to go
+NOT_RETRIED = ("TrainingError", "ConfigError")  # the child's own errors: they name a fix, a retry repeats them
+SAMPLES_PNG = Path("plots") / "samples.png"  # written by vae.finalize into the run's output dir
+INLINE_IMAGE_BYTES = 200_000  # a larger sample grid is shrunk before it goes into the artifact as a data URI
 
 
 class TrainingFailed(RuntimeError):
-    """`accelerate launch` exited nonzero; the message ends with the child's last lines of output."""
+    """`accelerate launch` exited nonzero; the message ends with the child's last lines of output.
+
+    `retryable` is False when the child stopped on one of its own errors (`NOT_RETRIED`), which a retry repeats.
+    """
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def worth_retrying(task: Any, run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn` of the launch: a child that died or was preempted, not one that refused."""
+    err = state.data
+    return not isinstance(err, TrainingFailed) or err.retryable
 
 
 def absolute_uri(uri: str) -> str:
@@ -118,14 +148,25 @@ def stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
     proc.wait()
 
 
-@task(name="train", cache_policy=NO_CACHE)
+def preempted_at(output_dir: Path, before: Path | None) -> Path | None:
+    """The checkpoint this attempt wrote on preemption (SIGTERM/SIGINT; newer than `before`), else None."""
+    newest = checkpoint.latest(output_dir)
+    if newest is None or newest == before:
+        return None
+    return newest if checkpoint.read_meta(newest).get("reason") == "preempted" else None
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(RETRY_DELAY_S),
+      retry_condition_fn=worth_retrying)
 def launch_training(
     config: RunConfig, run_id: str, num_processes: int = 1, accelerate_config: str | None = None
 ) -> None:
     """Save the resolved config beside the checkpoints and run `accelerate launch vae/train.py` on it.
 
     Called directly from the flow, so it runs on the main thread, where Prefect's SIGTERM handler raises
-    `TerminationSignal` (a BaseException): the `finally` below then takes the process group down.
+    `TerminationSignal` (a BaseException): the `finally` below then takes the process group down. The output
+    directory belongs to this flow run (see `resolved`), so a complete checkpoint in it was written by an
+    earlier attempt: the launch then resumes from it (`--train.resume true`) into the same MLflow run.
     """
     logger = get_run_logger()
     out = Path(config.train.output_dir)
@@ -133,9 +174,13 @@ def launch_training(
     config_path = out / "config.yaml"
     config_path.write_text(dump(config))
     # evaluation and registration are separate tasks of this flow, so the child only trains
-    argv, extra_env = accelerate_command(
-        config_path, num_processes, accelerate_config, overrides=["--tracking.finalize", "false"]
-    )
+    overrides = ["--tracking.finalize", "false"]
+    resume_from = checkpoint.latest(out)
+    if resume_from is not None:
+        overrides += ["--train.resume", "true"]
+        logger.info("attempt %d: resuming from %s (epoch %s of %d)", task_run.run_count, resume_from,
+                    checkpoint.read_meta(resume_from).get("epoch"), config.train.epochs)
+    argv, extra_env = accelerate_command(config_path, num_processes, accelerate_config, overrides=overrides)
     env = {
         **os.environ, **extra_env, "PYTHONUNBUFFERED": "1",
         # each line of the child's output becomes a Prefect log record: a tqdm refresh every 0.1 s would
@@ -159,7 +204,12 @@ def launch_training(
     finally:
         stop_group(proc)  # no-op after a normal exit; on cancellation, Ctrl-C or an error, kills the ranks
     if returncode != 0:
-        raise TrainingFailed(f"accelerate launch exited with {returncode}; last output:\n" + "\n".join(tail))
+        preempted = preempted_at(out, before=resume_from)
+        own_error = next((name for name in NOT_RETRIED if any(name in line for line in tail)), None)
+        why = (f"preempted, checkpoint {preempted}" if preempted is not None
+               else f"the child stopped on a {own_error}, not retried" if own_error else "retryable")
+        raise TrainingFailed(f"accelerate launch exited with {returncode} ({why}); last output:\n" + "\n".join(tail),
+                             retryable=preempted is not None or own_error is None)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -186,12 +236,48 @@ def run_link(uri: str, run_id: str) -> str:
     return f"run `{run_id}` in `{uri}` (browse: `mlflow ui --backend-store-uri {uri}`)"
 
 
+def inline_png(path: Path, limit: int = INLINE_IMAGE_BYTES) -> str | None:
+    """`path` as a base64 PNG data URI (self-contained in the Prefect UI), shrunk when over `limit` bytes."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    if len(data) > limit:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.thumbnail((512, 512))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", optimize=True)
+        data = buffer.getvalue()
+        if len(data) > limit:
+            return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def artifact_link(uri: str, run_id: str, name: str) -> str:
+    """Where an artifact of the run is: the MLflow UI page for an http server, always its `runs:/` URI."""
+    runs_uri = f"`runs:/{run_id}/{name}`"
+    if uri.startswith(("http://", "https://")):
+        import mlflow
+
+        experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+        page = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{name}"
+        return f"[{name}]({page}) ({runs_uri})"
+    return runs_uri
+
+
 def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: Any) -> str:
-    """The markdown artifact: metrics, registered version and alias, the load URI and the MLflow run."""
+    """The markdown artifact: metrics, the sample grid, registered version and alias, the load URI, the MLflow run."""
     rows = "\n".join(f"| `{name}` | {value:.4f} |" for name, value in sorted(metrics.items()))
     alias = (
         "became the `champion`" if version.champion
         else "did not beat the current `champion`, which keeps the alias"
+    )
+    uri = str(config.tracking.tracking_uri)
+    image = inline_png(Path(config.train.output_dir) / SAMPLES_PNG)
+    samples = (
+        f"![samples from the prior]({image})" if image is not None
+        else f"(no sample grid at `{Path(config.train.output_dir) / SAMPLES_PNG}`, or too large to inline)"
     )
     return f"""# train-vae: `{config.model_name}` version {version.version}
 
@@ -199,9 +285,12 @@ def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: A
 | --- | --- |
 {rows}
 
+{samples}
+
+- Sample grid in MLflow: {artifact_link(uri, run_id, SAMPLES_PNG.as_posix())}
 - Registered model: `{version.name}` version **{version.version}** (`{version.uri}`); it {alias}.
 - Load the champion: `mlflow.pyfunc.load_model("models:/{version.name}@champion")`
-- MLflow run: {run_link(str(config.tracking.tracking_uri), run_id)}
+- MLflow run: {run_link(uri, run_id)}
 - Checkpoints and resolved config: `{config.train.output_dir}`
 """
 
@@ -218,7 +307,10 @@ def train_vae(
     config = resolved(config, shard_dir, flow_run.name)
     run_id = create_mlflow_run(config)
     try:
-        launch_training(config, run_id, num_processes, accelerate_config)
+        launch = launch_training.with_options(
+            retries=config.train.retries, retry_delay_seconds=exponential_backoff(RETRY_DELAY_S)
+        )
+        launch(config, run_id, num_processes, accelerate_config)
         metrics = evaluate(config, run_id)
         version = register(config, run_id, metrics)
     except BaseException as err:  # cancelled (TerminationSignal), interrupted or failed: say so in MLflow too

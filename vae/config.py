@@ -87,6 +87,10 @@ class IngestSection(_Section):
     dask_address: str | None = Field(
         None, description="Dask scheduler address (tcp://host:8786): run the shard groups on that cluster."
     )
+    retries: int = Field(3, ge=0, description="Retries of a failed shard-group task (a flaky disk, network or store).")
+    retry_delay_s: float = Field(
+        2.0, ge=0, description="First retry delay in seconds; doubled per retry, with jitter (Prefect's back-off)."
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for a URL shard_dir (e.g. {endpoint_url: ...} for S3)."
     )
@@ -207,6 +211,9 @@ class TrainSection(_Section):
     log_every: int = Field(20, gt=0, description="Steps between training metric logs (a host sync each time).")
     expected_world_size: int | None = Field(
         None, gt=0, description="Fail fast when the launcher started a different number of processes."
+    )
+    retries: int = Field(
+        2, ge=0, description="Flow retries of a failed or preempted launch; each resumes from the last checkpoint."
     )
 
 

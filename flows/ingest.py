@@ -95,7 +95,7 @@ def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str
         return None
     location = Location(out, ingest.storage_options)
     try:
-        raw = location.open(pipeline.INDEX_NAME).read()
+        index_sha256 = pipeline.index_sha256(location)
         index = pipeline.read_index(location)
         source_record = {"name": source.name, "config": pipeline.get_source_class(source.name).Config(
             **source.options).model_dump(mode="json")}
@@ -107,7 +107,7 @@ def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str
                 return None
     settings = _options(ingest).model_dump(mode="json", exclude={"storage_options"})
     data = {"version": CACHE_KEY_VERSION, "source": source_record, "options": settings, "location": str(location),
-            "index_sha256": hashlib.sha256(raw).hexdigest()}
+            "index_sha256": index_sha256}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -266,8 +266,6 @@ def _flush_prefect_logs() -> None:
 
 
 @pytest.mark.slow
-# The in-process sqlite MLflow store, beside the Prefect test server's types, warns from mlflow's and weakref's
-# frames, which pyproject's sqlalchemy.* module filter does not match (DESIGN.md: filter, do not fail).
 def test_a_sigkilled_rank_is_resumed_by_the_flow_retry_and_the_report_shows_samples(
     tmp_path, prefect_api, monkeypatch
 ):

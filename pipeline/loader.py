@@ -14,13 +14,26 @@ Resident mode (the split fits `memory_budget`): the split is decoded once into a
 device, and each epoch a permutation shared by all ranks is cut into the same per-rank slices as above:
 disjoint, equal in count, and on a GPU no host work per batch at all.
 
+Corrupt shards (a garbled or truncated tar member, a sha256 mismatch under `verify`, an undecodable block or
+image) follow `on_corrupt`: 'fail' raises `CorruptShardError` naming the shard and the fix; 'skip' logs a
+warning, records the shard in `skipped_shards` and reads on. A rank finds a corrupt shard only when it reads
+it, and the ranks never talk, so skipping must not change any rank's batch count: the shard keeps its place
+in the stream (every rank plans the same stream), and the rank pads its slice by reading on past its end, as
+the padding of the last slice does (samples of other slices, wrapping to the start). Training thus repeats a
+few samples instead of losing a step on one rank, which would hang DDP. Evaluation (pad=False) does not pad.
+In resident mode every rank reads the whole split, so all of them skip the same shards. A packed shard's tar
+and array headers are checked before any of its samples is used, so a skipped packed shard contributes
+nothing; an encoded shard that fails part-way keeps the images read before the failure.
+
 The loader never goes through `accelerator.prepare()`: that would make rank 0 read every batch and scatter it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -29,10 +42,19 @@ import numpy as np
 import torch
 
 from pipeline.errors import ShardFormatError
-from pipeline.shards import Chunk, check_shard, packed_blocks, read_chunks, read_index
+from pipeline.shards import Chunk, PackedBlock, check_shard, packed_blocks, read_chunks, read_index
 from pipeline.storage import Location
 
 Resident = Literal["auto", "on", "off"]
+OnCorrupt = Literal["fail", "skip"]
+# What reading a damaged shard raises: our own format checks, tarfile, numpy's .npy header parser (ValueError),
+# image decoders (OSError, ValueError), a truncated stream (EOFError), and storage errors (OSError).
+CORRUPTION = (ShardFormatError, tarfile.TarError, ValueError, OSError, EOFError)
+log = logging.getLogger(__name__)
+
+
+class CorruptShardError(ShardFormatError):
+    """A shard could not be read, and the policy is to stop; the message names the shard and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +92,8 @@ class ShardLoader:
     one batch, which is fine when evaluation runs no collective per batch.
     resident: 'auto' keeps the split on `device` when its decoded size fits `memory_budget` bytes.
     verify: check each shard's sha256 against index.json before its first read (reads every shard twice).
+    on_corrupt: 'fail' raises CorruptShardError at an unreadable shard; 'skip' warns, records it in
+    `skipped_shards` (name -> why) and reads on, padding the slice so the batch count does not change.
     """
 
     def __init__(
@@ -89,6 +113,7 @@ class ShardLoader:
         device: torch.device | str | None = None,
         verify: bool = False,
         storage_options: dict | None = None,
+        on_corrupt: OnCorrupt = "fail",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -109,6 +134,10 @@ class ShardLoader:
         self.has_factors = info.num_factors is not None
         self.verify = verify
         self._verified: set[str] = set()
+        if on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
+        self.skipped_shards: dict[str, str] = {}  # shard name -> why it was skipped (on_corrupt='skip')
         self.nbytes = self.num_samples * int(np.prod(self.index.image_shape))
         if resident not in ("auto", "on", "off"):
             raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
@@ -173,67 +202,135 @@ class ShardLoader:
             return np.arange(len(self.names))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.names))
 
-    def _segments(self) -> list[tuple[int, int, int]]:
-        """(shard index, first, last) local sample ranges this rank reads this epoch, in stream order."""
+    def _segments(self, start: int | None = None, stop: int | None = None) -> list[tuple[int, int, int]]:
+        """(shard index, first, last) local sample ranges of the stream range [start, stop) (default: this rank's
+        slice) this epoch, in stream order; the range may run past the end of the stream and wrap."""
+        start, stop = (self.start, self.stop) if start is None else (start, stop)
         order = self._shard_order()
         starts = np.concatenate([[0], np.cumsum(self.counts[order])])  # global offset of each shard in the stream
         segments = []
-        for lo, hi in _slice_ranges(self.start, self.stop, self.num_samples):
+        for lo, hi in _slice_ranges(start, stop, self.num_samples):
             for pos in range(len(order)):
                 a, b = max(lo, starts[pos]), min(hi, starts[pos + 1])
                 if a < b:
                     segments.append((int(order[pos]), int(a - starts[pos]), int(b - starts[pos])))
         return segments
 
-    def _read(self, shard: int) -> Iterator[Chunk]:
+    def _check_sum(self, shard: int) -> None:
+        """With verify on: the shard's sha256 against index.json, once per shard."""
         name = self.names[shard]
         if self.verify and name not in self._verified:
             problem = check_shard(self.location, self.infos[shard])
             if problem:
-                raise ShardFormatError(f"{self.location}: {problem}; re-run the ingest (intact groups are kept)")
+                raise ShardFormatError(f"does not match index.json ({problem})")
             self._verified.add(name)
-        return read_chunks(self.location, name, self.index)
 
-    def _overlaps(self, segments, blocks_of) -> Iterator[tuple[object, slice]]:
-        """Walk each segment's shard block by block (`blocks_of(shard)` yields (block, samples in it)) and yield
-        (block, slice) for the part of each block inside the segment. A shard shorter than index.json says is
-        an error, never a silently short epoch."""
-        for shard, first, last in segments:
-            offset = 0
+    def _read(self, shard: int) -> Iterator[Chunk]:
+        self._check_sum(shard)
+        return read_chunks(self.location, self.names[shard], self.index)
+
+    def _corrupt(self, shard: int, err: Exception) -> None:
+        """Apply the on_corrupt policy to a shard that failed to read: raise, or warn and record it."""
+        name, path = self.names[shard], self.location.display(self.names[shard])
+        # our own checks say what is wrong as a predicate ("holds 8 samples but ..."); anything else is quoted
+        reason = str(err) if type(err) is ShardFormatError else f"could not be read ({type(err).__name__}: {err})"
+        if self.on_corrupt == "fail":
+            raise CorruptShardError(
+                f"{path} {reason}: the shard is corrupt. Check the directory with `vaepipe verify {self.location}` "
+                "and re-run the ingest (intact shard groups are kept), or set data.on_corrupt_shard skip to train "
+                "without the shard"
+            ) from err
+        self.skipped_shards[name] = reason
+        log.warning("skipping corrupt shard %s: it %s (data.on_corrupt_shard is 'skip'); repair with `vaepipe "
+                    "verify %s` and a re-run of the ingest", path, reason, self.location)
+
+    def _take(self, shard: int, first: int, last: int, blocks_of) -> Iterator[tuple[object, slice]]:
+        """(block, slice) for samples [first, last) of `shard`, walking it block by block (`blocks_of(shard)`
+        yields (block, samples in it)); returns how many of them could not be read (a corrupt shard, skipped).
+        A shard shorter than index.json says is corrupt, never a silently short epoch."""
+        if self.names[shard] in self.skipped_shards:  # known bad: not opened again, not reported again
+            return last - first
+        offset = delivered = 0
+        try:
             for block, n in blocks_of(shard):
                 a, b = max(first, offset), min(last, offset + n)
                 if a < b:
+                    delivered += b - a
                     yield block, slice(a - offset, b - offset)
                 offset += n
                 if offset >= last:
                     break
             if offset < last:
                 raise ShardFormatError(
-                    f"{self.location.display(self.names[shard])} holds {offset} samples but index.json says at least "
-                    f"{last}; the shard is truncated or was replaced: re-run the ingest"
+                    f"holds {offset} samples but index.json says at least {last} (truncated or replaced)"
                 )
+        except CORRUPTION as err:
+            self._corrupt(shard, err)
+            return last - first - delivered
+        return 0
+
+    def _overlaps(self, blocks_of, segments: list[tuple[int, int, int]] | None = None) -> Iterator[tuple]:
+        """(block, slice) for each part of a block inside `segments` (default: this rank's slice, padded).
+
+        Samples of skipped shards are made up, when padding, from the stream past the slice's end (wrapping),
+        so the rank's sample count, and with it its batch count, stays what every other rank expects."""
+        missing = 0
+        for shard, first, last in self._segments() if segments is None else segments:
+            missing += yield from self._take(shard, first, last, blocks_of)
+        cursor = self.stop
+        while missing and self.pad and segments is None:
+            if cursor - self.stop >= self.num_samples:
+                raise ShardFormatError(
+                    f"{self.location}: no readable shard is left in split {self.split!r} (skipped: "
+                    f"{sorted(self.skipped_shards)}); re-run the ingest"
+                )
+            want, missing = missing, 0
+            for shard, first, last in self._segments(cursor, cursor + want):
+                missing += yield from self._take(shard, first, last, blocks_of)
+            cursor += want
 
     def _chunks(self, segments: list[tuple[int, int, int]] | None = None) -> Iterator[Chunk]:
-        """The rank's samples as array chunks, block by block (views into the shard bytes, not copies)."""
-        segments = self._segments() if segments is None else segments
-        chunks_of = lambda shard: ((chunk, len(chunk.images)) for chunk in self._read(shard))  # noqa: E731
-        for chunk, sl in self._overlaps(segments, chunks_of):
+        """The rank's samples as array chunks, block by block (views into the shard bytes, not copies); given
+        `segments`, exactly those (a skipped shard's part is left out, not padded)."""
+        def chunks_of(shard: int):
+            if self.index.layout == "packed":
+                self._packed_index(shard)  # the headers are checked before any of the shard's samples is used
+            return ((chunk, len(chunk.images)) for chunk in self._read(shard))
+
+        for chunk, sl in self._overlaps(chunks_of, segments):
             yield Chunk(
                 chunk.images[sl],
                 chunk.labels[sl] if self.has_labels else None,
                 chunk.factors[sl] if self.has_factors else None,
             )
 
+    def _packed_index(self, shard: int) -> list[PackedBlock]:
+        """A packed shard's blocks from its tar and .npy headers (no pixels read), checked against index.json
+        and the file size before any of its samples is used."""
+        name = self.names[shard]
+        self._check_sum(shard)
+        sample_bytes = int(np.prod(self.index.image_shape))
+        blocks, size = [], self.location.size(name)
+        for block, _ in packed_blocks(self.location, name):
+            if block.offset + block.num * sample_bytes > size:
+                raise ShardFormatError(f"ends inside block {len(blocks)} at byte {size} (truncated)")
+            blocks.append(block)
+        held = sum(block.num for block in blocks)
+        if held != self.counts[shard]:
+            raise ShardFormatError(f"holds {held} samples but index.json says {self.counts[shard]}")
+        return blocks
+
     def _packed_pieces(self) -> Iterator[tuple[object, int, int, np.ndarray | None, np.ndarray | None]]:
         """(open shard file, byte offset, samples, labels, factors) for each piece of a block this rank reads."""
         sample_bytes = int(np.prod(self.index.image_shape))
 
         def blocks_of(shard: int):
-            if self.verify:
-                self._read(shard)  # checks the sha256 once
-            return (((block, f), block.num) for block, f in packed_blocks(self.location, self.names[shard]))
+            blocks = self._packed_index(shard)
+            with self.location.open(self.names[shard]) as f:
+                for block in blocks:
+                    yield (block, f), block.num
 
-        for (block, f), sl in self._overlaps(self._segments(), blocks_of):
+        for (block, f), sl in self._overlaps(blocks_of):
             yield (f, block.offset + sl.start * sample_bytes, sl.stop - sl.start,
                    block.labels[sl] if self.has_labels else None,
                    block.factors[sl] if self.has_factors else None)
@@ -252,7 +349,9 @@ class ShardLoader:
         for f, offset, n, block_labels, block_factors in self._packed_pieces():
             f.seek(offset)
             if f.readinto(flat[pos * sample_bytes : (pos + n) * sample_bytes]) != n * sample_bytes:
-                raise ShardFormatError(f"{self.location}: a shard ended inside a block; re-run the ingest")
+                # each shard's size was checked before reading began: the file changed under the reader
+                raise ShardFormatError(f"{self.location}: a shard shrank while it was read; is an ingest writing "
+                                       "into this directory? Re-run the ingest")
             labels.append(block_labels)
             factors.append(block_factors)
             pos += n
@@ -322,10 +421,10 @@ class ShardLoader:
     # ---- resident
 
     def _load_resident(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The whole split, decoded once, in file order: uint8 (N, C, H, W) on the device."""
+        """The whole split, decoded once, in file order: uint8 (N, C, H, W) on the device (N excludes the
+        samples of skipped shards)."""
         if self._data is None:
-            images, labels, factors = read_split(self.shard_dir, self.split, self.location.storage_options,
-                                                 with_factors=True, verify=self.verify)
+            images, labels, factors = self._read_whole()
             tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(self.device)
             self._data = (
                 tensor,
@@ -334,19 +433,32 @@ class ShardLoader:
             )
         return self._data
 
+    def _read_whole(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Every shard of the split in file order (under on_corrupt='skip', without the skipped ones)."""
+        chunks = list(self._chunks([(shard, 0, int(n)) for shard, n in enumerate(self.counts)]))
+        if not chunks:
+            raise ShardFormatError(f"{self.location}: no readable shard in split {self.split!r} (skipped: "
+                                   f"{sorted(self.skipped_shards)}); re-run the ingest")
+        return (np.concatenate([c.images for c in chunks]),
+                np.concatenate([c.labels for c in chunks]) if self.has_labels else None,
+                np.concatenate([c.factors for c in chunks]) if self.has_factors else None)
+
     def _resident_batches(self):
         images, labels, factors = self._load_resident()
-        n = self.num_samples
+        n = len(images)  # the slice bounds stay those of index.json's count: skipping changes no rank's length
         if self.shuffle:  # the same permutation on every rank (seed, epoch): the rank slices stay disjoint
             perm = torch.randperm(n, generator=_generator(self.seed, self.epoch))
         else:
             perm = torch.arange(n)
-        positions = torch.arange(self.start, self.stop) % n  # the padded slice wraps like the streamed one
+        if self.pad:  # the padded slice wraps like the streamed one
+            positions = torch.arange(self.start, self.stop) % n
+        else:  # an exact slice of what was read
+            positions = torch.arange(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
         mine = perm[positions].to(self.device)
         if self.shuffle:  # and a within-rank order of its own, as in streaming mode
             local = torch.randperm(len(mine), generator=_generator(self.seed, self.epoch, self.rank, 1))
             mine = mine[local.to(self.device)]
-        count = len(self)
+        count = len(mine) // self.batch_size if self.drop_last else math.ceil(len(mine) / self.batch_size)
         for i in range(count):
             idx = mine[i * self.batch_size : (i + 1) * self.batch_size]
 
@@ -366,17 +478,14 @@ def read_split(
     storage_options: dict | None = None,
     with_factors: bool = False,
     verify: bool = False,
+    on_corrupt: OnCorrupt = "fail",
 ) -> tuple:
     """A whole split in file order: uint8 images (N, H, W, C) and labels (N,) or None. For evaluation and plots.
 
-    with_factors=True adds the factors (N, K) float32, or None, as a third element.
+    with_factors=True adds the factors (N, K) float32, or None, as a third element. on_corrupt='skip' leaves
+    corrupt shards out, with a warning naming each.
     """
     loader = ShardLoader(shard_dir, split, batch_size=1, shuffle=False, drop_last=False, pad=False,
-                         storage_options=storage_options, verify=verify)
-    chunks = list(loader._chunks())
-    images = np.concatenate([c.images for c in chunks])
-    labels = np.concatenate([c.labels for c in chunks]) if loader.has_labels else None
-    if not with_factors:
-        return images, labels
-    factors = np.concatenate([c.factors for c in chunks]) if loader.has_factors else None
-    return images, labels, factors
+                         storage_options=storage_options, verify=verify, on_corrupt=on_corrupt)
+    images, labels, factors = loader._read_whole()
+    return (images, labels, factors) if with_factors else (images, labels)

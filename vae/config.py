@@ -126,6 +126,10 @@ class DataSection(_Section):
     )
     memory_budget_mb: int = Field(2048, ge=0, description="Largest decoded split (MB) that auto keeps resident.")
     verify: bool = Field(False, description="Check each shard's sha256 before reading it (reads shards twice).")
+    on_corrupt_shard: Literal["fail", "skip"] = Field(
+        "fail", description="A shard that cannot be read during training: stop the run naming it, or warn, skip "
+        "it (counted in train/skipped_shards) and repeat a few samples so every rank keeps its batch count."
+    )
     binarize: bool = Field(
         False, description="Dynamic binarisation: a fresh Bernoulli(pixel) draw every time an image is seen."
     )
@@ -177,6 +181,11 @@ class OptimSection(_Section):
         "adam", description="Optimiser; lamb adds a layer-wise trust ratio to Adam for large global batches."
     )
     lr: float = Field(1e-3, gt=0, description="Learning rate at optim.reference_batch (see optim.lr_scaling).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Decay of the gradient's running mean (Adam, AdamW, LAMB).")
+    beta2: float = Field(
+        0.999, ge=0, lt=1, description="Decay of the squared gradient's running mean; lower (0.95) adapts faster "
+        "when a large batch leaves few steps."
+    )
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this; none: no clip.")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(

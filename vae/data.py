@@ -29,7 +29,7 @@ def build_loaders(
         batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed,
         resident=cfg.data.resident, memory_budget=cfg.data.memory_budget_mb << 20,
         device=device if device is not None else _device(), verify=cfg.data.verify,
-        storage_options=cfg.ingest.storage_options,
+        storage_options=cfg.ingest.storage_options, on_corrupt=cfg.data.on_corrupt_shard,
     )
     train = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer, **common)
     val = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, **common)

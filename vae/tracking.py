@@ -1,12 +1,23 @@
-"""MLflow plumbing: the embedded default store, attaching to a run, and the fixed metric names.
+"""MLflow plumbing: the embedded default store, attaching to a run, the fixed metric names, and the journal.
 
 Only rank 0 calls into this module. Values are logged as Python floats: MLflow (and Accelerate's tracker
 on top of it) silently drops tensors.
+
+Training logs through a `MetricJournal`: every metric (and the run's status) is first appended to a JSONL file
+in the run's output directory and fsynced, then sent in batches, one short HTTP attempt at a time. A tracking
+server that is down or hangs costs training at most one timeout per back-off period: what it did not take stays
+in the journal and goes with a later flush, at the end of training, at a resume, or by `sync_journal`. Resending
+is harmless: an entry keeps the timestamp of its first write, and MLflow stores a metric under (key, step,
+timestamp, value), ignoring an identical one logged again, so a batch whose response was lost adds nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import time
 from pathlib import Path
 
 from vae.config import RunConfig, flatten
@@ -17,8 +28,9 @@ EMBEDDED_ARTIFACTS = "mlartifacts"
 # The fixed, slash-separated metric names (DESIGN.md). Anything logged goes through one of these.
 METRICS = (
     "train/loss", "train/elbo", "train/recon", "train/kl", "train/lr", "train/grad_norm", "train/samples_per_s",
-    "train/skipped_steps",
+    "train/skipped_steps", "train/skipped_shards",
     "val/elbo", "val/recon", "val/kl", "val/nll_iwae", "val/bpd", "val/active_units", "val/recon_mse",
+    "val/skipped_shards",
 )
 
 
@@ -75,29 +87,11 @@ def log_params(client, run_id: str, cfg: RunConfig) -> None:
         client.log_batch(run_id, params=params[i : i + 100])
 
 
-def start_or_resume(cfg: RunConfig, run_id: str | None = None):
-    """Activate the run to log into: `run_id` (a resumed run), else MLFLOW_RUN_ID (set by the flow), else new."""
-    import mlflow
-
-    uri = configure(cfg)
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        return mlflow.start_run(run_id=run_id)
-    run = mlflow.start_run(
-        experiment_id=ensure_experiment(cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name
-    )
-    log_params(mlflow.MlflowClient(uri), run.info.run_id, cfg)
-    return run
-
-
 def log_metrics(metrics: dict[str, float], step: int, run_id: str | None = None) -> None:
     """Log floats under the fixed names; an unknown name is a programming error, caught here."""
     import mlflow
 
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"metric names {sorted(unknown)} are not among the fixed names {METRICS}")
-    values = {k: float(v) for k, v in metrics.items()}
+    values = _checked(metrics)
     if run_id is None:
         mlflow.log_metrics(values, step=step)
     else:
@@ -114,8 +108,187 @@ def _metric(key: str, value: float, step: int):
     return Metric(key, value, int(time.time() * 1000), step)
 
 
-def end_run(status: str) -> None:
-    """End the active run with `status` (FINISHED, or KILLED when preempted: a resume reopens it)."""
-    import mlflow
+# ---- the journal: metrics survive a tracking server that stops and comes back
 
-    mlflow.end_run(status=status)
+JOURNAL_DIR = "mlflow-journal"  # in the run's output directory: <run id>.jsonl and <run id>.sent
+SEND_TIMEOUT_S = 5  # one HTTP attempt (connect and read); MLflow's default is 120 s, times 7 retries
+FIRST_RETRY_S, LAST_RETRY_S = 1.0, 30.0  # back-off between flushes after a failure: doubles up to the last
+CLOSE_WAIT_S = 10.0  # how long the end of training waits for a server that does not answer
+BATCH_METRICS = 1000  # MLflow's REST limit of metrics per log-batch request
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _one_short_attempt():
+    """MLflow's documented HTTP settings, for the requests made inside only: one attempt, SEND_TIMEOUT_S.
+    Its client reads them from the environment at each request (rank 0 makes no other request meanwhile)."""
+    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SEND_TIMEOUT_S)}
+    saved = {k: os.environ.get(k) for k in short}
+    os.environ.update(short)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class MetricJournal:
+    """Append-only JSONL journal of one run's metrics and status changes, sent to MLflow when it answers.
+
+    `<run id>.jsonl` holds one entry per line, written and fsynced before any network call; `<run id>.sent`
+    counts the leading entries MLflow acknowledged. Losing the count only makes entries go again (harmless,
+    see the module docstring), so it is replaced atomically but not fsynced.
+    """
+
+    def __init__(self, path: str | os.PathLike, run_id: str, uri: str) -> None:
+        self.path, self.run_id, self.uri = Path(path), run_id, uri
+        self.sent_path = self.path.with_suffix(".sent")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self.path.read_bytes().split(b"\n") if self.path.exists() else [b""]
+        if lines[-1]:  # a process killed inside a write leaves a torn last line: never acknowledged, so cut it
+            log.warning("%s: dropping a torn last line (%d bytes) left by a killed process", self.path, len(lines[-1]))
+            with open(self.path, "r+b") as f:
+                f.truncate(sum(len(line) + 1 for line in lines[:-1]))
+        self.sent = int(self.sent_path.read_text()) if self.sent_path.exists() else 0
+        self.pending = [json.loads(line) for line in lines[self.sent : -1]]
+        self.delay, self.retry_at, self.down_since = FIRST_RETRY_S, 0.0, None
+        self._client = None  # created at the first send: the mlflow import takes a second
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Journal floats under the fixed names at `step`, then send what is pending unless backing off."""
+        self._append({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": _checked(metrics)})
+        self.flush()
+
+    def set_status(self, status: str) -> None:
+        """Journal a status change (RUNNING at a start or resume; FINISHED, KILLED, FAILED at the end)."""
+        self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send the pending entries in one short attempt per request; True when none is left. While backing off
+        after a failure this returns at once unless `force`."""
+        if not self.pending:
+            return True
+        if not force and time.monotonic() < self.retry_at:
+            return False
+        held = len(self.pending)
+        try:
+            with _one_short_attempt():
+                self.send()
+        except Exception as err:  # unreachable, timed out, 5xx: all kept in the journal and retried later
+            self.retry_at, self.delay = time.monotonic() + self.delay, min(2 * self.delay, LAST_RETRY_S)
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("MLflow at %s did not take run %s's metrics (%s); training goes on, they are kept in "
+                            "%s and sent when it answers", self.uri, self.run_id, _short(err), self.path)
+            return False
+        if self.down_since is not None:
+            log.warning("MLflow at %s answers again after %.0f s: sent %d held entries", self.uri,
+                        time.monotonic() - self.down_since, held)
+        self.delay, self.retry_at, self.down_since = FIRST_RETRY_S, 0.0, None
+        return True
+
+    def close(self, status: str, wait_s: float = CLOSE_WAIT_S) -> bool:
+        """Journal the final status and flush, trying for up to `wait_s`; if entries remain, say how to send them."""
+        self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
+        deadline = time.monotonic() + wait_s
+        while not self.flush(force=True) and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        if self.pending:
+            log.error("MLflow at %s is still unreachable: %d entries of run %s (metrics and the %s status) are safe "
+                      "in %s but not sent. A resume (--train.resume true) sends them, or once the server is back "
+                      "run: python -m vae.tracking %s %s --uri %s", self.uri, len(self.pending), self.run_id,
+                      status, self.path, self.path, self.run_id, self.uri)
+        return not self.pending
+
+    def send(self) -> None:
+        """Send every pending entry in order, with MLflow's client settings as they are; raises on failure."""
+        import mlflow
+        from mlflow.entities import Metric
+
+        client = self._client = self._client or mlflow.MlflowClient(self.uri)
+        while self.pending:
+            first = self.pending[0]
+            if first["kind"] == "status":
+                if first["status"] == "RUNNING":
+                    client.update_run(self.run_id, status="RUNNING")
+                else:
+                    client.set_terminated(self.run_id, first["status"], end_time=first["timestamp"])
+                self._acknowledge(1)
+                continue
+            count, metrics = 0, []
+            for entry in self.pending:  # consecutive metric entries, up to the REST limit per request
+                if entry["kind"] != "metrics" or len(metrics) + len(entry["metrics"]) > BATCH_METRICS:
+                    break
+                metrics += [Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
+                count += 1
+            client.log_batch(self.run_id, metrics=metrics)
+            self._acknowledge(count)
+
+    def _append(self, entry: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the network is tried: a kill or a crash loses nothing
+        self.pending.append(entry)
+
+    def _acknowledge(self, count: int) -> None:
+        self.pending, self.sent = self.pending[count:], self.sent + count
+        tmp = self.sent_path.with_name(f".{self.sent_path.name}.tmp")
+        tmp.write_text(str(self.sent))
+        os.replace(tmp, self.sent_path)
+
+
+def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | None = None) -> MetricJournal:
+    """The journal of the run to log into: `run_id` (a resumed run), else MLFLOW_RUN_ID (set by the flow), else a
+    new run, the one case that needs the server now. The run is marked RUNNING through the journal, so a resume
+    works while the server is down; entries an earlier process left unsent go first."""
+    uri = configure(cfg)
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or create_run(cfg)
+    journal = MetricJournal(Path(output_dir) / JOURNAL_DIR / f"{run_id}.jsonl", run_id, uri)
+    journal.set_status("RUNNING")
+    return journal
+
+
+def sync_journal(path: str | os.PathLike, run_id: str, uri: str | None = None) -> int:
+    """Send what a journal holds unsent to run `run_id` (default store: `resolve_uri()`); return how many entries
+    went. Uses MLflow's own retries and raises when the server still does not answer."""
+    journal = MetricJournal(path, run_id, uri or resolve_uri())
+    count = len(journal.pending)
+    journal.send()
+    return count
+
+
+def _checked(metrics: dict[str, float]) -> dict[str, float]:
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"metric names {sorted(unknown)} are not among the fixed names {METRICS}")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _short(err: Exception) -> str:
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m vae.tracking JOURNAL RUN_ID [--uri URI]: send a journal's unsent entries."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vae.tracking", description=main.__doc__)
+    parser.add_argument("journal", type=Path, help=f"<output_dir>/{JOURNAL_DIR}/<run id>.jsonl")
+    parser.add_argument("run_id")
+    parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store)")
+    args = parser.parse_args(argv)
+    print(f"sent {sync_journal(args.journal, args.run_id, args.uri)} entries to run {args.run_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,11 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         parser.error(str(err))
 
+    from pipeline import ShardFormatError
     from vae.trainer import TrainingError, train  # heavy imports only after the config is known to be valid
 
     try:
         train(cfg)
-    except TrainingError as err:
+    except (TrainingError, ShardFormatError) as err:  # the message names the problem and the fix
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -2,8 +2,10 @@
 
 Accelerate does devices, DDP, mixed precision, gradient accumulation and save/load of state. The data loader
 is ours (pipeline.ShardLoader, one slice per rank) and deliberately not passed to `accelerator.prepare()`.
-Rank 0 alone talks to MLflow. SIGTERM or SIGINT finishes the current step, writes a checkpoint and exits with
-PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true and lose nothing.
+Rank 0 alone talks to MLflow, through a journal in the output directory (tracking.MetricJournal): a tracking
+server that stops and comes back costs no metric and stalls no step. SIGTERM or SIGINT finishes the current
+step, writes a checkpoint and exits with PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true
+and lose nothing. Corrupt shards stop the run or are skipped per data.on_corrupt_shard (see pipeline.loader).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline import read_index
+from pipeline import ShardLoader, read_index
 from vae import checkpoint, tracking
 from vae.config import RunConfig, dump
 from vae.data import build_loaders, to_input
@@ -76,6 +78,18 @@ def resolve_precision(cfg: RunConfig) -> str:
     if launcher != "no":
         return launcher
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def skipped_shards(accelerator: Accelerator, loaders: dict[str, ShardLoader]) -> dict[str, list[str]]:
+    """Per split, the shards any rank skipped as corrupt so far: a rank knows only those it read (one all-reduce)."""
+    mask = [name in loader.skipped_shards for loader in loaders.values() for name in loader.names]
+    hits = accelerator.reduce(torch.tensor(mask, dtype=torch.float32, device=accelerator.device), "sum").tolist()
+    out, first = {}, 0
+    for split, loader in loaders.items():
+        mine = hits[first : first + len(loader.names)]
+        out[split] = [name for name, hit in zip(loader.names, mine, strict=True) if hit]
+        first += len(loader.names)
+    return out
 
 
 class StepGuard:
@@ -139,7 +153,10 @@ def train(cfg: RunConfig) -> None:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
-    optimizer = OPTIMIZERS[cfg.optim.name](model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = OPTIMIZERS[cfg.optim.name](
+        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+        weight_decay=cfg.optim.weight_decay,
+    )
     train_loader, val_loader = build_loaders(cfg, rank, world, device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
@@ -149,7 +166,7 @@ def train(cfg: RunConfig) -> None:
     for state in (progress, train_loader, guard, *([ema] if ema is not None else [])):
         accelerator.register_for_checkpointing(state)
 
-    run_id = None
+    run_id, journal = None, None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         run_id = checkpoint.read_meta(resume_from).get("mlflow_run_id")
@@ -161,7 +178,8 @@ def train(cfg: RunConfig) -> None:
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(dump(cfg))
-        run_id = tracking.start_or_resume(cfg, run_id).info.run_id
+        journal = tracking.open_journal(cfg, output_dir, run_id)  # also sends what a killed run left unsent
+        run_id = journal.run_id
 
     def save(reason: str, val: dict[str, float] | None = None) -> Path:
         """State from every rank, then EMA weights and meta.json (last) from rank 0."""
@@ -231,12 +249,6 @@ def train(cfg: RunConfig) -> None:
             running += torch.stack(parts).detach().double()
             seen += len(x)
             bar.update(1)
-            if stop:
-                path = save("preempted")
-                if main:
-                    print(f"preempted: wrote {path}; resume with --train.resume true", flush=True)
-                    tracking.end_run("KILLED")
-                raise SystemExit(PREEMPTED_EXIT)
             last = train_loader.position == len(train_loader)
             if (accelerator.sync_gradients and progress.global_step % cfg.train.log_every == 0) or last:
                 # A host sync and an all-reduce: every rank reaches this line at the same step.
@@ -250,10 +262,16 @@ def train(cfg: RunConfig) -> None:
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 if main:
-                    tracking.log_metrics(metrics, step=progress.global_step)
+                    journal.log_metrics(metrics, step=progress.global_step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.2f}", img_s=f"{metrics['train/samples_per_s']:.0f}")
                 running.zero_()
                 seen, tick = 0, time.perf_counter()
+            if stop:  # after the log above: a preempted step that is due to be logged is logged
+                path = save("preempted")
+                if main:
+                    print(f"preempted: wrote {path}; resume with --train.resume true", flush=True)
+                    journal.close("KILLED")
+                raise SystemExit(PREEMPTED_EXIT)
         bar.close()
 
         # ---- validate (the EMA weights when kept): each rank its exact slice, one all-reduce of the sums
@@ -261,8 +279,14 @@ def train(cfg: RunConfig) -> None:
         # validation sees the inputs training sees (binarised or dequantised per data.*)
         sums = evaluation_sums(evaluated, (b.images for b in val_loader), device, prepare=lambda im: to_input(im, cfg))
         val = to_metrics(accelerator.reduce(sums, "sum"))
+        skipped = skipped_shards(accelerator, {"train": train_loader, "val": val_loader})
         if main:
-            tracking.log_metrics(val, step=progress.global_step)
+            journal.log_metrics({**val, "train/skipped_shards": len(skipped["train"]),
+                                 "val/skipped_shards": len(skipped["val"])}, step=progress.global_step)
+            if skipped["train"] or skipped["val"]:
+                print(f"warning: skipped corrupt shards (data.on_corrupt_shard skip): train {skipped['train']}, "
+                      f"val {skipped['val']}; check them with `vaepipe verify {cfg.shard_dir}` and re-ingest",
+                      flush=True)
             print(f"epoch {epoch + 1}: val ELBO {val['val/elbo']:.3f} nats (recon {val['val/recon']:.3f}, "
                   f"KL {val['val/kl']:.3f}), recon MSE {val['val/recon_mse']:.4f}", flush=True)
 
@@ -273,10 +297,11 @@ def train(cfg: RunConfig) -> None:
     if main and cfg.tracking.finalize:
         from vae.finalize import finalize
 
+        journal.flush(force=True)  # finalize talks to the server anyway: the training metrics go first
         metrics, version = finalize(cfg, run_id)
         elbo = metrics["val/elbo"]
         print(f"registered {version.uri} (champion: {version.champion}); val ELBO {elbo:.3f}", flush=True)
     if main:
-        tracking.end_run("FINISHED")
+        journal.close("FINISHED")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -81,6 +81,22 @@ def mlflow_server_env() -> dict[str, str]:
     return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    """An isolated Prefect home for this module's process and its children, with no API URL from the shell."""
+    with isolated_prefect(tmp_path_factory.mktemp("prefect-home")) as home:
+        yield home
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_home):
+    """Prefect's own test server, for flows run in this process; it drains log and event workers on exit."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real MLflow tracking server (sqlite backend, local artifacts) on 127.0.0.1; returns its URI."""

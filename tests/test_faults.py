@@ -250,6 +250,22 @@ def wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 180)
         time.sleep(0.05)
 
 
+def train_until_metrics_arrive(tmp_path, shard_dir, epochs: int, every: int, count: int) -> subprocess.Popen:
+    """A training run in its own session, returned once more than `count` journal entries reached the server."""
+    proc = subprocess.Popen(train_argv(tmp_path, shard_dir, "--train.epochs", str(epochs), "--train.log_every",
+                                       str(every)),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    journal_dir = tmp_path / "run" / tracking.JOURNAL_DIR
+    try:
+        wait_for(lambda: any(journal_dir.glob("*.sent")) and sent(journal_of(tmp_path)) > count,
+                 "the first metrics to reach the server", proc)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc
+
+
 def journal_of(tmp_path) -> Path:
     [path] = (tmp_path / "run" / tracking.JOURNAL_DIR).glob("*.jsonl")
     return path
@@ -295,14 +311,8 @@ def test_server_stops_mid_training_and_comes_back(tmp_path, digits_shards, serve
     """Stop the server after some metrics arrived, let training log through the outage, bring the server back
     on the same port and database while training still runs: training finishes and the run holds every point."""
     every, epochs = 1, 2  # 2 x 22 steps: short on a busy CPU, long enough to outlast a server stop
-    proc = subprocess.Popen(train_argv(tmp_path, digits_shards, "--train.epochs", str(epochs), "--train.log_every",
-                                       str(every)),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = train_until_metrics_arrive(tmp_path, digits_shards, epochs, every, count=3)
     try:
-        journal_dir = tmp_path / "run" / tracking.JOURNAL_DIR
-        wait_for(lambda: journal_dir.is_dir() and any(journal_dir.glob("*.sent")) and sent(journal_of(tmp_path)) > 3,
-                 "the first metrics to reach the server", proc)
         path = journal_of(tmp_path)
         server.stop()
         at_stop = len(entries(path))
@@ -338,14 +348,8 @@ def test_server_down_at_the_end_then_documented_sync(tmp_path, digits_shards, se
     import mlflow
 
     every, epochs = 2, 1
-    proc = subprocess.Popen(train_argv(tmp_path, digits_shards, "--train.epochs", str(epochs), "--train.log_every",
-                                       str(every)),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = train_until_metrics_arrive(tmp_path, digits_shards, epochs, every, count=1)
     try:
-        journal_dir = tmp_path / "run" / tracking.JOURNAL_DIR
-        wait_for(lambda: journal_dir.is_dir() and any(journal_dir.glob("*.sent")) and sent(journal_of(tmp_path)) > 1,
-                 "the first metrics to reach the server", proc)
         server.stop()
         out, err = proc.communicate(timeout=600)
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import BIN, REPO, free_port, isolated_prefect, stop, wait_http
+from conftest import BIN, REPO, free_port, stop, wait_http
 from pydantic import Field
 
 import pipeline
@@ -83,21 +83,6 @@ def flaky_source():
     register_flaky_source()
     yield
     registry.pop("flaky", None)
-
-
-@pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory):
-    with isolated_prefect(tmp_path_factory.mktemp("prefect-home")) as home:
-        yield home
-
-
-@pytest.fixture(scope="module")
-def prefect_api(prefect_home):
-    """Prefect's own test server, for flows run in this process."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
 
 
 def task_runs(flow_run_id, name_prefix: str = "") -> list:

@@ -13,27 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import BIN, isolated_prefect, run, stop
+from conftest import BIN, run, stop
 
 import pipeline
 from flows.ingest import ingest_dataset
 from vae.config import IngestSection, SourceSection
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_home(tmp_path_factory):
-    """An isolated Prefect home for this process and its children, and no API URL inherited from the shell."""
-    with isolated_prefect(tmp_path_factory.mktemp("prefect-home")) as home:
-        yield home
-
-
-@pytest.fixture(scope="module")
-def prefect_api(prefect_home):
-    """Prefect's own test server, for flows run in this process; it drains log and event workers on exit."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_home")  # every test here, subprocesses included
 
 
 def test_ingest_flow_writes_then_reuses_a_complete_shard_dir(tmp_path, prefect_api):

@@ -6,20 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import isolated_prefect
 
 import pipeline
 from flows.ingest import ingest_dataset, task_runner
 from vae.config import IngestSection, SourceSection
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """An isolated Prefect home and Prefect's own test server, for flows run in this process."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with isolated_prefect(tmp_path_factory.mktemp("prefect-home")), prefect_test_harness():
-        yield
 
 
 def _task_runs(flow_name: str) -> list[str]:

@@ -40,6 +40,33 @@ VARIANTS = {
     "b8192-lr2e-2-cosine": ["--train.batch_size", "8192", "--optim.lr", "2e-2", "--optim.warmup_steps", "7",
                             "--optim.schedule", "cosine", "--optim.grad_clip", "100"],
     "b1024-sqrt": ["--train.batch_size", "1024", "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "20"],
+    # KL warm-up against the early posterior collapse that a large rate causes
+    "b8192-sqrt-klwarm": ["--train.batch_size", "8192", "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "10",
+                          "--loss.warmup_steps", "30"],
+    "b8192-lr2e-2-klwarm": ["--train.batch_size", "8192", "--optim.lr", "2e-2", "--optim.warmup_steps", "10",
+                            "--loss.warmup_steps", "40"],
+    # LAMB: Adam with a layer-wise trust ratio (lr is the per-step fraction of each layer's norm)
+    "b8192-lamb-1e-2": ["--train.batch_size", "8192", "--optim.name", "lamb", "--optim.lr", "1e-2",
+                        "--optim.warmup_steps", "10"],
+    "b8192-lamb-3e-2": ["--train.batch_size", "8192", "--optim.name", "lamb", "--optim.lr", "3e-2",
+                        "--optim.warmup_steps", "10"],
+    "b8192-lamb-3e-2-klwarm": ["--train.batch_size", "8192", "--optim.name", "lamb", "--optim.lr", "3e-2",
+                               "--optim.warmup_steps", "10", "--loss.warmup_steps", "40"],
+    # Adam's second moment with beta2 0.999 still averages the huge first gradients after 70 steps
+    "b8192-lr2e-2-klwarm-b2": ["--train.batch_size", "8192", "--optim.lr", "2e-2", "--optim.warmup_steps", "10",
+                               "--loss.warmup_steps", "40", "--optim.beta2", "0.95"],
+    "b8192-lamb-3e-2-klwarm-b2": ["--train.batch_size", "8192", "--optim.name", "lamb", "--optim.lr", "3e-2",
+                                  "--optim.warmup_steps", "10", "--loss.warmup_steps", "40", "--optim.beta2", "0.95"],
+    # with more epochs a constant high rate ends in noise (Adam) or drift (LAMB): decay it over the run
+    "b8192-lr2e-2-klwarm-cosine": ["--train.batch_size", "8192", "--optim.lr", "2e-2", "--optim.warmup_steps", "10",
+                                   "--loss.warmup_steps", "40", "--optim.schedule", "cosine"],
+    "b8192-lamb-3e-2-klwarm-cosine": ["--train.batch_size", "8192", "--optim.name", "lamb", "--optim.lr", "3e-2",
+                                      "--optim.warmup_steps", "10", "--loss.warmup_steps", "40",
+                                      "--optim.schedule", "cosine"],
+    "b8192-lamb-1e-1-klwarm": ["--train.batch_size", "8192", "--optim.name", "lamb", "--optim.lr", "1e-1",
+                               "--optim.warmup_steps", "10", "--loss.warmup_steps", "40"],
+    "b8192-lr5e-2-klwarm-clip": ["--train.batch_size", "8192", "--optim.lr", "5e-2", "--optim.warmup_steps", "10",
+                                 "--loss.warmup_steps", "40", "--optim.grad_clip", "50"],
 }
 
 

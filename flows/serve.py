@@ -34,7 +34,7 @@ DEPLOYMENTS = (DEPLOYMENT, "ingest-dataset/ingest-dataset")
 STOP_GRACE_S = 20.0
 START_TIMEOUT_S = 180.0  # a fresh sqlite database takes ~15 s; both servers at once on 2 busy cores longer
 STATUS_NOT_RUNNING = 3  # `vaepipe status` when any part is down (as an LSB init script's `status`)
-# Each child's stop signal. SIGINT is the runner's Ctrl-C path: its SIGTERM handler (Prefect 3.8) calls a
+# Each child's stop signal. SIGINT is the runner's Ctrl-C path: its SIGTERM handler (seen in Prefect 3.8) calls a
 # coroutine without awaiting it and warns.
 STOP_SIGNAL = {"runner": signal.SIGINT, "mlflow-server": signal.SIGTERM, "prefect-server": signal.SIGTERM}
 STOP_ORDER = ("runner", "mlflow-server", "prefect-server")

@@ -10,7 +10,7 @@ node) or is preempted (it checkpoints and exits; through `accelerate launch` its
 Each retry resumes from the newest complete checkpoint of the same output directory and logs into the same
 MLflow run; a `TrainingError` or `ConfigError` of the child (a message naming the fix) is not retried.
 
-A Prefect server restart needs no setting of ours: once a client has connected, Prefect 3.8 retries a request
+A Prefect server restart needs no setting of ours: once a client has connected, Prefect (3.8, 3.9) retries a request
 that cannot connect PREFECT_CLIENT_MAX_RETRIES times (default 5, delays 2, 4, ... 32 s: about a minute in all)
 and the events client re-sends task-run states after it reconnects; tests/test_flow_faults.py restarts the
 server in the middle of a run. An outage longer than a minute needs that variable raised where flows run.

@@ -34,8 +34,8 @@ RETRY_JITTER = 0.5  # each back-off delay is drawn from [d, 1.5 d]: retries of m
 CACHE_KEY_VERSION = "vaepipe-shards-1"  # bump when what a cached location promises changes
 
 
-@task(name="ingest-shard-group", task_run_name="ingest-{task.split}-{task.group}", cache_policy=NO_CACHE,
-      retries=3, retry_delay_seconds=exponential_backoff(2.0), retry_jitter_factor=RETRY_JITTER)
+# retries and back-off come from the config, through `with_retries`
+@task(name="ingest-shard-group", task_run_name="ingest-{task.split}-{task.group}", cache_policy=NO_CACHE)
 def ingest_shard_group(plan: pipeline.IngestPlan, task: pipeline.GroupTask) -> pipeline.GroupResult:
     """One shard group: its records -> its shards and completion marker (or the marker of an intact earlier run).
 

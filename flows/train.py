@@ -156,8 +156,7 @@ def preempted_at(output_dir: Path, before: Path | None) -> Path | None:
     return newest if checkpoint.read_meta(newest).get("reason") == "preempted" else None
 
 
-@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=exponential_backoff(RETRY_DELAY_S),
-      retry_condition_fn=worth_retrying)
+@task(name="train", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)  # retries: train.retries, in the flow
 def launch_training(
     config: RunConfig, run_id: str, num_processes: int = 1, accelerate_config: str | None = None
 ) -> None:

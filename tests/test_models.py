@@ -82,6 +82,25 @@ def test_padding_architectures_take_odd_sizes(arch):
     assert model.decode(model.encode(torch.rand(2, 1, 30, 26))[0]).shape == (2, 1, 30, 26)
 
 
+@pytest.mark.parametrize("shape,likelihood", [((1, 28, 28), "bernoulli"), ((3, 32, 32), "logistic_mixture"),
+                                              ((1, 30, 26), "bernoulli")], ids=str)
+def test_conv_decoder_computes_exactly_upsample_then_conv5x5_and_its_gradients(shape, likelihood):
+    """The sub-pixel decoder (vae.models.conv.subpixel_conv) is an implementation of the classic layers, not a
+    new model: same parameters, same outputs and the same gradients as the literal upsample + conv 5x5 path."""
+    model = small("conv", shape, likelihood=likelihood).double()
+    z = torch.randn(5, 3, dtype=torch.float64)
+    fast, literal = model.decode_params(z), model.reference_decode_params(z)
+    assert fast.shape == literal.shape == (5, model.head.channels, *shape[1:])
+    torch.testing.assert_close(fast, literal, rtol=0, atol=1e-12)
+    weights = [model.decoder[1].weight, model.decoder[1].bias, model.decoder[4].weight, model.decoder[4].bias]
+    upstream = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * upstream).sum(), weights)
+    grads_literal = torch.autograd.grad((model.reference_decode_params(z) * upstream).sum(), weights)
+    for a, b in zip(grads_fast, grads_literal, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert set(model.state_dict()) >= {"decoder.1.weight", "decoder.4.weight"}  # checkpoints keep their keys
+
+
 def test_invalid_loss_combinations_fail_before_training_naming_the_fix():
     with pytest.raises(ConfigError, match="loss.objective 'iwae' is the bound itself: set loss.beta 1"):
         validate({"loss": {"objective": "iwae", "beta": 4.0}})

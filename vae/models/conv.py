@@ -60,17 +60,13 @@ class ConvVAE(VAE):
         return self.decoder(self.project(z).view(-1, *self.grid))[:, :, :h, :w]
 
 
-def _phase_taps() -> torch.Tensor:
+def phase_taps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(2, 3, 5) 0/1: for output phase p (row parity after a nearest 2x upsample), which of a 5x5 kernel's taps
-    (offsets -2..2 at the high resolution) read input offset -1, 0 or +1 at the low resolution."""
-    taps = torch.zeros(2, 3, 5)
-    for phase in (0, 1):
-        for tap in range(5):
-            taps[phase, (phase + tap - 2) // 2 + 1, tap] = 1  # floor((2i + phase + tap - 2) / 2) - i, shifted
-    return taps
-
-
-PHASE_TAPS = _phase_taps()
+    (offsets -2..2 at the high resolution) read input offset -1, 0 or +1 at the low resolution: tap t of phase p
+    reads floor((2i + p + t - 2) / 2) - i. Built on `device` from aranges: no host tensor to copy every step."""
+    phase, offset, tap = (torch.arange(n, device=device).view(shape) for n, shape in
+                          ((2, (2, 1, 1)), (3, (1, 3, 1)), (5, (1, 1, 5))))
+    return (torch.div(phase + tap - 2, 2, rounding_mode="floor") + 1 == offset).to(dtype)
 
 
 def subpixel_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -78,7 +74,7 @@ def subpixel_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     four output phases is a 3x3 conv of `x` whose weights are sums of the 5x5 taps that land on the same input
     pixel; the phases come out as 4x the channels and a pixel shuffle interleaves them. Gradients reach the 5x5
     weights through the (linear) tap sums, so training is unchanged."""
-    taps = PHASE_TAPS.to(conv.weight)
+    taps = phase_taps(conv.weight.device, conv.weight.dtype)
     weight = torch.einsum("ard,bse,oide->oabirs", taps, taps, conv.weight).flatten(0, 2)  # (4 Cout, Cin, 3, 3)
     out = F.conv2d(x, weight, conv.bias.repeat_interleave(4), padding=1)
     return F.pixel_shuffle(out, 2)

@@ -85,6 +85,11 @@ VARIANTS = {
     "b8192-lamb-2e-2-klwarm350-cosine-floor20": b8192("lamb", "2e-2", 350, True, "--optim.min_lr_ratio", "0.2"),
     "b8192-lamb-2e-2-klwarm350-cosine-floor30": b8192("lamb", "2e-2", 350, True, "--optim.min_lr_ratio", "0.3"),
     "b8192-lamb-2.5e-2-klwarm350-cosine-floor10": b8192("lamb", "2.5e-2", 350, True, "--optim.min_lr_ratio", "0.1"),
+    # LAMB as published decays weights (decoupled, 0.01)
+    "b8192-lamb-2e-2-klwarm350-cosine-floor20-wd1e-2": b8192("lamb", "2e-2", 350, True, "--optim.min_lr_ratio", "0.2",
+                                                             "--optim.weight_decay", "1e-2"),
+    "b8192-lamb-2e-2-klwarm350-cosine-floor20-wd1e-3": b8192("lamb", "2e-2", 350, True, "--optim.min_lr_ratio", "0.2",
+                                                             "--optim.weight_decay", "1e-3"),
 }
 
 

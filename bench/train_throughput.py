@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -97,18 +98,18 @@ def sync(device: str) -> None:
 def bare_loop(images: torch.Tensor, batch: int, steps: int, device: str, variant: str = "fp32-eager-resident") -> float:
     """A plain loop over uint8 batches already on the device, with the variant's precision, compilation and
     memory format: no loader, no Accelerate, no logging, no host sync until the end."""
-    precision, mode, _, *cl = variant.split("-")
+    setting = Variant.parse(variant)
     torch.manual_seed(0)
     model = build_model("conv", (1, 28, 28), 2).to(device)
-    memory_format = torch.channels_last if cl else torch.contiguous_format
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    if mode == "compiled":
+    if setting.compiled:
         model.compile()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = images.to(device)
     batches = [data[i : i + batch] for i in range(0, len(data) - batch + 1, batch)]
     warmup = 3  # compiled: the first steps compile (forward, backward)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=setting.precision == "bf16")
     for i, xb in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
         if i == warmup:
             sync(device)
@@ -141,15 +142,28 @@ def example_loop(images: torch.Tensor, steps: int, device: str) -> float:
     return seen / (time.perf_counter() - start)
 
 
-# Settings of our loop, by variant name: precision x compilation x where the training split lives [x channels-last].
-VARIANTS = {
-    f"{precision}-{mode}-{data}{cl}": ["--train.mixed_precision", "no" if precision == "fp32" else "bf16",
-                                       "--train.compile", str(mode == "compiled").lower(), "--data.resident",
-                                       "on" if data == "resident" else "off", "--train.channels_last",
-                                       str(bool(cl)).lower()]
-    for precision in ("fp32", "bf16") for mode in ("eager", "compiled") for data in ("resident", "streamed")
-    for cl in ("", "-cl")
-}
+class Variant(NamedTuple):
+    """One setting of the matrix, named precision-compilation-data[-cl], e.g. bf16-compiled-resident-cl."""
+
+    precision: str  # fp32 | bf16
+    compiled: bool
+    resident: bool
+    channels_last: bool
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        precision, mode, data, *cl = name.split("-")
+        return cls(precision, mode == "compiled", data == "resident", bool(cl))
+
+    def overrides(self) -> list[str]:
+        """vae/train.py's options for this setting."""
+        return ["--train.mixed_precision", "no" if self.precision == "fp32" else "bf16",
+                "--train.compile", str(self.compiled).lower(), "--data.resident", "on" if self.resident else "off",
+                "--train.channels_last", str(self.channels_last).lower()]
+
+
+VARIANTS = [f"{precision}-{mode}-{data}{cl}" for precision in ("fp32", "bf16") for mode in ("eager", "compiled")
+            for data in ("resident", "streamed") for cl in ("", "-cl")]
 DEFAULT_VARIANT = "fp32-eager-resident"
 
 
@@ -163,7 +177,7 @@ def our_loop(shard_dir: Path, batch: int, tmp: Path, device: str, variant: str =
     cmd = [sys.executable, str(REPO / "vae/train.py"), "--ingest.shard_dir", str(shard_dir), "--train.batch_size",
            str(batch), "--train.epochs", str(epochs), "--train.log_every", str(log_every),
            "--train.output_dir", str(out), "--tracking.finalize", "false", "--tracking.tracking_uri", uri,
-           *VARIANTS[variant]]
+           *Variant.parse(variant).overrides()]
     env = {**os.environ, "TQDM_DISABLE": "1", **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
     result = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
     if result.returncode:
@@ -203,10 +217,10 @@ def main() -> None:
             for variant in variants:
                 bare = bare_loop(images, batch, steps, args.device, variant)
                 ours = our_loop(tmp / "shards", batch, tmp, args.device, variant, args.epochs, args.log_every)
-                precision = variant.split("-")[0]
+                peak = peaks[Variant.parse(variant).precision]
                 rows.append({"batch": batch, "variant": variant, "ours_img_s": round(ours), "bare_img_s": round(bare),
                              "ours_over_bare": round(ours / bare, 3), "ours_over_example": round(ours / example, 2),
-                             "model_flops_fraction_of_peak": round(ours * flops / peaks[precision], 4)})
+                             "model_flops_fraction_of_peak": round(ours * flops / peak, 4)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress: a run takes minutes on a CPU
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
               "epochs": args.epochs, "log_every": args.log_every,

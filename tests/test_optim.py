@@ -1,10 +1,11 @@
-"""LAMB: the layer-wise trust ratio, its edge cases, and a state that resumes exactly."""
+"""LAMB and Muon: the layer-wise trust ratio, the orthogonalised step against torch's own Muon and AdamW, edge
+cases, and states that resume exactly."""
 
 import pytest
 import torch
 from torch import nn
 
-from vae.optim import Lamb
+from vae.optim import Lamb, MuonAdamW
 
 
 def _params(*tensors):
@@ -102,3 +103,92 @@ def test_state_dict_resumes_bit_for_bit():
 def test_invalid_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="invalid LAMB settings"):
         Lamb([nn.Parameter(torch.ones(1))], **kwargs)
+
+
+def _steps(optimizers, params_sets, shapes, steps=4):
+    """The same random gradients fed to each optimiser's parameters for `steps` steps."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for params in params_sets:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone().view_as(p)
+        for opt in optimizers:
+            opt.step()
+
+
+def test_muon_steps_matrices_as_torch_muon_and_the_rest_as_torch_adamw():
+    torch.manual_seed(0)
+    shapes = [(40, 30), (30,), (12, 50)]  # wide and tall matrices, a bias
+    ours = _params(*(torch.randn(s) for s in shapes))
+    ref = _params(*(p.detach() for p in ours))
+    before = [p.detach().clone() for p in ours]
+    opt = MuonAdamW(ours, lr=0.02, weight_decay=0.1)
+    ref_opts = [torch.optim.Muon([ref[0], ref[2]], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+                torch.optim.AdamW([ref[1]], lr=0.02, weight_decay=0.1)]
+    _steps([opt, *ref_opts], [ours, ref], shapes)
+    for a, b, start in zip(ours, ref, before, strict=True):
+        assert not torch.equal(a.detach(), start)  # it moved
+        assert torch.equal(a, b)
+
+
+def test_muon_treats_a_conv_filter_as_its_out_by_in_times_kernel_matrix():
+    torch.manual_seed(0)
+    (conv,) = _params(torch.randn(8, 3, 5, 5))
+    (flat,) = _params(conv.detach().reshape(8, 75))
+    before = conv.detach().clone()
+    opt, ref = MuonAdamW([conv], lr=0.01), torch.optim.Muon([flat], lr=0.01, adjust_lr_fn="match_rms_adamw",
+                                                            weight_decay=0.0)
+    _steps([opt, ref], [[conv], [flat]], [(8, 75)])
+    assert not torch.equal(conv.detach(), before)
+    assert torch.equal(conv.detach().reshape(8, 75), flat.detach())
+
+
+def test_muon_update_is_orthogonal_so_every_direction_moves_alike():
+    # a gradient dominated by one direction: its step would be nearly rank 1; Muon's moves every direction
+    torch.manual_seed(0)
+    (w,) = _params(torch.zeros(32, 16))
+    opt = MuonAdamW([w], lr=1.0)
+    w.grad = 10 * torch.randn(32, 1) @ torch.randn(1, 16) + torch.randn(32, 16)
+    grad_singular = torch.linalg.svdvals(w.grad)
+    assert float(grad_singular.max() / grad_singular.min()) > 20
+    opt.step()
+    singular = torch.linalg.svdvals(w.detach())
+    # Newton-Schulz gives singular values near 1 (0.5 to 1.5 by design), times the rate 0.2 * sqrt(32)
+    assert float(singular.max() / singular.min()) < 3.5
+    assert float(singular.median()) == pytest.approx(0.2 * 32**0.5, rel=0.5)
+
+
+def test_muon_state_dict_resumes_bit_for_bit():
+    torch.manual_seed(0)
+    shapes = [(16, 8), (16,), (1, 16), (1,)]
+    whole = _params(*(torch.randn(s) for s in shapes))
+    cut = _params(*(p.detach() for p in whole))
+    opt_whole, opt_cut = MuonAdamW(whole, lr=0.01), MuonAdamW(cut, lr=0.01)
+    _steps([opt_whole], [whole], shapes, steps=6)
+    _steps([opt_cut], [cut], shapes, steps=3)
+    saved = opt_cut.state_dict()
+    resumed = _params(*(p.detach() for p in cut))
+    opt_resumed = MuonAdamW(resumed, lr=0.01)
+    opt_resumed.load_state_dict(saved)
+    gen_skip = torch.Generator().manual_seed(3)  # the gradients of steps 4 to 6 are the generator's 4th to 6th
+    for _ in range(3):
+        for s in shapes:
+            torch.randn(s, generator=gen_skip)
+    for _ in range(3):
+        for p, s in zip(resumed, shapes, strict=True):
+            p.grad = torch.randn(s, generator=gen_skip)
+        opt_resumed.step()
+    for a, b in zip(whole, resumed, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 0.0}, {"betas": (1.0, 0.999)}, {"eps": 0.0}, {"weight_decay": -1.0}])
+def test_muon_refuses_invalid_settings(kwargs):
+    with pytest.raises(ValueError, match="invalid Muon settings"):
+        MuonAdamW([nn.Parameter(torch.ones(2, 2))], **kwargs)
+
+
+def test_muon_refuses_param_groups_it_would_regroup():
+    with pytest.raises(ValueError, match="groups the parameters itself"):
+        MuonAdamW([{"params": [nn.Parameter(torch.ones(2, 2))]}])

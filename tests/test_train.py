@@ -165,7 +165,7 @@ def weights(tmp_path, run):
     return load_file(newest / "model.safetensors")
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "lamb"])
+@pytest.mark.parametrize("optimizer", ["adam", "lamb", "muon"])
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, digits_shards, mlflow_uri, optimizer):
     args = ["--train.epochs", "1", "--train.batch_size", "16", "--train.ema_decay", "0.9",
             "--optim.warmup_steps", "10", "--optim.schedule", "cosine", "--optim.name", optimizer]

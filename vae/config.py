@@ -177,8 +177,9 @@ class LossSection(_Section):
 
 
 class OptimSection(_Section):
-    name: Literal["adam", "adamw", "lamb"] = Field(
-        "adam", description="Optimiser; lamb adds a layer-wise trust ratio to Adam for large global batches."
+    name: Literal["adam", "adamw", "lamb", "muon"] = Field(
+        "adam", description="Optimiser; for large global batches, lamb adds a layer-wise trust ratio to Adam and "
+        "muon orthogonalises the momentum of weight matrices (AdamW for the rest, at the same lr)."
     )
     lr: float = Field(1e-3, gt=0, description="Learning rate at optim.reference_batch (see optim.lr_scaling).")
     beta1: float = Field(0.9, ge=0, lt=1, description="Decay of the gradient's running mean (Adam, AdamW, LAMB).")

@@ -12,6 +12,8 @@ Biases and other 1-D tensors (norm scales) take the plain Adam step, as in the r
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -57,3 +59,85 @@ class Lamb(Optimizer):
                     update.mul_(trust.clamp(max=group["max_trust"]))
                 p.add_(update, alpha=-group["lr"])
         return loss
+
+
+class MuonAdamW(Optimizer):
+    """Muon for weight matrices and conv filters, AdamW for everything else, in one optimiser (Jordan et al.
+    2024, "Muon: An optimizer for hidden layers"; the single-optimiser form is the reference's
+    `MuonWithAuxAdam`).
+
+    Muon replaces each matrix's momentum by its nearest semi-orthogonal matrix (five Newton-Schulz iterations),
+    so every direction of the update moves by the same amount instead of the few dominant ones. It keeps making
+    progress per step where Adam's updates are dominated by a few directions, which is what a large batch, with
+    few steps, needs. A conv filter (out, in, kh, kw) is treated as the (out, in*kh*kw) matrix.
+
+    The matrix step is torch.optim.Muon's (nesterov momentum, bf16 Newton-Schulz); its rate follows Moonshot's
+    `match_rms_adamw` rule (0.2 * sqrt(max(A, B))), so one `lr` suits both kinds of tensor, and the trainer's
+    schedule sets it for every group alike. Tensors of fewer than two dimensions (biases, norm scales) take
+    AdamW.
+    """
+
+    NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+        if lr <= 0 or eps <= 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or weight_decay < 0:
+            raise ValueError(f"invalid Muon settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            raise ValueError("MuonAdamW groups the parameters itself (matrices vs the rest); pass the tensors")
+        groups = [{"params": [p for p in params if p.ndim >= 2], "muon": True},
+                  {"params": [p for p in params if p.ndim < 2], "muon": False}]
+        super().__init__([g for g in groups if g["params"]], {"lr": lr, "betas": betas, "eps": eps,
+                                                               "weight_decay": weight_decay, "momentum": momentum,
+                                                               "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * wd)
+                if group["muon"]:
+                    if not state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = orthogonalize(p.grad.lerp(buf, group["momentum"]).flatten(1), group["ns_steps"])
+                    rows, cols = update.shape
+                    p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
+                    continue
+                beta1, beta2 = group["betas"]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])  # torch's AdamW, to the bit
+                p.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
+        return loss
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of Muon, in bf16: roughly U S' V^T for g = U S V^T, with S' near 1."""
+    a, b, c = MuonAdamW.NS_COEFFICIENTS
+    x = g.bfloat16()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(g.dtype)

@@ -30,10 +30,10 @@ from vae.data import build_loaders, to_input
 from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
-from vae.optim import Lamb
+from vae.optim import Lamb, MuonAdamW
 from vae.schedule import lr_at, scaled_lr
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written
 EMA_WEIGHTS = "ema.safetensors"
 

@@ -1,8 +1,9 @@
 """Large batch without losing quality: validation ELBO per epoch at a global batch of 8,192 (with the LR scaling
 rule and warm-up) against batch 128, same epochs, same data. Plots both curves, logs runs and plot to MLflow.
 
-    .venv/bin/python bench/large_batch.py [--arch mlp] [--epochs 10] [--variant NAME ...] [--parallel N]
+    .venv/bin/python bench/large_batch.py [--arch mlp] [--epochs 10] [--seed 0] [--variant NAME ...] [--parallel N]
     .venv/bin/python bench/large_batch.py --replot RESULT.json --out PLOT.png   # redraw from the JSON it printed
+    .venv/bin/python bench/large_batch.py --replot A.json B.json --only b128 NAME --out PLOT.png  # runs of both
 
 Each variant is a set of overrides for vae/train.py; the first is the reference (batch 128). Prints JSON with
 each variant's final val ELBO and its gap to the reference (goal: within 1 nat). `--parallel N` trains N
@@ -48,6 +49,7 @@ VARIANTS = {
     "b8192-linear-warmup": b8192("adam", None, 0, False, "--optim.lr_scaling", "linear", "--optim.grad_clip", "10"),
     "b8192-sqrt-cosine": b8192("adam", None, 0, True, "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "7"),
     "b8192-lr2e-2-cosine": b8192("adam", "2e-2", 0, True, "--optim.warmup_steps", "7", "--optim.grad_clip", "100"),
+    "b128-muon": ["--train.batch_size", "128", "--optim.name", "muon"],  # Muon at the reference batch and rate
     "b1024-sqrt": ["--train.batch_size", "1024", "--optim.lr_scaling", "sqrt", "--optim.warmup_steps", "20"],
     # KL warm-up against the early posterior collapse that a large rate causes
     "b8192-sqrt-klwarm": b8192("adam", None, 30, False, "--optim.lr_scaling", "sqrt"),
@@ -90,6 +92,16 @@ VARIANTS = {
                                                              "--optim.weight_decay", "1e-2"),
     "b8192-lamb-2e-2-klwarm350-cosine-floor20-wd1e-3": b8192("lamb", "2e-2", 350, True, "--optim.min_lr_ratio", "0.2",
                                                              "--optim.weight_decay", "1e-3"),
+    # Muon: orthogonalised momentum for the weight matrices (AdamW for biases), at AdamW-matched rates
+    **{f"b8192-muon-{lr}-klwarm350-cosine-floor20": b8192("muon", lr, 350, True, "--optim.min_lr_ratio", "0.2")
+       for lr in ("1e-2", "2e-2", "4e-2", "8e-2")},
+    # the rate from the scaling rule (1e-3 at batch 128): sqrt gives 8e-3, linear 6.4e-2
+    **{f"b8192-muon-{rule}-klwarm350-cosine-floor20": b8192("muon", None, 350, True, "--optim.min_lr_ratio", "0.2",
+                                                            "--optim.lr_scaling", rule) for rule in ("sqrt", "linear")},
+    # without the KL warm-up and the floor that LAMB needed
+    **{f"b8192-muon-{lr}-cosine": b8192("muon", lr, 0, True)
+       for lr in ("1e-2", "1.5e-2", "2e-2", "3e-2", "4e-2", "5e-2")},
+    "b8192-muon-linear-cosine": b8192("muon", None, 0, True, "--optim.lr_scaling", "linear"),
 }
 
 
@@ -99,7 +111,7 @@ def run_variant(name: str, overrides: list[str], args, shards: Path, uri: str, t
            "--source.options.root", str(MNIST), "--ingest.shard_dir", str(shards), "--model.arch", args.arch,
            "--model.latent_dim", str(args.latent), "--train.epochs", str(args.epochs), "--train.output_dir", str(out),
            "--tracking.finalize", "false", "--tracking.tracking_uri", uri, "--tracking.experiment", "large-batch",
-           "--tracking.run_name", name, "--train.keep_checkpoints", "1", *overrides]
+           "--tracking.run_name", name, "--train.keep_checkpoints", "1", "--train.seed", str(args.seed), *overrides]
     start = time.perf_counter()
     result = subprocess.run(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True)
     if result.returncode:
@@ -139,21 +151,36 @@ def plot(runs: list[dict], arch: str, out: Path) -> None:
     plt.close(fig)
 
 
+def merge_runs(reports: list[dict], only: list[str] | None = None) -> list[dict]:
+    """The runs of several reports of this script, named with their report's seed when there are several (the
+    same variant at two seeds is two lines), keeping only the variants named in `only` if it is given."""
+    return [{**r, "name": f"{r['name']} seed {report.get('seed', 0)}" if len(reports) > 1 else r["name"]}
+            for report in reports for r in report["runs"] if only is None or r["name"] in only]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="mlp", help="mlp on CPU (cheap); conv where a GPU is at hand")
     parser.add_argument("--latent", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="train.seed of every variant (weights, sampling, data "
+                        "order): run twice with different seeds to see the spread between runs")
     parser.add_argument("--variant", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("bench/large_batch.png"))
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw the plot from this script's JSON output")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="redraw the plot from this script's JSON output; from several, their runs together, each "
+                        "name followed by its seed")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="with --replot: draw only these variants")
     parser.add_argument("--parallel", type=int, default=1, help="variants trained at once (default 1: timings mean "
                         "something only then)")
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.replot is not None:
-        report = json.loads(args.replot.read_text())
-        plot(report["runs"], report["arch"], args.out)
+        reports = [json.loads(path.read_text()) for path in args.replot]
+        runs = merge_runs(reports, args.only)
+        if not runs:
+            sys.exit(f"none of {args.only} is in {[str(p) for p in args.replot]}")
+        plot(runs, reports[0]["arch"], args.out)
         return
     if not MNIST.is_dir():
         sys.exit(f"needs real MNIST at {MNIST}")
@@ -174,8 +201,8 @@ def main() -> None:
         plot(runs, args.arch, args.out)
         for r in runs:
             mlflow.MlflowClient(uris[r["name"]]).log_artifact(r["run_id"], str(args.out))
-    report = {"arch": args.arch, "epochs": args.epochs, "reference": runs[0]["name"], "parallel": args.parallel,
-              "plot": str(args.out), "runs": runs}
+    report = {"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "reference": runs[0]["name"],
+              "parallel": args.parallel, "plot": str(args.out), "runs": runs}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,47 @@
+"""The benchmark scripts' own logic that runs without training: merging and redrawing large-batch results."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _large_batch():
+    spec = importlib.util.spec_from_file_location("large_batch", REPO / "bench/large_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(seed, *names):
+    return {"arch": "mlp", "epochs": 3, "seed": seed,
+            "runs": [{"name": n, "global_batch": 128 if n == "b128" else 8192, "curve": [-200.0 + seed, -150.0, -120.0]}
+                     for n in names]}
+
+
+def test_merged_runs_carry_their_seed_and_only_keeps_the_named_variants():
+    merge = _large_batch().merge_runs
+    reports = [_report(0, "b128", "b8192-a", "b8192-b"), _report(1, "b128", "b8192-a")]
+    assert [r["name"] for r in merge(reports, ["b128", "b8192-a"])] == [
+        "b128 seed 0", "b8192-a seed 0", "b128 seed 1", "b8192-a seed 1"]
+    assert [r["name"] for r in merge(reports[:1])] == ["b128", "b8192-a", "b8192-b"]  # one report: names as they are
+    assert merge(reports, ["b128"])[1]["curve"][0] == -199.0  # each run keeps its own curve
+
+
+def test_replot_draws_several_reports_and_names_a_variant_that_none_has(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps(_report(seed, "b128", "b8192-a")))
+    script = [sys.executable, str(REPO / "bench/large_batch.py"), "--replot", *map(str, paths)]
+    drawn = subprocess.run([*script, "--only", "b8192-a", "--out", str(tmp_path / "plot.png")],
+                           capture_output=True, text=True)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([*script, "--only", "b4096", "--out", str(tmp_path / "none.png")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "none of ['b4096'] is in" in missing.stderr
+    assert not (tmp_path / "none.png").exists()

@@ -40,16 +40,7 @@ class Lamb(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)  # a tensor, as torch's Adam keeps it
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m, v, t = adam_moments(self.state[p], p, group["betas"])
                 update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
@@ -115,18 +106,24 @@ class MuonAdamW(Optimizer):
                     p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
                     continue
                 beta1, beta2 = group["betas"]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m, v, t = adam_moments(state, p, group["betas"])
                 denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])  # torch's AdamW, to the bit
                 p.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
         return loss
+
+
+def adam_moments(state: dict, p: torch.Tensor, betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Adam's running mean and mean square of `p.grad`, kept in `state` (created on the first call) under torch's
+    Adam keys, updated for this step; and the step count, 1 on the first call."""
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)  # a tensor, as torch's Adam keeps it
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(p.grad, 1 - betas[0])
+    v.mul_(betas[1]).addcmul_(p.grad, p.grad, value=1 - betas[1])
+    return m, v, float(state["step"])
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -182,7 +182,10 @@ class OptimSection(_Section):
         "muon orthogonalises the momentum of weight matrices (AdamW for the rest, at the same lr)."
     )
     lr: float = Field(1e-3, gt=0, description="Learning rate at optim.reference_batch (see optim.lr_scaling).")
-    beta1: float = Field(0.9, ge=0, lt=1, description="Decay of the gradient's running mean (Adam, AdamW, LAMB).")
+    beta1: float = Field(
+        0.9, ge=0, lt=1, description="Decay of the gradient's running mean (Adam, AdamW, LAMB; for muon its AdamW "
+        "side: the matrices keep Muon's momentum of 0.95)."
+    )
     beta2: float = Field(
         0.999, ge=0, lt=1, description="Decay of the squared gradient's running mean; lower (0.95) adapts faster "
         "when a large batch leaves few steps."

@@ -1,13 +1,15 @@
-"""LAMB: Adam with a layer-wise trust ratio, for large global batches (You et al. 2020, "Large Batch
-Optimization for Deep Learning: Training BERT in 76 minutes", algorithm 2).
+"""Optimisers for large global batches, where few steps must each do more: LAMB and Muon (with AdamW).
 
-Adam's update has about the same size for every parameter whatever the gradient's scale, so the learning rate
-that a large batch allows is capped by the layer that tolerates the least. LAMB rescales each parameter
-tensor's Adam update `r` (plus weight decay) to `lr * ||w|| / ||r||`: every layer moves by the same fraction
-of its norm, which lets a higher rate through without destabilising the small layers.
+LAMB is Adam with a layer-wise trust ratio (You et al. 2020, "Large Batch Optimization for Deep Learning: Training
+BERT in 76 minutes", algorithm 2). Adam's update has about the same size for every parameter whatever the gradient's
+scale, so the learning rate that a large batch allows is capped by the layer that tolerates the least. LAMB rescales
+each parameter tensor's Adam update `r` (plus weight decay) to `lr * ||w|| / ||r||`: every layer moves by the same
+fraction of its norm, which lets a higher rate through without destabilising the small layers.
 
-Biases and other 1-D tensors (norm scales) take the plain Adam step, as in the reference implementation
+In LAMB, biases and other 1-D tensors (norm scales) take the plain Adam step, as in the reference implementation
 (`exclude_from_layer_adaptation`): a step proportional to its own norm could never carry a bias across zero.
+
+Muon (MuonAdamW) measured better than LAMB at batch 8,192 (bench/LOG.md): 0.4 nats from batch 128, against 2.0.
 """
 
 from __future__ import annotations

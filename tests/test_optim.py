@@ -192,3 +192,20 @@ def test_muon_refuses_invalid_settings(kwargs):
 def test_muon_refuses_param_groups_it_would_regroup():
     with pytest.raises(ValueError, match="groups the parameters itself"):
         MuonAdamW([{"params": [nn.Parameter(torch.ones(2, 2))]}])
+
+
+@pytest.mark.parametrize("optimizer", [Lamb, MuonAdamW])
+def test_step_returns_the_closures_loss_computed_with_gradients(optimizer):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = optimizer(model.parameters(), lr=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).pow(2).mean()
+        loss.backward()  # fails unless step turned gradients back on for the closure
+        return loss
+
+    first, second = float(opt.step(closure).detach()), float(opt.step(closure).detach())
+    assert second < first
+    assert opt.step() is None

@@ -33,10 +33,7 @@ class Lamb(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -87,10 +84,7 @@ class MuonAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -112,6 +106,14 @@ class MuonAdamW(Optimizer):
                 denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])  # torch's AdamW, to the bit
                 p.addcdiv_(m, denom, value=-(lr / (1 - beta1**t)))
         return loss
+
+
+def evaluate_closure(closure) -> torch.Tensor | None:
+    """The loss from `Optimizer.step`'s optional closure, with gradients on (step itself runs without)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def adam_moments(state: dict, p: torch.Tensor, betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -295,7 +295,7 @@ class ShardLoader:
         def chunks_of(shard: int):
             if self.index.layout == "packed":
                 self._packed_index(shard)  # the headers are checked before any of the shard's samples is used
-            return ((chunk, len(chunk.images)) for chunk in self._read(shard))
+            return ((self._with_extras(chunk), len(chunk.images)) for chunk in self._read(shard))
 
         for chunk, sl in self._overlaps(chunks_of, segments):
             yield Chunk(
@@ -311,7 +311,8 @@ class ShardLoader:
         self._check_sum(shard)
         sample_bytes = int(np.prod(self.index.image_shape))
         blocks, size = [], self.location.size(name)
-        for block, _ in packed_blocks(self.location, name):
+        for block, _ in packed_blocks(self.location, name, self.index.image_shape):
+            self._with_extras(block)
             if block.offset + block.num * sample_bytes > size:
                 raise ShardFormatError(f"ends inside block {len(blocks)} at byte {size} (truncated)")
             blocks.append(block)
@@ -319,6 +320,15 @@ class ShardLoader:
         if held != self.counts[shard]:
             raise ShardFormatError(f"holds {held} samples but index.json says {self.counts[shard]}")
         return blocks
+
+    def _with_extras(self, block):
+        """`block` (a Chunk or PackedBlock), when it has the labels and factors that index.json promises."""
+        for what, promised, value in (("labels", self.has_labels, block.labels),
+                                      ("factors", self.has_factors, block.factors)):
+            if promised and value is None:
+                raise ShardFormatError(f"holds a block without {what}, but index.json says split {self.split!r} "
+                                       f"has {what}")
+        return block
 
     def _packed_pieces(self) -> Iterator[tuple[object, int, int, np.ndarray | None, np.ndarray | None]]:
         """(open shard file, byte offset, samples, labels, factors) for each piece of a block this rank reads."""

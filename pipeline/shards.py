@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.conform import decode_image, encode_image
 from pipeline.errors import ShardFormatError, SourceError
@@ -45,11 +46,22 @@ Layout = Literal["packed", "encoded"]
 ImageFormat = Literal["png", "jpeg"]
 
 
+# A shard is a plain file in its directory: an index naming "../x" or "/etc/x" must not read outside it.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\.tar")
+
+
 class ShardInfo(BaseModel):
     name: str
     num_samples: int
     bytes: int
     sha256: str
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not SHARD_NAME.fullmatch(name):
+            raise ValueError(f"shard name {name!r} must be a plain file name ending in .tar, in the shard directory")
+        return name
 
 
 class SplitInfo(BaseModel):
@@ -128,6 +140,30 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
     if fortran or dtype.hasobject:
         raise ShardFormatError("a shard member holds a Fortran-order or object array; re-run the ingest")
     return shape, dtype, header.tell()
+
+
+def check_block(
+    key: str, shape: tuple[int, ...], dtype: np.dtype, image_shape: tuple[int, int, int],
+    labels: np.ndarray | None = None, factors: np.ndarray | None = None,
+) -> int:
+    """The number of images in a packed block, after checking its arrays against index.json.
+
+    The index is not trusted over the data: an `image_shape` edited to another shape of the same byte size would
+    otherwise read scrambled pixels, and a float32 block would be read as raw bytes.
+    """
+    expected = (shape[0] if shape else 0, *image_shape)
+    if np.dtype(dtype) != np.uint8:
+        raise ShardFormatError(f"block {key} stores {np.dtype(dtype)} images, but the format stores uint8")
+    if tuple(shape) != expected:
+        raise ShardFormatError(
+            f"block {key} holds images of shape {tuple(shape)}, but index.json says {expected} (image_shape "
+            f"{tuple(image_shape)})"
+        )
+    n = expected[0]
+    for what, array in (("labels", labels), ("factors", factors)):
+        if array is not None and len(array) != n:
+            raise ShardFormatError(f"block {key} has {len(array)} {what} for {n} images")
+    return n
 
 
 def npy_view(data: bytes) -> np.ndarray:
@@ -324,48 +360,61 @@ class PackedBlock:
     factors: np.ndarray | None
 
 
-def packed_blocks(location: Location, name: str) -> Iterator[tuple[PackedBlock, Any]]:
+def packed_blocks(
+    location: Location, name: str, image_shape: tuple[int, int, int]
+) -> Iterator[tuple[PackedBlock, Any]]:
     """(block, open shard file) for each block of a packed shard, reading only the tar and .npy headers and the
-    small labels/factors arrays; the caller seeks and `readinto`s the images it wants (one copy, no parsing)."""
+    small labels/factors arrays; the caller seeks and `readinto`s the images it wants (one copy, no parsing).
+    Each block's dtype, shape and label count are checked against `image_shape` (see `check_block`)."""
     with location.open(name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         key, found = None, {}
         for member in [*tar, None]:
             member_key = None if member is None else member.name.split(".", 1)[0]
             if found and member_key != key:
                 if "images.npy" not in found:
-                    raise ShardFormatError(
-                        f"{location.display(name)}: block {key} has no images.npy; re-run the ingest"
-                    )
-                num, offset = found["images.npy"]
-                yield PackedBlock(num, offset, found.get("labels.npy"), found.get("factors.npy")), f
+                    raise ShardFormatError(f"holds a sample {key} with no images.npy (members: {sorted(found)})")
+                (shape, dtype), offset = found["images.npy"]
+                labels, factors = found.get("labels.npy"), found.get("factors.npy")
+                num = check_block(key, shape, dtype, image_shape, labels, factors)
+                yield PackedBlock(num, offset, labels, factors), f
                 found = {}
             if member is None or not member.isreg():
                 continue
             key, suffix = member_key, member.name.split(".", 1)[1]
             if suffix == "images.npy":
                 f.seek(member.offset_data)
-                shape, _, header_length = npy_header(f.read(min(member.size, 1024)))
-                found[suffix] = (shape[0], member.offset_data + header_length)
+                shape, dtype, header_length = npy_header(f.read(min(member.size, 1024)))
+                found[suffix] = ((shape, dtype), member.offset_data + header_length)
             elif suffix in ("labels.npy", "factors.npy"):
                 found[suffix] = npy_view(tar.extractfile(member).read())
+            else:
+                found[suffix] = None  # an unknown member: named if its sample turns out to have no images
 
 
 def read_chunks(location: Location, name: str, index: ShardIndex, chunk: int = 256) -> Iterator[Chunk]:
     """A shard's images in file order, as chunks: one per block when packed, `chunk` images when encoded."""
     if index.layout == "packed":
         for sample in _samples(location, name):
-            labels = sample.get("labels.npy")
-            factors = sample.get("factors.npy")
-            yield Chunk(
-                npy_view(sample["images.npy"]),
-                None if labels is None else npy_view(labels),
-                None if factors is None else npy_view(factors),
-            )
+            key = sample["__key__"]
+            if "images.npy" not in sample:
+                members = sorted(k for k in sample if not k.startswith("__"))
+                raise ShardFormatError(f"holds a sample {key} with no images.npy (members: {members})")
+            images = npy_view(sample["images.npy"])
+            labels, factors = (npy_view(sample[k]) if k in sample else None for k in ("labels.npy", "factors.npy"))
+            check_block(key, images.shape, images.dtype, index.image_shape, labels, factors)
+            yield Chunk(images, labels, factors)
         return
     ext = "png" if index.image_format == "png" else "jpg"
     images, labels, factors = [], [], []
     for sample in _samples(location, name):
-        images.append(decode_image(sample[ext]))
+        if ext not in sample:
+            raise ShardFormatError(f"holds a sample {sample['__key__']} with no .{ext} image")
+        image = decode_image(sample[ext])
+        if image.shape != (expected := tuple(index.image_shape)):
+            raise ShardFormatError(
+                f"holds image {sample['__key__']} of shape {image.shape}, but index.json says {expected}"
+            )
+        images.append(image)
         if "cls" in sample:
             labels.append(int(sample["cls"]))
         if "factors.npy" in sample:
@@ -420,6 +469,8 @@ def read_index(shard_dir: str | os.PathLike | Location, storage_options: dict | 
         raw = json.loads(location.read_text(INDEX_NAME))
     except json.JSONDecodeError as err:
         raise ShardFormatError(f"{path} is not valid JSON ({err}); re-run the ingest") from None
+    if not isinstance(raw, dict):
+        raise ShardFormatError(f"{path} holds a JSON {_json_kind(raw)}, not an object; re-run the ingest")
     if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
         raise ShardFormatError(
             f"{path}: format {raw.get('format')!r} version {raw.get('version')!r} is not "
@@ -428,7 +479,12 @@ def read_index(shard_dir: str | os.PathLike | Location, storage_options: dict | 
     try:
         return ShardIndex.model_validate(raw)
     except ValidationError as err:
-        raise ShardFormatError(f"{path} is malformed: {err}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ShardFormatError(f"{path} is malformed ({problems}); re-run the ingest") from None
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
 
 
 def check_shard(location: Location, info: ShardInfo) -> str | None:

@@ -142,6 +142,8 @@ def ingest_shards(source: SourceSection, ingest: IngestSection, out: str) -> str
         remember(source, ingest, out)
         return out
     plan = pipeline.plan_ingest(name, options, out, _options(ingest))
+    for warning in plan.warnings:
+        logger.warning(warning)
     runner = task_runner(ingest)
     logger.info("%d shard group(s) of %s, layout %s, image shape %s, on %s", len(plan.groups), name,
                 plan.shard.layout, plan.shard.image_shape, type(runner).__name__)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -31,10 +32,11 @@ from pipeline.conform import ChannelRule, SizeRule, conform
 from pipeline.errors import ShardFormatError, SourceError
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, ShardInfo, ShardPlan, SplitInfo, read_index
-from pipeline.sources import build_source, validate_options
+from pipeline.sources import build_source, get_source_class, validate_options
 from pipeline.storage import Location
 
 MARKERS = ".ingest"  # per-group completion markers, beside the shards
+log = logging.getLogger(__name__)
 
 
 class IngestOptions(BaseModel, frozen=True):
@@ -50,6 +52,7 @@ class IngestOptions(BaseModel, frozen=True):
     channel_rule: ChannelRule = "reject"
     image_size: tuple[int, int] | None = None
     channels: Literal[1, 3, 4] | None = None
+    max_skip_fraction: float = Field(0.01, ge=0, le=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -69,6 +72,7 @@ class IngestPlan(BaseModel, frozen=True):
     splits: list[str]
     factor_names: list[str] | None
     groups: list[GroupTask]
+    warnings: list[str] = Field(default_factory=list)  # for the person running the ingest: logged, not fatal
 
     def location(self) -> Location:
         return Location(self.out, self.options.storage_options)
@@ -97,6 +101,18 @@ def source_record(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "config": validate_options(name, options).model_dump(mode="json")}
 
 
+def _same_source(stored: dict[str, Any], name: str, options: dict[str, Any]) -> bool:
+    """Whether a directory written from `stored` serves source `name` with `options`.
+
+    Options missing a required field (a training config that names the source but not its root: it only reads
+    the shards) match on the fields they give; complete options must match the stored config exactly.
+    """
+    if validate_options(name, options, complete=False) is not None:
+        return stored == source_record(name, options)
+    given = get_source_class(name).Config.model_construct(**options).model_dump(mode="json", include=set(options))
+    return stored.get("name") == name and all(stored.get("config", {}).get(k) == v for k, v in given.items())
+
+
 def is_complete(shard_dir: str | os.PathLike, storage_options: dict | None = None) -> bool:
     """True when the directory holds a readable `index.json` (the completion marker)."""
     try:
@@ -119,7 +135,7 @@ def prepare_dir(
     if location.exists() and location.isfile(INDEX_NAME):
         index = read_index(location)
         if not overwrite:
-            if index.source != source_record(name, options):
+            if not _same_source(index.source, name, options):
                 raise ShardFormatError(
                     f"{location} already holds shards of {index.source}, not of source {name!r} with {options}; "
                     "choose another ingest.shard_dir or set ingest.overwrite=true"
@@ -155,12 +171,14 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
     splits = source.splits()
     if not splits:
         raise SourceError(f"source {name!r} has no splits; check its options")
-    shape = None
-    if opts.image_size is None or opts.channels is None:
-        first = _first_image(source, splits).image.shape
-        shape = (*(opts.image_size or first[:2]), opts.channels or first[2])
-    else:
-        shape = (*opts.image_size, opts.channels)
+    warnings = []
+    if len(splits) == 1:
+        warnings.append(
+            f"source {name!r} gave only the split {splits[0]!r}: training needs a training and a validation split "
+            "(data.train_split, data.val_split). Hold some out at ingest (an imagefolder without train/test folders: "
+            "--source.options.test_fraction 0.1), or point both at this split when training"
+        )
+    shape = _target_shape(source, splits, opts)
     layout = shards.choose_layout(opts.layout, shape)
     per_group = opts.shards_per_task * opts.samples_per_shard
     groups = []
@@ -180,12 +198,48 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         splits=splits,
         factor_names=list(source.factor_names) or None,
         groups=groups,
+        warnings=warnings,
     )
+
+
+def _target_shape(source, splits: list[str], opts: IngestOptions) -> tuple[int, int, int]:
+    """The dataset's (H, W, C): the configured size and channels, else the most common ones among the inputs.
+
+    A source that can survey its files' headers (`Source.shapes`) gives the most common size and channel count;
+    with the size rule 'reject', a survey where more than ingest.max_skip_fraction of the inputs are of other sizes
+    is refused before anything is written, with the size histogram and the settings that fit them. A source that
+    cannot survey gives its first image's shape (its inputs are usually of one shape; the skip threshold at the
+    end still catches a collection that is not).
+    """
+    if opts.image_size is not None and opts.channels is not None:
+        return (*opts.image_size, opts.channels)
+    survey: Counter = Counter()
+    for split in splits:
+        survey.update(source.shapes(split) or {})
+    if not survey:
+        first = _first_image(source, splits).image.shape
+        return (*(opts.image_size or first[:2]), opts.channels or first[2])
+    sizes, channels = Counter(), Counter()
+    for (h, w, c), n in survey.items():
+        sizes[h, w] += n
+        channels[c] += n
+    size = opts.image_size or sizes.most_common(1)[0][0]
+    total, off = sum(sizes.values()), sum(n for s, n in sizes.items() if s != tuple(size))
+    if opts.size_rule == "reject" and off > opts.max_skip_fraction * total:
+        histogram = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sizes.most_common(8))
+        more = f" and {len(sizes) - 8} more sizes" if len(sizes) > 8 else ""
+        raise SourceError(
+            f"{off} of {total} images are not {size[0]}x{size[1]} (H x W; sizes: {histogram}{more}), and "
+            "ingest.size_rule 'reject' would skip them all. Pick a rule: ingest.size_rule crop (scale the shorter "
+            "side, centre-crop) or resize (stretch), to the most common size or to ingest.image_size H,W; or raise "
+            f"ingest.max_skip_fraction (now {opts.max_skip_fraction}) to skip them"
+        )
+    return (*size, opts.channels or channels.most_common(1)[0][0])
 
 
 def _fingerprint(plan: IngestPlan, task: GroupTask) -> str:
     """What a group's shards depend on; a marker with another fingerprint is stale."""
-    settings = plan.options.model_dump(mode="json", exclude={"storage_options"})
+    settings = plan.options.model_dump(mode="json", exclude={"storage_options", "max_skip_fraction"})
     data = {"source": plan.source, "options": settings, "shard": plan.shard.model_dump(mode="json"),
             "task": task.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -274,6 +328,22 @@ def _merge_split(split: str, results: list[GroupResult], location: Location) -> 
     )
 
 
+def _check_skip_fraction(plan: IngestPlan, report: list[Skip], written: int, location: Location) -> None:
+    """Refuse to complete a directory that left out more than ingest.max_skip_fraction of its inputs: an ingest
+    that drops half a collection must not end with exit status 0 and a warning scrolled away."""
+    total = written + len(report)
+    if len(report) <= plan.options.max_skip_fraction * total:
+        return
+    kinds = dict(Counter(s.kind for s in report).most_common())
+    raise SourceError(
+        f"{len(report)} of {total} inputs ({len(report) / total:.1%}) were skipped ({kinds}), more than "
+        f"ingest.max_skip_fraction ({plan.options.max_skip_fraction}); each is listed with its reason in "
+        f"{location.display(REPORT_NAME)}. Fix the inputs or the rules that rejected them (ingest.size_rule, "
+        "ingest.channel_rule, ingest.image_size), or raise ingest.max_skip_fraction to accept the loss; the "
+        "shards written so far are kept for the re-run"
+    )
+
+
 def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
     """Merge the groups, write the skip report, remove stray shards, and write `index.json` last."""
     location = plan.location()
@@ -285,6 +355,7 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
     splits = {
         split: _merge_split(split, [r for r in results if r.task.split == split], location) for split in plan.splits
     }
+    _check_skip_fraction(plan, report, sum(info.num_samples for info in splits.values()), location)
     for split, info in splits.items():  # shards of an earlier, differently planned run: never mixed in
         listed = {s.name for s in info.shards}
         for name in location.glob(f"{split}-*.tar"):
@@ -325,4 +396,6 @@ def ingest(
     if existing is not None:
         return existing
     plan = plan_ingest(name, options, out_dir, opts)
+    for warning in plan.warnings:
+        log.warning(warning)
     return finalize_ingest(plan, [write_group(plan, task, progress) for task in plan.groups])

@@ -44,7 +44,7 @@ def messy_folder(tmp_path):
 def test_bad_inputs_are_skipped_listed_and_counted(messy_folder, tmp_path):
     root, good = messy_folder
     out = tmp_path / "shards"
-    index = pipeline.ingest("imagefolder", {"root": str(root)}, out, 4, 2, progress=False)
+    index = pipeline.ingest("imagefolder", {"root": str(root)}, out, 4, 2, progress=False, max_skip_fraction=1.0)
     assert index.image_shape == (6, 6, 3) and index.splits["train"].num_samples == 8
     assert index.skipped == {"corrupt": 2, "unreadable": 1, "size": 1, "channels": 2}
     assert index.splits["train"].skipped == index.skipped and index.skipped_report == "skipped.jsonl"
@@ -63,19 +63,21 @@ def test_fail_policy_stops_at_the_first_bad_input_and_says_how_to_skip(messy_fol
     root, _ = messy_folder
     with pytest.raises(SourceError, match=r"input 'a/dangling.png' of split 'train' was rejected \(unreadable\).*"
                                           "set ingest.on_error=skip"):
-        pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "out", 4, 2, progress=False, on_error="fail")
+        pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "out", 4, 2, progress=False, on_error="fail",
+                        max_skip_fraction=1.0)
     assert not (tmp_path / "out" / "index.json").exists()
 
 
 def test_size_and_channel_rules_convert_instead_of_skipping(messy_folder, tmp_path):
     root, good = messy_folder
     index = pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "out", 4, 2, progress=False,
-                            size_rule="crop", channel_rule="convert", image_size=(4, 4), channels=1)
+                            size_rule="crop", channel_rule="convert", image_size=(4, 4), channels=1,
+                            max_skip_fraction=1.0)
     assert index.image_shape == (4, 4, 1)
     assert index.skipped == {"corrupt": 2, "unreadable": 1}  # only the undecodable inputs are left out
     assert index.splits["train"].num_samples == 11
     resized = pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "out2", 4, 2, progress=False,
-                              size_rule="resize", channel_rule="convert")
+                              size_rule="resize", channel_rule="convert", max_skip_fraction=1.0)
     assert resized.image_shape == (6, 6, 3) and resized.splits["train"].num_samples == 11
     images, _ = pipeline.read_split(tmp_path / "out2", "train")
     np.testing.assert_array_equal(images[:8], good)  # images of the target shape pass untouched

@@ -49,7 +49,7 @@ class SourceSection(_Section):
     def _check_plugin(self) -> SourceSection:
         from pipeline.sources import validate_options  # registry lookup: unknown names list the valid ones
 
-        validate_options(self.name, self.options)
+        validate_options(self.name, self.options, complete=False)  # required ones are the ingest's to check
         return self
 
 
@@ -78,8 +78,17 @@ class IngestSection(_Section):
     channel_rule: Literal["reject", "convert"] = Field(
         "reject", description="Images with another channel count (L/RGB/RGBA): reject, or convert."
     )
-    image_size: tuple[int, int] | None = Field(None, description="Target (H, W); default: the first image's.")
-    channels: Literal[1, 3, 4] | None = Field(None, description="Target channels; default: the first image's.")
+    image_size: tuple[int, int] | None = Field(
+        None, description="Target (H, W); default: the most common size among the inputs (imagefolder reads every "
+        "file's header to find it; other sources: the first image's)."
+    )
+    channels: Literal[1, 3, 4] | None = Field(
+        None, description="Target channels; default: the most common channel count (as image_size)."
+    )
+    max_skip_fraction: float = Field(
+        0.01, ge=0, le=1, description="The ingest fails, naming the reasons and skipped.jsonl, when more than this "
+        "fraction of the inputs was skipped; with size_rule reject and mixed sizes it refuses before writing."
+    )
     runner: Literal["threads", "processes"] = Field(
         "threads", description="Local task runner of the ingest flow (processes: true parallelism, slower start)."
     )

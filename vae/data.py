@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import ShardLoader
+from pipeline import ShardFormatError, ShardLoader, read_index
 from vae.config import RunConfig
 
 
@@ -25,6 +25,7 @@ def build_loaders(
 
     Both are resident (decoded once onto `device`, default Accelerate's) when a split fits data.memory_budget_mb.
     """
+    _check_splits(cfg)
     common = dict(
         batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed,
         resident=cfg.data.resident, memory_budget=cfg.data.memory_budget_mb << 20,
@@ -34,6 +35,21 @@ def build_loaders(
     train = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer, **common)
     val = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, **common)
     return train, val
+
+
+def _check_splits(cfg: RunConfig) -> None:
+    """Both splits the run reads exist, or a ShardFormatError that names both ways to fix it."""
+    index = read_index(cfg.shard_dir, cfg.ingest.storage_options)
+    wanted = {"data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split}
+    missing = {field: split for field, split in wanted.items() if split not in index.splits}
+    if missing:
+        named = ", ".join(f"{field} {split!r}" for field, split in missing.items())
+        raise ShardFormatError(
+            f"{cfg.shard_dir} has the split(s) {sorted(index.splits)} but not {named}. Either hold out a split at "
+            "ingest (an imagefolder without train/test folders: --source.options.test_fraction 0.1 --ingest.overwrite "
+            "true), or train on the splits there are: --data.train_split and --data.val_split (the same split for "
+            "both validates on training images)"
+        )
 
 
 def to_input(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:

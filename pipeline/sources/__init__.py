@@ -8,6 +8,7 @@ unknown and duplicate names fail loudly and list what is there.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -56,6 +57,12 @@ class Source:
         """Yield the inputs [start, stop) of `split` (stop None: to the end), in a deterministic order."""
         raise NotImplementedError
 
+    def shapes(self, split: str) -> Counter[tuple[int, int, int]] | None:
+        """How many inputs of `split` have each (H, W, C), from file headers without decoding pixels; None (the
+        default) when the source cannot tell cheaply. The ingest picks the dataset's shape from this survey (the
+        most common one) instead of from whichever input comes first."""
+        return None
+
     def _check_split(self, split: str) -> None:
         if split not in self.splits():
             raise SourceError(f"source {self.name!r} has no split {split!r}; it has {self.splits()}")
@@ -87,14 +94,22 @@ def get_source_class(name: str) -> type[Source]:
     return cls
 
 
-def validate_options(name: str, options: dict[str, Any]) -> SourceConfig:
-    """Validate `options` against the plugin's config, naming the bad field and the source."""
+def validate_options(name: str, options: dict[str, Any], complete: bool = True) -> SourceConfig | None:
+    """Validate `options` against the plugin's config, naming the bad field and the source.
+
+    complete=False checks only what is given: unknown fields and bad values still fail, but a required field
+    left out (an imagefolder `root`) is accepted and None returned. A training run reads the shard directory,
+    not the source, so its config need not carry the source's options; the ingest validates them completely.
+    """
     cls = get_source_class(name)
     try:
         return cls.Config(**options)
     except ValidationError as err:
+        errors = [e for e in err.errors() if complete or e["type"] != "missing"]
+        if not errors:
+            return None
         problems = "; ".join(
-            f"source.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            f"source.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors
         )
         fields = ", ".join(cls.Config.model_fields) or "none"
         raise SourceError(f"invalid options for source {name!r}: {problems} (its fields: {fields})") from None

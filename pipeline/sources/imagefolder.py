@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import Field
 
 from pipeline.conform import BadImage, decode_image
@@ -126,3 +128,31 @@ class ImageFolderSource(Source):
                 continue
             label = label_of[rel.split(os.sep, 1)[0]] if classes else None
             yield Record(key=rel, image=image, label=label)
+
+    def shapes(self, split: str) -> Counter[tuple[int, int, int]]:
+        """(H, W, C) per file from its header (Pillow reads no pixels until asked), as the image will be decoded:
+        EXIF rotations by 90 degrees swap H and W. Files Pillow cannot identify are left out (they are rejected
+        when read)."""
+        self._check_split(split)
+        root, files = self._listing()[split]
+        found: Counter[tuple[int, int, int]] = Counter()
+        for rel in files:
+            try:
+                with Image.open(root / rel) as image:
+                    w, h = image.size
+                    if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
+                        w, h = h, w
+                    found[h, w, _channels(image)] += 1
+            except (OSError, ValueError, SyntaxError):  # PIL's errors for an unreadable or unknown file
+                continue
+        return found
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def _channels(image: Image.Image) -> int:
+    """Channels the decoded image will have (pipeline.conform's conversions: palette, bilevel, CMYK, 16-bit)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return 4
+    return 1 if image.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F") else 3

@@ -3,11 +3,17 @@ its archive extracts. Tiny real files written in tmp_path."""
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import numpy as np
+import pytest
 from PIL import Image
 from test_sources import _rng_images
 
 import pipeline
+from pipeline import SourceError
+from pipeline.sources import arrays as arrays_module
 
 # ---- imagefolder: formats, files without a suffix, EXIF, modes
 
@@ -86,3 +92,93 @@ def test_imagefolder_a_broken_image_is_still_rejected_as_corrupt(tmp_path):
     items = list(pipeline.build_source("imagefolder", {"root": str(tmp_path)}).records("train"))
     assert [(type(i).__name__, i.key) for i in items] == [("Rejected", "bad.png"), ("Record", "ok.png")]
     assert items[0].kind == "corrupt"
+
+
+# ---- arrays: binary masks
+
+
+def test_arrays_binary_masks_are_stored_as_0_and_255_with_a_warning(tmp_path, caplog, monkeypatch):
+    mask = np.random.default_rng(0).integers(0, 2, (6, 4, 5), dtype=np.uint8)
+    np.save(tmp_path / "mask.npy", mask)
+    options = {"files": {"train": str(tmp_path / "mask.npy")}}
+    with caplog.at_level(logging.WARNING):
+        records = list(pipeline.build_source("arrays", options).records("train"))
+    np.testing.assert_array_equal(np.stack([r.image[..., 0] for r in records]), mask * 255)
+    assert "binary mask, stored as 0 and 255" in caplog.text and "source.options.binary=keep" in caplog.text
+    kept = list(pipeline.build_source("arrays", {**options, "binary": "keep"}).records("train"))
+    np.testing.assert_array_equal(np.stack([r.image[..., 0] for r in kept]), mask)
+    # a 2 in the last rows, past several scan chunks: not a mask, stored as it is
+    monkeypatch.setattr(arrays_module, "_SCAN_BYTES", 40)
+    dark = mask.copy()
+    dark[-1, -1, -1] = 2
+    np.save(tmp_path / "dark.npy", dark)
+    dark_options = {"files": {"train": str(tmp_path / "dark.npy")}}
+    records = list(pipeline.build_source("arrays", dark_options).records("train"))
+    np.testing.assert_array_equal(np.stack([r.image[..., 0] for r in records]), dark)
+    with pytest.raises(SourceError, match="values above 1, so it is not a 0/1 mask; set source.options.binary"):
+        pipeline.build_source("arrays", {**dark_options, "binary": "scale"}).num_records("train")
+
+
+def test_arrays_binary_mask_ingests_as_visible_images(tmp_path):
+    mask = np.zeros((4, 6, 6), np.uint8)
+    mask[:, 2:4, 2:4] = 1
+    np.savez(tmp_path / "sprites.npz", imgs=mask)
+    pipeline.ingest("arrays", {"files": {"train": str(tmp_path / "sprites.npz")}, "images_key": "imgs"},
+                    tmp_path / "shards", progress=False)
+    images, _ = pipeline.read_split(tmp_path / "shards", "train")
+    assert set(np.unique(images)) == {0, 255}
+
+
+# ---- arrays: npz with object arrays, MATLAB files
+
+
+def _dsprites_like(path):
+    imgs = np.random.default_rng(0).integers(0, 2, (5, 4, 4), dtype=np.uint8)
+    metadata = np.array({"description": "dSprites", "latents_names": ("color", "shape")}, dtype=object)
+    np.savez(path, imgs=imgs, latents_classes=np.arange(5), metadata=metadata)  # metadata is pickled by numpy
+    return imgs
+
+
+def test_arrays_npz_reads_only_the_requested_keys_beside_an_object_array(tmp_path):
+    imgs = _dsprites_like(tmp_path / "dsprites.npz")
+    options = {"files": {"train": str(tmp_path / "dsprites.npz")}, "images_key": "imgs",
+               "labels_key": "latents_classes"}
+    records = list(pipeline.build_source("arrays", options).records("train"))
+    np.testing.assert_array_equal(np.stack([r.image[..., 0] for r in records]), imgs * 255)
+    assert [r.label for r in records] == [0, 1, 2, 3, 4]
+    with pytest.raises(SourceError, match="array 'metadata' in .* is an object array") as err:
+        pipeline.build_source("arrays", {**options, "images_key": "metadata"}).num_records("train")
+    assert "pickle" not in str(err.value)
+
+
+def test_arrays_reads_a_mat_file_through_scipy(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io", reason="scipy (a scikit-learn dependency) is not installed")
+    images = _rng_images(3, (4, 5))
+    scipy_io.savemat(tmp_path / "faces.mat", {"faces": images, "ids": np.array([7, 8, 9])})  # ids: a (1, 3) row
+    options = {"files": {"train": str(tmp_path / "faces.mat")}, "images_key": "faces", "labels_key": "ids"}
+    records = list(pipeline.build_source("arrays", options).records("train"))
+    np.testing.assert_array_equal(np.stack([r.image[..., 0] for r in records]), images)
+    assert [r.label for r in records] == [7, 8, 9]
+    with pytest.raises(SourceError, match=r"has no array 'images' \(it has \['faces', 'ids'\]\)"):
+        pipeline.build_source("arrays", {**options, "images_key": "images"}).num_records("train")
+
+
+def test_arrays_mat_files_without_scipy_v73_and_foreign_files_say_what_they_are(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io", reason="scipy (a scikit-learn dependency) is not installed")
+    scipy_io.savemat(tmp_path / "faces.mat", {"images": _rng_images(2, (4, 4))})
+    # a v7.3 file: MATLAB's text header with version 0x0200 (HDF5 follows)
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
+    (tmp_path / "big.mat").write_bytes(header + bytes(512))
+    (tmp_path / "notes.npy").write_text("not an array\n")
+
+    def message(name):
+        with pytest.raises(SourceError) as err:
+            pipeline.build_source("arrays", {"files": {"train": str(tmp_path / name)}}).num_records("train")
+        assert "pickle" not in str(err.value)
+        return str(err.value)
+
+    assert "is a MATLAB v7.3 file (HDF5 inside)" in message("big.mat")
+    assert "is not a .npy, .npz or MATLAB .mat file" in message("notes.npy")
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    text = message("faces.mat")
+    assert "is a MATLAB .mat file; install scipy" in text and "np.savez(" in text

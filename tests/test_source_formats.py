@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_sources import _rng_images
+from test_sources import _rng_images, write_cifar10_bin
 
 import pipeline
 from pipeline import SourceError
@@ -182,3 +182,37 @@ def test_arrays_mat_files_without_scipy_v73_and_foreign_files_say_what_they_are(
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
     text = message("faces.mat")
     assert "is a MATLAB .mat file; install scipy" in text and "np.savez(" in text
+
+
+# ---- cifar: the archive's folder, subset files
+
+
+def test_cifar_root_above_the_extracted_archive_folder(tmp_path):
+    images = _rng_images(3, (32, 32, 3))
+    folder = tmp_path / "downloads" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    write_cifar10_bin(folder / "data_batch_1.bin", images, np.array([1, 2, 3]))
+    write_cifar10_bin(folder / "test_batch.bin", images[:2], np.array([4, 5]))
+    source = pipeline.build_source("cifar", {"root": str(tmp_path / "downloads")})
+    assert source.splits() == ["train", "test"]
+    np.testing.assert_array_equal(np.stack([r.image for r in source.records("train")]), images)
+    (tmp_path / "downloads" / "cifar-100-binary").mkdir()
+    (tmp_path / "downloads" / "cifar-100-binary" / "train.bin").write_bytes(bytes(3074))
+    with pytest.raises(SourceError, match="several CIFAR folders.*set source.options.root to one of them"):
+        pipeline.build_source("cifar", {"root": str(tmp_path / "downloads")}).splits()
+    only100 = pipeline.build_source("cifar", {"root": str(tmp_path / "downloads"), "variant": "cifar100"})
+    assert only100.num_records("train") == 1
+
+
+def test_cifar_a_test_file_under_another_name_is_reported_as_a_subset(tmp_path, caplog):
+    write_cifar10_bin(tmp_path / "data_batch_1.bin", _rng_images(2, (32, 32, 3)), np.array([1, 2]))
+    write_cifar10_bin(tmp_path / "test_batch_first1000.bin", _rng_images(3, (32, 32, 3)), np.array([3, 4, 5]))
+    with caplog.at_level(logging.WARNING):
+        assert pipeline.build_source("cifar", {"root": str(tmp_path)}).num_records("test") == 3
+    assert "test_batch_first1000.bin, which is not an official cifar10 file name: it holds 3 records" in caplog.text
+    assert "the official test file holds 10000" in caplog.text
+    assert "data_batch_1.bin holds 2 records where the official file holds 10000" in caplog.text
+    write_cifar10_bin(tmp_path / "test_batch.bin", _rng_images(3, (32, 32, 3)), np.array([3, 4, 5]))
+    with pytest.raises(SourceError, match="official test_batch.bin and also test_batch_first1000.bin.*move it out"):
+        pipeline.build_source("cifar", {"root": str(tmp_path)}).splits()
+

@@ -11,7 +11,7 @@ import io
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.records import Record, Rejected
 
@@ -30,26 +30,54 @@ class BadImage(ValueError):
         self.kind, self.reason = kind, reason
 
 
+def _sixteen_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (modes I;16*, or I holding 0..65535) -> L by round(v * 255 / 65535).
+
+    A fixed rule over the full 16-bit range, not a per-image stretch, so that the same value is the same
+    grey in every image (a 12-bit scan stored in 16 bits comes out dark, as it is).
+    """
+    values = np.asarray(image).astype(np.uint32)
+    if image.mode == "I" and (values.size and (int(values.min()) < 0 or int(values.max()) > 65535)):
+        raise BadImage("mode", f"32-bit integer image with values {values.min()}..{values.max()} is not stored; "
+                               "convert the file to 8-bit")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
 def pil_to_array(image: Image.Image) -> np.ndarray:
-    """A PIL image -> uint8 (H, W, C) with C in {1, 3, 4}; 16-bit and float images are refused."""
+    """A PIL image -> uint8 (H, W, C) with C in {1, 3, 4}.
+
+    Palette images become RGB (RGBA when they have a transparent colour); bilevel, gray+alpha, CMYK and other
+    colour spaces convert to L, RGBA or RGB; 16-bit grayscale scales to 8 bit (see `_sixteen_bit`); float
+    images are refused.
+    """
     mode = image.mode
     if mode == "P":
         mode = "RGBA" if "transparency" in image.info else "RGB"
         image = image.convert(mode)
     elif mode in _CONVERT:
         image = image.convert(_CONVERT[mode])
+    elif mode.startswith("I;16") or mode == "I":
+        image = _sixteen_bit(image)
     elif mode not in ("L", "RGB", "RGBA"):
-        raise BadImage("mode", f"PIL mode {mode!r} (16-bit or float) is not stored; convert the file to 8-bit")
+        raise BadImage("mode", f"PIL mode {mode!r} (float or another unsupported kind) is not stored; convert the "
+                               "file to 8-bit")
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
 
+def image_to_array(image: Image.Image) -> np.ndarray:
+    """An opened PIL image -> uint8 (H, W, C): decodes its first frame (of a multi-frame GIF or TIFF, the
+    others are ignored), turns it upright by its EXIF orientation tag, and converts its mode (`pil_to_array`)."""
+    image.load()  # decodes fully: a truncated file fails here, not later
+    ImageOps.exif_transpose(image, in_place=True)
+    return pil_to_array(image)
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes (PNG, JPEG, WebP, ...) -> uint8 (H, W, C); a truncated or corrupt file raises BadImage."""
+    """Encoded bytes (any format Pillow reads) -> uint8 (H, W, C); a truncated or corrupt file raises BadImage."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes fully: a truncated file fails here, not later
-            return pil_to_array(image)
+            return image_to_array(image)
     except UnidentifiedImageError:
         raise BadImage("corrupt", "not a readable image (unknown format or corrupt header)") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated/corrupt data

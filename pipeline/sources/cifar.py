@@ -5,10 +5,18 @@ Binary: CIFAR-10 records are 1 label byte + 3,072 pixel bytes (1,024 red, green,
 `train.bin` and `test.bin`. Python: pickled dicts of `data` (N, 3072) and `labels` / `fine_labels`, in
 `data_batch_{1..5}` and `test_batch` (CIFAR-10) or `train` and `test` (CIFAR-100). The pickles are read by
 an unpickler that only builds numpy arrays, lists and dicts, never arbitrary objects.
+
+`root` is the folder of batch files, or the folder above the one extracted archive folder
+(`cifar-10-batches-bin/`, `cifar-10-batches-py/`, `cifar-100-binary/`, `cifar-100-python/`). A batch file
+under another name (`test_batch_first1000.bin`) is read with a warning that gives its record count beside the
+official one, as is an official binary file with another count; beside the official file of its split it is refused,
+since the split would hold the same images twice.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +37,17 @@ _PATTERNS = {
     ("cifar10", "python"): {"train": "data_batch_[0-9]*", "test": "test_batch*"},
     ("cifar100", "python"): {"train": "train", "test": "test"},
 }
+# the official archives' file names per split, and the records in each such file
+_OFFICIAL = {
+    ("cifar10", "binary"): {"train": {f"data_batch_{i}.bin" for i in range(1, 6)}, "test": {"test_batch.bin"}},
+    ("cifar100", "binary"): {"train": {"train.bin"}, "test": {"test.bin"}},
+    ("cifar10", "python"): {"train": {f"data_batch_{i}" for i in range(1, 6)}, "test": {"test_batch"}},
+    ("cifar100", "python"): {"train": {"train"}, "test": {"test"}},
+}
+_OFFICIAL_RECORDS = {("cifar10", "train"): 10_000, ("cifar10", "test"): 10_000,
+                     ("cifar100", "train"): 50_000, ("cifar100", "test"): 10_000}
+_ARCHIVE_DIRS = {"cifar10": "cifar-10-batches-*", "cifar100": "cifar-100-*"}  # what the official archives extract to
+log = logging.getLogger(__name__)
 
 
 class CifarConfig(SourceConfig):
@@ -68,6 +87,51 @@ def _load_python_batch(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return images, labels
 
 
+def _find(directory: Path, variants: list[str]) -> tuple[str, str, dict[str, list[Path]]] | None:
+    """(variant, format, split -> batch files) of the first layout whose files are in `directory`."""
+    for fmt in ("binary", "python"):
+        for variant in variants:
+            found = {s: sorted(p for p in directory.glob(g) if p.is_file()) for s, g in _PATTERNS[variant, fmt].items()}
+            found = {s: files for s, files in found.items() if files}
+            if found:
+                return variant, fmt, found
+    return None
+
+
+def _check_names(variant: str, fmt: str, split: str, paths: list[Path]) -> None:
+    """Refuse official and other batch files in one split (the same images twice); report each other one."""
+    official = _OFFICIAL[variant, fmt][split]
+    others = [p.name for p in paths if p.name not in official]
+    if others and len(others) < len(paths):
+        raise SourceError(
+            f"cifar source: the {split} split of {paths[0].parent} would read the official "
+            f"{', '.join(p.name for p in paths if p.name in official)} and also {', '.join(others)}, which is not an "
+            "official CIFAR file name (a subset or a copy?); move it out of the folder"
+        )
+    for path in paths:
+        stat = path.stat()
+        _report_count(path, stat.st_size, stat.st_mtime_ns, variant, fmt, split, path.name in official)
+
+
+@functools.cache  # one warning per file version and process, however often the layout is looked up
+def _report_count(path: Path, size: int, mtime: int, variant: str, fmt: str, split: str, official: bool) -> None:
+    expected = _OFFICIAL_RECORDS[variant, split]
+    if fmt == "binary":
+        count = size // (PIXELS + (1 if variant == "cifar10" else 2))
+    elif official:
+        return  # an official python batch: counting it means unpickling 30 MB more per lookup
+    else:
+        count = len(_load_python_batch(path)[0])
+    if not official:
+        log.warning("cifar source: the %s split reads %s, which is not an official %s file name: it holds %d "
+                    "records where the official %s file holds %d, so it is a subset or another file, and figures "
+                    "on it are not comparable with published %s results", split, path, variant, count, split,
+                    expected, variant)
+    elif count != expected:
+        log.warning("cifar source: %s holds %d records where the official file holds %d: a subset or a "
+                    "modified copy", path, count, expected)
+
+
 class CifarSource(Source):
     name = "cifar"
     Config = CifarConfig
@@ -77,16 +141,26 @@ class CifarSource(Source):
         if not root.is_dir():
             raise SourceError(f"cifar source: directory {root} does not exist; set source.options.root")
         variants = ["cifar10", "cifar100"] if self.config.variant == "auto" else [self.config.variant]
-        for fmt in ("binary", "python"):
-            for variant in variants:
-                found = {s: sorted(p for p in root.glob(g) if p.is_file()) for s, g in _PATTERNS[variant, fmt].items()}
-                found = {s: files for s, files in found.items() if files}
-                if found:
-                    return variant, fmt, found
-        raise SourceError(
-            f"cifar source: no CIFAR batch files in {root} (expected data_batch_*.bin / test_batch.bin, train.bin / "
-            "test.bin, or the python batches data_batch_1 ... / train, test)"
-        )
+        found = _find(root, variants)
+        if found is None:  # the folder above the extracted archive: descend into that one folder
+            below = [(d, f) for v in variants for d in sorted(root.glob(_ARCHIVE_DIRS[v]))
+                     if d.is_dir() and (f := _find(d, variants))]
+            if len(below) > 1:
+                raise SourceError(
+                    f"cifar source: {root} holds several CIFAR folders ({', '.join(d.name for d, _ in below)}); set "
+                    "source.options.root to one of them"
+                )
+            found = below[0][1] if below else None
+        if found is None:
+            raise SourceError(
+                f"cifar source: no CIFAR batch files in {root} nor in a cifar-10-batches-*/cifar-100-* folder in it "
+                "(expected data_batch_*.bin / test_batch.bin, train.bin / test.bin, or the python batches "
+                "data_batch_1 ... / train, test)"
+            )
+        variant, fmt, files = found
+        for split, paths in files.items():
+            _check_names(variant, fmt, split, paths)
+        return found
 
     def splits(self) -> list[str]:
         return list(self._layout()[2])

@@ -1,15 +1,24 @@
-"""`imagefolder`: a tree of PNG / JPEG / WebP files; labels from the first-level subfolders when present.
+"""`imagefolder`: a tree of image files in any still-image format Pillow decodes; labels from the first-level
+subfolders when present.
 
     root/cat/001.png, root/dog/002.jpg  -> labels 0 (cat), 1 (dog), classes sorted by name
     root/train/cat/..., root/test/cat/... -> splits train and test, each with the same class folders
 
+Which files are images: those whose suffix is one Pillow registers for a format it decodes by itself
+(`default_extensions`), and, unless `identify_unknown` is off, files with no suffix or another one (Yale's
+`subject01.happy`) that Pillow identifies as such an image by their content (magic bytes). Other files
+(README, labels.csv) are ignored and counted in the log, never reported as corrupt.
+
 Files are listed once, sorted, so the order (and each shard group's range) is deterministic. A file that
 cannot be read or decoded is yielded as `Rejected` with the reason; the ingest's policy decides its fate.
+Decoding (`pipeline.conform.image_to_array`): the first frame of a multi-frame GIF/TIFF, upright by its EXIF
+orientation, palette/CMYK/16-bit modes converted to 8-bit L, RGB or RGBA.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 from pydantic import Field
 
 from pipeline.conform import BadImage, decode_image
@@ -26,11 +35,38 @@ from pipeline.records import Record, Rejected
 from pipeline.sources import Source, SourceConfig
 
 SPLIT_DIRS = ("train", "val", "validation", "test")
+# Formats Pillow registers but cannot decode by itself: identify-only stubs (BUFR, GRIB, HDF5, WMF off
+# Windows) are found by class below; MPEG is a video header reader and EPS needs the Ghostscript program.
+_NOT_DECODED = {"MPEG", "EPS"}
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def decodable_formats() -> frozenset[str]:
+    """Names of the image formats Pillow opens and decodes without an external program."""
+    Image.init()  # loads every plugin, so the registry is complete
+    return frozenset(
+        name for name, (cls, _) in Image.OPEN.items()
+        if name not in _NOT_DECODED and not (isinstance(cls, type) and issubclass(cls, ImageFile.StubImageFile))
+    )
+
+
+def default_extensions() -> tuple[str, ...]:
+    """Every file suffix Pillow registers for a format it decodes (.png, .jpg, .gif, .bmp, .tif, .pgm, .webp,
+    ...), from its registry rather than a hand list, so a Pillow that reads more formats reads more files."""
+    formats = decodable_formats()
+    return tuple(sorted(ext for ext, name in Image.registered_extensions().items() if name in formats))
 
 
 class ImageFolderConfig(SourceConfig):
     root: Path = Field(description="Top of the tree.")
-    extensions: tuple[str, ...] = Field((".png", ".jpg", ".jpeg", ".webp"), description="File suffixes read.")
+    extensions: tuple[str, ...] | None = Field(
+        None, description="File suffixes read as images; None: every suffix of a format Pillow decodes."
+    )
+    identify_unknown: bool = Field(
+        True, description="Files with no suffix or a suffix not in extensions: open them and read those that Pillow "
+        "identifies as images by their content; the others are ignored. False: ignore them unread.",
+    )
     labels: Literal["auto", "folders", "none"] = Field(
         "auto", description="folders: first-level subfolders are classes; auto: folders when every image is in one."
     )
@@ -40,15 +76,32 @@ class ImageFolderConfig(SourceConfig):
     seed: int = Field(0, description="Seed of the train/test assignment when test_fraction > 0.")
 
 
+def _is_image(path: str) -> bool:
+    """Whether Pillow identifies the file as an image it decodes; reads its header only."""
+    try:
+        with Image.open(path) as image:
+            return image.format in decodable_formats()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # not an image, or not one Pillow knows
+        return False
+
+
 @functools.lru_cache(maxsize=8)
-def _walk(root: str, extensions: tuple[str, ...]) -> tuple[str, ...]:
+def _walk(root: str, extensions: tuple[str, ...], identify: bool) -> tuple[str, ...]:
     """Every image file under root, relative, sorted; cached per process (shard groups list it once)."""
-    found = []
+    found, ignored = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         for name in filenames:
-            if name.lower().endswith(extensions) and not name.startswith("."):
-                found.append(os.path.relpath(os.path.join(dirpath, name), root))
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            if name.lower().endswith(extensions) or (identify and _is_image(path)):
+                found.append(os.path.relpath(path, root))
+            else:
+                ignored.append(name)
+    if ignored:
+        log.info("imagefolder: ignored %d file(s) under %s that are not images (e.g. %s)", len(ignored), root,
+                 ", ".join(sorted(ignored)[:3]))
     return tuple(sorted(found))
 
 
@@ -66,12 +119,13 @@ class ImageFolderSource(Source):
 
     def _listing(self) -> dict[str, tuple[Path, list[str]]]:
         """Split -> (its root, its files relative to that root)."""
-        extensions = tuple(e.lower() for e in self.config.extensions)
+        extensions = tuple(e.lower() for e in (self.config.extensions or default_extensions()))
+        identify = self.config.identify_unknown
         roots = self._split_roots()
         if "" not in roots:
-            out = {split: (r, list(_walk(str(r), extensions))) for split, r in roots.items()}
+            out = {split: (r, list(_walk(str(r), extensions, identify))) for split, r in roots.items()}
         else:
-            files = list(_walk(str(roots[""]), extensions))
+            files = list(_walk(str(roots[""]), extensions, identify))
             if self.config.test_fraction and files:
                 order = np.random.default_rng(self.config.seed).permutation(len(files))
                 n_test = max(1, int(round(len(files) * self.config.test_fraction)))
@@ -83,9 +137,11 @@ class ImageFolderSource(Source):
             else:
                 out = {"train": (roots[""], files)}
         if not any(files for _, files in out.values()):
+            kinds = "/".join(self.config.extensions) if self.config.extensions else "image"
+            found_by = ", nor files Pillow identifies as images" if self.config.identify_unknown else ""
             raise SourceError(
-                f"imagefolder source: no {'/'.join(self.config.extensions)} files under {self.config.root}; "
-                "check source.options.root and source.options.extensions"
+                f"imagefolder source: no {kinds} files under {self.config.root}{found_by}; check "
+                "source.options.root and source.options.extensions"
             )
         return out
 

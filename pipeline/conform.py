@@ -75,9 +75,24 @@ def image_to_array(image: Image.Image) -> np.ndarray:
 
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded bytes (any format Pillow reads) -> uint8 (H, W, C); a truncated or corrupt file raises BadImage."""
+    return decode_source(data)[0]
+
+
+# formats whose files a shard keeps as they are, and the PIL modes they may be in for that
+_KEPT = {"JPEG": ("jpeg", ("L", "RGB")), "PNG": ("png", ("L", "RGB", "RGBA")), "WEBP": ("webp", ("L", "RGB", "RGBA"))}
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def decode_source(data: bytes) -> tuple[np.ndarray, str | None]:
+    """`decode_image`, and the format ('jpeg', 'png', 'webp') under which `data` itself can be stored in a shard:
+    set only when decoding it needs no conversion (an 8-bit L/RGB(A) single frame, upright), so that a reader
+    decoding the stored bytes gets this image. None when the bytes must be re-encoded."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image_to_array(image)
+            fmt, modes = _KEPT.get(image.format, (None, ()))
+            keep = (fmt is not None and image.mode in modes and not getattr(image, "is_animated", False)
+                    and image.getexif().get(_ORIENTATION, 1) == 1)
+            return image_to_array(image), fmt if keep else None
     except UnidentifiedImageError:
         raise BadImage("corrupt", "not a readable image (unknown format or corrupt header)") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated/corrupt data
@@ -86,12 +101,14 @@ def decode_image(data: bytes) -> np.ndarray:
         raise BadImage("corrupt", f"corrupt or truncated image: {err}") from None
 
 
-def encode_image(image: np.ndarray, fmt: Literal["png", "jpeg"]) -> bytes:
-    """uint8 (H, W, C) -> PNG (lossless) or JPEG (quality 95; RGBA cannot be JPEG) bytes."""
+def encode_image(image: np.ndarray, fmt: Literal["png", "jpeg", "webp"], quality: int = 95) -> bytes:
+    """uint8 (H, W, C) -> PNG (lossless), JPEG or WebP (lossy at `quality`) bytes. RGBA cannot be JPEG: it is
+    stored as PNG then (a lossy format that drops alpha would change the data silently)."""
+    if fmt == "jpeg" and image.shape[2] == 4:
+        fmt = "png"
+    settings = {"png": {"compress_level": 1}, "jpeg": {"quality": quality}, "webp": {"quality": quality}}[fmt]
     buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image, _MODES[image.shape[2]]).save(
-        buf, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {"compress_level": 1})
-    )
+    _to_pil(image).save(buf, format=fmt.upper(), **settings)
     return buf.getvalue()
 
 
@@ -118,11 +135,11 @@ def resize(image: np.ndarray, size: tuple[int, int], rule: SizeRule) -> np.ndarr
     if rule == "crop":
         scale = max(h / image.shape[0], w / image.shape[1])
         sh, sw = max(h, round(image.shape[0] * scale)), max(w, round(image.shape[1] * scale))
-        pil = pil.resize((sw, sh), Image.Resampling.BILINEAR)
+        pil = pil.resize((sw, sh), Image.Resampling.LANCZOS)  # antialiased: photos are mostly shrunk
         top, left = (sh - h) // 2, (sw - w) // 2
         pil = pil.crop((left, top, left + w, top + h))
     else:
-        pil = pil.resize((w, h), Image.Resampling.BILINEAR)
+        pil = pil.resize((w, h), Image.Resampling.LANCZOS)
     return _from_pil(pil)
 
 

@@ -18,12 +18,16 @@ class Record:
     image: uint8 array (H, W, C); grayscale sources use C = 1.
     label: class index, when the source has labels.
     factors: ground-truth generative factors (K,), for disentanglement metrics, when known.
+    encoded, encoded_format: the source's encoded file, when decoding it gives `image` with no conversion (no
+        EXIF rotation, mode change, resize or crop); the encoded layout stores these bytes as they are.
     """
 
     key: str
     image: np.ndarray
     label: int | None = None
     factors: np.ndarray | None = None
+    encoded: bytes | None = None  # the source file's bytes when they decode to exactly `image` (kept in shards)
+    encoded_format: str | None = None  # their format: 'jpeg', 'png' or 'webp'
 
     def __post_init__(self) -> None:
         if self.image.dtype != np.uint8 or self.image.ndim != 3:

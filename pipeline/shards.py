@@ -1,12 +1,8 @@
 """Shard format, version 1: WebDataset tar shards plus an `index.json` written last.
 
-Two layouts, both ordinary WebDataset shards that `webdataset.WebDataset(url).decode()` and GNU tar read:
-
-- packed (small images): a tar member groups a *block* of up to `block_size` images as one uint8 array
-  (n, H, W, C) in `.images.npy`, with `.labels.npy` (n,) when the source has labels, `.factors.npy` (n, K)
-  when it has ground-truth factors, and `.keys.json` naming each image. One member per 784-byte image costs
-  ~5k samples/s per core in tar and Python overhead; a block of 1,024 costs almost nothing.
-- encoded (large images): one sample per image, `.png` or `.jpg`, with `.cls`, `.factors.npy`, `.key.txt`.
+The shards are ordinary WebDataset shards that `webdataset.WebDataset(url).decode()` and GNU tar read, in one of
+the layouts of `pipeline.layouts` (packed blocks of small images, or one encoded image per sample); the index
+names the layout, and the layout's entry writes and reads them.
 
 `index.json` records the layout, per split the shards with sample count, bytes and sha256, the image shape,
 and the skipped inputs per reason (each one is listed in `skipped.jsonl` beside the shards).
@@ -15,11 +11,9 @@ and the skipped inputs per reason (each one is listed in `skipped.jsonl` beside 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,8 +25,8 @@ import numpy as np
 import webdataset as wds
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from pipeline.conform import decode_image, encode_image
 from pipeline.errors import ShardFormatError, SourceError
+from pipeline.layouts import WriteOptions, get_layout
 from pipeline.records import Record
 from pipeline.storage import Location
 
@@ -42,8 +36,7 @@ INDEX_NAME = "index.json"
 REPORT_NAME = "skipped.jsonl"
 # "auto" packs images up to this many bytes (64x64x3 = 12,288: CIFAR, dSprites, MNIST) and encodes larger ones
 PACKED_MAX_IMAGE_BYTES = 16384
-Layout = Literal["packed", "encoded"]
-ImageFormat = Literal["png", "jpeg"]
+ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 # A shard is a plain file in its directory: an index naming "../x" or "/etc/x" must not read outside it.
@@ -79,8 +72,11 @@ class ShardIndex(BaseModel):
     version: int = FORMAT_VERSION
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     source: dict[str, Any] = Field(description="{'name': ..., 'config': {...}} of the source that wrote it.")
-    layout: Layout = "packed"
-    image_format: ImageFormat | None = Field(None, description="Encoding of each image in the encoded layout.")
+    layout: str = Field("packed", description="The layout's name in pipeline.layouts.LAYOUTS.")
+    image_format: ImageFormat | None = Field(
+        None, description="Encoding of the images the ingest encoded (encoded layout); images kept as the source "
+        "stored them keep their own format, named by their tar suffix."
+    )
     block_size: int
     image_shape: tuple[int, int, int] = Field(description="(H, W, C) of every image.")
     dtype: Literal["uint8"] = "uint8"
@@ -88,6 +84,15 @@ class ShardIndex(BaseModel):
     factor_names: list[str] | None = Field(None, description="Names of the factors, when the source knows them.")
     skipped: dict[str, int] = Field(default_factory=dict, description="Reason -> number of inputs skipped.")
     skipped_report: str | None = Field(None, description=f"File listing every skipped input ({REPORT_NAME}).")
+
+    @field_validator("layout")
+    @classmethod
+    def _known_layout(cls, layout: str) -> str:
+        from pipeline.layouts import LAYOUTS
+
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown shard layout {layout!r}; this vaepipe reads {sorted(LAYOUTS)}")
+        return layout
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -98,18 +103,19 @@ class ShardIndex(BaseModel):
 class ShardPlan(BaseModel, frozen=True):
     """How a split's records become shards; every shard group of one ingest shares it."""
 
-    layout: Layout
-    image_format: ImageFormat = "png"
+    layout: str
+    image_format: ImageFormat = "jpeg"
+    quality: int = 95
     samples_per_shard: int
     block_size: int
     image_shape: tuple[int, int, int]
 
     @property
     def per_write(self) -> int:
-        return self.block_size if self.layout == "packed" else 1
+        return get_layout(self.layout).per_write(self.block_size)
 
 
-def choose_layout(requested: Literal["auto", "packed", "encoded"], shape: tuple[int, int, int]) -> Layout:
+def choose_layout(requested: Literal["auto", "packed", "encoded"], shape: tuple[int, int, int]) -> str:
     """'auto': packed blocks for images up to PACKED_MAX_IMAGE_BYTES, one encoded image per sample above."""
     if requested != "auto":
         return requested
@@ -123,53 +129,6 @@ def sha256_of(location: Location, name: str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header length) of .npy bytes (the first kilobyte is enough)."""
-    header = io.BytesIO(data[:1024])
-    version = np.lib.format.read_magic(header)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(header)
-    if fortran or dtype.hasobject:
-        raise ShardFormatError("a shard member holds a Fortran-order or object array; re-run the ingest")
-    return shape, dtype, header.tell()
-
-
-def check_block(
-    key: str, shape: tuple[int, ...], dtype: np.dtype, image_shape: tuple[int, int, int],
-    labels: np.ndarray | None = None, factors: np.ndarray | None = None,
-) -> int:
-    """The number of images in a packed block, after checking its arrays against index.json.
-
-    The index is not trusted over the data: an `image_shape` edited to another shape of the same byte size would
-    otherwise read scrambled pixels, and a float32 block would be read as raw bytes.
-    """
-    expected = (shape[0] if shape else 0, *image_shape)
-    if np.dtype(dtype) != np.uint8:
-        raise ShardFormatError(f"block {key} stores {np.dtype(dtype)} images, but the format stores uint8")
-    if tuple(shape) != expected:
-        raise ShardFormatError(
-            f"block {key} holds images of shape {tuple(shape)}, but index.json says {expected} (image_shape "
-            f"{tuple(image_shape)})"
-        )
-    n = expected[0]
-    for what, array in (("labels", labels), ("factors", factors)):
-        if array is not None and len(array) != n:
-            raise ShardFormatError(f"block {key} has {len(array)} {what} for {n} images")
-    return n
-
-
-def npy_view(data: bytes) -> np.ndarray:
-    """A read-only array over a .npy member's bytes, without the copy `np.load` makes (~1 ms per 800 kB)."""
-    shape, dtype, offset = npy_header(data)
-    return np.frombuffer(data, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
 
 
 def _chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -215,32 +174,6 @@ class _LabelCheck:
             self.max_label = max(self.max_label, int(record.label))
 
 
-def _packed_sample(split: str, number: int, block: list[Record], check: _LabelCheck) -> dict[str, bytes | str]:
-    for record in block:
-        check(record)
-    sample: dict[str, bytes | str] = {
-        "__key__": f"{split}-block-{number:06d}",
-        "images.npy": _npy_bytes(np.stack([r.image for r in block])),
-        "keys.json": json.dumps([r.key for r in block]).encode(),
-    }
-    if check.has_labels:
-        sample["labels.npy"] = _npy_bytes(np.asarray([r.label for r in block], dtype=np.int64))
-    if check.num_factors is not None:
-        sample["factors.npy"] = _npy_bytes(np.stack([np.asarray(r.factors, np.float32) for r in block]))
-    return sample
-
-
-def _encoded_sample(split: str, number: int, record: Record, fmt: ImageFormat, check: _LabelCheck) -> dict:
-    check(record)
-    ext = "png" if fmt == "png" else "jpg"
-    sample = {"__key__": f"{split}-{number:09d}", ext: encode_image(record.image, fmt), "key.txt": record.key}
-    if check.has_labels:
-        sample["cls"] = str(int(record.label))
-    if check.num_factors is not None:
-        sample["factors.npy"] = _npy_bytes(np.asarray(record.factors, np.float32))
-    return sample
-
-
 def write_shards(
     records: Iterable[Record], location: Location, split: str, first_shard: int, plan: ShardPlan
 ) -> WrittenShards:
@@ -271,6 +204,8 @@ def write_shards(
         pending = 0
 
     check = _LabelCheck()
+    layout = get_layout(plan.layout)
+    options = WriteOptions(image_format=plan.image_format, quality=plan.quality)
     per_write = plan.per_write
     writer = wds.ShardWriter(
         str(Path(staging.name if staging else location.root) / f"{split}-%06d.tar"),
@@ -286,11 +221,8 @@ def write_shards(
                         f"record {record.key!r} has shape {record.image.shape}, but this dataset's images are "
                         f"{plan.image_shape}; set ingest.size_rule / ingest.channel_rule to fit or skip such images"
                     )
-            if plan.layout == "packed":
-                sample = _packed_sample(split, number, chunk, check)
-            else:
-                sample = _encoded_sample(split, number, chunk[0], plan.image_format, check)
-            writer.write(sample)
+                check(record)
+            writer.write(layout.sample(split, number, chunk, options))
             pending += len(chunk)
     finally:
         writer.close()
@@ -322,116 +254,6 @@ def write_split(
 def _prepend(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
     yield first
     yield from rest
-
-
-# ---- reading
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    images: np.ndarray  # uint8 (n, H, W, C)
-    labels: np.ndarray | None  # int64 (n,)
-    factors: np.ndarray | None  # float32 (n, K)
-
-
-def _members(tar: tarfile.TarFile, url: str) -> Iterator[dict]:
-    for member in tar:
-        if member.isreg():
-            yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
-
-
-def _samples(location: Location, name: str) -> Iterator[dict]:
-    """A shard's samples, grouped by webdataset's `group_by_keys`.
-
-    The tar is opened seekable ('r:') rather than as a stream ('r|*', webdataset's `tar_file_iterator`):
-    a stream reads each 800 kB block in 10 kB pieces and joins them, which costs ~40% of the loader's time.
-    """
-    with location.open(name) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
-        yield from wds.tariterators.group_by_keys(_members(tar, location.display(name)))
-
-
-@dataclass(frozen=True, slots=True)
-class PackedBlock:
-    """Where one packed block's images lie in its shard, so a reader copies them straight into its buffer."""
-
-    num: int
-    offset: int  # byte offset of the first image's pixels in the shard file
-    labels: np.ndarray | None
-    factors: np.ndarray | None
-
-
-def packed_blocks(
-    location: Location, name: str, image_shape: tuple[int, int, int]
-) -> Iterator[tuple[PackedBlock, Any]]:
-    """(block, open shard file) for each block of a packed shard, reading only the tar and .npy headers and the
-    small labels/factors arrays; the caller seeks and `readinto`s the images it wants (one copy, no parsing).
-    Each block's dtype, shape and label count are checked against `image_shape` (see `check_block`)."""
-    with location.open(name) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        key, found = None, {}
-        for member in [*tar, None]:
-            member_key = None if member is None else member.name.split(".", 1)[0]
-            if found and member_key != key:
-                if "images.npy" not in found:
-                    raise ShardFormatError(f"holds a sample {key} with no images.npy (members: {sorted(found)})")
-                (shape, dtype), offset = found["images.npy"]
-                labels, factors = found.get("labels.npy"), found.get("factors.npy")
-                num = check_block(key, shape, dtype, image_shape, labels, factors)
-                yield PackedBlock(num, offset, labels, factors), f
-                found = {}
-            if member is None or not member.isreg():
-                continue
-            key, suffix = member_key, member.name.split(".", 1)[1]
-            if suffix == "images.npy":
-                f.seek(member.offset_data)
-                shape, dtype, header_length = npy_header(f.read(min(member.size, 1024)))
-                found[suffix] = ((shape, dtype), member.offset_data + header_length)
-            elif suffix in ("labels.npy", "factors.npy"):
-                found[suffix] = npy_view(tar.extractfile(member).read())
-            else:
-                found[suffix] = None  # an unknown member: named if its sample turns out to have no images
-
-
-def read_chunks(location: Location, name: str, index: ShardIndex, chunk: int = 256) -> Iterator[Chunk]:
-    """A shard's images in file order, as chunks: one per block when packed, `chunk` images when encoded."""
-    if index.layout == "packed":
-        for sample in _samples(location, name):
-            key = sample["__key__"]
-            if "images.npy" not in sample:
-                members = sorted(k for k in sample if not k.startswith("__"))
-                raise ShardFormatError(f"holds a sample {key} with no images.npy (members: {members})")
-            images = npy_view(sample["images.npy"])
-            labels, factors = (npy_view(sample[k]) if k in sample else None for k in ("labels.npy", "factors.npy"))
-            check_block(key, images.shape, images.dtype, index.image_shape, labels, factors)
-            yield Chunk(images, labels, factors)
-        return
-    ext = "png" if index.image_format == "png" else "jpg"
-    images, labels, factors = [], [], []
-    for sample in _samples(location, name):
-        if ext not in sample:
-            raise ShardFormatError(f"holds a sample {sample['__key__']} with no .{ext} image")
-        image = decode_image(sample[ext])
-        if image.shape != (expected := tuple(index.image_shape)):
-            raise ShardFormatError(
-                f"holds image {sample['__key__']} of shape {image.shape}, but index.json says {expected}"
-            )
-        images.append(image)
-        if "cls" in sample:
-            labels.append(int(sample["cls"]))
-        if "factors.npy" in sample:
-            factors.append(npy_view(sample["factors.npy"]))
-        if len(images) == chunk:
-            yield _stack(images, labels, factors)
-            images, labels, factors = [], [], []
-    if images:
-        yield _stack(images, labels, factors)
-
-
-def _stack(images: list, labels: list, factors: list) -> Chunk:
-    return Chunk(
-        np.stack(images),
-        np.asarray(labels, dtype=np.int64) if labels else None,
-        np.stack(factors) if factors else None,
-    )
 
 
 def write_index(out_dir: str | os.PathLike | Location, index: ShardIndex) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydantic import Field
 
-from pipeline.conform import BadImage, decode_image
+from pipeline.conform import BadImage, decode_source
 from pipeline.errors import SourceError
 from pipeline.records import Record, Rejected
 from pipeline.sources import Source, SourceConfig
@@ -175,7 +175,7 @@ class ImageFolderSource(Source):
         for rel in files[start:stop]:
             try:
                 data = (root / rel).read_bytes()
-                image = decode_image(data)
+                image, kept_as = decode_source(data)
             except OSError as err:
                 yield Rejected(rel, "unreadable", f"cannot be read: {err.strerror or err}")
                 continue
@@ -183,7 +183,7 @@ class ImageFolderSource(Source):
                 yield Rejected(rel, err.kind, str(err))
                 continue
             label = label_of[rel.split(os.sep, 1)[0]] if classes else None
-            yield Record(key=rel, image=image, label=label)
+            yield Record(key=rel, image=image, label=label, encoded=data if kept_as else None, encoded_format=kept_as)
 
     def shapes(self, split: str) -> Counter[tuple[int, int, int]]:
         """(H, W, C) per file from its header (Pillow reads no pixels until asked), as the image will be decoded:

@@ -1,0 +1,241 @@
+"""Shard layouts: how records become tar samples, and how a reader finds and decodes them again.
+
+One registry (`LAYOUTS`): the index's `layout` names an entry that holds both its writer and its reader, so no
+other module branches on a layout's name.
+
+- `packed` (small images): a tar member groups a block of up to `block_size` images as one uint8 array
+  (n, H, W, C) in `.images.npy`, with `.labels.npy` (n,), `.factors.npy` (n, K) and `.keys.json`. One member
+  per 784-byte image costs ~5k samples/s per core in tar and Python overhead; a block of 1,024 costs almost
+  nothing, and a reader copies pixels straight from the file into its buffer (`readinto`).
+- `encoded` (large images, photos): one sample per image, `.jpg`/`.png`/`.webp` with `.cls`,
+  `.factors.npy` and `.key.txt`. The source's own bytes are kept when the image needed no conversion
+  (`Record.encoded`); others are encoded in the ingest's format and quality.
+
+A reader first builds a shard's `ShardTable` from the tar and .npy headers alone (where each sample's bytes
+lie, its label and factors), checked against index.json; then it reads any sample by offset, so a rank or a
+worker process reads exactly the samples it needs, in any order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are the decoders DESIGN.md
+# measured (2.2x Pillow for JPEG) and the ones with a batched GPU path, so they stay until TorchCodec ships one.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+from pipeline.conform import BadImage, decode_image, encode_image
+from pipeline.errors import ShardFormatError
+from pipeline.npy import check_block, npy_bytes, npy_header, npy_view
+from pipeline.records import Record
+
+# encoded members a reader decodes, by tar suffix -> the format name `Record.encoded_format` uses
+IMAGE_SUFFIXES = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
+SUFFIX_OF = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass
+class ShardTable:
+    """Where each sample of one shard lies: byte offsets and sizes, and its label and factors."""
+
+    offsets: np.ndarray  # int64 (n,): first byte of the sample's pixels (packed) or encoded file (encoded)
+    sizes: np.ndarray  # int64 (n,)
+    labels: np.ndarray | None  # int64 (n,)
+    factors: np.ndarray | None  # float32 (n, K)
+    suffixes: list[str] | None = None  # encoded: each sample's image suffix
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def _concat(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    if not parts or parts[0] is None:
+        return None
+    if any(p is None for p in parts):
+        raise ShardFormatError("some samples have labels or factors and others do not")
+    return np.concatenate(parts)
+
+
+class Layout:
+    """A shard layout: the writer's samples and the reader's table and decoder."""
+
+    name: ClassVar[str]
+    decodes: ClassVar[bool]  # whether reading costs a decode per image (then worker processes pay off)
+
+    def per_write(self, block_size: int) -> int:
+        """Records per tar sample."""
+        raise NotImplementedError
+
+    def sample(self, split: str, number: int, records: list[Record], options: WriteOptions) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def table(self, f, name: str, image_shape: tuple[int, int, int]) -> ShardTable:
+        """Scan an open shard file's headers into its table, checking each sample against `image_shape`."""
+        raise NotImplementedError
+
+    def decode(self, data: bytes | memoryview, suffix: str | None, image_shape: tuple[int, int, int]) -> torch.Tensor:
+        """One sample's bytes -> uint8 (C, H, W)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    image_format: str = "jpeg"  # encoded: the format of images that are (re-)encoded
+    quality: int = 95
+
+
+class Packed(Layout):
+    name = "packed"
+    decodes = False
+
+    def per_write(self, block_size: int) -> int:
+        return block_size
+
+    def sample(self, split, number, records, options):
+        sample: dict[str, Any] = {
+            "__key__": f"{split}-block-{number:06d}",
+            "images.npy": npy_bytes(np.stack([r.image for r in records])),
+            "keys.json": json.dumps([r.key for r in records]).encode(),
+        }
+        if records[0].label is not None:
+            sample["labels.npy"] = npy_bytes(np.asarray([r.label for r in records], dtype=np.int64))
+        if records[0].factors is not None:
+            sample["factors.npy"] = npy_bytes(np.stack([np.asarray(r.factors, np.float32) for r in records]))
+        return sample
+
+    def table(self, f, name, image_shape):
+        sample_bytes = int(np.prod(image_shape))
+        offsets, labels, factors = [], [], []
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for key, found in _groups(tar):
+                if "images.npy" not in found:
+                    raise ShardFormatError(f"holds a sample {key} with no images.npy (members: {sorted(found)})")
+                member = found["images.npy"]
+                f.seek(member.offset_data)
+                shape, dtype, header = npy_header(f.read(min(member.size, 1024)))
+                extras = {k: npy_view(tar.extractfile(found[k]).read()) if k in found else None
+                          for k in ("labels.npy", "factors.npy")}
+                n = check_block(key, shape, dtype, image_shape, extras["labels.npy"], extras["factors.npy"])
+                start = member.offset_data + header
+                if start + n * sample_bytes > size:
+                    raise ShardFormatError(f"ends inside block {key} at byte {size} (truncated)")
+                offsets.append(start + sample_bytes * np.arange(n, dtype=np.int64))
+                labels.append(extras["labels.npy"])
+                factors.append(extras["factors.npy"])
+        offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        return ShardTable(offsets, np.full(len(offsets), sample_bytes, np.int64), _concat(labels), _concat(factors))
+
+    def decode(self, data, suffix, image_shape):
+        h, w, c = image_shape
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(h, w, c).permute(2, 0, 1)
+
+
+class Encoded(Layout):
+    name = "encoded"
+    decodes = True
+
+    def per_write(self, block_size: int) -> int:
+        return 1
+
+    def sample(self, split, number, records, options):
+        (record,) = records
+        if record.encoded is not None and record.encoded_format in SUFFIX_OF:  # the source's bytes, untouched
+            suffix, data = SUFFIX_OF[record.encoded_format], record.encoded
+        else:
+            suffix = SUFFIX_OF[options.image_format]
+            data = encode_image(record.image, options.image_format, options.quality)
+        sample = {"__key__": f"{split}-{number:09d}", suffix: data, "key.txt": record.key}
+        if record.label is not None:
+            sample["cls"] = str(int(record.label))
+        if record.factors is not None:
+            sample["factors.npy"] = npy_bytes(np.asarray(record.factors, np.float32))
+        return sample
+
+    def table(self, f, name, image_shape):
+        offsets, sizes, suffixes, labels, factors = [], [], [], [], []
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for key, found in _groups(tar):
+                image = [s for s in found if s in IMAGE_SUFFIXES]
+                if len(image) != 1:
+                    raise ShardFormatError(f"holds a sample {key} with {len(image)} images (members: {sorted(found)})")
+                member = found[image[0]]
+                offsets.append(member.offset_data)
+                sizes.append(member.size)
+                suffixes.append(image[0])
+                labels.append(int(tar.extractfile(found["cls"]).read()) if "cls" in found else None)
+                factors.append(npy_view(tar.extractfile(found["factors.npy"]).read()) if "factors.npy" in found
+                               else None)
+        if len({x is None for x in labels}) > 1 or len({x is None for x in factors}) > 1:
+            raise ShardFormatError("some samples have labels or factors and others do not")
+        return ShardTable(
+            np.asarray(offsets, np.int64), np.asarray(sizes, np.int64),
+            None if not labels or labels[0] is None else np.asarray(labels, np.int64),
+            None if not factors or factors[0] is None else np.stack(factors).astype(np.float32),
+            suffixes,
+        )
+
+    def decode(self, data, suffix, image_shape):
+        image = decode_tensor(bytes(data), image_shape[2])
+        if tuple(image.shape) != (image_shape[2], *image_shape[:2]):
+            c, h, w = image.shape
+            raise ShardFormatError(f"holds an image of shape {(h, w, c)}, but index.json says {tuple(image_shape)}")
+        return image
+
+
+def decode_tensor(data: bytes, channels: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 (C, H, W) with `channels` channels.
+
+    torchvision's decoder (libjpeg-turbo, libpng, libwebp) is used because it is ~2.2x Pillow's speed for JPEG
+    on one core (DESIGN.md facts); what it cannot read is decoded by Pillow with the ingest's rules. Corrupt
+    data raises BadImage either way.
+    """
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}[channels]
+    try:
+        return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    except RuntimeError:
+        array = decode_image(data)  # Pillow; raises BadImage for corrupt data
+        if array.shape[2] != channels:
+            raise BadImage("channels", f"decoded {array.shape[2]} channels, expected {channels}") from None
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def _groups(tar: tarfile.TarFile):
+    """(key, {suffix: member}) per sample, as webdataset groups members: by the name up to the first dot."""
+    key, found = None, {}
+    for member in tar:
+        if not member.isreg():
+            continue
+        member_key, _, suffix = member.name.partition(".")
+        if found and member_key != key:
+            yield key, found
+            found = {}
+        key = member_key
+        found[suffix] = member
+    if found:
+        yield key, found
+
+
+LAYOUTS: dict[str, Callable[[], Layout]] = {"packed": Packed, "encoded": Encoded}
+
+
+def get_layout(name: str) -> Layout:
+    """The layout registered under `name`; an unknown one is refused, listing the known ones."""
+    if name not in LAYOUTS:
+        raise ShardFormatError(f"unknown shard layout {name!r}; this vaepipe reads {sorted(LAYOUTS)}: re-ingest")
+    return LAYOUTS[name]()

@@ -1,0 +1,93 @@
+"""Resident loading: the split is decoded once into a uint8 tensor on the device (N, C, H, W); each epoch a
+permutation shared by all ranks is cut into the same per-rank slices as streaming: disjoint, equal in count,
+and on a GPU no host work per batch at all. Crops and flips run on the device, as one gather per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.errors import ShardFormatError
+from pipeline.loader.base import Batch, ShardLoader, generator
+from pipeline.loader.read import BatchJobs, Reader
+
+DECODE_CHUNK = 256  # images a worker decodes per job while the split is loaded
+
+
+class ResidentLoader(ShardLoader):
+    resident = True
+    _data: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The whole split, decoded once, in file order, on the device (N excludes skipped shards' samples)."""
+        if self._data is None:
+            images, labels, factors = read_whole(self)
+            self._data = (images.to(self.device),
+                          None if labels is None else labels.to(self.device),
+                          None if factors is None else factors.to(self.device))
+        return self._data
+
+    def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:
+        images, labels, factors = self.load()
+        n = len(images)  # the slice bounds stay those of index.json's count: skipping changes no rank's length
+        if self.shuffle:  # the same permutation on every rank (seed, epoch): the rank slices stay disjoint
+            perm = torch.randperm(n, generator=generator(self.seed, self.epoch))
+        else:
+            perm = torch.arange(n)
+        if self.pad:  # the padded slice wraps like the streamed one
+            positions = torch.arange(self.start, self.stop) % n
+        else:  # an exact slice of what was read
+            positions = torch.arange(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+        mine = perm[positions]
+        if self.shuffle:  # and a within-rank order of its own, as in streaming mode
+            mine = mine[torch.randperm(len(mine), generator=generator(self.seed, self.epoch, self.rank, 1))]
+        mine = mine.to(self.device)
+        for b in range(skip, self.batch_count(len(mine))):
+            idx = mine[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = self._augment(images.index_select(0, idx), self._crop_params(b, len(idx)))
+            yield b, Batch(batch, None if labels is None else labels.index_select(0, idx),
+                           None if factors is None else factors.index_select(0, idx))
+
+
+def read_whole(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Every readable shard of the loader's split in file order, as uint8 (N, C, H, W) on the CPU, with labels
+    and factors; packed pixels are copied straight from the files, other layouts decoded by the workers."""
+    readable = [s for s in range(len(loader.names)) if loader.table(s) is not None]
+    if not readable:
+        raise ShardFormatError(f"{loader.location}: no readable shard in split {loader.split!r} (skipped: "
+                               f"{sorted(loader.skipped_shards)}); re-run the ingest")
+    shards = np.concatenate([np.full(loader.counts[s], s, np.int64) for s in readable])
+    samples = np.concatenate([np.arange(loader.counts[s], dtype=np.int64) for s in readable])
+    reader = Reader(loader.location, loader.names, loader._tables, loader.layout, loader.index.image_shape)
+    try:
+        if loader.layout.decodes:
+            images = _decoded(loader, reader, shards, samples)
+        else:
+            shape = loader.index.image_shape
+            buffer = np.empty((len(shards), *shape), np.uint8)
+            reader.contiguous(shards, samples, memoryview(buffer.reshape(-1)), int(np.prod(shape)))
+            images = torch.from_numpy(buffer).permute(0, 3, 1, 2).contiguous()
+    finally:
+        reader.close()
+    labels, factors = loader.extras(shards, samples)
+    return images, labels, factors
+
+
+def _decoded(loader: ShardLoader, reader: Reader, shards: np.ndarray, samples: np.ndarray) -> torch.Tensor:
+    chunks = [(shards[i : i + DECODE_CHUNK], samples[i : i + DECODE_CHUNK]) for i in range(0, len(shards),
+                                                                                           DECODE_CHUNK)]
+    jobs = BatchJobs(reader, chunks, [None] * len(chunks), None, skip=False)
+    results = (DataLoader(jobs, batch_size=None, num_workers=loader.workers) if loader.workers
+               else (jobs[i] for i in range(len(jobs))))
+    out = []
+    for result in results:
+        for name, reason in result.get("error", {}).items():
+            loader.corrupt(name, reason)  # raises under 'fail'
+        if "error" in result:  # under 'skip' a whole shard's samples would have to go; refuse rather than guess
+            raise ShardFormatError(f"{loader.location}: images of {sorted(result['error'])} cannot be decoded; "
+                                   "re-run the ingest, or train streamed (data.resident off) to skip them")
+        out.append(result["images"])
+    return torch.cat(out)

@@ -1,49 +1,55 @@
 """One typed config tree for a run: source, ingest, data, model, loss, optim, train, tracking.
 
 The same pydantic models are the Prefect deployment's parameter schema. YAML presets live in
-`infra/configs/`; the command line overrides single fields (`--train.batch_size 512`). Invalid values stop
-the run before any work with a `ConfigError` naming the field and what is allowed.
+`infra/configs/`, read by vae.config_yaml; the command line overrides single fields (`--train.batch_size 512`).
+Invalid values stop the run before any work with a `ConfigError` naming the field and what is allowed.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vae.config_yaml import YAMLInputError, load_yaml
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field and the allowed values."""
 
 
-class _YAML12Loader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2 booleans: only true/false. Under YAML 1.1, `mixed_precision: no` reads as False."""
-
-
-_YAML12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YAML12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def load_yaml(text: str):
-    return yaml.load(text, Loader=_YAML12Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a float field refuses inf and nan ("Input should be a finite number"); pydantic
+    # accepts both by default, and an infinite lr or beta trains nothing but NaNs.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def check_finite(value: Any, path: str) -> Any:
+    """Refuse inf and nan anywhere in free-form data (plugin options, fsspec options), naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}[{i}]")
+    return value
 
 
 class SourceSection(_Section):
     name: str = Field("digits", description="Source plugin (entry point in group 'vaepipe.sources').")
     options: dict[str, Any] = Field(default_factory=dict, description="The plugin's own config fields.")
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return check_finite(options, "source.options")
+
 
     @model_validator(mode="after")
     def _check_plugin(self) -> SourceSection:
@@ -94,6 +100,12 @@ class IngestSection(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for a URL shard_dir (e.g. {endpoint_url: ...} for S3)."
     )
+
+    @field_validator("storage_options")
+    @classmethod
+    def _finite_storage_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return check_finite(options, "ingest.storage_options")
+
 
     @model_validator(mode="before")
     @classmethod
@@ -217,7 +229,8 @@ class TrainSection(_Section):
     max_nonfinite_steps: int = Field(
         10, gt=0, description="Steps with non-finite gradients are skipped; stop after this many in a row."
     )
-    seed: int = Field(0, description="Seed for weights, sampling and data order.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for weights, sampling and data order (numpy's "
+                      "range: 0 to 2**32 - 1).")
     output_dir: Path = Field(Path("runs/default"), description="Checkpoints, resolved config and plots.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest epoch checkpoints kept on disk.")
@@ -284,7 +297,11 @@ def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"])
-        lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+        if e["type"] == "value_error":  # our own validators' messages name the field and the fix
+            message = str(e["ctx"]["error"])
+            lines.append(message if message.startswith(field) else f"{field}: {message}")
+        else:
+            lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config: " + "; ".join(lines)
 
 
@@ -336,7 +353,11 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             i += 2
         if "." not in key:
             raise ConfigError(f"--{key}: config fields are written section.field, e.g. --train.epochs")
-        _set_dotted(data, key, load_yaml(raw))
+        try:
+            value = load_yaml(raw, f"--{key}")
+        except YAMLInputError as err:
+            raise ConfigError(str(err)) from None
+        _set_dotted(data, key, value)
     return data
 
 
@@ -356,7 +377,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             presets = sorted(p.name for p in Path("infra/configs").glob("*.yaml"))
             raise ConfigError(f"config file {path} does not exist (presets in infra/configs: {presets})")
-        data = load_yaml(path.read_text()) or {}
+        try:
+            data = load_yaml(path.read_text(), f"config file {path}") or {}
+        except YAMLInputError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return validate(merge(data, parse_overrides(overrides or [])))

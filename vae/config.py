@@ -1,49 +1,57 @@
 """One typed config tree for a run: source, ingest, data, model, loss, optim, train, tracking.
 
 The same pydantic models are the Prefect deployment's parameter schema. YAML presets live in
-`infra/configs/`; the command line overrides single fields (`--train.batch_size 512`). Invalid values stop
-the run before any work with a `ConfigError` naming the field and what is allowed.
+`infra/configs/`, read by vae.config_yaml; the command line overrides single fields (`--train.batch_size 512`).
+Invalid values stop the run before any work with a `ConfigError` naming the field and what is allowed. The model
+section is one section per architecture (a union on `model.arch`), so a field the architecture does not take is
+refused; configs saved with the older flat section are upgraded by `upgrade_flat_model`.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import re
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vae.config_yaml import YAMLInputError, load_yaml
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field and the allowed values."""
 
 
-class _YAML12Loader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2 booleans: only true/false. Under YAML 1.1, `mixed_precision: no` reads as False."""
-
-
-_YAML12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YAML12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def load_yaml(text: str):
-    return yaml.load(text, Loader=_YAML12Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a float field refuses inf and nan ("Input should be a finite number"); pydantic
+    # accepts both by default, and an infinite lr or beta trains nothing but NaNs.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def check_finite(value: Any, path: str) -> Any:
+    """Refuse inf and nan anywhere in free-form data (plugin options, fsspec options), naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}[{i}]")
+    return value
 
 
 class SourceSection(_Section):
     name: str = Field("digits", description="Source plugin (entry point in group 'vaepipe.sources').")
     options: dict[str, Any] = Field(default_factory=dict, description="The plugin's own config fields.")
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return check_finite(options, "source.options")
 
     @model_validator(mode="after")
     def _check_plugin(self) -> SourceSection:
@@ -104,6 +112,11 @@ class IngestSection(_Section):
         default_factory=dict, description="fsspec options for a URL shard_dir (e.g. {endpoint_url: ...} for S3)."
     )
 
+    @field_validator("storage_options")
+    @classmethod
+    def _finite_storage_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return check_finite(options, "ingest.storage_options")
+
     @model_validator(mode="before")
     @classmethod
     def _path_or_url(cls, data: Any) -> Any:
@@ -154,19 +167,87 @@ class DataSection(_Section):
         return self
 
 
-class ModelSection(_Section):
-    """Fields an architecture's constructor does not take are ignored by it (see trainer.model_options)."""
+class _ArchSection(_Section):
+    """Fields common to every architecture. Each subclass holds exactly its constructor's options (a test checks
+    them against vae.models), so a field another architecture takes is refused instead of ignored."""
 
-    arch: Literal["conv", "hvae", "mlp", "resnet"] = Field("conv", description="Architecture from vae.models.")
-    latent_dim: int = Field(
-        2, gt=0, description="Size of z (mlp, conv, resnet; 2 gives the manifold plot); hvae: channels per group."
-    )
-    hidden_dim: int = Field(400, gt=0, description="Hidden width of the mlp architecture.")
-    hidden_layers: int = Field(1, gt=0, description="Hidden layers on each side of the mlp architecture.")
-    width: int = Field(32, gt=0, description="Base channels of the resnet and hvae architectures.")
-    depth: int = Field(2, gt=0, description="resnet: stride-2 stages each side (image sides divisible by 2**depth).")
-    blocks: int = Field(1, gt=0, description="resnet and hvae: residual blocks per stage.")
-    groups: int = Field(2, ge=2, description="hvae: groups of latents in the hierarchy.")
+    arch: str = Field(description="Architecture from vae.models (each subclass narrows it to its own name).")
+    latent_dim: int = Field(2, gt=0, description="Size of z (2 gives the manifold plot).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_fields_only(cls, data: Any) -> Any:
+        """Name the architecture's fields, and which architectures take the stray one, not just 'extra input'."""
+        if not isinstance(data, dict):
+            return data
+        arch = get_args(cls.model_fields["arch"].annotation)[0]
+        stray = [name for name in data if name not in cls.model_fields]
+        if stray:
+            takers = {name: [a for a, section in MODEL_SECTIONS.items() if name in section.model_fields]
+                      for name in stray}
+            where = "; ".join(f"model.{name} is taken by {', '.join(takers[name]) or 'no architecture'}"
+                              for name in stray)
+            raise ValueError(f"model.arch {arch!r} takes only {', '.join(cls.model_fields)}: remove "
+                             f"{', '.join('model.' + name for name in stray)} ({where})")
+        return data
+
+
+class ConvSection(_ArchSection):
+    arch: Literal["conv"] = Field("conv", description="The classic two-conv network; pads any image size.")
+
+
+class MLPSection(_ArchSection):
+    arch: Literal["mlp"] = Field(description="Fully connected encoder and decoder.")
+    hidden_dim: int = Field(400, gt=0, description="Hidden width.")
+    hidden_layers: int = Field(1, gt=0, description="Hidden layers on each side.")
+
+
+class ResNetSection(_ArchSection):
+    arch: Literal["resnet"] = Field(description="Residual conv encoder and decoder, dense latent.")
+    width: int = Field(32, gt=0, description="Base channels.")
+    depth: int = Field(2, gt=0, description="Stride-2 stages each side (image sides divisible by 2**depth).")
+    blocks: int = Field(1, gt=0, description="Residual blocks per stage.")
+
+
+class HVAESection(_ArchSection):
+    arch: Literal["hvae"] = Field(description="Hierarchical VAE with groups of spatial latents.")
+    latent_dim: int = Field(2, gt=0, description="Channels of each latent group (H/4 x W/4 spatial latents).")
+    width: int = Field(32, gt=0, description="Base channels.")
+    groups: int = Field(2, ge=2, description="Groups of latents in the hierarchy.")
+    blocks: int = Field(1, gt=0, description="Residual blocks per stage.")
+
+
+# model.arch -> its section (one per architecture in vae.models.MODELS; a test keeps the two equal). Every arch
+# but the default names itself (`arch` required): a JSON-schema validator, such as the Prefect server's check
+# of deployment parameters, can then tell which section a mapping without `arch` is (the default, conv).
+MODEL_SECTIONS: dict[str, type[_ArchSection]] = {
+    "conv": ConvSection, "hvae": HVAESection, "mlp": MLPSection, "resnet": ResNetSection,
+}
+DEFAULT_ARCH = "conv"
+ModelSection = Annotated[Union[tuple(MODEL_SECTIONS.values())], Field(discriminator="arch")]  # noqa: UP007
+
+# The single model section of configs saved before the union (meta.json, config.yaml): every architecture's
+# fields, with these defaults; `upgrade_flat_model` turns it into the section of its arch.
+FLAT_MODEL_DEFAULTS = {"latent_dim": 2, "hidden_dim": 400, "hidden_layers": 1, "width": 32, "depth": 2, "blocks": 1,
+                       "groups": 2}
+
+
+def upgrade_flat_model(section: dict[str, Any]) -> dict[str, Any]:
+    """An old flat model section -> the section of its arch, without the fields that arch does not take.
+
+    The old trainer passed an architecture only the fields its constructor names (trainer.model_options), so
+    dropping the others describes exactly the model that was trained. One set to a non-default value had no
+    effect then either; it is dropped with a warning rather than stranding the checkpoint.
+    """
+    arch = section.get("arch", DEFAULT_ARCH)
+    if arch not in MODEL_SECTIONS:
+        return section  # validation names the valid architectures
+    own = MODEL_SECTIONS[arch].model_fields
+    ignored = {k: v for k, v in section.items() if k not in own and v != FLAT_MODEL_DEFAULTS.get(k)}
+    if ignored:
+        warnings.warn(f"saved config: model.arch {arch!r} never took {ignored} (the old trainer ignored them); "
+                      "dropped", stacklevel=2)
+    return {k: v for k, v in section.items() if k in own}
 
 
 class LossSection(_Section):
@@ -226,7 +307,8 @@ class TrainSection(_Section):
     max_nonfinite_steps: int = Field(
         10, gt=0, description="Steps with non-finite gradients are skipped; stop after this many in a row."
     )
-    seed: int = Field(0, description="Seed for weights, sampling and data order.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for weights, sampling and data order (numpy's "
+                      "range: 0 to 2**32 - 1).")
     output_dir: Path = Field(Path("runs/default"), description="Checkpoints, resolved config and plots.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest epoch checkpoints kept on disk.")
@@ -255,11 +337,23 @@ class RunConfig(_Section):
     source: SourceSection = Field(default_factory=SourceSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
     data: DataSection = Field(default_factory=DataSection)
-    model: ModelSection = Field(default_factory=ModelSection)
+    model: ModelSection = Field(default_factory=ConvSection, description="The architecture and its options; "
+                                "one section per model.arch, each with its own fields.")
     loss: LossSection = Field(default_factory=LossSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_section(cls, data: Any) -> Any:
+        """A model section without `arch` is the default architecture's; an old flat one is upgraded."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict):
+            return data
+        if set(model) == {"arch", *FLAT_MODEL_DEFAULTS}:
+            model = upgrade_flat_model(model)
+        return {**data, "model": {"arch": DEFAULT_ARCH, **model}}
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
@@ -292,8 +386,17 @@ class RunConfig(_Section):
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+        # pydantic puts a union's tag in the location (model.mlp.width): the user wrote model.width
+        union = e["loc"] and e["loc"][0] in RunConfig.model_fields and RunConfig.model_fields[e["loc"][0]].discriminator
+        loc = [str(p) for i, p in enumerate(e["loc"]) if not (union and i == 1)]
+        if e["type"] == "union_tag_invalid":  # an unknown model.arch
+            loc.append(e["ctx"]["discriminator"].strip("'"))
+            lines.append(f"{'.'.join(loc)}: Input should be {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})")
+        elif e["type"] == "value_error":  # our own validators' messages name the field and the fix
+            message, field = str(e["ctx"]["error"]), ".".join(loc)
+            lines.append(message if message.startswith(field) else f"{field}: {message}")
+        else:
+            lines.append(f"{'.'.join(loc)}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config: " + "; ".join(lines)
 
 
@@ -309,21 +412,32 @@ def validate(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(str(err)) from None
 
 
+def _fields(annotation: Any) -> dict[str, Any] | None:
+    """The fields of a section annotation: a model's own, or for a union of sections (model) every member's."""
+    members = get_args(annotation) or (annotation,)
+    if not all(isinstance(m, type) and issubclass(m, BaseModel) for m in members):
+        return None
+    return {name: field for m in members for name, field in m.model_fields.items()}
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set data['a']['b']['c'] for 'a.b.c', checking each name against the config tree."""
+    """Set data['a']['b']['c'] for 'a.b.c', checking each name against the config tree.
+
+    Under model, a name is checked against every architecture's fields: the arch may come from a preset or a
+    later override, and validation then refuses a field the chosen one does not take, naming its fields.
+    """
     *parents, leaf = dotted.split(".")
-    node, model = data, RunConfig
+    node, fields = data, _fields(RunConfig)
     for depth, name in enumerate(parents):
-        if model is not None:
-            if name not in model.model_fields:
-                raise ConfigError(f"unknown config field --{dotted}: valid here are {', '.join(model.model_fields)}")
-            annotation = model.model_fields[name].annotation
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if fields is not None:
+            if name not in fields:
+                raise ConfigError(f"unknown config field --{dotted}: valid here are {', '.join(fields)}")
+            fields = _fields(fields[name].annotation)
         node = node.setdefault(name, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--{'.'.join(parents[: depth + 1])} is a value, not a section")
-    if model is not None and leaf not in model.model_fields:
-        raise ConfigError(f"unknown config field --{dotted}: valid here are {', '.join(model.model_fields)}")
+    if fields is not None and leaf not in fields:
+        raise ConfigError(f"unknown config field --{dotted}: valid here are {', '.join(fields)}")
     node[leaf] = value
 
 
@@ -345,7 +459,11 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             i += 2
         if "." not in key:
             raise ConfigError(f"--{key}: config fields are written section.field, e.g. --train.epochs")
-        _set_dotted(data, key, load_yaml(raw))
+        try:
+            value = load_yaml(raw, f"--{key}")
+        except YAMLInputError as err:
+            raise ConfigError(str(err)) from None
+        _set_dotted(data, key, value)
     return data
 
 
@@ -365,22 +483,42 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not path.is_file():
             presets = sorted(p.name for p in Path("infra/configs").glob("*.yaml"))
             raise ConfigError(f"config file {path} does not exist (presets in infra/configs: {presets})")
-        data = load_yaml(path.read_text()) or {}
+        try:
+            data = load_yaml(path.read_text(), f"config file {path}") or {}
+        except YAMLInputError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return validate(merge(data, parse_overrides(overrides or [])))
 
 
+def _field_line(section: str, name: str, field: Any, indent: str = "  ") -> str:
+    annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+    default = field.get_default(call_default_factory=True)
+    return f"{indent}--{section}.{name} ({annotation}, default {default!r}): {field.description}"
+
+
 def field_help() -> str:
-    """Every config field with its type, default and description: the body of `--help`."""
+    """Every config field with its type, default and description: the body of `--help`.
+
+    A union of sections (model) is listed per member: each architecture with the fields it takes.
+    """
     lines = []
     for section, info in RunConfig.model_fields.items():
-        model = info.annotation
         lines.append(f"{section}:")
-        for name, field in model.model_fields.items():
-            annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-            default = field.get_default(call_default_factory=True)
-            lines.append(f"  --{section}.{name} ({annotation}, default {default!r}): {field.description}")
+        members = get_args(info.annotation)
+        if not members:
+            lines += [_field_line(section, name, field) for name, field in info.annotation.model_fields.items()]
+            continue
+        tag = info.discriminator
+        default = info.get_default(call_default_factory=True)
+        choices = " | ".join(get_args(m.model_fields[tag].annotation)[0] for m in members)
+        lines.append(f"  --{section}.{tag} ({choices}, default {getattr(default, tag)!r}): {info.description}")
+        for member in members:
+            lines.append(f"  {section}.{tag} {get_args(member.model_fields[tag].annotation)[0]}: "
+                         f"{member.model_fields[tag].description}")
+            lines += [_field_line(section, name, field, "    ") for name, field in member.model_fields.items()
+                      if name != tag]
     return "\n".join(lines)
 
 

@@ -48,17 +48,10 @@ def image_shape_chw(cfg: RunConfig) -> tuple[int, int, int]:
 
 
 def model_options(cfg: RunConfig) -> dict:
-    """Constructor arguments for cfg.model.arch: the model-section fields its constructor names, plus the
-    output head chosen by the loss section (likelihood, mixtures, gaussian_std)."""
-    import inspect
-
-    from vae.models import MODELS
-
-    fields = {**cfg.model.model_dump(exclude={"arch", "latent_dim"}),
-              **cfg.loss.model_dump(include={"likelihood", "mixtures", "gaussian_std"})}
-    accepted = inspect.signature(MODELS[cfg.model.arch]).parameters
-    head = ("likelihood", "mixtures", "gaussian_std")  # taken by every model through **head
-    return {k: v for k, v in fields.items() if k in accepted or k in head}
+    """Constructor arguments for cfg.model.arch: its model section's fields (exactly what the constructor
+    takes: one config section per architecture), plus the output head chosen by the loss section."""
+    return {**cfg.model.model_dump(exclude={"arch", "latent_dim"}),
+            **cfg.loss.model_dump(include={"likelihood", "mixtures", "gaussian_std"})}
 
 
 def build(cfg: RunConfig) -> torch.nn.Module:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from pipeline import shards
 from pipeline.conform import ChannelRule, SizeRule, conform
 from pipeline.errors import ShardFormatError, SourceError
+from pipeline.layouts import get_layout
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, ShardInfo, ShardPlan, SplitInfo, read_index
 from pipeline.sources import build_source, get_source_class, validate_options
@@ -45,7 +46,8 @@ class IngestOptions(BaseModel, frozen=True):
     samples_per_shard: int = 8192
     block_size: int = 1024
     layout: Literal["auto", "packed", "encoded"] = "auto"
-    image_format: Literal["png", "jpeg"] = "png"
+    image_format: Literal["jpeg", "png", "webp"] = "jpeg"
+    quality: int = 95
     shards_per_task: int = 1
     on_error: Literal["skip", "fail"] = "skip"
     size_rule: SizeRule = "reject"
@@ -193,7 +195,8 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         source=source_record(name, options),
         out=str(Location(out_dir, opts.storage_options)),
         options=opts,
-        shard=ShardPlan(layout=layout, image_format=opts.image_format, samples_per_shard=opts.samples_per_shard,
+        shard=ShardPlan(layout=layout, image_format=opts.image_format, quality=opts.quality,
+                        samples_per_shard=opts.samples_per_shard,
                         block_size=opts.block_size, image_shape=shape),
         splits=splits,
         factor_names=list(source.factor_names) or None,
@@ -364,7 +367,7 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
     index = ShardIndex(
         source=plan.source,
         layout=plan.shard.layout,
-        image_format=plan.shard.image_format if plan.shard.layout == "encoded" else None,
+        image_format=plan.shard.image_format if get_layout(plan.shard.layout).decodes else None,
         block_size=plan.shard.block_size,
         image_shape=plan.shard.image_shape,
         splits=splits,

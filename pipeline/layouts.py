@@ -29,15 +29,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are the decoders DESIGN.md
-# measured (2.2x Pillow for JPEG) and the ones with a batched GPU path, so they stay until TorchCodec ships one.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
 from pipeline.conform import BadImage, decode_image, encode_image
 from pipeline.errors import ShardFormatError
 from pipeline.npy import check_block, npy_bytes, npy_header, npy_view
 from pipeline.records import Record
+
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are the decoders DESIGN.md
+# measured (2.2x Pillow for JPEG) and the ones with a batched GPU path, so they stay until TorchCodec ships one.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 # encoded members a reader decodes, by tar suffix -> the format name `Record.encoded_format` uses
 IMAGE_SUFFIXES = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}

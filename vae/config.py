@@ -73,7 +73,11 @@ class IngestSection(_Section):
         "auto", description="packed: blocks of images per tar member; encoded: one PNG/JPEG per sample; "
         "auto: packed up to 16 kB per image (64x64x3), encoded above."
     )
-    image_format: Literal["png", "jpeg"] = Field("png", description="Encoding of the encoded layout.")
+    image_format: Literal["jpeg", "png", "webp"] = Field(
+        "jpeg", description="Encoding of images the encoded layout has to encode (resized, cropped or converted "
+        "ones); an image that needs no change keeps its source bytes (JPEG, PNG or WebP) untouched. png: lossless."
+    )
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of encoded images.")
     shards_per_task: int = Field(1, gt=0, description="Shards written by one ingest task (a shard group).")
     on_error: Literal["skip", "fail"] = Field(
         "skip", description="Unusable inputs (corrupt, unreadable, rejected by the rules below): skip and list "
@@ -152,6 +156,19 @@ class DataSection(_Section):
         "fail", description="A shard that cannot be read during training: stop the run naming it, or warn, skip "
         "it (counted in train/skipped_shards) and repeat a few samples so every rank keeps its batch count."
     )
+    workers: int | None = Field(
+        None, ge=0, description="Processes per rank that read and decode encoded (JPEG/PNG) shards; default: the "
+        "CPU cores per rank. Packed shards are read in the training process, where they are fastest."
+    )
+    decode_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where JPEG shards are decoded: cpu (in the workers) or cuda (whole batches on the "
+        "training GPU with nvJPEG; needs a CUDA device)."
+    )
+    crop_size: tuple[int, int] | None = Field(
+        None, description="Train on random (H, W) crops of the stored images (validation: the centre crop); the "
+        "model is built for this size. Seeded by (seed, epoch, rank, batch), so resume stays exact."
+    )
+    flip: bool = Field(False, description="Mirror training images horizontally at random (seeded like crops).")
     binarize: bool = Field(
         False, description="Dynamic binarisation: a fresh Bernoulli(pixel) draw every time an image is seen."
     )

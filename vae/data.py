@@ -5,6 +5,8 @@ Only `pipeline`'s public API is used here (DESIGN.md: vae imports the loader API
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pipeline import ShardFormatError, ShardLoader, read_index
@@ -31,10 +33,32 @@ def build_loaders(
         resident=cfg.data.resident, memory_budget=cfg.data.memory_budget_mb << 20,
         device=device if device is not None else _device(), verify=cfg.data.verify,
         storage_options=cfg.ingest.storage_options, on_corrupt=cfg.data.on_corrupt_shard,
+        workers=workers_per_rank(cfg, world_size), crop_size=cfg.data.crop_size,
+        decode_device="device" if cfg.data.decode_device == "cuda" else "cpu",
     )
-    train = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer, **common)
-    val = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, **common)
+    if cfg.data.decode_device == "cuda" and torch.device(common["device"]).type != "cuda":
+        raise ShardFormatError("data.decode_device cuda decodes JPEG batches on the training GPU, but this run "
+                               f"trains on {common['device']}; use --data.decode_device cpu")
+    train = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer,
+                        flip=cfg.data.flip, **common)
+    val = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, crop="centre",
+                      **common)
     return train, val
+
+
+def workers_per_rank(cfg: RunConfig, world_size: int) -> int:
+    """data.workers, else this machine's cores shared by its ranks (the local ones: LOCAL_WORLD_SIZE), less the
+    rank's own training thread; 0 on a one-core share."""
+    if cfg.data.workers is not None:
+        return cfg.data.workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(0, (os.cpu_count() or 1) // max(1, local) - 1) or (1 if (os.cpu_count() or 1) > local else 0)
+
+
+def image_shape(cfg: RunConfig) -> tuple[int, int, int]:
+    """(C, H, W) of what the model sees: the stored images, or data.crop_size crops of them."""
+    h, w, c = read_index(cfg.shard_dir, cfg.ingest.storage_options).image_shape
+    return (c, *(cfg.data.crop_size or (h, w)))
 
 
 def _check_splits(cfg: RunConfig) -> None:

@@ -43,7 +43,8 @@ def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
     val/active_units. KL per dimension and per group go to evaluation.json (an artifact beside the plots).
     """
     model, meta = load_trained(cfg)
-    images, labels = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options)
+    images, labels = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options,
+                                crop_size=cfg.data.crop_size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
     batches = torch.split(x, 1024)
     torch.manual_seed(cfg.train.seed)  # the same binarisation draws and importance samples on every call
@@ -128,7 +129,8 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float]):
     model, _ = load_trained(cfg)
     tracking.configure(cfg)
     spec = registry.model_spec(cfg.model.arch, image_shape_chw(cfg), cfg.model.latent_dim, **model_options(cfg))
-    images, _ = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options)
+    images, _ = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options,
+                                crop_size=cfg.data.crop_size)
     example = (images[:4].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
     uri = registry.log_model(model, spec, run_id, input_example=example)
     return registry.register(uri, cfg.model_name, metrics["val/nll_iwae"], run_id, tags=version_tags(cfg, metrics))

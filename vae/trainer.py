@@ -23,10 +23,10 @@ from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline import ShardLoader, read_index
+from pipeline import ShardLoader
 from vae import checkpoint, tracking
 from vae.config import RunConfig, dump
-from vae.data import build_loaders, to_input
+from vae.data import build_loaders, image_shape, to_input
 from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
@@ -43,8 +43,7 @@ class TrainingError(RuntimeError):
 
 
 def image_shape_chw(cfg: RunConfig) -> tuple[int, int, int]:
-    h, w, c = read_index(cfg.shard_dir).image_shape
-    return (c, h, w)
+    return image_shape(cfg)
 
 
 def model_options(cfg: RunConfig) -> dict:

@@ -45,15 +45,19 @@ def read_split(
     verify: bool = False,
     on_corrupt: OnCorrupt = "fail",
     workers: int = 0,
+    crop_size: tuple[int, int] | None = None,
 ) -> tuple:
     """A whole split in file order: uint8 images (N, H, W, C) and labels (N,) or None. For evaluation and plots.
 
     with_factors=True adds the factors (N, K) float32, or None, as a third element. on_corrupt='skip' leaves
-    corrupt shards out, with a warning naming each.
+    corrupt shards out, with a warning naming each. crop_size: the centre (H, W) crop of each image.
     """
     loader = StreamedLoader(shard_dir, split, batch_size=1, shuffle=False, drop_last=False, pad=False,
-                            storage_options=storage_options, verify=verify, on_corrupt=on_corrupt, workers=workers)
+                            storage_options=storage_options, verify=verify, on_corrupt=on_corrupt, workers=workers,
+                            crop_size=crop_size, crop="centre")
     images, labels, factors = read_whole(loader)
+    if crop_size is not None:  # the centre crop evaluation uses
+        images = loader._augment(images, loader._crop_params(0, len(images)))
     images = images.permute(0, 2, 3, 1).contiguous().numpy()
     labels = None if labels is None else labels.numpy()
     factors = None if factors is None else factors.numpy()

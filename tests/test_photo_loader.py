@@ -216,3 +216,41 @@ def test_an_unknown_layout_is_refused_listing_the_known_ones(photos, tmp_path):
     known = r"unknown shard layout 'zipped'; this vaepipe reads \['encoded', 'packed'\]"
     with pytest.raises(ShardFormatError, match=known):
         ShardLoader(out, "train", batch_size=4)
+
+
+@pytest.mark.slow
+def test_a_256px_jpeg_tree_trains_registers_and_reconstructs_end_to_end(tmp_path):
+    """Ingest real 256-px JPEG photos (kept byte for byte), train one epoch with decoding worker processes and
+    random crops, register the model in MLflow, and reconstruct validation images through the pyfunc."""
+    import uuid
+
+    import mlflow
+    from conftest import REPO, run
+
+    from vae.launch import accelerate_command
+
+    root = photo_tree(tmp_path / "tree", 16, side=256)
+    out = tmp_path / "shards"
+    index = pipeline.ingest("imagefolder", {"root": str(root)}, out, samples_per_shard=8, block_size=1,
+                            progress=False)
+    assert index.layout == "encoded" and index.image_shape == (256, 256, 3)
+    name = f"vae-photos-{uuid.uuid4().hex[:8]}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    preset = tmp_path / "photos.yaml"
+    preset.write_text(
+        "source: {name: imagefolder}\n"
+        "data: {workers: 2, crop_size: [128, 128], flip: true, resident: 'off'}\n"
+        "model: {arch: conv, latent_dim: 8}\nloss: {likelihood: gaussian, eval_iwae_k: 2}\n"
+        f"train: {{epochs: 1, batch_size: 4}}\ntracking: {{model_name: {name}}}\n"
+    )
+    argv, env = accelerate_command(preset, 1, overrides=["--ingest.shard_dir", str(out), "--train.output_dir",
+                                                         str(tmp_path / "run")])
+    result = run(argv, env={**env, "MLFLOW_TRACKING_URI": uri}, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"registered models:/{name}/1" in result.stdout
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    images, _ = pipeline.read_split(out, "test", crop_size=(128, 128))
+    x = (images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+    recon = model.predict(x)
+    assert recon.shape == x.shape and np.isfinite(recon).all()

@@ -24,11 +24,12 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from pipeline import shards
-from pipeline.conform import ChannelRule, SizeRule, conform
+from pipeline.conform import ChannelRule, SizeRule, conform, encode_image
 from pipeline.errors import ShardFormatError, SourceError
 from pipeline.layouts import get_layout
 from pipeline.records import Record, Rejected
@@ -55,6 +56,7 @@ class IngestOptions(BaseModel, frozen=True):
     image_size: tuple[int, int] | None = None
     channels: Literal[1, 3, 4] | None = None
     max_skip_fraction: float = Field(0.01, ge=0, le=1)
+    shard_bytes: int = Field(256 << 20, gt=0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -182,7 +184,11 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         )
     shape = _target_shape(source, splits, opts)
     layout = shards.choose_layout(opts.layout, shape)
-    per_group = opts.shards_per_task * opts.samples_per_shard
+    per_shard = _samples_per_shard(source, splits, opts, shape, layout)
+    if per_shard < opts.samples_per_shard:
+        log.info("%d samples per shard (of ingest.samples_per_shard %d) keep shards under ingest.shard_bytes %d",
+                 per_shard, opts.samples_per_shard, opts.shard_bytes)
+    per_group = opts.shards_per_task * per_shard
     groups = []
     for split in splits:
         count = source.num_records(split)
@@ -196,13 +202,40 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         out=str(Location(out_dir, opts.storage_options)),
         options=opts,
         shard=ShardPlan(layout=layout, image_format=opts.image_format, quality=opts.quality,
-                        samples_per_shard=opts.samples_per_shard,
+                        samples_per_shard=per_shard,
                         block_size=opts.block_size, image_shape=shape),
         splits=splits,
         factor_names=list(source.factor_names) or None,
         groups=groups,
         warnings=warnings,
     )
+
+
+def _samples_per_shard(source, splits: list[str], opts: IngestOptions, shape: tuple[int, int, int],
+                       layout: str) -> int:
+    """ingest.samples_per_shard, lowered so that a shard stays under ingest.shard_bytes: exactly for packed
+    pixels, and for encoded images from the stored size of the first few (tar framing included)."""
+    per_write = get_layout(layout).per_write(opts.block_size)
+    if get_layout(layout).decodes:
+        sizes = []
+        for item in source.records(splits[0], 0, ESTIMATE_SAMPLES):
+            if isinstance(item, Record):
+                item = conform(item, shape, opts.size_rule, opts.channel_rule)
+            if isinstance(item, Record):
+                stored = item.encoded if item.encoded is not None else encode_image(item.image, opts.image_format,
+                                                                                    opts.quality)
+                sizes.append(len(stored) + TAR_FRAMING)
+        per_sample = max(sizes) if sizes else int(np.prod(shape))
+    else:
+        per_sample = int(np.prod(shape))
+    budget = opts.shard_bytes - 2 * TAR_RECORD  # a tar file ends with zero blocks, padded to a whole record
+    fit = budget // per_sample // per_write * per_write
+    return max(per_write, min(opts.samples_per_shard, fit))
+
+
+ESTIMATE_SAMPLES = 32  # encoded images whose size sets the samples per shard (the largest, so shards stay under)
+TAR_FRAMING = 2048  # a sample's tar headers and padding: about 3 members of 512 + padding
+TAR_RECORD = 10240  # tar's record: a file's size is a multiple of it
 
 
 def _target_shape(source, splits: list[str], opts: IngestOptions) -> tuple[int, int, int]:

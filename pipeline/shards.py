@@ -182,10 +182,10 @@ def write_shards(
     A local destination is written in place; any other is staged in a temporary directory and uploaded shard
     by shard. Records must already have `plan.image_shape` (see `pipeline.conform`).
     """
-    if plan.samples_per_shard % plan.block_size:
+    if plan.samples_per_shard % plan.per_write:
         raise ValueError(
-            f"ingest.samples_per_shard ({plan.samples_per_shard}) must be a multiple of ingest.block_size "
-            f"({plan.block_size})"
+            f"ingest.samples_per_shard ({plan.samples_per_shard}) must be a multiple of the {plan.layout} layout's "
+            f"samples per tar sample ({plan.per_write}: ingest.block_size)"
         )
     shards: list[ShardInfo] = []
     pending = 0  # samples written to the shard that is open now

@@ -254,3 +254,14 @@ def test_a_256px_jpeg_tree_trains_registers_and_reconstructs_end_to_end(tmp_path
     x = (images.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
     recon = model.predict(x)
     assert recon.shape == x.shape and np.isfinite(recon).all()
+
+
+def test_shards_are_sized_by_bytes_as_well_as_by_count(tmp_path):
+    root = photo_tree(tmp_path / "tree", 24)
+    largest = max(p.stat().st_size for p in root.rglob("*.jpg"))
+    limit = 4 * (largest + 2048) + 2 * 10240  # four of the largest photos with their tar framing, and tar's end
+    index = pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "shards", progress=False,
+                            shard_bytes=limit)
+    shards = index.splits["train"].shards
+    assert len(shards) >= 18 // 4 and all(s.bytes <= limit for s in shards)
+    assert sum(s.num_samples for s in shards) == 18

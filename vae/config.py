@@ -67,6 +67,10 @@ class IngestSection(_Section):
         "default data/shards/<source name>."
     )
     samples_per_shard: int = Field(8192, gt=0, description="Images per tar shard (a multiple of block_size).")
+    shard_bytes: int = Field(
+        256 << 20, gt=0, description="Largest shard in bytes: samples_per_shard is lowered to stay under it (from "
+        "the stored size of the first images, for encoded photos)."
+    )
     block_size: int = Field(1024, gt=0, description="Images packed into one tar member.")
     overwrite: bool = Field(False, description="Re-ingest even when a complete shard directory exists.")
     layout: Literal["auto", "packed", "encoded"] = Field(

@@ -47,12 +47,11 @@ def build_loaders(
 
 
 def workers_per_rank(cfg: RunConfig, world_size: int) -> int:
-    """data.workers, else this machine's cores shared by its ranks (the local ones: LOCAL_WORLD_SIZE), less the
-    rank's own training thread; 0 on a one-core share."""
+    """data.workers, else this machine's cores shared by its ranks (the local ones: LOCAL_WORLD_SIZE)."""
     if cfg.data.workers is not None:
         return cfg.data.workers
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return max(0, (os.cpu_count() or 1) // max(1, local) - 1) or (1 if (os.cpu_count() or 1) > local else 0)
+    return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
 def image_shape(cfg: RunConfig) -> tuple[int, int, int]:

@@ -26,7 +26,7 @@ class StreamedLoader(ShardLoader):
         count = self.batch_count(len(plan.order))
         reader = Reader(self.location, self.names, self._tables, self.layout, self.index.image_shape)
         try:
-            if self.layout.decodes or self.workers:
+            if self.layout.decodes:  # packed pixels are read fastest here: a worker would only add a copy
                 yield from self._decoded(plan, count, skip, reader)
             else:
                 yield from self._windows(plan, count, skip, reader)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from datetime import datetime
 
@@ -13,6 +14,7 @@ import psutil
 
 # Linux derives start times from /proc/stat's boot time, which can read a second apart between two processes
 START_TOLERANCE_S = 1.0
+EXEC_WAIT_S = 5.0  # at most, for a process just started to show its command line
 
 
 class NotOurs(Exception):
@@ -22,8 +24,12 @@ class NotOurs(Exception):
 def identity(pid: int) -> dict:
     """{"cmdline", "create_time"} of the running process `pid`, to record beside its pid."""
     proc = psutil.Process(pid)
-    with proc.oneshot():
-        return {"cmdline": proc.cmdline(), "create_time": proc.create_time()}
+    # Popen returns when exec closes its error pipe, a moment before Linux sets the new command line: seen as an
+    # empty one (measured: `vaepipe serve` recorded [] for its Prefect server)
+    deadline = time.monotonic() + EXEC_WAIT_S
+    while not (cmdline := proc.cmdline()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"cmdline": cmdline, "create_time": proc.create_time()}
 
 
 def describe(cmdline: list[str], create_time: float) -> str:

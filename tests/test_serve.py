@@ -115,6 +115,17 @@ def test_a_process_is_ours_while_its_pid_command_line_and_start_time_match():
     assert not processes.is_ours(proc.pid, recorded)  # reaped: the pid is gone
 
 
+def test_the_identity_recorded_right_after_popen_has_the_new_command_line():
+    """Popen returns a moment before Linux shows the exec'd command line (a third of the time here, for a script):
+    `vaepipe serve` recorded [] for its Prefect server, then called it another process."""
+    for _ in range(20):
+        proc = subprocess.Popen([str(BIN / "prefect"), "--version"], stdout=subprocess.DEVNULL)
+        try:
+            assert processes.identity(proc.pid)["cmdline"][1:] == [str(BIN / "prefect"), "--version"]
+        finally:
+            stop(proc)
+
+
 @pytest.fixture(params=["cmdline", "create_time"])
 def reused_pids(request, tmp_path):
     """A state file whose recorded pids now belong to unrelated processes (`sleep 60`, each leading its own

@@ -129,13 +129,11 @@ def wait_until(ready, procs: list[subprocess.Popen], timeout: float, what: str) 
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped by its parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stop_group(pid: int, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> None:

@@ -166,6 +166,26 @@ def test_stop_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path, reused
     assert all(proc.poll() is None for proc in reused_pids.values()), "an unrelated process was signalled"
 
 
+def test_stop_still_stops_recorded_children_whose_identity_matches(tmp_path):
+    """The other side: a crashed `vaepipe serve` (gone) left a child running; `--stop` stops it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{free_port()}"
+        record = {"pid": child.pid, "port": 1, "url": url, "health": f"{url}/health", **processes.identity(child.pid)}
+        (tmp_path / ".vaepipe").mkdir()
+        (tmp_path / ".vaepipe" / "serve.pid").write_text(json.dumps({
+            "serve": gone.pid, "serve_identity": {"cmdline": ["vaepipe", "serve"], "create_time": 0.0},
+            "host": "127.0.0.1", "api_url": f"{url}/api", "children": {"runner": record},
+        }))
+        stopped = run([str(BIN / "vaepipe"), "serve", "--stop"], cwd=tmp_path, timeout=120)
+        assert stopped.returncode == 0 and "not signalling" not in stopped.stderr, stopped.stdout + stopped.stderr
+        assert child.wait(timeout=60) == -signal.SIGINT  # the runner's stop signal
+    finally:
+        stop(child)
+
+
 def test_status_does_not_call_a_process_that_reused_a_recorded_pid_running(tmp_path, reused_pids):
     status = run([str(BIN / "vaepipe"), "status"], cwd=tmp_path, timeout=60)
     assert status.returncode == 3, status.stdout + status.stderr

@@ -212,8 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C: the training group is killed and Prefect's temporary server stopped
     # (under the default action the temporary server would be orphaned)
     signal.signal(signal.SIGTERM, _interrupt)
+    from flows import temporary_server
+
     try:
+        # started before the flow: a generous start-up wait, and the server dies with this process (kill -9 too)
+        temporary_server.start()
         return demo(cfg) if args.command == "demo" else ingest(cfg)
+    except temporary_server.StartupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

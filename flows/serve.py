@@ -4,7 +4,8 @@
     .vaepipe/mlflow/mlflow.db      the MLflow server's backend store
     .vaepipe/mlflow/artifacts/     its artifact store; clients reach it through the server (mlflow-artifacts:/)
     .vaepipe/*-server.log          the servers' output
-    .vaepipe/serve.pid             JSON: pid of `vaepipe serve`, and pid, port, URL of each child
+    .vaepipe/serve.pid             JSON: pid of `vaepipe serve`, and pid, port, URL of each child, each pid with
+                                   its process's command line and start time (a reused pid is never signalled)
 
 Each child is a plain child (`prefect server start --background` dies soon after start, DESIGN.md) leading
 its own session, so Ctrl-C in this terminal reaches only this process, which then stops the runner first
@@ -28,6 +29,10 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import psutil
+
+from flows import processes
 
 DEPLOYMENT = "train-vae/train-vae"  # Prefect's `flow/deployment` form; flow and deployment share the name
 DEPLOYMENTS = (DEPLOYMENT, "ingest-dataset/ingest-dataset")
@@ -55,6 +60,8 @@ class Child:
     port: int
     url: str  # what a person opens or exports
     health: str  # answers 200 while the process works
+    cmdline: list[str] | None = None  # with create_time, tells this process from a later one given the same pid
+    create_time: float | None = None  # seconds since the epoch (psutil)
 
 
 def state_dir() -> Path:
@@ -122,13 +129,11 @@ def wait_until(ready, procs: list[subprocess.Popen], timeout: float, what: str) 
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped by its parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stop_group(pid: int, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> None:
@@ -214,7 +219,8 @@ Status: `vaepipe status`. Stop: Ctrl-C here, or `vaepipe serve --stop` in {Path.
 
 
 def write_state(host: str, children: dict[str, Child]) -> None:
-    state = {"serve": os.getpid(), "host": host, "api_url": children["prefect-server"].url,
+    state = {"serve": os.getpid(), "serve_identity": processes.identity(os.getpid()), "host": host,
+             "api_url": children["prefect-server"].url,
              "children": {name: asdict(child) for name, child in children.items()}}
     tmp = pid_file().with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
@@ -241,7 +247,7 @@ def serve(host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, ru
     """Start the servers and the runner, print how to use them, and stay in the foreground until stopped."""
     state = read_state()
     if state is not None:
-        if alive(state["serve"]):
+        if serving(state):
             print(f"vaepipe serve is already running here (pid {state['serve']}, {state['api_url']}); "
                   "stop it with `vaepipe serve --stop`", file=sys.stderr)
             return 1
@@ -286,7 +292,11 @@ def serve(host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, ru
             procs[name] = subprocess.Popen(argv[name], env=envs[name], stdin=subprocess.DEVNULL,
                                            start_new_session=True, **out)
         p, url, health, _ = planned[name]
-        children[name] = Child(procs[name].pid, p, url, health)
+        try:  # Popen returns after the exec, so this is the child's own command line
+            known = processes.identity(procs[name].pid)
+        except psutil.NoSuchProcess:  # it died at once; the wait below reports its exit
+            known = {}
+        children[name] = Child(procs[name].pid, p, url, health, **known)
         write_state(host, children)  # recorded at once: `--stop` also cleans up a start that hangs
 
     # SIGTERM (from --stop, or a supervisor) unwinds like Ctrl-C so the `finally` below stops the children
@@ -332,13 +342,34 @@ def serve(host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, ru
         pid_file().unlink(missing_ok=True)
 
 
+def ours(pid: int, recorded: dict, say) -> bool:
+    """Whether `pid` still runs the recorded process; `say(message)` when another process holds it now."""
+    try:
+        return processes.is_ours(pid, recorded)
+    except processes.NotOurs as err:
+        say(str(err))
+        return False
+
+
+def serving(state: dict) -> bool:
+    """Whether the recorded `vaepipe serve` process still runs (not merely its pid)."""
+    return ours(state["serve"], state.get("serve_identity", {}), lambda message: print(f"note: {message}"))
+
+
 def stop() -> int:
-    """`vaepipe serve --stop`: ask the serving process to shut down; stop its children itself if it is gone."""
+    """`vaepipe serve --stop`: ask the serving process to shut down; stop its children itself if it is gone.
+
+    Only processes that still match their record (command line and start time) are signalled: after a reboot
+    or a crash the pids may belong to anyone's processes now."""
     state = read_state()
     if state is None:
         print(f"no {pid_file()}: nothing is served from {Path.cwd()}", file=sys.stderr)
         return 1
-    if alive(state["serve"]):
+
+    def not_signalling(message: str) -> None:
+        print(f"{message}; not signalling; removing stale record", file=sys.stderr)
+
+    if ours(state["serve"], state.get("serve_identity", {}), not_signalling):
         os.kill(state["serve"], signal.SIGTERM)
         deadline = time.monotonic() + (len(STOP_ORDER) + 1) * STOP_GRACE_S
         # it removes the pid file as its last step; its pid alone can linger as an unreaped zombie
@@ -346,7 +377,7 @@ def stop() -> int:
             time.sleep(0.2)
     for name in STOP_ORDER:
         child = state["children"].get(name)
-        if child is not None and alive(child["pid"]):
+        if child is not None and ours(child["pid"], child, not_signalling):
             stop_group(child["pid"], STOP_SIGNAL[name])
     pid_file().unlink(missing_ok=True)
     print(f"stopped the Prefect server, the MLflow server and the runner of {state['api_url']}")
@@ -367,13 +398,15 @@ def status() -> int:
         if child is None:
             print(f"{name:15} stopped      (not started yet)")
             continue
-        pid_ok, url_ok = alive(child["pid"]), answers(child["health"])
+        held_by = []
+        pid_ok, url_ok = ours(child["pid"], child, held_by.append), answers(child["health"])
         running += pid_ok and url_ok
         word = "running" if pid_ok and url_ok else "stopped" if not pid_ok else "not answering"
-        why = "" if pid_ok and url_ok else f"; pid {'alive' if pid_ok else 'gone'}, {child['health']} " + (
+        pid_says = "pid alive" if pid_ok else held_by[0] if held_by else "pid gone"
+        why = "" if pid_ok and url_ok else f"; {pid_says}, {child['health']} " + (
             "answers" if url_ok else "does not answer")
         print(f"{name:15} {word:12} {child['url']}  (pid {child['pid']}{why})")
-    if not alive(state["serve"]):
+    if not ours(state["serve"], state.get("serve_identity", {}), lambda message: None):
         print(f"note: `vaepipe serve` (pid {state['serve']}) is gone; `vaepipe serve --stop` cleans up")
     return 0 if running == len(STOP_ORDER) else STATUS_NOT_RUNNING
 

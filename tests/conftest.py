@@ -81,19 +81,24 @@ def mlflow_server_env() -> dict[str, str]:
     return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_home(tmp_path_factory):
-    """An isolated Prefect home for this module's process and its children, with no API URL from the shell."""
+    """An isolated Prefect home for this session's process and its children, with no API URL from the shell."""
     with isolated_prefect(tmp_path_factory.mktemp("prefect-home")) as home:
         yield home
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_api(prefect_home):
-    """Prefect's own test server, for flows run in this process; it drains log and event workers on exit."""
+    """Prefect's own test server, for flows run in this process; it drains log and event workers on exit.
+
+    One per session, as each start costs 12-32 s on a busy 2-core machine, with the CLI's generous start-up wait
+    (the harness's own 30 s failed tests there)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    from flows.temporary_server import startup_timeout
+
+    with prefect_test_harness(server_startup_timeout=startup_timeout()):
         yield
 
 

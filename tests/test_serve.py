@@ -21,10 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
 import yaml
 from conftest import BIN, REPO, free_port, run, stop, wait_http
 
+from flows import processes
 from flows import serve as served
 
 
@@ -91,6 +93,105 @@ def test_status_reports_a_dead_child_as_stopped(tmp_path):
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stdout.count("stopped") == 3 and "pid gone" in result.stdout
     assert "serve --stop" in result.stdout
+
+
+def test_a_process_is_ours_while_its_pid_command_line_and_start_time_match():
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        recorded = processes.identity(proc.pid)
+        assert processes.is_ours(proc.pid, recorded)
+        with pytest.raises(processes.NotOurs, match="another process"):
+            processes.is_ours(proc.pid, {**recorded, "create_time": recorded["create_time"] - 3600})
+        with pytest.raises(processes.NotOurs, match="no recorded identity"):  # an older vaepipe's record
+            processes.is_ours(proc.pid, {})
+        proc.kill()
+        deadline = time.monotonic() + 30
+        while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:  # exited, not yet reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert not processes.is_ours(proc.pid, recorded)
+    finally:
+        stop(proc)
+    assert not processes.is_ours(proc.pid, recorded)  # reaped: the pid is gone
+
+
+def test_the_identity_recorded_right_after_popen_has_the_new_command_line():
+    """Popen returns a moment before Linux shows the exec'd command line (a third of the time here, for a script):
+    `vaepipe serve` recorded [] for its Prefect server, then called it another process."""
+    for _ in range(20):
+        proc = subprocess.Popen([str(BIN / "prefect"), "--version"], stdout=subprocess.DEVNULL)
+        try:
+            assert processes.identity(proc.pid)["cmdline"][1:] == [str(BIN / "prefect"), "--version"]
+        finally:
+            stop(proc)
+
+
+@pytest.fixture(params=["cmdline", "create_time"])
+def reused_pids(request, tmp_path):
+    """A state file whose recorded pids now belong to unrelated processes (`sleep 60`, each leading its own
+    process group, as a served child does), differing from the record in command line or in start time: what
+    `vaepipe serve --stop` and `vaepipe status` find after a reboot or a crash. Yields those processes."""
+    imposters = {name: subprocess.Popen(["sleep", "60"], start_new_session=True) for name in ("serve", "child")}
+
+    def record(name: str, ours: list[str]) -> dict:  # what `vaepipe serve` recorded for the pid, long ago
+        real = processes.identity(imposters[name].pid)
+        if request.param == "cmdline":
+            return {**real, "cmdline": ours}
+        return {**real, "create_time": real["create_time"] - 3600}
+
+    url = f"http://127.0.0.1:{free_port()}"
+    children = {name: {"pid": imposters["child"].pid, "port": 1, "url": url, "health": f"{url}/health",
+                       **record("child", [str(BIN / "python"), "-m", "flows.serve", "--runner"])}
+                for name in ("prefect-server", "mlflow-server", "runner")}
+    state_file = tmp_path / ".vaepipe" / "serve.pid"
+    state_file.parent.mkdir()
+    state_file.write_text(json.dumps({
+        "serve": imposters["serve"].pid, "serve_identity": record("serve", [str(BIN / "vaepipe"), "serve"]),
+        "host": "127.0.0.1", "api_url": f"{url}/api", "children": children,
+    }))
+    try:
+        yield imposters
+    finally:
+        for proc in imposters.values():
+            stop(proc)
+
+
+def test_stop_leaves_alone_a_process_that_reused_a_recorded_pid(tmp_path, reused_pids):
+    stopped = run([str(BIN / "vaepipe"), "serve", "--stop"], cwd=tmp_path, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for proc in reused_pids.values():
+        assert f"pid {proc.pid} is now another process (sleep 60" in stopped.stderr, stopped.stderr
+    assert stopped.stderr.count("not signalling; removing stale record") == 4, stopped.stderr
+    assert not (tmp_path / ".vaepipe" / "serve.pid").exists()
+    assert all(proc.poll() is None for proc in reused_pids.values()), "an unrelated process was signalled"
+
+
+def test_stop_still_stops_recorded_children_whose_identity_matches(tmp_path):
+    """The other side: a crashed `vaepipe serve` (gone) left a child running; `--stop` stops it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{free_port()}"
+        record = {"pid": child.pid, "port": 1, "url": url, "health": f"{url}/health", **processes.identity(child.pid)}
+        (tmp_path / ".vaepipe").mkdir()
+        (tmp_path / ".vaepipe" / "serve.pid").write_text(json.dumps({
+            "serve": gone.pid, "serve_identity": {"cmdline": ["vaepipe", "serve"], "create_time": 0.0},
+            "host": "127.0.0.1", "api_url": f"{url}/api", "children": {"runner": record},
+        }))
+        stopped = run([str(BIN / "vaepipe"), "serve", "--stop"], cwd=tmp_path, timeout=120)
+        assert stopped.returncode == 0 and "not signalling" not in stopped.stderr, stopped.stdout + stopped.stderr
+        assert child.wait(timeout=60) == -signal.SIGINT  # the runner's stop signal
+    finally:
+        stop(child)
+
+
+def test_status_does_not_call_a_process_that_reused_a_recorded_pid_running(tmp_path, reused_pids):
+    status = run([str(BIN / "vaepipe"), "status"], cwd=tmp_path, timeout=60)
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert status.stdout.count("stopped") == 3 and "running" not in status.stdout, status.stdout
+    assert status.stdout.count(f"pid {reused_pids['child'].pid} is now another process (sleep 60") == 3
+    assert "`vaepipe serve` (pid" in status.stdout and "is gone" in status.stdout
 
 
 def _flow_runs(api: str, deployment_id: str) -> list[dict]:

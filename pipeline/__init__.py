@@ -17,15 +17,19 @@ from pipeline.ingest import (
     write_group,
 )
 from pipeline.loader import Batch, ShardLoader, read_split
+from pipeline.lock import DirectoryLockedError, DirLock
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
-from pipeline.storage import is_url
+from pipeline.storage import DestinationError, is_url
 
 __all__ = [
     "INDEX_NAME",
     "REPORT_NAME",
     "Batch",
+    "DestinationError",
+    "DirLock",
+    "DirectoryLockedError",
     "GroupResult",
     "GroupTask",
     "IngestOptions",

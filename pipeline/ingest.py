@@ -264,12 +264,17 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     return result
 
 
+def _shard_range(task: GroupTask, shards_per_task: int) -> tuple[int, int | None]:
+    """The shard numbers a group may write: `shards_per_task` of them, or any from its first (an uncounted
+    split's one group writes as many as its inputs fill)."""
+    return task.first_shard, None if task.stop is None else task.first_shard + shards_per_task
+
+
 def _clear_range(location: Location, task: GroupTask, shards_per_task: int) -> None:
     """Claim the group's shard numbers, and remove the shards there of an earlier or interrupted run (only ours)."""
-    stop = None if task.stop is None else task.first_shard + shards_per_task  # an uncounted split's one group
     previous = ownership.read_claim(location, task.split, task.group)  # an interrupted attempt's range
     owned = ownership.read_owned(location)
-    claim = ownership.write_claim(location, task.split, task.group, task.first_shard, stop)
+    claim = ownership.write_claim(location, task.split, task.group, *_shard_range(task, shards_per_task))
     for name in location.glob(f"{task.split}-*.tar"):
         if not ownership.claimed(claim, name):
             continue
@@ -314,8 +319,7 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
         split: _merge_split(split, [r for r in results if r.task.split == split], location) for split in plan.splits
     }
     owned = ownership.read_owned(location)
-    claims = [{"split": t.split, "first": t.first_shard,
-               "stop": None if t.stop is None else t.first_shard + plan.options.shards_per_task} for t in plan.groups]
+    claims = [ownership.claim(t.split, *_shard_range(t, plan.options.shards_per_task)) for t in plan.groups]
     for split, info in splits.items():  # shards of an earlier, differently planned run: never mixed in
         listed = {s.name for s in info.shards}
         for name in location.glob(f"{split}-*.tar"):

@@ -58,11 +58,16 @@ def claim_name(split: str, group: int) -> str:
     return f"{MARKERS}/{split}-{group:06d}.claim"
 
 
+def claim(split: str, first: int, stop: int | None) -> dict[str, Any]:
+    """The claim record of shards `first` .. `stop - 1` of `split` (stop None: any from `first`)."""
+    return {"split": split, "first": first, "stop": stop}
+
+
 def write_claim(location: Location, split: str, group: int, first: int, stop: int | None) -> dict[str, Any]:
-    """Record that this group is about to write shards `first` .. `stop - 1` (stop None: any from `first`)."""
-    claim = {"split": split, "first": first, "stop": stop}
-    location.write_text(claim_name(split, group), json.dumps(claim))
-    return claim
+    """Record that this group is about to write shards `first` .. `stop - 1`, before it writes any."""
+    record = claim(split, first, stop)
+    location.write_text(claim_name(split, group), json.dumps(record))
+    return record
 
 
 def claimed(claim: Any, name: str) -> bool:

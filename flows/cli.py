@@ -1,7 +1,9 @@
 """The `vaepipe` command: demo, ingest, serve, status, models, train, verify.
 
 Config fields are overridden as `--section.field VALUE` after the command (`vaepipe demo --train.epochs 3`);
-an invalid config stops with the field and the allowed values, exit status 2.
+an invalid config stops with the field and the allowed values, exit status 2. `vaepipe ingest` also stops with
+status 2 and one line, before Prefect starts, when the source cannot list its splits (a wrong root) or the
+shard directory is a file, not writable, holds files vaepipe did not write, or is locked by a running ingest.
 """
 
 from __future__ import annotations
@@ -133,9 +135,22 @@ MLflow UI          {ui}""")
 
 
 def ingest(cfg) -> int:
+    """Check the source and the destination first (one line and status 2 when either is unusable), then run
+    the ingest-dataset flow (a progress bar on a terminal); 1 when the flow fails."""
+    import pipeline
+
+    try:
+        pipeline.check_ingest(cfg.source.name, cfg.source.options, cfg.shard_dir, cfg.ingest.storage_options)
+    except (pipeline.SourceError, pipeline.DestinationError, pipeline.DirectoryLockedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from flows.ingest import ingest_dataset
 
-    print(ingest_dataset(cfg.source, cfg.ingest))
+    try:
+        print(ingest_dataset(cfg.source, cfg.ingest))
+    except Exception as err:  # the flow run's log above holds the traceback
+        print(f"\nerror: the ingest-dataset flow failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

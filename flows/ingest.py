@@ -4,7 +4,12 @@ The flow plans the ingest (splits, image shape, layout, shard groups), fans out 
 task per group through the subflow `write-shard-groups`, and writes `index.json` last, once every group has
 landed. The subflow's task runner is chosen from the config: a Dask cluster (`prefect-dask`) when
 `ingest.dask_address` names one, else a local thread or process pool. Groups finished by an earlier,
-interrupted run are kept when their shards still match their checksums.
+interrupted run are kept when their shards still match their checksums. The flow process holds the shard
+directory's lock (`pipeline.DirLock`) from planning to `index.json`, wherever the group tasks run, so a second
+ingest into the same directory refuses, naming the holder.
+
+Progress: a Prefect progress artifact on the flow run (the UI shows it) goes from 0 to 100 as shard groups
+land, weighted by their input counts; on a terminal a tqdm bar shows images/s and the ETA as well.
 
 Faults: a failed group task is retried `ingest.retries` times with exponential back-off and jitter (a flaky
 disk or object store); the retry rewrites only that group. Caching: the whole ingest is the task
@@ -17,14 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.futures import as_completed
 from prefect.results import get_result_store
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
+from tqdm.auto import tqdm
 
 import pipeline
 from pipeline.storage import Location
@@ -52,11 +62,49 @@ def with_retries(ingest: IngestSection):
     )
 
 
+def on_terminal() -> bool:
+    """Whether to draw a progress bar: only for a person watching (not under a worker, a pipe or pytest)."""
+    return sys.stdout.isatty()
+
+
+class GroupProgress:
+    """Shard groups landed, as the progress artifact `artifact_id` (0-100) and, on a terminal, a tqdm bar.
+
+    A group weighs its input count, so the bar's rate is images/s; a source that cannot count its inputs
+    (one group per split) weighs 1 per group.
+    """
+
+    def __init__(self, plan: pipeline.IngestPlan, artifact_id: UUID | None) -> None:
+        counted = all(t.stop is not None for t in plan.groups)
+        self.weight = {(t.split, t.group): t.stop - t.start if counted else 1 for t in plan.groups}
+        self.total, self.done, self.artifact_id = sum(self.weight.values()), 0, artifact_id
+        self.bar = tqdm(total=self.total, unit="img" if counted else "group", desc=f"ingest {plan.out}",
+                        disable=not on_terminal(), dynamic_ncols=True)
+
+    def landed(self, result: pipeline.GroupResult) -> None:
+        step = self.weight[(result.task.split, result.task.group)]
+        self.done += step
+        self.bar.update(step)
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @flow(name="write-shard-groups")
-def write_shard_groups(plan: pipeline.IngestPlan, ingest: IngestSection) -> list[pipeline.GroupResult]:
-    """Submit every group of the plan to this flow's task runner and wait for all of them."""
+def write_shard_groups(
+    plan: pipeline.IngestPlan, ingest: IngestSection, progress_id: UUID | None = None
+) -> list[pipeline.GroupResult]:
+    """Submit every group of the plan to this flow's task runner; report each as it lands; return them in order."""
     group_task = with_retries(ingest)
     futures = [group_task.submit(plan, group) for group in plan.groups]
+    progress = GroupProgress(plan, progress_id)
+    try:
+        for future in as_completed(futures):
+            progress.landed(future.result())
+    finally:
+        progress.close()
     return [future.result() for future in futures]
 
 
@@ -134,11 +182,21 @@ def remember(source: SourceSection, ingest: IngestSection, out: str) -> None:
 
 @task(name="ingest-shards", cache_policy=ShardDirCache(), persist_result=True)
 def ingest_shards(source: SourceSection, ingest: IngestSection, out: str) -> str:
-    """Plan, write every shard group, write index.json last; a complete directory of this source is kept."""
+    """Plan, write every shard group, write index.json last; a complete directory of this source is kept.
+
+    Holds the directory's lock throughout (this process; group tasks may run elsewhere).
+    """
+    with pipeline.DirLock(Location(out, ingest.storage_options)):
+        return _ingest_locked(source, ingest, out)
+
+
+def _ingest_locked(source: SourceSection, ingest: IngestSection, out: str) -> str:
     logger = get_run_logger()
     name, options = source.name, source.options
+    progress_id = create_progress_artifact(0.0, description=f"shard groups of {name} written to {out}")
     if pipeline.prepare_dir(name, options, out, ingest.overwrite, ingest.storage_options) is not None:
         logger.info("%s is already complete for source %r; reusing it", out, name)
+        update_progress_artifact(progress_id, 100.0)
         remember(source, ingest, out)
         return out
     plan = pipeline.plan_ingest(name, options, out, _options(ingest))
@@ -147,7 +205,7 @@ def ingest_shards(source: SourceSection, ingest: IngestSection, out: str) -> str
     runner = task_runner(ingest)
     logger.info("%d shard group(s) of %s, layout %s, image shape %s, on %s", len(plan.groups), name,
                 plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
-    results = write_shard_groups.with_options(task_runner=runner)(plan, ingest)
+    results = write_shard_groups.with_options(task_runner=runner)(plan, ingest, progress_id)
     index = pipeline.finalize_ingest(plan, results)
     kept = sum(r.reused for r in results)
     counts = {split: info.num_samples for split, info in index.splits.items()}

@@ -17,15 +17,20 @@ from pipeline.ingest import (
     write_group,
 )
 from pipeline.loader import Batch, ShardLoader, read_split
+from pipeline.lock import DirectoryLockedError, DirLock
+from pipeline.preflight import check_ingest
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
-from pipeline.storage import is_url
+from pipeline.storage import DestinationError, is_url
 
 __all__ = [
     "INDEX_NAME",
     "REPORT_NAME",
     "Batch",
+    "DestinationError",
+    "DirLock",
+    "DirectoryLockedError",
     "GroupResult",
     "GroupTask",
     "IngestOptions",
@@ -38,6 +43,7 @@ __all__ = [
     "SourceError",
     "available_sources",
     "build_source",
+    "check_ingest",
     "get_source_class",
     "finalize_ingest",
     "index_sha256",

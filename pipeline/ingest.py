@@ -2,16 +2,21 @@
 
 The steps are separate functions so that a Prefect flow can fan them out as tasks:
 
+0. `prepare_dir` (once, under the directory's lock, `pipeline.lock`): reuse a complete directory, else refuse a
+   directory that holds files this project did not write (`pipeline.ownership`) and note which shards are ours.
 1. `plan_ingest` (once): the splits, the target image shape (config, or the first image's) and the layout,
    and per split the *shard groups*: record ranges of `shards_per_task * samples_per_shard` inputs each.
 2. `write_group` (one task per group, on any worker): its records -> conformed images -> its shards, then a
    small marker `.ingest/{split}-{group}.json` listing them with their sha256. A re-run finds a group whose
    marker matches this plan and whose shards still match their checksums and keeps it; every other group is
    written again. So a killed ingest resumes where it stopped, and a corrupt shard costs only its group.
+   Before writing, a group claims its shard numbers (`.ingest/{split}-{group}.claim`), so that the partial
+   shards of an interrupted group are known to be ours.
 3. `finalize_ingest` (once): merge the groups, write `skipped.jsonl` (every skipped input with its reason),
+   remove the shards of an earlier run that the new index does not list (only ours: see `pipeline.ownership`),
    and write `index.json` last: only then does the directory read as complete.
 
-`ingest` composes them in-process.
+`ingest` composes them in-process, holding the directory's lock throughout; the flow does the same.
 """
 
 from __future__ import annotations
@@ -28,16 +33,17 @@ import numpy as np
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
-from pipeline import shards
+from pipeline import ownership, shards
 from pipeline.conform import ChannelRule, SizeRule, conform, encode_image
 from pipeline.errors import ShardFormatError, SourceError
 from pipeline.layouts import get_layout
+from pipeline.lock import DirLock
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, ShardInfo, ShardPlan, SplitInfo, read_index
 from pipeline.sources import build_source, get_source_class, validate_options
-from pipeline.storage import Location
+from pipeline.storage import DestinationError, Location
 
-MARKERS = ".ingest"  # per-group completion markers, beside the shards
+MARKERS = ownership.MARKERS  # per-group completion markers, beside the shards
 log = logging.getLogger(__name__)
 
 
@@ -132,19 +138,25 @@ def prepare_dir(
 ) -> ShardIndex | None:
     """Return the existing index when `out_dir` is already complete for this source, else make it ready.
 
-    A complete directory written from a different source config is never silently reused or overwritten;
-    overwrite=True forgets the finished groups too, so every shard is written again.
+    Call it holding the directory's lock (`pipeline.lock.DirLock`). A complete directory written from a
+    different source config is never silently reused or overwritten; overwrite=True forgets the finished groups
+    too, so every shard is written again. A directory with files this project did not write is refused
+    (`DestinationError`), and the shards that are ours are saved in `.ingest/owned` before the old index or
+    markers go, so later steps know which files they may replace.
     """
     location = Location(out_dir, storage_options)
-    if location.exists() and location.isfile(INDEX_NAME):
+    ownership.check_ours(location)
+    complete = location.exists() and location.isfile(INDEX_NAME)
+    if complete and not overwrite:
         index = read_index(location)
-        if not overwrite:
-            if not _same_source(index.source, name, options):
-                raise ShardFormatError(
-                    f"{location} already holds shards of {index.source}, not of source {name!r} with {options}; "
-                    "choose another ingest.shard_dir or set ingest.overwrite=true"
-                )
-            return index
+        if not _same_source(index.source, name, options):
+            raise ShardFormatError(
+                f"{location} already holds shards of {index.source}, not of source {name!r} with {options}; "
+                "choose another ingest.shard_dir or set ingest.overwrite=true"
+            )
+        return index
+    ownership.snapshot(location)
+    if complete:
         location.remove(INDEX_NAME)  # from here on the directory reads as incomplete until rewritten
     if overwrite:
         for marker in location.glob(f"{MARKERS}/*.json"):
@@ -325,11 +337,7 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     if reused is not None:
         return reused
     location.remove(_marker(task))
-    last_shard = task.first_shard + plan.options.shards_per_task
-    for stale in location.glob(f"{task.split}-*.tar"):  # leftovers of an interrupted run in this group's range
-        number = stale.removeprefix(f"{task.split}-").removesuffix(".tar")
-        if number.isdigit() and task.first_shard <= int(number) < last_shard:
-            location.remove(stale)
+    _clear_range(location, task, plan.options.shards_per_task)
     source = build_source(plan.source["name"], plan.source["config"])
     items = source.records(task.split, task.start, task.stop)
     total = None if task.stop is None else task.stop - task.start
@@ -340,7 +348,30 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     result = GroupResult(task=task, fingerprint=fingerprint, shards=written.shards, skipped=skipped,
                          max_label=written.max_label, has_labels=written.has_labels, num_factors=written.num_factors)
     location.write_text(_marker(task), result.model_dump_json())
+    location.remove(ownership.claim_name(task.split, task.group))  # the marker lists the shards from now on
     return result
+
+
+def _shard_range(task: GroupTask, shards_per_task: int) -> tuple[int, int | None]:
+    """The shard numbers a group may write: `shards_per_task` of them, or any from its first (an uncounted
+    split's one group writes as many as its inputs fill)."""
+    return task.first_shard, None if task.stop is None else task.first_shard + shards_per_task
+
+
+def _clear_range(location: Location, task: GroupTask, shards_per_task: int) -> None:
+    """Claim the group's shard numbers, and remove the shards there of an earlier or interrupted run (only ours)."""
+    previous = ownership.read_claim(location, task.split, task.group)  # an interrupted attempt's range
+    owned = ownership.read_owned(location)
+    claim = ownership.write_claim(location, task.split, task.group, *_shard_range(task, shards_per_task))
+    for name in location.glob(f"{task.split}-*.tar"):
+        if not ownership.claimed(claim, name):
+            continue
+        if name not in owned and not ownership.claimed(previous, name):
+            raise DestinationError(
+                f"{location.display(name)} appeared after this ingest started and no vaepipe index or marker lists "
+                "it; move it elsewhere and re-run the ingest"
+            )
+        location.remove(name)
 
 
 def _merge_split(split: str, results: list[GroupResult], location: Location) -> SplitInfo:
@@ -392,11 +423,17 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
         split: _merge_split(split, [r for r in results if r.task.split == split], location) for split in plan.splits
     }
     _check_skip_fraction(plan, report, sum(info.num_samples for info in splits.values()), location)
+    owned = ownership.read_owned(location)
+    claims = [ownership.claim(t.split, *_shard_range(t, plan.options.shards_per_task)) for t in plan.groups]
     for split, info in splits.items():  # shards of an earlier, differently planned run: never mixed in
         listed = {s.name for s in info.shards}
         for name in location.glob(f"{split}-*.tar"):
-            if name not in listed:
+            if name in listed:
+                continue
+            if name in owned or any(ownership.claimed(c, name) for c in claims):
                 location.remove(name)
+            else:  # appeared during this ingest: not ours to delete, and the index does not list it
+                log.warning("leaving %s in place: no index or marker of vaepipe lists it", location.display(name))
     index = ShardIndex(
         source=plan.source,
         layout=plan.shard.layout,
@@ -409,6 +446,11 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
         skipped_report=REPORT_NAME,
     )
     shards.write_index(location, index)
+    # the index now names every shard that is ours; markers of groups this plan no longer has list deleted shards
+    planned = {_marker(t) for t in plan.groups}
+    for name in [ownership.OWNED, *location.glob(f"{MARKERS}/*.claim"), *location.glob(f"{MARKERS}/*.json")]:
+        if name not in planned:
+            location.remove(name)
     return index
 
 
@@ -428,10 +470,11 @@ def ingest(
     """
     options = options or {}
     opts = IngestOptions(samples_per_shard=samples_per_shard, block_size=block_size, **settings)
-    existing = prepare_dir(name, options, out_dir, overwrite, opts.storage_options)
-    if existing is not None:
-        return existing
-    plan = plan_ingest(name, options, out_dir, opts)
-    for warning in plan.warnings:
-        log.warning(warning)
-    return finalize_ingest(plan, [write_group(plan, task, progress) for task in plan.groups])
+    with DirLock(Location(out_dir, opts.storage_options)):
+        existing = prepare_dir(name, options, out_dir, overwrite, opts.storage_options)
+        if existing is not None:
+            return existing
+        plan = plan_ingest(name, options, out_dir, opts)
+        for warning in plan.warnings:
+            log.warning(warning)
+        return finalize_ingest(plan, [write_group(plan, task, progress) for task in plan.groups])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ from fsspec.implementations.local import LocalFileSystem
 def is_url(location: str | os.PathLike) -> bool:
     """A location with a scheme (s3://, gs://, file://...): kept as a string, since Path would fold its '//'."""
     return "://" in str(location)
+
+
+class DestinationError(ValueError):
+    """A shard destination that cannot be used: a file, not writable, or holding files vaepipe did not write."""
 
 
 class Location:
@@ -87,3 +92,39 @@ class Location:
 
     def size(self, name: str) -> int:
         return int(self.fs.size(self.path(name)))
+
+    def listdir(self) -> list[str]:
+        """Names of the entries directly under the root, sorted; [] when the root does not exist."""
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        prefix = len(self.root) + 1
+        return sorted(p.rstrip("/")[prefix:] for p in entries if p.rstrip("/") != self.root)
+
+    def create(self, name: str, text: str) -> bool:
+        """Write `name` only if it does not exist yet, atomically; False when it already exists.
+
+        Local: the text goes to a temporary file that is then hard-linked to `name`; link() fails with
+        EEXIST atomically (also on NFS) and the file never appears half-written. Elsewhere: fsspec's
+        create-if-absent `pipe_file(mode="create")`, which is atomic where the store offers a conditional
+        write (S3's If-None-Match) and check-then-write on the rest (memory://, in tests).
+        """
+        if not self.local:
+            try:
+                self.fs.pipe_file(self.path(name), text.encode(), mode="create")
+            except FileExistsError:
+                return False
+            return True
+        target = Path(self.path(name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True

@@ -6,14 +6,17 @@ process and through the environment for child processes: the tests never touch ~
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from conftest import BIN, run, stop
+from PIL import Image
 
 import pipeline
 from flows.ingest import ingest_dataset
@@ -52,6 +55,52 @@ def test_demo_rejects_bad_config_before_any_work(tmp_path, args, expected):
         assert text in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A directory this user cannot create files in (root ignores modes: then a sysfs directory, which it cannot)."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o555)
+        return locked
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("running as root and /sys/kernel is absent: no directory here that root cannot write")
+    return Path("/sys/kernel")
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("wrong_root", ["error: imagefolder source:", "is not a directory", "set source.options.root"]),
+        ("read_only", ["error: shard directory", "is not writable", "set ingest.shard_dir"]),
+        ("a_file", ["error: shard directory", "is a file; set ingest.shard_dir to a directory"]),
+        ("foreign", ["error:", "holds no shards of vaepipe", "train-000050.tar", "or empty this one"]),
+    ],
+)
+def test_ingest_refuses_bad_input_in_one_line_before_prefect_starts(tmp_path, unwritable_dir, case, expected):
+    """A wrong root or an unusable destination: one line, exit status 2, no traceback, no retries, no flow run."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "train-000050.tar").write_bytes(b"someone else's shard")
+    root, shard_dir = {
+        "wrong_root": (tmp_path / "no-such-folder", tmp_path / "shards"),
+        "read_only": (photos, unwritable_dir / "shards"),
+        "a_file": (photos, tmp_path / "a-file"),
+        "foreign": (photos, tmp_path / "theirs"),
+    }[case]
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(photos / "x.png")
+    result = run([str(BIN / "vaepipe"), "ingest", "--source.name", "imagefolder", "--source.options",
+                  f"{{root: {root}}}", "--ingest.shard_dir", str(shard_dir)], cwd=tmp_path, timeout=180)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "Retry" not in result.stderr + result.stdout
+    assert (tmp_path / "theirs" / "train-000050.tar").read_bytes() == b"someone else's shard"
+    assert not (tmp_path / "shards").exists() or not any((tmp_path / "shards").iterdir())
 
 
 def _processes_mentioning(text: str) -> list[psutil.Process]:

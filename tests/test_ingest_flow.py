@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,57 @@ def test_flow_runs_on_a_dask_cluster(tmp_path, prefect_api):
     assert any("ingest" in prefix for prefix in ran), ran
     images, _ = pipeline.read_split(out, "test")
     assert len(images) == 359
+
+
+def _progress_artifacts(flow_name: str) -> list[float]:
+    """The data of the progress artifacts of the latest run of the flow `flow_name`."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+        FlowFilter,
+        FlowFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                    sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), type=ArtifactFilterType(any_=["progress"])))
+    return [float(a.data) for a in artifacts]
+
+
+def test_flow_holds_the_lock_and_reports_progress(tmp_path, prefect_api, monkeypatch, capsys):
+    """Every group runs while the flow process holds the directory's lock; progress reaches 100 in the UI's
+    artifact, and on a terminal a bar shows images/s."""
+    import flows.ingest
+    from pipeline.lock import LOCK_NAME, DirLock
+    from pipeline.storage import Location
+
+    out = tmp_path / "digits"
+    holders = []
+    write_group = pipeline.write_group
+
+    def recording(plan, task, progress=False):
+        holders.append(DirLock(Location(out)).holder())
+        return write_group(plan, task, progress)
+
+    monkeypatch.setattr(pipeline, "write_group", recording)
+    monkeypatch.setattr(flows.ingest, "on_terminal", lambda: True)
+    ingest_dataset(SourceSection(), IngestSection(shard_dir=out, samples_per_shard=512, block_size=128))
+    assert len(holders) == 4 and {h["pid"] for h in holders} == {os.getpid()}
+    assert not (out / LOCK_NAME).exists()
+    assert _progress_artifacts("ingest-dataset") == [100.0]
+    bar = capsys.readouterr().err
+    assert "1797/1797" in bar and "img/s" in bar, bar
+
+
+def test_flow_refuses_a_directory_another_ingest_holds(tmp_path, prefect_api):
+    from pipeline.storage import Location
+
+    out = tmp_path / "digits"
+    with pipeline.DirLock(Location(out)), pytest.raises(pipeline.DirectoryLockedError, match="another ingest"):
+        ingest_dataset(SourceSection(), IngestSection(shard_dir=out, samples_per_shard=512, block_size=128))
+    assert not (out / pipeline.INDEX_NAME).exists()

@@ -1,5 +1,6 @@
 """`mlflow models serve` on a registered champion, as a real subprocess on loopback: every mode over REST
-returns what in-process `predict` returns, and the server's whole process group is gone afterwards."""
+returns what in-process `predict` returns, bad input is a 400 with a reason and no stack trace (the body
+always strict JSON), and the server's whole process group is gone afterwards."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, free_port, wait_http
+from test_mlflow_model import strict_json
 
 from vae.registry import build_from_spec, log_model, model_spec, register
 from vae.tracking import ensure_experiment
@@ -78,13 +80,15 @@ def served(mlflow_uri, tmp_path):
 
 
 def invoke(url: str, inputs, params: dict) -> tuple[int, dict]:
+    """POST to /invocations (float NaN and inf sent as the bare tokens json.dumps writes); (status, the body read
+    as strict JSON, so a response with NaN in it fails)."""
     body = json.dumps({"inputs": inputs, "params": params}).encode()
     request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+            return response.status, strict_json(response.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return err.code, strict_json(err.read())
 
 
 def test_every_mode_over_rest_equals_predict_in_process(served):
@@ -107,6 +111,20 @@ def test_every_mode_over_rest_equals_predict_in_process(served):
 
     status, body = invoke(url, x.tolist(), {"mode": "blur"})
     assert status == 400 and "unknown mode 'blur'; valid: reconstruct, encode, decode, sample" in body["message"]
+
+    refused = [  # (input, params, the reason: the message's last line, after MLflow's prefix naming the input)
+        (10**9, {"mode": "sample"}, "mode 'sample' draws at most 1024 images per request (the model's max_samples), "
+                                    "got 1000000000; ask in several requests with different seeds"),
+        (True, {"mode": "sample"}, "got True"),
+        ([["a", "b"]], {"mode": "decode"}, "expects latents of shape (N, 2) as numbers, got dtype <U1"),
+        (2, {"mode": "sample", "temperature": float("inf")}, "param 'temperature' must be positive and finite"),
+        ((z * np.nan).tolist(), {"mode": "decode"}, "mode 'decode' expects latents of shape (N, 2) with finite values, "
+                                                    "got 6 NaN or infinite"),
+    ]
+    for data, params, reason in refused:
+        status, body = invoke(url, data, params)
+        assert status == 400 and reason in body["message"].splitlines()[-1], (params, body)
+        assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
 
     stop_group(proc)
     assert not group_alive(proc)

@@ -25,7 +25,7 @@ from mlflow.models import Model, infer_signature
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vae.mlflow_model import PARAMS
+from vae.mlflow_model import PARAMS, ServingLimits
 from vae.models import build_model
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -73,15 +73,9 @@ def _requirements() -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarray | None = None) -> str:
-    """Log `model` into run `run_id` as the pyfunc model "model"; return its URI (models:/m-...).
-
-    `input_example` is a float32 batch (N, C, H, W) in [0, 1] for the default mode, reconstruct; by default
-    two uniform-noise images.
-    """
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id != run_id:
-        raise ValueError(f"run {active.info.run_id} is active; cannot log the model into run {run_id}")
+def _pyfunc_kwargs(model: nn.Module, spec: dict, tmp: Path, input_example: np.ndarray | None,
+                   limits: ServingLimits | None) -> dict[str, Any]:
+    """The arguments `mlflow.pyfunc.log_model` and `save_model` share for `model`, its files written in `tmp`."""
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # Rebuilding from the spec checks, before anything is logged, that spec and weights agree.
     packaged = build_from_spec(spec)
@@ -89,26 +83,48 @@ def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarr
     packaged.eval()
     if input_example is None:
         input_example = np.random.default_rng(0).random((2, *spec["image_shape"]), dtype=np.float32)
-    input_example = np.array(input_example, dtype=np.float32)
-    # Params only: the input's shape depends on the mode (see vae/mlflow_model.py), which checks it itself.
-    signature = infer_signature(params=PARAMS)
+    save_file(weights, tmp / "weights.safetensors")
+    (tmp / "config.json").write_text(json.dumps(spec, indent=2))
+    return dict(
+        python_model=str(MODEL_CODE),
+        artifacts={"config": str(tmp / "config.json"), "weights": str(tmp / "weights.safetensors")},
+        code_paths=[str(_model_code(tmp / "code"))],
+        # Params only: the input's shape depends on the mode (see vae/mlflow_model.py), which checks it itself.
+        signature=infer_signature(params=PARAMS),
+        input_example=np.array(input_example, dtype=np.float32),
+        pip_requirements=_requirements(),
+        # Every limit written out, even the defaults: MLflow's load-time overrides (load_model's model_config,
+        # MLFLOW_PYFUNC_INFERENCE_CONFIG) only replace keys the logged config has.
+        model_config=(limits or ServingLimits()).model_dump(),
+    )
 
+
+def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarray | None = None,
+              limits: ServingLimits | None = None) -> str:
+    """Log `model` into run `run_id` as the pyfunc model "model"; return its URI (models:/m-...).
+
+    `input_example` is a float32 batch (N, C, H, W) in [0, 1] for the default mode, reconstruct; by default
+    two uniform-noise images. `limits` caps what one request may ask (default `ServingLimits()`: 1,024 samples
+    or images, run 256 rows at a time).
+    """
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != run_id:
+        raise ValueError(f"run {active.info.run_id} is active; cannot log the model into run {run_id}")
     with tempfile.TemporaryDirectory() as tmp:
-        save_file(weights, Path(tmp, "weights.safetensors"))
-        Path(tmp, "config.json").write_text(json.dumps(spec, indent=2))
+        kwargs = _pyfunc_kwargs(model, spec, Path(tmp), input_example, limits)
         # MLflow only attaches to a run it finds active; a run we start here ends when logging does.
         run = contextlib.nullcontext() if active is not None else mlflow.start_run(run_id=run_id)
         with run:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts={"config": str(Path(tmp, "config.json")), "weights": str(Path(tmp, "weights.safetensors"))},
-                code_paths=[str(_model_code(Path(tmp, "code")))],
-                signature=signature,
-                input_example=input_example,
-                pip_requirements=_requirements(),
-            )
+            info = mlflow.pyfunc.log_model(name="model", **kwargs)
     return info.model_uri
+
+
+def save_model(model: nn.Module, spec: dict, path: str | Path, input_example: np.ndarray | None = None,
+               limits: ServingLimits | None = None) -> Path:
+    """Write the same MLflow model `log_model` logs into the new directory `path`, with no tracking server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(str(path), **_pyfunc_kwargs(model, spec, Path(tmp), input_example, limits))
+    return Path(path)
 
 
 def _contest(client: mlflow.MlflowClient, name: str) -> tuple[dict[str, int], dict[int, float]]:

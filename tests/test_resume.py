@@ -236,3 +236,28 @@ def test_a_full_disk_names_the_directory_keeps_older_checkpoints_and_resume_work
     with in_process(tracking_uri):
         resume(digits_shards, out, "--train.epochs", "2")
     assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["step-000000005", "step-000000010"]
+
+
+@pytest.mark.slow
+def test_two_ranks_fall_back_together_when_one_rank_cannot_load(tmp_path, digits_shards, tracking_uri):
+    """rng-1.json is read by rank 1 only: rank 0 would load the newest checkpoint, and both must skip it."""
+    from conftest import run
+
+    from vae.launch import accelerate_command
+
+    def launch(*overrides: str):
+        argv, env = accelerate_command(PRESET, 2, overrides=[
+            "--ingest.shard_dir", str(digits_shards), "--train.output_dir", str(tmp_path / "run"), *FAST, *overrides])
+        return run(argv, env={**env, "MLFLOW_TRACKING_URI": tracking_uri}, cwd=tmp_path)
+
+    first = launch("--train.epochs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = tmp_path / "run" / "checkpoints" / "step-000000004"  # 1438 // (2 x 256) = 2 steps per epoch
+    assert {f.name for f in newest.iterdir()} >= {"rng-0.json", "rng-1.json"}
+    (newest / "rng-1.json").write_text("{")
+    resumed = launch("--train.epochs", "2", "--train.resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "warning: rank 1: checkpoint" in resumed.stdout and "rng-1.json has" in resumed.stdout
+    assert "step-000000002 (epoch 1" in resumed.stdout
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["world_size"] == 2 and len(set(meta["rank_param_checksums"])) == 1

@@ -185,6 +185,43 @@ def test_a_rerun_is_served_from_the_cache_until_the_source_or_the_index_changes(
     assert pipeline.read_index(out).splits["test"].num_samples == 539
 
 
+class Planted:
+    """Pickled into a planted cache record: loading it touches a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_cached_result_is_plain_json_and_a_planted_pickle_is_never_loaded(tmp_path, prefect_api, prefect_home):
+    """The ingest cache record was a cloudpickle, unpickled on every hit; Prefect loads a record with the serializer
+    the record names, so a planted one naming pickle must not be read at all."""
+    from prefect.results import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    out = tmp_path / "digits"
+    section = IngestSection(shard_dir=out, samples_per_shard=512, block_size=128)
+    ingest_state(SourceSection(), section)
+    key = shard_dir_key(SourceSection(), section, str(out.resolve()))
+    stored = prefect_home / "storage" / key
+    record = json.loads(stored.read_bytes())
+    assert record["metadata"]["serializer"]["type"] == "json"
+    assert json.loads(record["result"]) == str(out.resolve())  # the location, as JSON text
+    state, task_state = ingest_state(SourceSection(), section)
+    assert task_state.name == "Cached" and state.result() == str(out.resolve())
+
+    marker = tmp_path / "pwned"
+    planted = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(), storage_key=key),
+                           result=Planted(marker))
+    stored.write_bytes(planted.serialize())
+    state, task_state = ingest_state(SourceSection(), section)
+    assert not marker.exists()
+    assert task_state.name == "Completed" and state.result() == str(out.resolve())  # ingest ran, reused the dir
+    assert json.loads(stored.read_bytes())["metadata"]["serializer"]["type"] == "json"  # and recorded it anew
+
+
 def test_the_cache_key_follows_the_index_bytes_and_the_shards_on_disk(tmp_path, digits_shards):
     source = SourceSection()
     section = IngestSection(shard_dir=tmp_path / "copy", samples_per_shard=512, block_size=128)

@@ -14,6 +14,7 @@ timestamp, value), ignoring an identical one logged again, so a batch whose resp
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -229,17 +230,31 @@ class MetricJournal:
             self._acknowledge(count)
 
     def _append(self, entry: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the network is tried: a kill or a crash loses nothing
+        line = json.dumps(entry) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the network is tried: a kill or a crash loses nothing
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # say whose disk and how much, rather than a bare errno
+                raise OSError(errno.ENOSPC, f"no space left on {self.path.parent}: the metric journal could not "
+                                            f"write {len(line)} bytes; free space there") from err
+            raise
         self.pending.append(entry)
 
     def _acknowledge(self, count: int) -> None:
+        """MLflow took the first `count` pending entries. Failing to record that (a full disk) is only a warning:
+        the entries were delivered, and after a restart they go again, which is harmless (module docstring)."""
         self.pending, self.sent = self.pending[count:], self.sent + count
         tmp = self.sent_path.with_name(f".{self.sent_path.name}.tmp")
-        tmp.write_text(str(self.sent))
-        os.replace(tmp, self.sent_path)
+        try:
+            tmp.write_text(str(self.sent))
+            os.replace(tmp, self.sent_path)
+        except OSError as err:
+            reason = f"no space left on {self.path.parent}" if err.errno == errno.ENOSPC else _short(err)
+            log.warning("MLflow took %d entries of run %s, but their count could not be recorded in %s (%s); "
+                        "a restart sends them again, which is harmless", count, self.run_id, self.sent_path, reason)
 
 
 def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | None = None) -> MetricJournal:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -31,10 +30,10 @@ from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
 from vae.optim import Lamb, MuonAdamW
+from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written
 EMA_WEIGHTS = "ema.safetensors"
 
 
@@ -112,18 +111,6 @@ class StepGuard:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
-
-
-class Preemption:
-    """SIGTERM and SIGINT only raise a flag: the loop finishes its step, checkpoints and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: object) -> None:
-        self.requested = True
 
 
 def train(cfg: RunConfig) -> None:

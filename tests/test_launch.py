@@ -168,3 +168,67 @@ def test_a_bad_config_stops_before_any_rank_starts(tmp_path):
                   "--train.no_such_field", "1"], cwd=tmp_path, timeout=300)
     assert result.returncode == 2
     assert "--train.no_such_field" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- the cluster templates run the supervisor and act on its exit status
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# stand-in for srun: records the command, writes what the scenario's step wrote, exits with its status
+printf '%s\\n' "$*" > "$FAKE_DIR/srun.args"
+if [ -n "${FAKE_WRITES:-}" ]; then
+  mkdir -p "$OUTPUT_DIR/checkpoints/$FAKE_WRITES"
+  printf '{\\n  "reason": "%s"\\n}\\n' "$FAKE_REASON" > "$OUTPUT_DIR/checkpoints/$FAKE_WRITES/meta.json"
+fi
+exit "$FAKE_STATUS"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) echo node0 ;;
+  requeue) echo "$2" >> "$FAKE_DIR/requeued" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(("status", "writes", "expected", "requeued"), [
+    (75, None, 75, True),  # every node's supervisor: preempted
+    (137, ("step-000000009", "preempted"), 75, True),  # one node's 75 made srun kill the other's task
+    (1, None, 1, False),  # a crash after resuming from an older preempted checkpoint: not requeued forever
+    (1, ("step-000000009", "end of epoch"), 1, False),
+    (0, None, 0, False),
+])
+def test_the_slurm_script_requeues_what_this_job_preempted(tmp_path, status, writes, expected, requeued):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    output = tmp_path / "run"
+    old = output / "checkpoints" / "step-000000005"  # a preempted checkpoint of an earlier job: resumed from
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text('{\n  "reason": "preempted"\n}\n')
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_STATUS": str(status),
+           "OUTPUT_DIR": str(output), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[0-1]",
+           "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    if writes:
+        env.update(FAKE_WRITES=writes[0], FAKE_REASON=writes[1])
+    result = run(["bash", str(REPO / "infra/slurm/train.sbatch"), "infra/configs/mnist.yaml"], env=env, cwd=tmp_path)
+    assert result.returncode == expected, result.stderr
+    assert (tmp_path / "requeued").exists() == requeued
+    command = (tmp_path / "srun.args").read_text()
+    assert "exec python -m vae.launch --config_file infra/accelerate/multinode.yaml" in command
+
+
+def test_the_kubernetes_job_runs_the_supervisor_and_retries_its_exit_status():
+    import yaml
+
+    from vae.launch import RANK_GRACE_S
+
+    [_, job] = yaml.safe_load_all((REPO / "infra/k8s/train-job.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    # PID 1 gets the SIGTERM: the shell must hand it over (exec) to the supervisor
+    assert container["command"] == ["bash", "-c"] and container["args"][0].startswith("exec python -m vae.launch ")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": container["name"], "operator": "In",
+                                                "values": [PREEMPTED_EXIT]}} in rules
+    assert pod["terminationGracePeriodSeconds"] >= RANK_GRACE_S and pod["restartPolicy"] == "Never"

@@ -30,13 +30,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from vae.preemption import PREEMPTED_EXIT, Preemption
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 RANK_GRACE_S = 120  # a preempted step plus its checkpoint; the templates give the pods and jobs as long
-POLL_S = 0.2  # how often the supervisor looks for new ranks: a rank started after a signal gets it this late
+POLL_S = 0.5  # the longest a signal waits before the supervisor passes it on
+LOOK_EVERY_S = 5.0  # between looks for the launcher's children while no signal has come
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -122,20 +126,57 @@ def preempted_since(output_dir: Path, before: Path | None) -> Path | None:
     return newest if checkpoint.read_meta(newest).get("reason") == "preempted" else None
 
 
-def running(process) -> bool:
+def running(process: psutil.Process) -> bool:
     """Whether a psutil.Process is still this process (not a reused pid) and not a zombie."""
-    import psutil
-
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 
 
+class Ranks:
+    """The launcher's children, remembered so that the signal reaches each once and none outlives the launch."""
+
+    def __init__(self, launcher_pid: int) -> None:
+        self.launcher = psutil.Process(launcher_pid)
+        self.seen: dict[int, psutil.Process] = {}  # psutil checks identity (pid and start time) before it signals
+        self.told: set[int] = set()
+
+    def look(self) -> None:
+        """Note new children; this reads all of /proc (~20 ms here), hence not on every poll."""
+        try:
+            for child in self.launcher.children():
+                self.seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:  # the launcher is exiting
+            pass
+
+    def tell(self) -> None:
+        """SIGTERM to each rank not told yet. While the launcher has none (it imports, or waits for a rendezvous),
+        to the launcher itself: nothing has trained, so it may stop the way it does."""
+        untold = [rank for pid, rank in self.seen.items() if pid not in self.told]
+        for process in untold or ([] if self.told else [self.launcher]):
+            self.told.add(process.pid)
+            try:
+                process.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop_leftovers(self, code: int) -> None:
+        """Ranks still running after the launcher exited (it was killed) would train on without it: stop them."""
+        left = [rank for rank in self.seen.values() if running(rank)]
+        if not left:
+            return
+        print(f"vae.launch: the launcher exited with {code} and left ranks {[r.pid for r in left]}; stopping them",
+              file=sys.stderr, flush=True)
+        for rank in left:
+            rank.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(left, timeout=RANK_GRACE_S)
+        for rank in alive:
+            rank.kill()
+
+
 def supervise(accelerate_args: list[str]) -> int:
     """Run `accelerate launch ACCELERATE_ARGS` and return this launch's exit status (see the module docstring)."""
-    import psutil
-
     from vae import checkpoint
 
     stop = Preemption()  # first: a signal while the launcher starts must not kill this process either
@@ -146,45 +187,26 @@ def supervise(accelerate_args: list[str]) -> int:
     me = os.getpid()
     launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *accelerate_args], env=env,
                                 process_group=0, preexec_fn=lambda: die_with(me))
-    tree = psutil.Process(launcher.pid)
-    ranks: dict[int, psutil.Process] = {}  # psutil checks identity (pid and start time) before it signals
-    told: set[int] = set()
+    ranks = Ranks(launcher.pid)
+    next_look = 0.0
     while True:
         try:
             code = launcher.wait(timeout=POLL_S)
             break
         except subprocess.TimeoutExpired:
             pass
-        try:
-            for child in tree.children():
-                ranks.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            pass
-        if stop.signum is None:
-            continue
-        # Ranks not yet told; while the launcher has none (importing, waiting for a rendezvous), the launcher
-        # itself: nothing has trained, so it may stop the way it does.
-        for process in [r for pid, r in ranks.items() if pid not in told] or ([] if told else [tree]):
-            told.add(process.pid)
-            try:
-                process.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-    left = [r for r in ranks.values() if running(r)]
-    if left:  # the launcher died (killed) without stopping its ranks, which would train on without it
-        print(f"vae.launch: the launcher exited with {code} and left ranks {[r.pid for r in left]}; stopping them",
-              file=sys.stderr, flush=True)
-        for rank in left:
-            rank.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(left, timeout=RANK_GRACE_S)
-        for rank in alive:
-            rank.kill()
+        if stop.requested or time.monotonic() >= next_look:  # after a signal, every poll: new ranks get it too
+            ranks.look()
+            next_look = time.monotonic() + LOOK_EVERY_S
+        if stop.requested:
+            ranks.tell()
+    ranks.stop_leftovers(code)
     preempted = preempted_since(output_dir, before)
     if preempted is not None:
         print(f"vae.launch: preempted; every rank checkpointed in {preempted}; exit {PREEMPTED_EXIT}: rerun with "
               "--train.resume true to continue from it", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
-    if stop.signum is not None and code != 0:
+    if stop.requested and code != 0:
         print(f"vae.launch: stopped by signal {stop.signum} before a checkpoint was written (the launcher exited "
               f"with {code})", file=sys.stderr, flush=True)
         return 128 + stop.signum

@@ -1,6 +1,7 @@
 """Training entry point: parse, build, train, close.
 
     accelerate launch vae/train.py --config infra/configs/digits.yaml [--section.field VALUE ...]
+    python -m vae.launch vae/train.py ...   # the same, supervised: signal it, and 75 means preempted (vae/launch.py)
 """
 
 import argparse

@@ -247,12 +247,13 @@ def test_the_cache_key_follows_the_index_bytes_and_the_shards_on_disk(tmp_path, 
 
 
 def _training_ranks(marker: str) -> list[psutil.Process]:
-    """The rank processes (not the `accelerate launch` parent) of the training whose command line names `marker`."""
+    """The rank processes (not their parents, `accelerate launch` and vae.launch) of the training whose command line
+    names `marker`."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         line = " ".join(proc.info["cmdline"] or [])
         if (proc.info["status"] != psutil.STATUS_ZOMBIE and marker in line and "vae/train.py" in line
-                and "accelerate.commands.launch" not in line):
+                and "accelerate.commands.launch" not in line and "vae.launch" not in line):
             found.append(proc)
     return found
 
@@ -374,7 +375,7 @@ step = out / "checkpoints" / "step-000000007"
 step.mkdir(parents=True)
 (step / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": 7, "reason": "preempted"}))
 print("preempted: wrote", step)
-sys.exit(1)  # what `accelerate launch` makes of the rank's 75
+sys.exit(75)  # what vae.launch makes of a launch whose ranks all checkpointed on preemption
 """
 
 
@@ -382,8 +383,8 @@ sys.exit(1)  # what `accelerate launch` makes of the rank's 75
 def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
     tmp_path, prefect_api, monkeypatch, caplog, child
 ):
-    """The launch task against a stand-in for `accelerate launch`: a preempted child (exit 1, checkpoint reason
-    'preempted') is retried with --train.resume true; a child that stopped on its own TrainingError is not."""
+    """The launch task against a stand-in for vae.launch: a preempted child (exit 75, checkpoint reason 'preempted')
+    is retried with --train.resume true; a child that stopped on its own TrainingError is not."""
     from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
     import flows.train
@@ -402,7 +403,7 @@ def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
         assert state.is_completed(), state
         assert len(attempts) == 2 and "--train.resume true" not in attempts[0]
         assert "--train.resume true" in attempts[1]
-        assert "exited with 1 (preempted, checkpoint" in caplog.text  # recognised as a preemption, not a crash
+        assert "exited with 75 (preempted, checkpoint" in caplog.text  # recognised as a preemption, not a crash
     else:
         assert state.is_failed() and len(attempts) == 1  # not retried: a retry would repeat the refusal
         with pytest.raises(flows.train.TrainingFailed, match="TrainingError, not retried"):

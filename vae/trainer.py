@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -35,10 +34,10 @@ from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
 from vae.optim import Lamb, MuonAdamW
+from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written
 EMA_WEIGHTS = checkpoint.EMA_WEIGHTS
 # What loading a damaged or planted checkpoint file raises: our own checks, safetensors, torch.load's zip reader
 # and its weights_only unpickler, a state of the wrong shape.
@@ -155,18 +154,6 @@ def no_space_error(err: BaseException, output_dir: Path, needed: int) -> Trainin
         f"({type(err).__name__}: {err}). The older checkpoints are kept ({', '.join(kept) or 'none'}); free space "
         "or move --train.output_dir, then continue with --train.resume true"
     )
-
-
-class Preemption:
-    """SIGTERM and SIGINT only raise a flag: the loop finishes its step, checkpoints and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum: int, frame: object) -> None:
-        self.requested = True
 
 
 def train(cfg: RunConfig) -> None:

@@ -245,12 +245,13 @@ class TrackingSection(_Section):
         "and plots in output_dir, log and register the model), evaluate (only save; the flow logs and registers), "
         "none. true and false mean register and none."
     )
+    model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
 
     @field_validator("finalize", mode="before")
     @classmethod
     def _finalize_from_bool(cls, value: Any) -> Any:
+        # the field was a bool: presets and scripts still say true / false
         return {True: "register", False: "none"}.get(value, value) if isinstance(value, bool) else value
-    model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
 
 
 class RunConfig(_Section):

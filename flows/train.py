@@ -170,8 +170,9 @@ def launch_training(
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(dump(config))
-    # evaluation and registration are separate tasks of this flow, so the child only trains
-    overrides = ["--tracking.finalize", "false"]
+    # the child evaluates on its devices and saves the evaluation in output_dir; logging and registering it are
+    # separate tasks of this flow
+    overrides = ["--tracking.finalize", "evaluate"]
     resume_from = checkpoint.latest(out)
     if resume_from is not None:
         overrides += ["--train.resume", "true"]

@@ -413,14 +413,28 @@ def train(cfg: RunConfig) -> None:
         progress.epoch = epoch + 1
         save("end of epoch", val)
 
-    if main and cfg.tracking.finalize:
-        from vae.finalize import finalize
+    # ---- final evaluation on the training devices (every rank its slice), kept in output_dir; registration goes
+    # through the journal, so a tracking server that is down costs neither the model nor the evaluation
+    published = True
+    if cfg.tracking.finalize != "none":
+        from vae.finalize import final_evaluation, finite, save_evaluation
 
-        journal.flush(force=True)  # finalize talks to the server anyway: the training metrics go first
-        metrics, version = finalize(cfg, run_id)
-        elbo = metrics["val/elbo"]
-        print(f"registered {version.uri} (champion: {version.champion}); val ELBO {elbo:.3f}", flush=True)
+        evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
+        result = final_evaluation(cfg, accelerator, evaluated, val_loader)
+        if main:
+            save_evaluation(cfg, result, evaluated, val_loader, progress.global_step)
+            m = result.metrics
+            print(f"final evaluation: val NLL {m['val/nll_iwae']:.3f} nats (IWAE k={cfg.loss.eval_iwae_k}), "
+                  f"{m['val/bpd']:.4f} bits/dim, ELBO {m['val/elbo']:.3f}; saved in {output_dir}", flush=True)
+            journal.log_metrics(finite(m), step=progress.global_step)
+            if cfg.tracking.finalize == "register":
+                journal.publish(output_dir)
     if main:
-        journal.close("FINISHED")
+        published = journal.close("FINISHED") or not journal.publish_pending
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if not published:
+        raise TrainingError(
+            f"the trained model is not registered: MLflow at {journal.uri} did not answer. The model and its "
+            f"evaluation are kept in {output_dir}; register them and finish the run with: {journal.sync_command()}"
+        )

@@ -28,6 +28,9 @@ Two CPU ranks (gloo) on one machine:
       --train.expected_world_size 2
 
 With GPUs, put the topology in an Accelerate YAML (infra/accelerate/) and pass --config_file.
+Under Slurm, Kubernetes or any supervisor that preempts: `python -m vae.launch` with the same arguments
+as `accelerate launch`; signal it (SIGTERM) and it exits 75 once every rank has checkpointed:
+rerun with --train.resume true.
 The whole pipeline (ingest, train, evaluate, register) is `vaepipe demo`, or the deployment
 `prefect deployment run train-vae/train-vae` under `vaepipe serve`.
 """

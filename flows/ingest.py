@@ -15,7 +15,8 @@ Faults: a failed group task is retried `ingest.retries` times with exponential b
 disk or object store); the retry rewrites only that group. Caching: the whole ingest is the task
 `ingest-shards`, cached by Prefect under a key of the source config, the shard-shaping ingest options, the
 location and the sha256 of the existing `index.json` (see `ShardDirCache`), so a re-run is a `Cached` task
-and a changed, deleted or corrupt index, or a listed shard gone, is a miss.
+and a changed, deleted or corrupt index, or a listed shard gone, is a miss. The cached result (the location) is
+stored as plain JSON, and a record under the key that is anything else (a planted pickle) is never read.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.futures import as_completed
 from prefect.results import get_result_store
+from prefect.serializers import JSONSerializer
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from tqdm.auto import tqdm
@@ -159,13 +161,43 @@ def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+# The one serializer `ingest-shards` records its result with: plain json, no object hooks. Prefect loads a record
+# with the serializer the record itself names, so a planted record naming pickle (or a json "jsonlib" of pickle)
+# would run code on a cache hit; `ShardDirCache` reads only records that name exactly this.
+RESULT_SERIALIZER = JSONSerializer(object_encoder=None, object_decoder=None)
+
+
+def stored_record_is_plain_json(store: Any, key: str) -> bool:
+    """Whether the record under `key` in the task's result store is absent, or a plain-json string result."""
+    try:
+        raw = store.result_storage.read_path(key)
+    except (OSError, ValueError):  # LocalFileSystem raises ValueError for a missing path: nothing to read
+        return True
+    if not isinstance(raw, bytes):  # an async-only storage block: cannot be checked here, so not trusted
+        if hasattr(raw, "close"):
+            raw.close()
+        return False
+    try:
+        record = json.loads(raw)
+        serializer = record["metadata"]["serializer"]
+        return serializer == RESULT_SERIALIZER.model_dump(mode="json") and isinstance(json.loads(record["result"]), str)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 @dataclass
 class ShardDirCache(CachePolicy):
-    """Prefect cache policy of `ingest-shards`: `shard_dir_key` of its inputs (source, ingest, out)."""
+    """Prefect cache policy of `ingest-shards`: `shard_dir_key` of its inputs (source, ingest, out), or no cache
+    (None) when a record stored under that key was not written by us as plain json."""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        return shard_dir_key(inputs["source"], inputs["ingest"], inputs["out"])
+        key = shard_dir_key(inputs["source"], inputs["ingest"], inputs["out"])
+        if key is not None and not stored_record_is_plain_json(task_ctx.result_store, key):
+            get_run_logger().warning("ignoring the cached result %s: it is not a plain-json record written by "
+                                     "vaepipe, and loading it could run code; the ingest runs instead", key)
+            return None
+        return key
 
 
 def remember(source: SourceSection, ingest: IngestSection, out: str) -> None:
@@ -180,7 +212,7 @@ def remember(source: SourceSection, ingest: IngestSection, out: str) -> None:
         store.persist_result_record(store.create_result_record(out, key=key))
 
 
-@task(name="ingest-shards", cache_policy=ShardDirCache(), persist_result=True)
+@task(name="ingest-shards", cache_policy=ShardDirCache(), persist_result=True, result_serializer=RESULT_SERIALIZER)
 def ingest_shards(source: SourceSection, ingest: IngestSection, out: str) -> str:
     """Plan, write every shard group, write index.json last; a complete directory of this source is kept.
 

@@ -3,10 +3,11 @@
 The `RunConfig` pydantic model is the flow's parameter, so it is also the deployment's parameter schema and
 its form in the Prefect UI. Training runs as a child process in its own session (process group): cancelling
 the flow run sends SIGTERM to this process only, and a plain child would outlive it and keep its GPUs, so
-the launch task kills the whole group on the way out.
+the launch task stops the child on the way out. The child is `python -m vae.launch`, which supervises
+`accelerate launch`: it passes SIGTERM on to the ranks and exits 75 once their checkpoint is written.
 
 Faults: the `train` task is retried `train.retries` times when the child dies (killed, out of memory, a lost
-node) or is preempted (it checkpoints and exits; through `accelerate launch` its exit code 75 arrives as 1).
+node) or is preempted (every rank checkpointed: exit status 75, `PREEMPTED_EXIT`).
 Each retry resumes from the newest complete checkpoint of the same output directory and logs into the same
 MLflow run; a `TrainingError` or `ConfigError` of the child (a message naming the fix) is not retried.
 
@@ -39,6 +40,7 @@ from flows.ingest import ingest_dataset
 from vae import checkpoint, tracking
 from vae.config import RunConfig, dump
 from vae.launch import accelerate_command
+from vae.preemption import PREEMPTED_EXIT
 
 KILL_GRACE_S = 10.0  # SIGTERM -> SIGKILL; well inside the runner's own grace before it hard-kills this process
 TAIL_LINES = 40  # child output quoted in the error when training fails
@@ -49,7 +51,7 @@ INLINE_IMAGE_BYTES = 200_000  # a larger sample grid is shrunk before it goes in
 
 
 class TrainingFailed(RuntimeError):
-    """`accelerate launch` exited nonzero; the message ends with the child's last lines of output.
+    """The launch (vae.launch over `accelerate launch`) exited nonzero; the message ends with the child's last lines.
 
     `retryable` is False when the child stopped on one of its own errors (`NOT_RETRIED`), which a retry repeats.
     """
@@ -131,7 +133,11 @@ def end_mlflow_run(config: RunConfig, run_id: str, status: str) -> None:
 
 
 def stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
-    """SIGTERM the child's whole process group (launcher and ranks), then SIGKILL what is left after `grace` s."""
+    """SIGTERM the child's process group, then SIGKILL what is left after `grace` s.
+
+    The child (vae.launch) passes SIGTERM on to the ranks, and when it is killed its launcher gets SIGTERM from
+    the kernel (PR_SET_PDEATHSIG) and stops the ranks itself.
+    """
     if proc.poll() is not None:
         return
     try:
@@ -142,25 +148,17 @@ def stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
     except ProcessLookupError:
         return
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # ranks that ignored SIGTERM, even after the launcher has gone
+        os.killpg(proc.pid, signal.SIGKILL)  # a child that did not stop in time
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def preempted_at(output_dir: Path, before: Path | None) -> Path | None:
-    """The checkpoint this attempt wrote on preemption (SIGTERM/SIGINT; newer than `before`), else None."""
-    newest = checkpoint.latest(output_dir)
-    if newest is None or newest == before:
-        return None
-    return newest if checkpoint.read_meta(newest).get("reason") == "preempted" else None
 
 
 @task(name="train", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)  # retries: train.retries, in the flow
 def launch_training(
     config: RunConfig, run_id: str, num_processes: int = 1, accelerate_config: str | None = None
 ) -> None:
-    """Save the resolved config beside the checkpoints and run `accelerate launch vae/train.py` on it.
+    """Save the resolved config beside the checkpoints and run vae/train.py on it (`python -m vae.launch`).
 
     Called directly from the flow, so it runs on the main thread, where Prefect's SIGTERM handler raises
     `TerminationSignal` (a BaseException): the `finally` below then takes the process group down. The output
@@ -172,8 +170,9 @@ def launch_training(
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(dump(config))
-    # evaluation and registration are separate tasks of this flow, so the child only trains
-    overrides = ["--tracking.finalize", "false"]
+    # the child evaluates on its devices and saves the evaluation in output_dir; logging and registering it are
+    # separate tasks of this flow
+    overrides = ["--tracking.finalize", "evaluate"]
     resume_from = checkpoint.latest(out)
     if resume_from is not None:
         overrides += ["--train.resume", "true"]
@@ -203,11 +202,11 @@ def launch_training(
     finally:
         stop_group(proc)  # no-op after a normal exit; on cancellation, Ctrl-C or an error, kills the ranks
     if returncode != 0:
-        preempted = preempted_at(out, before=resume_from)
+        preempted = checkpoint.latest(out) if returncode == PREEMPTED_EXIT else None
         own_error = next((name for name in NOT_RETRIED if any(name in line for line in tail)), None)
         why = (f"preempted, checkpoint {preempted}" if preempted is not None
                else f"the child stopped on a {own_error}, not retried" if own_error else "retryable")
-        raise TrainingFailed(f"accelerate launch exited with {returncode} ({why}); last output:\n" + "\n".join(tail),
+        raise TrainingFailed(f"the launch exited with {returncode} ({why}); last output:\n" + "\n".join(tail),
                              retryable=preempted is not None or own_error is None)
 
 

@@ -3,6 +3,7 @@ corrupt shards met during training (reported and skipped, or the run stops namin
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -172,6 +173,47 @@ def test_a_torn_last_line_is_cut_and_the_rest_kept(tmp_path):
     journal = tracking.MetricJournal(path, "0" * 32, "http://127.0.0.1:9")
     assert journal.pending == [entry]
     assert path.read_text() == json.dumps(entry) + "\n"
+
+
+class TakesEverything:
+    """An MLflow client whose server takes every request."""
+
+    def log_batch(self, run_id, metrics=()):
+        pass
+
+    def update_run(self, run_id, status):
+        pass
+
+    def set_terminated(self, run_id, status, end_time=None):
+        pass
+
+
+def test_a_full_disk_after_delivery_is_not_blamed_on_mlflow(tmp_path, monkeypatch, caplog):
+    """MLflow took the entries; only recording their count failed (ENOSPC). The journal once said 'MLflow did not
+    take run's metrics' and kept resending them; it now says what happened, and they count as sent."""
+    journal = tracking.MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
+    journal._client = TakesEverything()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracking.os, "replace", full)
+    with caplog.at_level("WARNING", logger="vae.tracking"):
+        journal.log_metrics({"train/loss": 1.5}, step=1)
+    assert journal.pending == [] and journal.down_since is None
+    assert "did not take" not in caplog.text
+    assert "MLflow took 1 entries" in caplog.text and f"no space left on {tmp_path}" in caplog.text
+
+
+def test_a_full_disk_while_journaling_names_the_directory(tmp_path, monkeypatch):
+    journal = tracking.MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracking, "open", full, raising=False)  # the module's `open`, ahead of the builtin
+    with pytest.raises(OSError, match=f"no space left on {tmp_path}: the metric journal could not write"):
+        journal.log_metrics({"train/loss": 1.5}, step=1)
 
 
 # ---- a real MLflow server that stops and comes back

@@ -185,6 +185,43 @@ def test_a_rerun_is_served_from_the_cache_until_the_source_or_the_index_changes(
     assert pipeline.read_index(out).splits["test"].num_samples == 539
 
 
+class Planted:
+    """Pickled into a planted cache record: loading it touches a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_cached_result_is_plain_json_and_a_planted_pickle_is_never_loaded(tmp_path, prefect_api, prefect_home):
+    """The ingest cache record was a cloudpickle, unpickled on every hit; Prefect loads a record with the serializer
+    the record names, so a planted one naming pickle must not be read at all."""
+    from prefect.results import ResultRecord, ResultRecordMetadata
+    from prefect.serializers import PickleSerializer
+
+    out = tmp_path / "digits"
+    section = IngestSection(shard_dir=out, samples_per_shard=512, block_size=128)
+    ingest_state(SourceSection(), section)
+    key = shard_dir_key(SourceSection(), section, str(out.resolve()))
+    stored = prefect_home / "storage" / key
+    record = json.loads(stored.read_bytes())
+    assert record["metadata"]["serializer"]["type"] == "json"
+    assert json.loads(record["result"]) == str(out.resolve())  # the location, as JSON text
+    state, task_state = ingest_state(SourceSection(), section)
+    assert task_state.name == "Cached" and state.result() == str(out.resolve())
+
+    marker = tmp_path / "pwned"
+    planted = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(), storage_key=key),
+                           result=Planted(marker))
+    stored.write_bytes(planted.serialize())
+    state, task_state = ingest_state(SourceSection(), section)
+    assert not marker.exists()
+    assert task_state.name == "Completed" and state.result() == str(out.resolve())  # ingest ran, reused the dir
+    assert json.loads(stored.read_bytes())["metadata"]["serializer"]["type"] == "json"  # and recorded it anew
+
+
 def test_the_cache_key_follows_the_index_bytes_and_the_shards_on_disk(tmp_path, digits_shards):
     source = SourceSection()
     section = IngestSection(shard_dir=tmp_path / "copy", samples_per_shard=512, block_size=128)
@@ -210,12 +247,13 @@ def test_the_cache_key_follows_the_index_bytes_and_the_shards_on_disk(tmp_path, 
 
 
 def _training_ranks(marker: str) -> list[psutil.Process]:
-    """The rank processes (not the `accelerate launch` parent) of the training whose command line names `marker`."""
+    """The rank processes (not their parents, `accelerate launch` and vae.launch) of the training whose command line
+    names `marker`."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         line = " ".join(proc.info["cmdline"] or [])
         if (proc.info["status"] != psutil.STATUS_ZOMBIE and marker in line and "vae/train.py" in line
-                and "accelerate.commands.launch" not in line):
+                and "accelerate.commands.launch" not in line and "vae.launch" not in line):
             found.append(proc)
     return found
 
@@ -337,7 +375,7 @@ step = out / "checkpoints" / "step-000000007"
 step.mkdir(parents=True)
 (step / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": 7, "reason": "preempted"}))
 print("preempted: wrote", step)
-sys.exit(1)  # what `accelerate launch` makes of the rank's 75
+sys.exit(75)  # what vae.launch makes of a launch whose ranks all checkpointed on preemption
 """
 
 
@@ -345,8 +383,8 @@ sys.exit(1)  # what `accelerate launch` makes of the rank's 75
 def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
     tmp_path, prefect_api, monkeypatch, caplog, child
 ):
-    """The launch task against a stand-in for `accelerate launch`: a preempted child (exit 1, checkpoint reason
-    'preempted') is retried with --train.resume true; a child that stopped on its own TrainingError is not."""
+    """The launch task against a stand-in for vae.launch: a preempted child (exit 75, checkpoint reason 'preempted')
+    is retried with --train.resume true; a child that stopped on its own TrainingError is not."""
     from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
     import flows.train
@@ -365,7 +403,7 @@ def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
         assert state.is_completed(), state
         assert len(attempts) == 2 and "--train.resume true" not in attempts[0]
         assert "--train.resume true" in attempts[1]
-        assert "exited with 1 (preempted, checkpoint" in caplog.text  # recognised as a preemption, not a crash
+        assert "exited with 75 (preempted, checkpoint" in caplog.text  # recognised as a preemption, not a crash
     else:
         assert state.is_failed() and len(attempts) == 1  # not retried: a retry would repeat the refusal
         with pytest.raises(flows.train.TrainingFailed, match="TrainingError, not retried"):

@@ -14,8 +14,16 @@ from vae.likelihoods import (
     gaussian_log_prob,
     log_likelihood,
 )
-from vae.losses import free_bits_kl, iwae_bound, kl_weight, training_loss
-from vae.models import build_model
+from vae.losses import (
+    free_bits_kl,
+    gaussian_log_density,
+    iwae_bound,
+    kl_elements,
+    kl_weight,
+    log_weights,
+    training_loss,
+)
+from vae.models import Gaussian, build_model
 from vae.models.heads import LAYOUTS, Head
 
 
@@ -132,3 +140,37 @@ def test_iwae_objective_is_one_forward_of_k_samples_and_bounds_the_elbo(arch):
     terms.loss.backward()
     elbo = training_loss(model, x, LossSection(), step=0)
     assert model.calls[-1] == 6 and torch.isfinite(elbo.loss)
+
+
+@pytest.mark.parametrize("logvar", [-200.0, -143.0, -119.0, -90.0, -30.0, 0.0, 20.0, 50.0])
+def test_latent_log_density_is_finite_and_exact_for_any_log_variance(logvar):
+    """A collapsed posterior (log-variances of -143 to -119 on 105x105 glyphs) made exp(-logvar) overflow
+    float32, and the final NLL came out NaN. Compared with torch's Normal in float64."""
+    torch.manual_seed(0)
+    mu = torch.randn(4, 6)
+    lv = torch.full((4, 6), logvar) + torch.linspace(-0.5, 0.5, 6)
+    std = torch.exp(0.5 * lv.double())
+    z_exact = mu.double() + std * torch.randn(4, 6, dtype=torch.float64)
+    for z in (z_exact.float(), mu, mu + 1.0):  # a sample as float32 holds it; exactly the mean; far from the mean
+        got = gaussian_log_density(z, Gaussian(mu, lv))
+        expected = torch.distributions.Normal(mu.double(), std).log_prob(z.double()).sum(1)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+    kl = kl_elements(Gaussian(mu, lv), Gaussian(torch.zeros_like(mu), torch.zeros_like(mu)))
+    normal = torch.distributions.Normal
+    expected_kl = torch.distributions.kl_divergence(normal(mu.double(), std), normal(0.0, 1.0))
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-6, atol=1e-6)
+
+
+def test_iwae_weights_of_a_collapsed_posterior_are_finite():
+    """The failing run's case end to end: an encoder whose log-variances are -143 still gives finite IWAE weights."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 4, hidden_dim=16)
+    with torch.no_grad():
+        model.logvar.weight.zero_()
+        model.logvar.bias.fill_(-143.0)
+    x = torch.bernoulli(torch.rand(5, 1, 8, 8))
+    out = model(x, samples=3)
+    log_w = log_weights(out, x.repeat(3, 1, 1, 1), model.head)
+    assert torch.isfinite(log_w).all()

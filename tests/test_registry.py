@@ -151,13 +151,25 @@ def test_a_champion_without_its_nll_tag_is_a_loud_failure(logged):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_register_refuses_a_non_finite_nll(logged, bad):
+@pytest.mark.parametrize("first", [True, False])
+def test_a_non_finite_nll_registers_the_model_without_an_alias_and_says_why(logged, bad, first):
+    """A NaN NLL once cost a whole run (the registration refused it, nothing was kept): the version is
+    registered, without the val_nll tag, takes neither alias, and the run and version say why."""
     _, run_id, uri = logged
     name = unique_name()
-    with pytest.raises(ValueError, match="val_nll must be a finite number"):
-        register(uri, name, val_nll=bad, run_id=run_id)
-    with pytest.raises(MlflowException, match="not found"):  # nothing was registered
-        mlflow.MlflowClient().get_registered_model(name)
+    client = mlflow.MlflowClient()
+    if not first:
+        register(uri, name, val_nll=100.0, run_id=run_id)
+    why = "val/nll_iwae is nan: the IWAE estimate was not finite for 3 of 40 images"
+    with pytest.warns(UserWarning, match="takes no alias: val/nll_iwae is nan"):
+        version = register(uri, name, val_nll=bad, run_id=run_id, tags={"git_commit": "abc"}, nonfinite_reason=why)
+    assert version.version == (1 if first else 2) and not version.champion
+    tags = client.get_model_version(name, str(version.version)).tags
+    assert tags == {"git_commit": "abc", "val_nll_nonfinite": why}
+    assert client.get_registered_model(name).aliases == ({} if first else {"champion": "1", "challenger": "1"})
+    run_tags = client.get_run(run_id).data.tags
+    assert run_tags["val_nll_nonfinite"] == why and run_tags["registered_model_version"] == f"{name}/{version.version}"
+    assert register(uri, name, val_nll=105.0, run_id=run_id).champion == first  # the next finite one competes
 
 
 def test_load_torch_model_reproduces_the_module(logged):

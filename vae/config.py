@@ -285,6 +285,10 @@ class LossSection(_Section):
     objective: Literal["elbo", "iwae"] = Field("elbo", description="Train on the ELBO or the IWAE-k bound.")
     iwae_k: int = Field(5, gt=0, description="Importance samples per image of the iwae objective.")
     eval_iwae_k: int = Field(100, gt=0, description="Importance samples of the final val/nll_iwae (papers: 5000).")
+    eval_memory_mb: int = Field(
+        1024, gt=0, description="Memory budget per process of the final evaluation's forwards: images and importance "
+        "samples go in chunks that fit (vae/evaluate.py rows_within); smaller is slower, not different."
+    )
 
 
 class OptimSection(_Section):
@@ -348,8 +352,18 @@ class TrackingSection(_Section):
     )
     experiment: str = Field("vaepipe", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name.")
-    finalize: bool = Field(True, description="After training: evaluate, plot, log and register the model.")
+    finalize: Literal["register", "evaluate", "none"] = Field(
+        "register", description="After training: register (evaluate on the training devices, save the evaluation "
+        "and plots in output_dir, log and register the model), evaluate (only save; the flow logs and registers), "
+        "none. true and false mean register and none."
+    )
     model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
+
+    @field_validator("finalize", mode="before")
+    @classmethod
+    def _finalize_from_bool(cls, value: Any) -> Any:
+        # the field was a bool: presets and scripts still say true / false
+        return {True: "register", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RunConfig(_Section):

@@ -1,28 +1,43 @@
-"""After training: evaluate the final weights, draw the pictures, log and register the model.
+"""After training: the final evaluation on the training devices, kept in output_dir, then logged and registered.
 
-Called by vae/train.py on rank 0 (tracking.finalize=true), or by the Prefect flow as separate tasks.
+One path for `vae/train.py` and the Prefect flow:
+1. `final_evaluation` (every rank, on its device): each rank evaluates its exact slice of the validation split
+   (the loader's pad=False slices), the sums are all-reduced, within `loss.eval_memory_mb` per rank, with a
+   progress bar on rank 0 (stderr).
+2. `save_evaluation` (rank 0): metrics.json, evaluation.json (KL per dimension and group, active units, why a
+   metric is not finite, the model spec and tags to register with), input_example.npy and plots/ in output_dir.
+   From here on nothing needs the data, the devices or the tracking server.
+3. `publish` (rank 0 through the run's journal, so a tracking server that is down costs nothing: see
+   vae/tracking.py; or the flow's tasks): the plots and evaluation.json as artifacts, the model logged and
+   registered from the newest checkpoint. Registering twice from one run is refused, so a retry is harmless.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 import pipeline
-from pipeline import read_split
 from vae import checkpoint, plots, tracking
 from vae.config import RunConfig
 from vae.data import to_input
-from vae.evaluate import evaluate
+from vae.evaluate import Evaluation, evaluation_totals, rows_within, summarize
+from vae.losses import unwrap
 from vae.trainer import TrainingError, build, image_shape_chw, model_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when vaepipe runs from one
+METRICS_FILE, DETAILS_FILE, EXAMPLE_FILE, PLOTS_DIR = "metrics.json", "evaluation.json", "input_example.npy", "plots"
+PLOT_IMAGES = 2000  # validation images (of rank 0's slice) encoded for the latent scatter and the picture grids
 
 
 def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
@@ -31,62 +46,101 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
     if path is None:
         raise TrainingError(f"no complete checkpoint in {cfg.train.output_dir}; train first")
     model = build(cfg)
-    ema = path / "ema.safetensors"  # the EMA weights, when the run kept them, are what gets evaluated and shipped
-    model.load_state_dict(load_file(ema if ema.is_file() else path / "model.safetensors"))
+    model.load_state_dict(load_file(_weights(path)))
     return model.eval(), checkpoint.read_meta(path)
 
 
-def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
-    """Validation metrics and plots of the trained model, logged to `run_id` and saved in output_dir.
+def _weights(path: Path) -> Path:
+    ema = path / "ema.safetensors"  # the EMA weights, when the run kept them, are what gets evaluated and shipped
+    return ema if ema.is_file() else path / "model.safetensors"
 
-    Metrics: val/elbo, val/recon, val/kl, val/recon_mse, val/nll_iwae (k = loss.eval_iwae_k), val/bpd,
-    val/active_units. KL per dimension and per group go to evaluation.json (an artifact beside the plots).
-    """
-    model, meta = load_trained(cfg)
-    images, labels = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options,
-                                crop_size=cfg.data.crop_size)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
-    batches = torch.split(x, 1024)
-    torch.manual_seed(cfg.train.seed)  # the same binarisation draws and importance samples on every call
 
-    def prepare(batch: torch.Tensor) -> torch.Tensor:
-        return to_input(batch, cfg)
+def final_evaluation(cfg: RunConfig, accelerator, model: torch.nn.Module, val_loader) -> Evaluation:
+    """Every rank: the figures of `model` over the validation split, each rank its exact slice on its device,
+    the sums all-reduced (so every rank returns the same Evaluation)."""
+    model = unwrap(model).eval()
+    max_rows = rows_within(model, cfg.loss.eval_memory_mb << 20)
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)  # reproducible draws, independent across ranks
+    bar = tqdm(total=val_loader.samples_per_rank, unit="img", disable=not accelerator.is_main_process,
+               desc=f"final evaluation (IWAE k={cfg.loss.eval_iwae_k}, rank 0 of {accelerator.num_processes})")
+    with bar:
+        totals = evaluation_totals(model, (b.images for b in val_loader), cfg.loss.eval_iwae_k,
+                                   lambda im: to_input(im, cfg), accelerator.device, max_rows, progress=bar)
+    return summarize(accelerator.reduce(totals, "sum") if accelerator.num_processes > 1 else totals, model)
 
-    result = evaluate(model, batches, k=cfg.loss.eval_iwae_k, prepare=prepare)
-    metrics = result.metrics
 
-    out = Path(cfg.train.output_dir) / "plots"
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        inputs = [prepare(b) for b in batches]
-        mu = torch.cat([model.encode(b)[0] for b in inputs]).numpy()
-    first = inputs[0]
-    by_kl = sorted(range(model.latent_size), key=lambda d: -result.kl_per_dim[d])[:8]  # the most used dimensions
-    files = [
-        plots.latent_scatter(mu, labels, out / "latent_scatter.png"),
-        plots.samples(model, model.latent_size, out / "samples.png", seed=cfg.train.seed),
-        plots.temperatures(model, out / "temperatures.png", seed=cfg.train.seed),
-        plots.reconstructions(model, first[:32], out / "reconstructions.png"),
-        plots.traversals(model, first[:1], by_kl, out / "traversals.png"),
-        plots.interpolations(model, first, out / "interpolations.png"),
-    ]
-    if model.latent_size == 2:
-        files.append(plots.manifold(model, out / "manifold.png"))
+def save_evaluation(cfg: RunConfig, result: Evaluation, model: torch.nn.Module, val_loader, global_step: int) -> None:
+    """Rank 0: the evaluation, what registering needs, and the plots, written into output_dir."""
     run_dir = Path(cfg.train.output_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    details = {"kl_per_dim": result.kl_per_dim, "kl_per_group": result.kl_per_group, "active": result.active,
-               "iwae_k": cfg.loss.eval_iwae_k}
-    (run_dir / "evaluation.json").write_text(json.dumps(details, indent=2))
+    for why in result.nonfinite.values():
+        warnings.warn(f"{why}; the model is still saved and registered, but cannot become the champion",
+                      stacklevel=2)
+    model = copy.deepcopy(unwrap(model)).cpu().eval()  # the plots draw on the CPU; the training copy stays put
+    inputs, labels = [], []
+    for batch in val_loader:  # the first images of rank 0's slice
+        inputs.append(to_input(batch.images, cfg).cpu())
+        labels.append(None if batch.labels is None else batch.labels.cpu())
+        if sum(len(x) for x in inputs) >= PLOT_IMAGES:
+            break
+    x = torch.cat(inputs)[:PLOT_IMAGES]
+    label_array = None if labels[0] is None else torch.cat(labels)[:PLOT_IMAGES].numpy()
+    rows = rows_within(model, cfg.loss.eval_memory_mb << 20)
+    with torch.no_grad():
+        mu = torch.cat([model.encode(chunk)[0] for chunk in x.split(rows)]).numpy()
+    out = run_dir / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    by_kl = sorted(range(model.latent_size), key=lambda d: -result.kl_per_dim[d])[:8]  # the most used dimensions
+    plots.latent_scatter(mu, label_array, out / "latent_scatter.png")
+    plots.samples(model, model.latent_size, out / "samples.png", seed=cfg.train.seed)
+    plots.temperatures(model, out / "temperatures.png", seed=cfg.train.seed)
+    plots.reconstructions(model, x[:32], out / "reconstructions.png")
+    plots.traversals(model, x[:1], by_kl, out / "traversals.png")
+    plots.interpolations(model, x[: min(len(x), 64)], out / "interpolations.png")
+    if model.latent_size == 2:
+        plots.manifold(model, out / "manifold.png")
+    np.save(run_dir / EXAMPLE_FILE, (x[:4].numpy()).astype(np.float32))
+    from vae import registry
 
+    spec = registry.model_spec(cfg.model.arch, image_shape_chw(cfg), cfg.model.latent_dim, **model_options(cfg))
+    details = {"kl_per_dim": result.kl_per_dim, "kl_per_group": result.kl_per_group, "active": result.active,
+               "iwae_k": cfg.loss.eval_iwae_k, "global_step": global_step, "nonfinite": result.nonfinite,
+               "model_spec": spec, "model_name": cfg.model_name, "tags": version_tags(cfg, result.metrics)}
+    (run_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))  # NaN stays NaN (json reads it)
+    (run_dir / DETAILS_FILE).write_text(json.dumps(details, indent=2))
+
+
+def load_evaluation(output_dir: str | Path) -> tuple[dict[str, float], dict]:
+    """The metrics and details `save_evaluation` wrote; a clear error when training did not get that far."""
+    run_dir = Path(output_dir)
+    if not (run_dir / DETAILS_FILE).is_file():
+        raise TrainingError(f"no final evaluation in {run_dir} ({DETAILS_FILE} is missing): training did not finish "
+                            "it; rerun training with --train.resume true to evaluate the last checkpoint")
+    return json.loads((run_dir / METRICS_FILE).read_text()), json.loads((run_dir / DETAILS_FILE).read_text())
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics MLflow gets: a NaN or infinite one is left out (its reason goes to a tag instead)."""
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
+    """The flow's evaluate task: log the final evaluation that training saved in output_dir (metrics, plots and
+    evaluation.json) to `run_id`. Metrics: val/elbo, val/recon, val/kl, val/recon_mse, val/nll_iwae (k =
+    loss.eval_iwae_k), val/bpd, val/active_units."""
+    metrics, details = load_evaluation(cfg.train.output_dir)
     tracking.configure(cfg)
-    tracking.log_metrics(metrics, step=meta["global_step"], run_id=run_id)
+    tracking.log_metrics(finite(metrics), step=details["global_step"], run_id=run_id)
+    log_artifacts(Path(cfg.train.output_dir), run_id)
+    return metrics
+
+
+def log_artifacts(run_dir: Path, run_id: str) -> None:
     import mlflow
 
     client = mlflow.MlflowClient()
-    for f in files:
-        client.log_artifact(run_id, str(f), artifact_path="plots")
-    client.log_artifact(run_id, str(run_dir / "evaluation.json"))
-    return metrics
+    for f in sorted((run_dir / PLOTS_DIR).glob("*.png")):
+        client.log_artifact(run_id, str(f), artifact_path=PLOTS_DIR)
+    client.log_artifact(run_id, str(run_dir / DETAILS_FILE))
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
@@ -121,21 +175,47 @@ def version_tags(cfg: RunConfig, metrics: dict[str, float]) -> dict[str, str]:
     }
 
 
-def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float]):
-    """Log the trained model to `run_id` as a pyfunc and register it with its tags (`version_tags`); the alias
-    `challenger` goes to the new version, `champion` only if its validation NLL is the best."""
+def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None = None, uri: str | None = None):
+    """Log the trained model (newest checkpoint, EMA weights when kept) to `run_id` as a pyfunc and register it
+    with the tags saved by `save_evaluation`; `challenger` goes to the new version, `champion` only if its
+    validation NLL is the best, neither if it is not finite. A version this run registered already is returned
+    as it is (a retried publish registers nothing twice). Needs only output_dir and the tracking server."""
+    import mlflow
+
     from vae import registry
 
-    model, _ = load_trained(cfg)
-    tracking.configure(cfg)
-    spec = registry.model_spec(cfg.model.arch, image_shape_chw(cfg), cfg.model.latent_dim, **model_options(cfg))
-    images, _ = read_split(cfg.shard_dir, cfg.data.val_split, cfg.ingest.storage_options,
-                                crop_size=cfg.data.crop_size)
-    example = (images[:4].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
-    uri = registry.log_model(model, spec, run_id, input_example=example)
-    return registry.register(uri, cfg.model_name, metrics["val/nll_iwae"], run_id, tags=version_tags(cfg, metrics))
+    run_dir = Path(cfg.train.output_dir)
+    saved, details = load_evaluation(run_dir)
+    metrics = metrics or saved
+    mlflow.set_tracking_uri(uri or tracking.resolve_uri(cfg))
+    name = details["model_name"]
+    done = [v for v in mlflow.MlflowClient().search_model_versions(f"run_id='{run_id}'") if v.name == name]
+    if done:
+        version = done[0]
+        print(f"run {run_id} registered {name} version {version.version} already; nothing to do", flush=True)
+        return registry.RegisteredVersion(name, int(version.version), f"models:/{name}/{version.version}",
+                                          "champion" in (version.aliases or []), None)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise TrainingError(f"no complete checkpoint in {run_dir}; train first")
+    model = registry.build_from_spec(details["model_spec"])
+    model.load_state_dict(load_file(_weights(path)))
+    example = np.load(run_dir / EXAMPLE_FILE, allow_pickle=False)
+    log_artifacts(run_dir, run_id)
+    model_uri = registry.log_model(model.eval(), details["model_spec"], run_id, input_example=example)
+    reason = details["nonfinite"].get("val/nll_iwae")
+    return registry.register(model_uri, name, metrics["val/nll_iwae"], run_id, tags=details["tags"],
+                             nonfinite_reason=reason)
 
 
-def finalize(cfg: RunConfig, run_id: str):
-    metrics = evaluate_run(cfg, run_id)
-    return metrics, register_run(cfg, run_id, metrics)
+def publish(output_dir: str | Path, run_id: str, uri: str):
+    """Register what a finished training run left in `output_dir` into run `run_id` at `uri`: the journal's
+    `publish` entry calls this, at the end of training or later from `python -m vae.tracking`."""
+    from vae.config import load_config
+
+    output_dir = Path(output_dir).resolve()
+    cfg = load_config(output_dir / "config.yaml")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"output_dir": output_dir})})
+    version = register_run(cfg, run_id, uri=uri)
+    print(f"registered {version.uri} (champion: {version.champion})", flush=True)
+    return version

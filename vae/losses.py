@@ -23,16 +23,26 @@ class ELBOTerms(NamedTuple):
     kl: torch.Tensor  # (B,): KL(q(z|x) || p(z)), summed over all latent groups
 
 
+# Latent densities and KLs are computed in float64: a collapsed posterior reaches log-variances of -143 (seen on
+# 105x105 glyphs), where exp(-logvar) overflows float32 (above 88) and 0 * inf gave a NaN NLL that cost a run.
+# float64 holds exp(|logvar|) up to 709, far past any log-variance a float32 network emits; latents are
+# (B, D) or (B, C, h, w) tensors, small beside the images, so the cost is negligible. The KLs go back to float32
+# (a KL is a sum of non-negative terms, finite unless a variance ratio passes e^88); log densities stay float64,
+# because log q(z) of a z rounded in float32 can pass -1e38 at such variances and IWAE subtracts it.
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Analytic KL(N(mu, exp(logvar)) || N(0, I)) per image (B,)."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+    mu, logvar = mu.double(), logvar.double()
+    return (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)).flatten(1).sum(1).float()
 
 
 def kl_elements(q: Gaussian, p: Gaussian) -> torch.Tensor:
-    """Analytic KL(q || p) per latent element, flattened to (B, D): the per-dimension KL."""
-    q_mu, q_lv, p_mu, p_lv = (t.float().flatten(1) for t in (*q, *p))
-    return 0.5 * (p_lv - q_lv + (q_lv.exp() + (q_mu - p_mu).pow(2)) * torch.exp(-p_lv) - 1.0)
+    """Analytic KL(q || p) per latent element, flattened to (B, D): the per-dimension KL.
+    The variance ratio is exp(q_lv - p_lv), one exponential of a difference, never inf / inf."""
+    q_mu, q_lv, p_mu, p_lv = (t.double().flatten(1) for t in (*q, *p))
+    kl = 0.5 * (p_lv - q_lv + torch.exp(q_lv - p_lv) + ((q_mu - p_mu) * torch.exp(-0.5 * p_lv)).pow(2) - 1.0)
+    return kl.float()
 
 
 def group_kls(out: VAEOutput) -> list[torch.Tensor]:
@@ -42,9 +52,10 @@ def group_kls(out: VAEOutput) -> list[torch.Tensor]:
 
 
 def gaussian_log_density(z: torch.Tensor, dist: Gaussian) -> torch.Tensor:
-    """log N(z; dist) summed per row (B,)."""
-    z, mu, logvar = z.float(), dist.mu.float(), dist.logvar.float()
-    return (-0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)).flatten(1).sum(1)
+    """log N(z; dist) summed per row (B,), float64. The standardised distance (z - mu) * exp(-logvar / 2) is
+    squared after the scaling, so a zero distance at a tiny variance gives 0, not 0 * inf."""
+    z, mu, logvar = z.double(), dist.mu.double(), dist.logvar.double()
+    return (-0.5 * (((z - mu) * torch.exp(-0.5 * logvar)).pow(2) + logvar + LOG_2PI)).flatten(1).sum(1)
 
 
 def log_weights(out: VAEOutput, x: torch.Tensor, head: Head) -> torch.Tensor:

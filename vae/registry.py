@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -33,6 +34,7 @@ MODEL_CODE = PACKAGE_DIR / "mlflow_model.py"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 NLL_TAG = "val_nll"
+NONFINITE_TAG = "val_nll_nonfinite"  # why a version has no val_nll: its NLL was NaN or infinite; it never competes
 ALIAS_ROUNDS = 20  # a round is two reads and any writes; two concurrent registrars settle in two or three
 REQUIREMENTS = ("torch", "safetensors", "numpy", "mlflow")
 
@@ -149,11 +151,15 @@ def _contest(client: mlflow.MlflowClient, name: str) -> tuple[dict[str, int], di
 
 
 def register(model_uri: str, name: str, val_nll: float, run_id: str, tags: dict[str, str] | None = None,
-             ) -> RegisteredVersion:
+             nonfinite_reason: str | None = None) -> RegisteredVersion:
     """Register `model_uri` as a new version of `name`, tagged with `val_nll` (nats) and `tags`.
 
     The new version takes the alias `challenger`; `champion` moves to it only if its validation NLL is
     strictly lower than every other competing version's (a tie keeps the earlier version).
+
+    A NaN or infinite `val_nll` still registers the version (a trained model is never lost to a bad metric),
+    but without the `val_nll` tag, so it does not compete and takes neither alias: it gets the tag
+    `val_nll_nonfinite` with `nonfinite_reason` (or the value) instead, and a warning says so.
 
     MLflow has no transaction over aliases, so a read-compare-set races: two registrars finishing together
     both read the old champion and the last writer wins, even when it is the worse one. Instead each
@@ -168,11 +174,18 @@ def register(model_uri: str, name: str, val_nll: float, run_id: str, tags: dict[
     the interleaving. With no write at all, the aliases already agreed with every registrar's last read.
     """
     val_nll = float(val_nll)
-    if not math.isfinite(val_nll):
-        raise ValueError(f"val_nll must be a finite number of nats, got {val_nll}")
     client = mlflow.MlflowClient()
     aliases, nll = _contest(client, name)  # read first: a champion without its tag fails before registering
     previous = nll.get(aliases[CHAMPION]) if CHAMPION in aliases else None
+    if not math.isfinite(val_nll):
+        why = nonfinite_reason or f"val/nll_iwae is {val_nll}"
+        registered = mlflow.register_model(model_uri, name, tags={**(tags or {}), NONFINITE_TAG: why})
+        warnings.warn(f"{name} version {registered.version} is registered without {NLL_TAG!r} and takes no alias: "
+                      f"{why}", stacklevel=2)
+        client.set_tag(run_id, "registered_model_version", f"{name}/{registered.version}")
+        client.set_tag(run_id, NONFINITE_TAG, why)
+        return RegisteredVersion(name, int(registered.version), f"models:/{name}/{registered.version}", False,
+                                 previous)
     # repr() round-trips a float exactly, so the next comparison sees the same number.
     registered = mlflow.register_model(model_uri, name, tags={**(tags or {}), NLL_TAG: repr(val_nll)})
     version = int(registered.version)

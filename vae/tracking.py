@@ -9,14 +9,21 @@ server that is down or hangs costs training at most one timeout per back-off per
 in the journal and goes with a later flush, at the end of training, at a resume, or by `sync_journal`. Resending
 is harmless: an entry keeps the timestamp of its first write, and MLflow stores a metric under (key, step,
 timestamp, value), ignoring an identical one logged again, so a batch whose response was lost adds nothing.
+
+At the end of training the journal also holds a `publish` entry (register the model and evaluation kept in the
+output directory, vae/finalize.py) before the final status, so one command, `python -m vae.tracking JOURNAL
+RUN_ID --uri URI`, sends the metrics, registers the model and marks the run FINISHED, in that order; the model
+is never registered twice from one run, so resending is harmless there too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -113,16 +120,17 @@ def _metric(key: str, value: float, step: int):
 JOURNAL_DIR = "mlflow-journal"  # in the run's output directory: <run id>.jsonl and <run id>.sent
 SEND_TIMEOUT_S = 5  # one HTTP attempt (connect and read); MLflow's default is 120 s, times 7 retries
 FIRST_RETRY_S, LAST_RETRY_S = 1.0, 30.0  # back-off between flushes after a failure: doubles up to the last
-CLOSE_WAIT_S = 10.0  # how long the end of training waits for a server that does not answer
+CLOSE_WAIT_S = 10.0  # how long the end of training waits for a server that does not answer: the retry budget
+PUBLISH_RETRIES, PUBLISH_TIMEOUT_S = 2, 60  # registering uploads the model: longer requests, a couple of retries
 BATCH_METRICS = 1000  # MLflow's REST limit of metrics per log-batch request
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _one_short_attempt():
-    """MLflow's documented HTTP settings, for the requests made inside only: one attempt, SEND_TIMEOUT_S.
-    Its client reads them from the environment at each request (rank 0 makes no other request meanwhile)."""
-    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(SEND_TIMEOUT_S)}
+def _http_settings(retries: int, timeout_s: float):
+    """MLflow's documented HTTP settings, for the requests made inside only. Its client reads them from the
+    environment at each request (rank 0 makes no other request meanwhile)."""
+    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
     saved = {k: os.environ.get(k) for k in short}
     os.environ.update(short)
     try:
@@ -133,6 +141,11 @@ def _one_short_attempt():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _one_short_attempt():
+    """One attempt of at most SEND_TIMEOUT_S per request."""
+    return _http_settings(0, SEND_TIMEOUT_S)
 
 
 class MetricJournal:
@@ -167,6 +180,21 @@ class MetricJournal:
         self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
         self.flush()
 
+    def publish(self, output_dir: str | os.PathLike) -> None:
+        """Journal the registration of the model and evaluation kept in `output_dir` (vae/finalize.py), then
+        send what is pending unless backing off."""
+        self._append({"kind": "publish", "output_dir": str(Path(output_dir).resolve()), "timestamp": _now_ms()})
+        self.flush()
+
+    @property
+    def publish_pending(self) -> bool:
+        """Whether a registration is journaled but not done."""
+        return any(entry["kind"] == "publish" for entry in self.pending)
+
+    def sync_command(self) -> str:
+        """The one command that sends what is left: metrics, the registration, the final status."""
+        return f"python -m vae.tracking {self.path} {self.run_id} --uri {self.uri}"
+
     def flush(self, force: bool = False) -> bool:
         """Send the pending entries in one short attempt per request; True when none is left. While backing off
         after a failure this returns at once unless `force`."""
@@ -198,10 +226,10 @@ class MetricJournal:
         while not self.flush(force=True) and time.monotonic() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         if self.pending:
-            log.error("MLflow at %s is still unreachable: %d entries of run %s (metrics and the %s status) are safe "
-                      "in %s but not sent. A resume (--train.resume true) sends them, or once the server is back "
-                      "run: python -m vae.tracking %s %s --uri %s", self.uri, len(self.pending), self.run_id,
-                      status, self.path, self.path, self.run_id, self.uri)
+            what = "metrics, the model's registration and" if self.publish_pending else "metrics and"
+            log.error("MLflow at %s is still unreachable: %d entries of run %s (%s the %s status) are safe in %s "
+                      "but not sent. Once the server is back run: %s", self.uri, len(self.pending), self.run_id,
+                      what, status, self.path, self.sync_command())
         return not self.pending
 
     def send(self) -> None:
@@ -212,6 +240,13 @@ class MetricJournal:
         client = self._client = self._client or mlflow.MlflowClient(self.uri)
         while self.pending:
             first = self.pending[0]
+            if first["kind"] == "publish":
+                from vae.finalize import publish  # the training stack: imported only when there is one to send
+
+                with _http_settings(PUBLISH_RETRIES, PUBLISH_TIMEOUT_S):
+                    publish(first["output_dir"], self.run_id, self.uri)
+                self._acknowledge(1)
+                continue
             if first["kind"] == "status":
                 if first["status"] == "RUNNING":
                     client.update_run(self.run_id, status="RUNNING")
@@ -229,17 +264,31 @@ class MetricJournal:
             self._acknowledge(count)
 
     def _append(self, entry: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the network is tried: a kill or a crash loses nothing
+        line = json.dumps(entry) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the network is tried: a kill or a crash loses nothing
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # say whose disk and how much, rather than a bare errno
+                raise OSError(errno.ENOSPC, f"no space left on {self.path.parent}: the metric journal could not "
+                                            f"write {len(line)} bytes; free space there") from err
+            raise
         self.pending.append(entry)
 
     def _acknowledge(self, count: int) -> None:
+        """MLflow took the first `count` pending entries. Failing to record that (a full disk) is only a warning:
+        the entries were delivered, and after a restart they go again, which is harmless (module docstring)."""
         self.pending, self.sent = self.pending[count:], self.sent + count
         tmp = self.sent_path.with_name(f".{self.sent_path.name}.tmp")
-        tmp.write_text(str(self.sent))
-        os.replace(tmp, self.sent_path)
+        try:
+            tmp.write_text(str(self.sent))
+            os.replace(tmp, self.sent_path)
+        except OSError as err:
+            reason = f"no space left on {self.path.parent}" if err.errno == errno.ENOSPC else _short(err)
+            log.warning("MLflow took %d entries of run %s, but their count could not be recorded in %s (%s); "
+                        "a restart sends them again, which is harmless", count, self.run_id, self.sent_path, reason)
 
 
 def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | None = None) -> MetricJournal:
@@ -279,7 +328,8 @@ def _short(err: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m vae.tracking JOURNAL RUN_ID [--uri URI]: send a journal's unsent entries."""
+    """python -m vae.tracking JOURNAL RUN_ID [--uri URI]: send a journal's unsent entries (metrics, the model's
+    registration when training journaled one, the run's final status)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m vae.tracking", description=main.__doc__)
@@ -287,7 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_id")
     parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store)")
     args = parser.parse_args(argv)
-    print(f"sent {sync_journal(args.journal, args.run_id, args.uri)} entries to run {args.run_id}")
+    try:
+        count = sync_journal(args.journal, args.run_id, args.uri)
+    except Exception as err:  # not swallowed: one line naming what failed, and a failing exit status
+        print(f"error: {_short(err)}; nothing is lost, run the same command again once MLflow answers",
+              file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"sent {count} entries to run {args.run_id}")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,18 @@ and lose nothing. Corrupt shards stop the run or are skipped per data.on_corrupt
 
 from __future__ import annotations
 
+import errno
 import math
 import os
-import signal
+import pickle
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -31,11 +34,15 @@ from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
 from vae.optim import Lamb, MuonAdamW
+from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; the checkpoint to resume from has been written
-EMA_WEIGHTS = "ema.safetensors"
+EMA_WEIGHTS = checkpoint.EMA_WEIGHTS
+# What loading a damaged or planted checkpoint file raises: our own checks, safetensors, torch.load's zip reader
+# and its weights_only unpickler, a state of the wrong shape.
+LOAD_ERRORS = (checkpoint.CheckpointError, SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError,
+               TypeError, RuntimeError)
 
 
 class TrainingError(RuntimeError):
@@ -84,6 +91,14 @@ def skipped_shards(accelerator: Accelerator, loaders: dict[str, ShardLoader]) ->
     return out
 
 
+def state_bytes(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ema: AveragedModel | None) -> int:
+    """Bytes of the tensors a checkpoint holds: what a first save needs at least."""
+    tensors = [*model.state_dict().values(), *(v for s in optimizer.state.values() for v in s.values())]
+    if ema is not None:
+        tensors += list(ema.module.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class StepGuard:
     """Counts optimiser steps skipped for non-finite gradients; stops the run after `limit` in a row."""
 
@@ -106,16 +121,38 @@ class StepGuard:
         self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
 
 
-class Preemption:
-    """SIGTERM and SIGINT only raise a flag: the loop finishes its step, checkpoints and exits."""
+def refuse_changes(cfg: RunConfig, meta: dict, path: Path, world: int, global_batch: int) -> None:
+    """Raise TrainingError naming every field in which this run differs from the checkpoint it would resume,
+    except checkpoint.RESUMABLE_CHANGES: a run resumed with another batch size, world size, model or optimiser
+    would silently mix two runs (or die in load_state_dict)."""
+    changes = checkpoint.config_changes(meta.get("config", {}), cfg.model_dump(mode="json"))
+    for name, now in (("world size", world), ("global batch", global_batch)):
+        key = name.replace(" ", "_")
+        if key in meta and meta[key] != now:
+            changes.append(f"{name}: {meta[key]!r} -> {now!r}")
+    if changes:
+        raise TrainingError(
+            f"cannot resume {path} with a changed config ({len(changes)} field(s), checkpoint -> now): "
+            + "; ".join(changes) + ". Resume with the checkpoint's values (its meta.json holds the config), or "
+            "start a new --train.output_dir. Fields that may change on resume: " + ", ".join(
+                c + "*" if c.endswith(".") else c for c in checkpoint.RESUMABLE_CHANGES)
+        )
 
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
 
-    def _request(self, signum: int, frame: object) -> None:
-        self.requested = True
+def no_space_error(err: BaseException, output_dir: Path, needed: int) -> TrainingError | None:
+    """A TrainingError saying the disk under `output_dir` is full, or None when `err` is something else.
+    torch.save reports a full disk as a RuntimeError ("basic_ios::clear: iostream error", "file write failed")
+    without an errno, so the free space decides there."""
+    root = checkpoint.checkpoint_root(output_dir)
+    free = shutil.disk_usage(root if root.is_dir() else output_dir).free
+    if not ((isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < needed):
+        return None
+    kept = [p.name for p in checkpoint.complete_checkpoints(output_dir)]
+    return TrainingError(
+        f"no space left on {root}: a checkpoint needs about {needed:,} bytes and {free:,} are free "
+        f"({type(err).__name__}: {err}). The older checkpoints are kept ({', '.join(kept) or 'none'}); free space "
+        "or move --train.output_dir, then continue with --train.resume true"
+    )
 
 
 def train(cfg: RunConfig) -> None:
@@ -154,13 +191,69 @@ def train(cfg: RunConfig) -> None:
     ema = None
     if cfg.train.ema_decay is not None:
         ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+    # Not registered with Accelerate, which would pickle them: `save` and `load` keep them in JSON.
     progress, guard = checkpoint.TrainProgress(), StepGuard(cfg.train.max_nonfinite_steps)
-    for state in (progress, train_loader, guard, *([ema] if ema is not None else [])):
-        accelerator.register_for_checkpointing(state)
+
+    accumulation = cfg.train.gradient_accumulation_steps
+    global_batch = cfg.train.batch_size * world * accumulation
+
+    def load(path: Path, meta: dict) -> None:
+        """Every state in `path`, from safe formats only; raises one of LOAD_ERRORS, naming the file."""
+        checkpoint.verify(path, meta, rank)  # nothing but our files, each of its recorded size
+        state = checkpoint.read_json(path / checkpoint.TRAIN_STATE)
+        rng = checkpoint.read_json(path / f"rng-{rank}.json")
+        ema_weights = checkpoint.read_tensors(path / EMA_WEIGHTS) if ema is not None else None
+        # model from safetensors; optimiser (and fp16 scaler) through torch.load(weights_only=True). Nothing is
+        # registered, so no custom_checkpoint pickle is read; the RNG pickle it looks for is not there.
+        try:
+            accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        except LOAD_ERRORS as err:
+            raise checkpoint.CheckpointError(checkpoint.blame(path, err)) from err
+        if ema is not None:
+            ema.module.load_state_dict(ema_weights)
+            ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+        progress.load_state_dict(state["progress"])
+        train_loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state["step_guard"])
+        accelerator.step = int(state["accelerator_step"])  # where gradient accumulation stands
+        checkpoint.set_rng_state(rng)
+
+    def resume(candidates: list[Path]) -> Path:
+        """Load the newest checkpoint that loads on every rank; warn about and set aside the newer ones."""
+        skipped = []
+        for path in reversed(candidates):
+            try:
+                meta = checkpoint.read_json(path / checkpoint.META)
+            except checkpoint.CheckpointError as err:
+                meta, error = None, str(err)
+            if meta is not None:
+                refuse_changes(cfg, meta, path, world, global_batch)  # another config: refused, never a fallback
+                try:
+                    load(path, meta)
+                    error = None
+                except LOAD_ERRORS as err:
+                    error = f"{type(err).__name__}: {err}"
+            if error is not None:
+                print(f"warning: rank {rank}: checkpoint {path} cannot be loaded: {error}", flush=True)
+            # every rank must resume from the same checkpoint: one that fails on any rank is skipped by all
+            failed = torch.tensor([float(error is not None)], device=accelerator.device)
+            if accelerator.reduce(failed, "sum").item() == 0:
+                if main:
+                    for bad, why in skipped:
+                        print(f"warning: skipped checkpoint {bad} ({why}); moved it to {checkpoint.set_aside(bad)}, "
+                              f"resuming from the newest one that loads, {path.name}", flush=True)
+                accelerator.wait_for_everyone()
+                return path
+            skipped.append((path, error or "another rank could not load it"))
+        raise TrainingError(
+            f"no checkpoint in {checkpoint.checkpoint_root(output_dir)} loads: "
+            + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            + ". Move them aside to start over in this directory, or choose another --train.output_dir"
+        )
 
     run_id, journal = None, None
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        resume_from = resume(checkpoint.complete_checkpoints(output_dir))
         run_id = checkpoint.read_meta(resume_from).get("mlflow_run_id")
         if main:
             print(f"resuming from {resume_from} (epoch {progress.epoch}, step {progress.global_step}, "
@@ -178,25 +271,58 @@ def train(cfg: RunConfig) -> None:
         checksums = accelerator.gather(param_checksum(model).reshape(1)).tolist()
         if len(set(checksums)) != 1:
             raise TrainingError(f"the ranks' weights diverged by step {progress.global_step}: checksums {checksums}")
-        path = checkpoint.step_dir(output_dir, progress.global_step)
-        accelerator.save_state(str(path))
-        if main:
-            if ema is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
-                          path / EMA_WEIGHTS)
-            checkpoint.write_meta(path, {
-                **progress.state_dict(), "reason": reason, "loader": train_loader.state_dict(),
-                "steps_per_epoch": steps_per_epoch, "world_size": world, "global_batch": global_batch,
-                "rank_param_checksums": checksums, "skipped_steps": guard.total, "mlflow_run_id": run_id,
-                "val": val, "config": cfg.model_dump(mode="json"),
-            })
-            checkpoint.prune(output_dir, cfg.train.keep_checkpoints)
+        target = checkpoint.step_dir(output_dir, progress.global_step)
+        previous = checkpoint.latest(output_dir)
+        # A complete checkpoint at this step (a preemption at the epoch's last batch, resumed) is replaced only once
+        # the new one is complete: it is written beside it first. An incomplete one is our own failed save's.
+        path = target.with_name(f".new-{target.name}") if (target / checkpoint.META).is_file() else target
+        accelerator.wait_for_everyone()  # every rank has chosen `path` before rank 0 clears it
+        if main and path.exists():
+            shutil.rmtree(path)
         accelerator.wait_for_everyone()
-        return path
+        try:
+            accelerator.save_state(str(path))  # model (safetensors), optimiser and fp16 scaler (torch.save)
+            # Accelerate always pickles the RNG states too: we keep them in JSON, so that no checkpoint holds a pickle
+            (path / f"random_states_{rank}.pkl").unlink()
+            checkpoint.write_json(path / f"rng-{rank}.json", checkpoint.rng_state())
+            if main:
+                if ema is not None:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                              path / EMA_WEIGHTS)
+                checkpoint.write_json(path / checkpoint.TRAIN_STATE, {
+                    "progress": progress.state_dict(), "loader": train_loader.state_dict(),
+                    "step_guard": guard.state_dict(), "accelerator_step": accelerator.step,
+                    "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+                })
+            accelerator.wait_for_everyone()  # every rank's files are in place before rank 0 marks it complete
+            if main:
+                checkpoint.write_meta(path, {
+                    **progress.state_dict(), "reason": reason, "loader": train_loader.state_dict(),
+                    "steps_per_epoch": steps_per_epoch, "world_size": world, "global_batch": global_batch,
+                    "rank_param_checksums": checksums, "skipped_steps": guard.total, "mlflow_run_id": run_id,
+                    "val": val, "config": cfg.model_dump(mode="json"),
+                })
+        except (OSError, RuntimeError, SafetensorError) as err:
+            needed = checkpoint.size(previous) if previous is not None else state_bytes(optimizer, model, ema)
+            full = no_space_error(err, output_dir, needed)
+            if main and not (path / checkpoint.META).is_file():
+                shutil.rmtree(path, ignore_errors=True)  # our incomplete write: its space goes back to the disk
+            if full is not None:
+                raise full from err
+            raise
+        if main:
+            if path != target:
+                replaced = target.with_name(f".old-{target.name}")
+                if replaced.exists():  # left by a crash between the two renames below; `target` is the newer
+                    shutil.rmtree(replaced)
+                target.rename(replaced)
+                path.rename(target)
+                shutil.rmtree(replaced)
+            checkpoint.prune(output_dir, cfg.train.keep_checkpoints)  # only now that the new one is complete
+        accelerator.wait_for_everyone()
+        return target
 
     # ---- schedule: pure functions of the optimiser step
-    accumulation = cfg.train.gradient_accumulation_steps
-    global_batch = cfg.train.batch_size * world * accumulation
     peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
     steps_per_epoch = len(train_loader) // accumulation
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -286,14 +412,28 @@ def train(cfg: RunConfig) -> None:
         progress.epoch = epoch + 1
         save("end of epoch", val)
 
-    if main and cfg.tracking.finalize:
-        from vae.finalize import finalize
+    # ---- final evaluation on the training devices (every rank its slice), kept in output_dir; registration goes
+    # through the journal, so a tracking server that is down costs neither the model nor the evaluation
+    published = True
+    if cfg.tracking.finalize != "none":
+        from vae.finalize import final_evaluation, finite, save_evaluation
 
-        journal.flush(force=True)  # finalize talks to the server anyway: the training metrics go first
-        metrics, version = finalize(cfg, run_id)
-        elbo = metrics["val/elbo"]
-        print(f"registered {version.uri} (champion: {version.champion}); val ELBO {elbo:.3f}", flush=True)
+        evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
+        result = final_evaluation(cfg, accelerator, evaluated, val_loader)
+        if main:
+            save_evaluation(cfg, result, evaluated, val_loader, progress.global_step)
+            m = result.metrics
+            print(f"final evaluation: val NLL {m['val/nll_iwae']:.3f} nats (IWAE k={cfg.loss.eval_iwae_k}), "
+                  f"{m['val/bpd']:.4f} bits/dim, ELBO {m['val/elbo']:.3f}; saved in {output_dir}", flush=True)
+            journal.log_metrics(finite(m), step=progress.global_step)
+            if cfg.tracking.finalize == "register":
+                journal.publish(output_dir)
     if main:
-        journal.close("FINISHED")
+        published = journal.close("FINISHED") or not journal.publish_pending
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if not published:
+        raise TrainingError(
+            f"the trained model is not registered: MLflow at {journal.uri} did not answer. The model and its "
+            f"evaluation are kept in {output_dir}; register them and finish the run with: {journal.sync_command()}"
+        )

@@ -140,6 +140,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     workers = sorted({0, 1, 2, cores})
     torch.set_num_threads(1)
+    torchvision_loop([])  # imports torchvision's codecs before any timing
     with tempfile.TemporaryDirectory() as tmp:
         report = {"cores": cores, "runs": [measure(Path(tmp), args.images, args.side, args.epochs, workers, True)]}
         if args.big:

@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from pipeline import augment
 from pipeline.layouts import Layout, ShardTable, decode_tensor
 from pipeline.loader.base import CORRUPTION
 from pipeline.storage import Location
@@ -105,10 +104,26 @@ class BatchJobs(Dataset):
         if self.raw:  # decoded on the training device by the loader (nvJPEG on a GPU)
             return {"raw": [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images], "skipped": bad,
                     "index": i}
-        batch = torch.stack(images)
-        if self.params[i] is not None:
-            batch = augment.crop_flip(batch, self.params[i], self.crop_size or tuple(batch.shape[2:]))
-        return {"images": batch, "skipped": bad, "index": i}
+        return {"images": self._assemble(images, self.params[i]), "skipped": bad, "index": i}
+
+    def _assemble(self, images: list[torch.Tensor], params: np.ndarray | None) -> torch.Tensor:
+        """The batch (B, C, h, w), each image cropped and mirrored (`augment.crop_flip`'s rule) straight into it.
+
+        One copy per image into one allocation: `torch.stack` then a crop would copy twice, and a worker's result
+        would be copied a third time into shared memory to reach the training process; allocated there, it
+        travels as a handle. (Stacking 256 photos of 256 px cost a quarter of the decode time.)"""
+        c, height, width = images[0].shape
+        h, w = self.crop_size or (height, width)
+        batch = torch.empty((len(images), c, h, w), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            batch.share_memory_()
+        for j, image in enumerate(images):
+            if params is not None:
+                top, left, flip = (int(v) for v in params[j])
+                image = image[:, top : top + h, left : left + w]
+                image = image.flip(-1) if flip else image
+            batch[j].copy_(image)
+        return batch
 
 
 def decode_batch(raw: list[torch.Tensor], channels: int, device: torch.device) -> torch.Tensor:

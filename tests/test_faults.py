@@ -137,22 +137,29 @@ def test_all_shards_corrupt_is_an_error_not_an_endless_pad(tmp_path):
 # ---- the journal, without a server
 
 
-def test_a_hung_server_costs_one_short_timeout_then_backs_off(tmp_path):
-    """A server that accepts connections and never answers: the first flush waits one SEND_TIMEOUT_S, the
-    next log returns at once (back-off), and every entry stays in the journal, timestamps fixed."""
+def test_a_hung_server_costs_one_short_timeout_then_backs_off(tmp_path, monkeypatch):
+    """A server that accepts connections and never answers: the first flush makes one attempt under MLflow's
+    settings of one try of SEND_TIMEOUT_S (not MLflow's 7 retries of 120 s), the next log makes none (back-off),
+    and every entry stays in the journal, timestamps fixed. Asserted on the attempts and their settings, not on
+    durations: on a loaded machine the first MLflow import alone can take longer than the timeout."""
+    attempts = []
+    real_send = tracking.MetricJournal.send
+
+    def counted_send(journal):
+        attempts.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
+                         os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
+        return real_send(journal)
+
+    monkeypatch.setattr(tracking.MetricJournal, "send", counted_send)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
         uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
         journal = tracking.MetricJournal(tmp_path / "j" / "run.jsonl", "0" * 32, uri)
-        tick = time.monotonic()
         journal.log_metrics({"train/loss": 1.5}, step=1)
-        first = time.monotonic() - tick
-        tick = time.monotonic()
+        assert journal.down_since is not None  # the attempt failed: the server never answered
         journal.log_metrics({"train/loss": 1.25}, step=2)
-        second = time.monotonic() - tick
-    assert tracking.SEND_TIMEOUT_S - 0.5 <= first < tracking.SEND_TIMEOUT_S + 5
-    assert second < 0.5
+    assert attempts == [("0", str(tracking.SEND_TIMEOUT_S))]  # one short try, then backing off
     lines = [json.loads(line) for line in (tmp_path / "j" / "run.jsonl").read_text().splitlines()]
     assert [(e["step"], e["metrics"]) for e in lines] == [(1, {"train/loss": 1.5}), (2, {"train/loss": 1.25})]
     assert [e["timestamp"] for e in journal.pending] == [e["timestamp"] for e in lines]

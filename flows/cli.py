@@ -137,9 +137,9 @@ MLflow UI          {ui}""")
     return 0
 
 
-def ingest(cfg) -> int:
-    """Check the source and the destination first (one line and status 2 when either is unusable), then run
-    the ingest-dataset flow (a progress bar on a terminal); 1 when the flow fails."""
+def preflight(cfg) -> int | None:
+    """Check the ingest's source and destination before any Prefect machinery starts: one line and status 2
+    when either is unusable, else None."""
     import pipeline
 
     try:
@@ -147,6 +147,11 @@ def ingest(cfg) -> int:
     except (pipeline.SourceError, pipeline.DestinationError, pipeline.DirectoryLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return None
+
+
+def ingest(cfg) -> int:
+    """Run the ingest-dataset flow (a progress bar on a terminal); 1 when the flow fails. `preflight` first."""
     from flows.ingest import ingest_dataset
 
     try:
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C: the training group is killed and Prefect's temporary server stopped
     # (under the default action the temporary server would be orphaned)
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.command == "ingest" and (refused := preflight(cfg)) is not None:
+        return refused  # before the temporary server: a wrong root costs one line, not a server start
     from flows import temporary_server
 
     try:

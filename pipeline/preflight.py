@@ -36,9 +36,9 @@ def _check_local(root: Path) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == root else f"cannot be created: {existing} is a file"
         raise DestinationError(f"shard directory {root} {where}; set ingest.shard_dir to a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".vaepipe-write-probe-{uuid.uuid4().hex}"
+    try:  # probe where the ingest will first write: the directory, or the ancestor it will be created in; a
+        # check that is refused, or followed by a refusal, leaves no directory behind
+        probe = existing / f".vaepipe-write-probe-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

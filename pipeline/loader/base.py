@@ -349,8 +349,14 @@ class ShardLoader:
         def gather(attr: str, wanted: bool, dtype):
             if not wanted:
                 return None
-            rows = [getattr(self._tables[s], attr)[i] for s, i in zip(shards.tolist(), samples.tolist(), strict=True)]
-            return torch.from_numpy(np.asarray(rows, dtype=dtype))
+            out = None
+            for shard in np.unique(shards).tolist():  # one fancy-index per shard in the batch, no per-sample Python
+                mine = shards == shard
+                values = getattr(self._tables[shard], attr)[samples[mine]]
+                if out is None:
+                    out = np.empty((len(shards), *values.shape[1:]), dtype)
+                out[mine] = values
+            return torch.from_numpy(np.zeros(0, dtype) if out is None else out)
 
         return gather("labels", self.has_labels, np.int64), gather("factors", self.has_factors, np.float32)
 

@@ -19,6 +19,7 @@ import pipeline
 from pipeline import ShardFormatError, ShardLoader
 from pipeline.augment import crop_flip
 from pipeline.loader import CorruptShardError
+from pipeline.loader.read import BatchPool, planar_copy
 
 SIDE = 80  # 80x80x3 = 19,200 bytes: above the packed limit, so 'auto' stores them encoded
 
@@ -101,6 +102,46 @@ def test_workers_do_not_change_a_single_batch(photos):
         assert len(batches) == len(reference)
         for (a, la), (b, lb) in zip(reference, batches, strict=True):
             assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_in_process_batches_the_consumer_keeps_are_never_refilled(photos):
+    """In process, batches are filled into reused buffers; a batch (or a view of one) still held must not be
+    one of them, however many the consumer keeps."""
+    _, out = photos
+    make = lambda workers: ShardLoader(out, "train", batch_size=4, seed=5, workers=workers, crop_size=(48, 48),  # noqa: E731
+                                       flip=True)
+    loader = make(0)
+    kept = [b.images for b in loader]  # no copies: every batch stays alive
+    views = [b.images[1:] for b in loader]  # second epoch-0 pass: only views stay alive
+    expected = _all(make(2))
+    assert len(kept) == len(views) == len(expected)
+    for a, v, (b, _) in zip(kept, views, expected, strict=True):
+        assert torch.equal(a, b) and torch.equal(v, b[1:])
+
+
+def test_batch_pool_reuses_a_buffer_only_once_nothing_holds_it():
+    pool = BatchPool(size=2)
+    first = pool.take((2, 3, 4, 4))
+    address = first.data_ptr()
+    first.fill_(7)
+    view = first[1]
+    del first
+    second = pool.take((2, 3, 4, 4))  # the view keeps the first buffer in use
+    second.fill_(9)
+    assert second.data_ptr() != address and torch.all(view == 7)
+    del view
+    third = pool.take((1, 3, 4, 4))  # a shorter batch reuses a free buffer's first bytes
+    assert third.data_ptr() == address
+    assert pool.take((2, 3, 4, 4)).data_ptr() not in (address, second.data_ptr())  # both held: a fresh one
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_planar_copy_is_a_permute_crop_and_mirror(channels):
+    pixels = np.random.default_rng(channels).integers(0, 256, (9, 11, channels), dtype=np.uint8)
+    for view in (pixels, pixels[2:7, 3:10], pixels[2:7, 3:10][:, ::-1], pixels[:, ::2]):
+        out = np.zeros((channels, *view.shape[:2]), np.uint8)
+        planar_copy(view, out)
+        np.testing.assert_array_equal(out, view.transpose(2, 0, 1))
 
 
 def test_gpu_style_batched_decode_equals_worker_decode(photos):

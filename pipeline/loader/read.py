@@ -7,6 +7,7 @@ so each worker opens the shards it reads after the fork. `BatchJobs` is the map-
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,37 @@ class Reader:
         return self.layout.decode(self.raw(shard, sample), suffix, self.image_shape)
 
 
+class BatchPool:
+    """Batch buffers that are filled again once nobody holds them (in the process that consumes the batches).
+
+    Filling a freshly allocated batch costs a page fault per 4 kB touched: a 256-photo batch of 256 px is 50 MB,
+    above glibc's largest mmap threshold (32 MB), so every new batch is a fresh mapping, and the faults cost a
+    third as much as the decode (bench/LOG.md, 2026-12-06). A buffer is a numpy array, handed out as
+    `torch.from_numpy`: every tensor and view of it keeps the array alive, so the array's reference count says
+    whether anything still uses it. torch exposes no public use count for a storage, hence this.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size  # buffers kept: the batch the consumer holds, the one being filled, and one spare
+        self._arrays: list[np.ndarray] = []
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised uint8 tensor of `shape` that no live tensor shares memory with."""
+        need = int(np.prod(shape))
+        for i in range(len(self._arrays)):
+            # referenced by the list and by getrefcount's argument only: no tensor or view uses it any more
+            if sys.getrefcount(self._arrays[i]) == 2:
+                if len(self._arrays[i]) < need:
+                    self._arrays[i] = np.empty(need, np.uint8)
+                # a prefix, so the epoch's shorter last batch reuses a full batch's pages (the view keeps the
+                # array referenced, and so marked in use, as long as the tensor lives)
+                return torch.from_numpy(self._arrays[i][:need].reshape(shape))
+        array = np.empty(need, np.uint8)
+        if len(self._arrays) < self.size:
+            self._arrays.append(array)
+        return torch.from_numpy(array.reshape(shape))  # all in use (the consumer keeps its batches): a fresh one
+
+
 class BatchJobs(Dataset):
     """Batch i of an epoch: its samples read and decoded, then cropped/flipped (a DataLoader worker's work).
 
@@ -80,9 +112,10 @@ class BatchJobs(Dataset):
     """
 
     def __init__(self, reader: Reader, batches: list[tuple[np.ndarray, np.ndarray]], params: list,
-                 crop_size: tuple[int, int] | None, skip: bool, raw: bool = False) -> None:
+                 crop_size: tuple[int, int] | None, skip: bool, raw: bool = False, pool: BatchPool | None = None
+                 ) -> None:
         self.reader, self.batches, self.params = reader, batches, params
-        self.crop_size, self.skip, self.raw = crop_size, skip, raw
+        self.crop_size, self.skip, self.raw, self.pool = crop_size, skip, raw, pool
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -111,19 +144,42 @@ class BatchJobs(Dataset):
 
         One copy per image into one allocation: `torch.stack` then a crop would copy twice, and a worker's result
         would be copied a third time into shared memory to reach the training process; allocated there, it
-        travels as a handle. (Stacking 256 photos of 256 px cost a quarter of the decode time.)"""
+        travels as a handle. (Stacking 256 photos of 256 px cost a quarter of the decode time.) In the consuming
+        process the batch comes from the pool, whose buffers are already paged in."""
         c, height, width = images[0].shape
         h, w = self.crop_size or (height, width)
-        batch = torch.empty((len(images), c, h, w), dtype=torch.uint8)
+        shape = (len(images), c, h, w)
         if get_worker_info() is not None:
-            batch.share_memory_()
+            batch = torch.empty(shape, dtype=torch.uint8).share_memory_()
+        elif self.pool is not None:
+            batch = self.pool.take(shape)
+        else:
+            batch = torch.empty(shape, dtype=torch.uint8)
+        out = batch.numpy()
         for j, image in enumerate(images):
+            pixels = image.permute(1, 2, 0).numpy()  # (H, W, C): decoders lay pixels out interleaved
             if params is not None:
                 top, left, flip = (int(v) for v in params[j])
-                image = image[:, top : top + h, left : left + w]
-                image = image.flip(-1) if flip else image
-            batch[j].copy_(image)
+                pixels = pixels[top : top + h, left : left + w]
+                pixels = pixels[:, ::-1] if flip else pixels
+            planar_copy(pixels, out[j])
         return batch
+
+
+def planar_copy(pixels: np.ndarray, out: np.ndarray) -> None:
+    """Interleaved uint8 (h, w, C), any strides -> planar `out` (C, h, w), one strided numpy copy per channel.
+
+    Hand-written because the obvious `out.copy_(chw_view)` is torch's generic strided uint8 loop: 0.39-0.42 ms
+    for a 256-px photo against 0.17 ms here (and a memcpy's 0.02 ms), with the decode at ~0.6 ms
+    (bench/LOG.md, 2026-12-06): it was most of the gap between the loader and the decoder."""
+    channels = pixels.shape[2]
+    if pixels.flags.c_contiguous:  # whole image: each channel is every C-th byte of one flat run
+        flat, planes = pixels.reshape(-1), out.reshape(channels, -1)
+        for c in range(channels):
+            np.copyto(planes[c], flat[c::channels])
+    else:  # a crop or a mirror: a 2-D strided view per channel
+        for c in range(channels):
+            np.copyto(out[c], pixels[..., c])
 
 
 def decode_batch(raw: list[torch.Tensor], channels: int, device: torch.device) -> torch.Tensor:

@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import ShardFormatError
 from pipeline.loader.base import Batch, Plan, ShardLoader
-from pipeline.loader.read import BatchJobs, Reader, decode_batch
+from pipeline.loader.read import BatchJobs, BatchPool, Reader, decode_batch
 
 
 class StreamedLoader(ShardLoader):
+    _pool: BatchPool | None = None  # decoded batches' buffers when decoding in this process (workers=0)
+
     def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:
         plan = self.plan()
         count = self.batch_count(len(plan.order))
@@ -63,7 +65,7 @@ class StreamedLoader(ShardLoader):
         jobs = BatchJobs(
             reader, [(plan.shards[p], plan.samples[p]) for p in positions],
             [None if raw else self._crop_params(b, len(p)) for b, p in enumerate(positions)],
-            self.crop_size, skip=self.on_corrupt == "skip", raw=raw,
+            self.crop_size, skip=self.on_corrupt == "skip", raw=raw, pool=None if self.workers else self._batch_pool(),
         )
         batches = range(skip, count)
         if self.workers:
@@ -87,6 +89,12 @@ class StreamedLoader(ShardLoader):
                 images = result["images"]
             labels, factors = self.extras(plan.shards[positions[b]], plan.samples[positions[b]])
             yield b, Batch(images, labels, factors)
+
+
+    def _batch_pool(self) -> BatchPool:
+        if self._pool is None:
+            self._pool = BatchPool()
+        return self._pool
 
 
 def _chw(images: np.ndarray) -> torch.Tensor:

@@ -52,7 +52,7 @@ class IngestOptions(BaseModel, frozen=True):
 
     samples_per_shard: int = 8192
     block_size: int = 1024
-    layout: Literal["auto", "packed", "encoded"] = "auto"
+    layout: Literal["auto", "packed", "encoded", "encoded-blocks"] = "auto"
     image_format: Literal["jpeg", "png", "webp"] = "jpeg"
     quality: int = 95
     shards_per_task: int = 1
@@ -178,11 +178,6 @@ def _first_image(source, splits: list[str]) -> Record:
 
 def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, opts: IngestOptions) -> IngestPlan:
     """Splits, target shape, layout and shard groups (see the module docstring)."""
-    if opts.samples_per_shard % opts.block_size:
-        raise ValueError(
-            f"ingest.samples_per_shard ({opts.samples_per_shard}) must be a multiple of ingest.block_size "
-            f"({opts.block_size})"
-        )
     source = build_source(name, options)
     splits = source.splits()
     if not splits:
@@ -196,7 +191,7 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         )
     shape = _target_shape(source, splits, opts)
     layout = shards.choose_layout(opts.layout, shape)
-    per_shard = _samples_per_shard(source, splits, opts, shape, layout)
+    per_shard, block_size = _shard_sizes(source, splits, opts, shape, layout)
     if per_shard < opts.samples_per_shard:
         log.info("%d samples per shard (of ingest.samples_per_shard %d) keep shards under ingest.shard_bytes %d",
                  per_shard, opts.samples_per_shard, opts.shard_bytes)
@@ -215,7 +210,7 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         options=opts,
         shard=ShardPlan(layout=layout, image_format=opts.image_format, quality=opts.quality,
                         samples_per_shard=per_shard,
-                        block_size=opts.block_size, image_shape=shape),
+                        block_size=block_size, image_shape=shape),
         splits=splits,
         factor_names=list(source.factor_names) or None,
         groups=groups,
@@ -223,12 +218,15 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
     )
 
 
-def _samples_per_shard(source, splits: list[str], opts: IngestOptions, shape: tuple[int, int, int],
-                       layout: str) -> int:
-    """ingest.samples_per_shard, lowered so that a shard stays under ingest.shard_bytes: exactly for packed
-    pixels, and for encoded images from the stored size of the first few (tar framing included)."""
-    per_write = get_layout(layout).per_write(opts.block_size)
-    if get_layout(layout).decodes:
+def _shard_sizes(source, splits: list[str], opts: IngestOptions, shape: tuple[int, int, int],
+                 layout: str) -> tuple[int, int]:
+    """(samples per shard, images per block). ingest.samples_per_shard, lowered so that a shard stays under
+    ingest.shard_bytes: exactly for packed pixels, and for encoded images from the stored size of the first few
+    (tar framing included). A layout whose blocks are sized by bytes gets ingest.block_size lowered to about its
+    `block_bytes` of encoded images, to a divisor of ingest.samples_per_shard so that shards hold whole blocks."""
+    kind = get_layout(layout)
+    block = opts.block_size
+    if kind.decodes:
         sizes = []
         for item in source.records(splits[0], 0, ESTIMATE_SAMPLES):
             if isinstance(item, Record):
@@ -241,8 +239,18 @@ def _samples_per_shard(source, splits: list[str], opts: IngestOptions, shape: tu
     else:
         per_sample = int(np.prod(shape))
     budget = opts.shard_bytes - 2 * TAR_RECORD  # a tar file ends with zero blocks, padded to a whole record
+    if kind.block_bytes:
+        block = max(1, min(block, kind.block_bytes // per_sample, budget // per_sample))
+        while opts.samples_per_shard % block:
+            block -= 1
+    per_write = kind.per_write(block)
+    if opts.samples_per_shard % per_write:  # packed: a shard holds whole blocks
+        raise ValueError(
+            f"ingest.samples_per_shard ({opts.samples_per_shard}) must be a multiple of ingest.block_size "
+            f"({opts.block_size})"
+        )
     fit = budget // per_sample // per_write * per_write
-    return max(per_write, min(opts.samples_per_shard, fit))
+    return max(per_write, min(opts.samples_per_shard, fit)), block
 
 
 ESTIMATE_SAMPLES = 32  # encoded images whose size sets the samples per shard (the largest, so shards stay under)

@@ -115,11 +115,13 @@ class ShardPlan(BaseModel, frozen=True):
         return get_layout(self.layout).per_write(self.block_size)
 
 
-def choose_layout(requested: Literal["auto", "packed", "encoded"], shape: tuple[int, int, int]) -> str:
-    """'auto': packed blocks for images up to PACKED_MAX_IMAGE_BYTES, one encoded image per sample above."""
+def choose_layout(requested: Literal["auto", "packed", "encoded", "encoded-blocks"], shape: tuple[int, int, int]
+                  ) -> str:
+    """'auto': packed blocks for images up to PACKED_MAX_IMAGE_BYTES, blocks of encoded images above (one
+    encoded image per sample costs its photo ~28% in tar framing at 256 px, a block ~1%: bench/LOG.md)."""
     if requested != "auto":
         return requested
-    return "packed" if int(np.prod(shape)) <= PACKED_MAX_IMAGE_BYTES else "encoded"
+    return "packed" if int(np.prod(shape)) <= PACKED_MAX_IMAGE_BYTES else "encoded-blocks"
 
 
 def sha256_of(location: Location, name: str) -> tuple[str, int]:

@@ -127,7 +127,7 @@ def test_both_layouts_read_by_webdataset_gnu_tar_and_the_loader(tmp_path, layout
 
 
 def test_auto_layout_packs_small_and_encodes_large_images(tmp_path):
-    for name, shape, expected in (("small", (28, 28, 1), "packed"), ("large", (80, 80, 3), "encoded")):
+    for name, shape, expected in (("small", (28, 28, 1), "packed"), ("large", (80, 80, 3), "encoded-blocks")):
         np.save(tmp_path / f"{name}.npy", _images(3, shape))
         index = pipeline.ingest("arrays", {"files": {"train": str(tmp_path / f"{name}.npy")}}, tmp_path / name,
                                 4, 2, progress=False)

@@ -6,6 +6,7 @@ The photos are real: crops of the two photographs scikit-learn ships (`load_samp
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -13,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 import pipeline
 from pipeline import ShardFormatError, ShardLoader
 from pipeline.augment import crop_flip
+from pipeline.layouts import get_layout
 from pipeline.loader import CorruptShardError
 from pipeline.loader.read import BatchPool, planar_copy
+from pipeline.npy import npy_header
 
 SIDE = 80  # 80x80x3 = 19,200 bytes: above the packed limit, so 'auto' stores them encoded
 
@@ -40,13 +44,38 @@ def photo_tree(root: Path, n: int, side: int = SIDE, seed: int = 0, quality: int
     return root
 
 
+# each layout that stores encoded photos, with shard and block sizes that leave uneven shards (48 train photos)
+PHOTO_LAYOUTS = {"encoded": (7, 1), "encoded-blocks": (9, 3)}
+
+
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> tuple[Path, Path]:
-    """A tree of 64 photos and its shards (7 per shard in train: uneven, 7 shards)."""
-    root = photo_tree(tmp_path_factory.mktemp("photos") / "tree", 64)
-    out = root.parent / "shards"
-    pipeline.ingest("imagefolder", {"root": str(root)}, out, samples_per_shard=7, block_size=1, progress=False)
-    return root, out
+def tree(tmp_path_factory) -> Path:
+    """A tree of 64 photos: 48 in train, 16 in test."""
+    return photo_tree(tmp_path_factory.mktemp("photos") / "tree", 64)
+
+
+@pytest.fixture(scope="module", params=sorted(PHOTO_LAYOUTS))
+def photos(request, tree) -> tuple[Path, Path]:
+    """The tree and its shards in each photo layout (uneven shards: 7 or 9 photos each, in blocks of 3)."""
+    samples_per_shard, block_size = PHOTO_LAYOUTS[request.param]
+    out = tree.parent / f"shards-{request.param}"
+    index = pipeline.ingest("imagefolder", {"root": str(tree)}, out, samples_per_shard=samples_per_shard,
+                            block_size=block_size, layout=request.param, progress=False)
+    assert index.layout == request.param and index.block_size == block_size
+    return tree, out
+
+
+def stored_files(out: Path, split: str) -> list[bytes]:
+    """Every encoded file the split's shards store, cut out by the layout's own table."""
+    index = pipeline.read_index(out)
+    files = []
+    for shard in index.splits[split].shards:
+        with open(out / shard.name, "rb") as f:
+            table = get_layout(index.layout).table(f, shard.name, index.image_shape)
+            for offset, size in zip(table.offsets.tolist(), table.sizes.tolist(), strict=True):
+                f.seek(offset)
+                files.append(f.read(size))
+    return files
 
 
 def _all(loader) -> list:
@@ -55,15 +84,33 @@ def _all(loader) -> list:
 
 def test_untouched_jpegs_are_stored_byte_for_byte(photos):
     root, out = photos
-    index = pipeline.read_index(out)
-    assert index.layout == "encoded"
-    with tarfile.open(out / index.splits["train"].shards[0].name) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
-        keys = {m.name.split(".")[0]: tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".key.txt")}
-    for name, data in members.items():
-        assert data == (root / "train" / keys[name.split(".")[0]]).read_bytes()  # no decode-encode, no quality loss
+    source = sorted(p.read_bytes() for p in (root / "train").rglob("*.jpg"))
+    assert sorted(stored_files(out, "train")) == source  # no decode-encode, no quality loss
     # the byte ratio (shards / source, goal <= 1.05 at 256 px) is bench/photo_loader.py's: on 2 kB thumbnails
     # tar's 512-byte framing per member dominates
+
+
+def test_photo_ingests_store_blocks_of_encoded_files_by_default(tree, tmp_path):
+    """'auto' picks encoded-blocks for photos: a WebDataset sample per block, whose encoded.bin cut at its
+    offsets.npy gives the source files, in the order of keys.json, with their labels."""
+    out = tmp_path / "shards"
+    index = pipeline.ingest("imagefolder", {"root": str(tree)}, out, samples_per_shard=16, progress=False)
+    assert index.layout == "encoded-blocks" and 16 % index.block_size == 0
+    urls = [str(out / s.name) for s in index.splits["train"].shards]
+    blocks = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert len(blocks) == 48 // index.block_size
+    classes = sorted(p.name for p in (tree / "train").iterdir())
+    for block in blocks:
+        ends = np.load(io.BytesIO(block["offsets.npy"]))
+        keys, formats = json.loads(block["keys.json"]), json.loads(block["formats.json"])
+        labels = np.load(io.BytesIO(block["labels.npy"]))
+        assert len(keys) == len(formats) == len(labels) == len(ends) - 1 == index.block_size
+        for i, key in enumerate(keys):
+            assert block["encoded.bin"][ends[i] : ends[i + 1]] == (tree / "train" / key).read_bytes()
+            assert formats[i] == "jpg" and classes[labels[i]] == key.split("/")[0]
+    streamed, labels = pipeline.read_split(out, "train")
+    resident = ShardLoader(out, "train", batch_size=48, resident="on", shuffle=False, drop_last=False, pad=False)
+    assert torch.equal(resident.load()[0].permute(0, 2, 3, 1), torch.as_tensor(streamed))
 
 
 def test_resized_images_are_encoded_in_the_configured_format(tmp_path):
@@ -177,13 +224,14 @@ def test_mid_epoch_resume_with_workers_is_exact(photos):
 
 
 def _corrupt_one_image(out: Path, shard: str) -> None:
-    """Overwrite the middle of the first JPEG in `shard` (its tar headers stay intact)."""
+    """Overwrite the middle of the first JPEG in `shard` (the tar headers and the block's offsets stay intact)."""
     path = out / shard
-    with tarfile.open(path) as tar:
-        member = next(m for m in tar if m.name.endswith(".jpg"))
+    index = pipeline.read_index(out)
+    with open(path, "rb") as f:
+        table = get_layout(index.layout).table(f, shard, index.image_shape)
+    offset, size = int(table.offsets[0]), int(table.sizes[0])
     data = bytearray(path.read_bytes())
-    start = member.offset_data + 20
-    data[start : start + member.size - 40] = b"\x00" * (member.size - 40)
+    data[offset + 20 : offset + size - 20] = b"\x00" * (size - 40)
     path.write_bytes(bytes(data))
 
 
@@ -214,6 +262,27 @@ def test_a_truncated_shard_is_skipped_with_workers_and_counts_stay_equal(photos,
     ranks = [ShardLoader(out, "train", batch_size=4, rank=r, world_size=2, workers=2, on_corrupt="skip")
              for r in range(2)]
     assert [len(list(r)) for r in ranks] == [len(ranks[0])] * 2
+
+
+def test_a_block_whose_offsets_do_not_cut_its_bytes_is_a_corrupt_shard(tree, tmp_path):
+    out = tmp_path / "shards"
+    index = pipeline.ingest("imagefolder", {"root": str(tree)}, out, samples_per_shard=9, block_size=3,
+                            progress=False)
+    bad = index.splits["train"].shards[1].name
+    with tarfile.open(out / bad) as tar:
+        member = next(m for m in tar if m.name.endswith(".offsets.npy"))
+    data = bytearray((out / bad).read_bytes())
+    _, _, header = npy_header(bytes(data[member.offset_data : member.offset_data + member.size]))
+    second = member.offset_data + header + 8  # where the block's second image begins: now past its end
+    data[second : second + 8] = np.int64(1 << 40).tobytes()
+    (out / bad).write_bytes(bytes(data))
+    for resident in ("off", "on"):
+        with pytest.raises(CorruptShardError, match=rf"{bad} holds a block .*\(corrupt offsets\.npy\)"):
+            list(ShardLoader(out, "train", batch_size=4, workers=2, resident=resident))
+    ranks = [ShardLoader(out, "train", batch_size=4, rank=r, world_size=2, workers=2, on_corrupt="skip")
+             for r in range(2)]
+    assert [len(list(r)) for r in ranks] == [len(ranks[0])] * 2
+    assert all(list(r.skipped_shards) == [bad] for r in ranks if r.skipped_shards)
 
 
 def test_resident_photos_are_decoded_once_and_cropped_on_the_device(photos):
@@ -254,7 +323,7 @@ def test_an_unknown_layout_is_refused_listing_the_known_ones(photos, tmp_path):
     index = json.loads((out / "index.json").read_text())
     index["layout"] = "zipped"
     (out / "index.json").write_text(json.dumps(index))
-    known = r"unknown shard layout 'zipped'; this vaepipe reads \['encoded', 'packed'\]"
+    known = r"unknown shard layout 'zipped'; this vaepipe reads \['encoded', 'encoded-blocks', 'packed'\]"
     with pytest.raises(ShardFormatError, match=known):
         ShardLoader(out, "train", batch_size=4)
 

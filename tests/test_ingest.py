@@ -13,6 +13,7 @@ from PIL import Image
 
 import pipeline
 from pipeline import ShardFormatError, ShardLoader, SourceError
+from pipeline.conform import resize
 
 
 def _png(path, array, **save):
@@ -216,3 +217,39 @@ def test_s3_destination_round_trip(s3_server, tmp_path):
     fs.rm_file("shards/digits/index.json")
     with pytest.raises(ShardFormatError, match="no index.json, so an ingest was interrupted"):
         ShardLoader(url, "train", batch_size=8, storage_options=storage)
+
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_crop_rule_scales_the_shorter_side_then_centre_crops(landscape):
+    """size_rule crop: the shorter side goes to the target and the longer one is cut evenly on both sides, so a
+    white centre square fills the whole output; stretching ('resize') keeps the black sides."""
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 20:60] = 255  # the centre 40x40 square
+    if not landscape:
+        image = image.transpose(1, 0, 2).copy()  # 80x40, the square in the middle rows
+    cropped = resize(image, (20, 20), "crop")
+    stretched = resize(image, (20, 20), "resize")
+    assert cropped.shape == stretched.shape == (20, 20, 3)
+    assert cropped.min() > 230 and cropped.mean() > 250  # only the square (Lanczos sees the black at its rims)
+    assert abs(stretched.mean() - 127.5) < 10  # half of it is the black sides
+
+
+def test_crop_rule_is_antialiased():
+    """Shrinking a one-pixel checkerboard 8x averages it to grey; sampling without a filter would keep pure
+    black and white pixels (aliasing)."""
+    board = ((np.indices((200, 200)).sum(0) % 2) * 255).astype(np.uint8)[..., None].repeat(3, axis=2)
+    small = resize(board, (25, 25), "crop").astype(float)
+    assert small.shape == (25, 25, 3)
+    assert abs(small.mean() - 127.5) < 3 and small.std() < 3
+
+
+def test_packed_shards_need_whole_blocks_and_photo_blocks_are_fitted(tmp_path):
+    np.save(tmp_path / "small.npy", _images(12, (8, 8, 1)))
+    with pytest.raises(ValueError, match=r"ingest.samples_per_shard \(10\) must be a multiple of ingest.block_size"):
+        pipeline.ingest("arrays", {"files": {"train": str(tmp_path / "small.npy")}}, tmp_path / "small", 10, 4,
+                        progress=False)
+    np.save(tmp_path / "large.npy", _images(12, (80, 80, 3)))
+    index = pipeline.ingest("arrays", {"files": {"train": str(tmp_path / "large.npy")}}, tmp_path / "large", 10,
+                            progress=False)  # block_size 1024: lowered to a divisor of 10 for encoded blocks
+    assert index.layout == "encoded-blocks" and 10 % index.block_size == 0
+    assert [s.num_samples for s in index.splits["train"].shards] == [10, 2]

@@ -66,7 +66,7 @@ class IngestSection(_Section):
         None, description="Where shards go: a local path or an fsspec URL (s3://bucket/prefix); "
         "default data/shards/<source name>."
     )
-    samples_per_shard: int = Field(8192, gt=0, description="Images per tar shard (a multiple of block_size).")
+    samples_per_shard: int = Field(8192, gt=0, description="Images per tar shard (a multiple of block_size, packed).")
     shard_bytes: int = Field(
         256 << 20, gt=0, description="Largest shard in bytes: samples_per_shard is lowered to stay under it (from "
         "the stored size of the first images, for encoded photos)."
@@ -138,14 +138,8 @@ class IngestSection(_Section):
             data = {**data, "shard_dir": Path(value)}
         return data
 
-    @model_validator(mode="after")
-    def _check_block(self) -> IngestSection:
-        if self.samples_per_shard % self.block_size:
-            raise ValueError(
-                f"ingest.samples_per_shard ({self.samples_per_shard}) must be a multiple of ingest.block_size "
-                f"({self.block_size})"
-            )
-        return self
+    # samples_per_shard must be a multiple of block_size only for packed shards, which the layout decides once the
+    # image size is known: the ingest's plan checks it (pipeline.ingest._shard_sizes), before any shard is written
 
 
 class DataSection(_Section):

@@ -3,7 +3,9 @@ the loaders people use, in the same run.
 
 Data: crops of the two photographs scikit-learn ships (427x640), cut at random places and scales, resized to
 the side, mirrored at random, saved as JPEG q90 (offline, real photos). Prints JSON: images/s for each reader,
-the shard/source byte ratio of the ingest (untouched JPEGs are kept byte for byte), and the goal ratios.
+the shard/source byte ratio of the ingest (untouched JPEGs are kept byte for byte; the default encoded-blocks
+layout, and one photo per sample for comparison), and the goal ratios. WebDataset's own loader reads the
+one-photo-per-sample shards, the layout it decodes without help.
 
     .venv/bin/python bench/photo_loader.py [--images 3000] [--side 256] [--big 500] [--epochs 2]
 """
@@ -103,15 +105,20 @@ def measure(tmp: Path, n: int, side: int, epochs: int, worker_counts: list[int],
     root = photo_tree(tmp / f"tree-{side}", n, side)
     out = tmp / f"shards-{side}"
     start = time.perf_counter()
-    index = pipeline.ingest("imagefolder", {"root": str(root)}, out, samples_per_shard=1024, block_size=1,
-                            progress=False)
+    index = pipeline.ingest("imagefolder", {"root": str(root)}, out, samples_per_shard=1024, progress=False)
     ingest_s = time.perf_counter() - start
+    # the layout before encoded-blocks became the default, for its byte ratio: one photo per tar sample
+    single = pipeline.ingest("imagefolder", {"root": str(root)}, tmp / f"single-{side}", samples_per_shard=1024,
+                             layout="encoded", progress=False)
     files = sorted(root.rglob("*.jpg"))
     source_bytes = sum(p.stat().st_size for p in files)
     shard_bytes = sum(s.bytes for s in index.splits["train"].shards)
     result = {
         "images": n, "side": side, "ingest_s": round(ingest_s, 2), "ingest_images_per_s": round(n / ingest_s),
+        "layout": index.layout, "images_per_block": index.block_size,
         "shard_over_source_bytes": round(shard_bytes / source_bytes, 4),
+        "one_photo_per_sample_shard_over_source_bytes": round(
+            sum(s.bytes for s in single.splits["train"].shards) / source_bytes, 4),
         "pillow_decode_per_core": round(rate(lambda: pillow_loop(files), n, epochs)),
         "torchvision_decode_per_core": round(rate(lambda: torchvision_loop(files), n, epochs)),
     }
@@ -128,7 +135,9 @@ def measure(tmp: Path, n: int, side: int, epochs: int, worker_counts: list[int],
         if baselines and workers:
             result[f"imagefolder_dataloader_{workers}_workers"] = round(rate(imagefolder_loader(root, workers), n,
                                                                              epochs))
-            result[f"webdataset_webloader_{workers}_workers"] = round(rate(webdataset_loader(out, workers), n, epochs))
+            single_dir = tmp / f"single-{side}"
+            result[f"webdataset_webloader_{workers}_workers"] = round(rate(webdataset_loader(single_dir, workers), n,
+                                                                           epochs))
     one = result.get("ours_1_workers")
     result["ours_in_process_over_torchvision_ceiling"] = round(result["ours_0_workers"] /
                                                                 result["torchvision_decode_per_core"], 3)

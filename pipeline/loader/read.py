@@ -76,8 +76,8 @@ class BatchPool:
     """Batch buffers that are filled again once nobody holds them (in the process that consumes the batches).
 
     Filling a freshly allocated batch costs a page fault per 4 kB touched: a 256-photo batch of 256 px is 50 MB,
-    above glibc's largest mmap threshold (32 MB), so every new batch is a fresh mapping, and the faults cost a
-    third as much as the decode (bench/LOG.md, 2026-12-06). A buffer is a numpy array, handed out as
+    above glibc's largest mmap threshold (32 MB), so every new batch is a fresh mapping; the faults cost ~0.17 ms
+    per 256-px photo, a quarter of its decode (bench/LOG.md, 2026-12-06). A buffer is a numpy array, handed out as
     `torch.from_numpy`: every tensor and view of it keeps the array alive, so the array's reference count says
     whether anything still uses it. torch exposes no public use count for a storage, hence this.
     """

@@ -90,7 +90,6 @@ class StreamedLoader(ShardLoader):
             labels, factors = self.extras(plan.shards[positions[b]], plan.samples[positions[b]])
             yield b, Batch(images, labels, factors)
 
-
     def _batch_pool(self) -> BatchPool:
         if self._pool is None:
             self._pool = BatchPool()

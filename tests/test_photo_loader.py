@@ -343,7 +343,7 @@ def test_a_256px_jpeg_tree_trains_registers_and_reconstructs_end_to_end(tmp_path
     out = tmp_path / "shards"
     index = pipeline.ingest("imagefolder", {"root": str(root)}, out, samples_per_shard=8, block_size=1,
                             progress=False)
-    assert index.layout == "encoded" and index.image_shape == (256, 256, 3)
+    assert index.layout == "encoded-blocks" and index.image_shape == (256, 256, 3)
     name = f"vae-photos-{uuid.uuid4().hex[:8]}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     preset = tmp_path / "photos.yaml"

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -192,6 +192,7 @@ class _ArchSection(_Section):
     """Fields common to every architecture. Each subclass holds exactly its constructor's options (a test checks
     them against vae.models), so a field another architecture takes is refused instead of ignored."""
 
+    objective: ClassVar[str] = "elbo"  # what the trainer minimises for this architecture (vae/objective.py)
     arch: str = Field(description="Architecture from vae.models (each subclass narrows it to its own name).")
     latent_dim: int = Field(2, gt=0, description="Size of z (2 gives the manifold plot).")
 

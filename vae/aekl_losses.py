@@ -164,11 +164,11 @@ def build_lpips(cfg: AeklLossSection, random_weights: bool = False) -> nn.Module
 
 
 def _lpips_module(lpips, cfg: AeklLossSection, random_weights: bool) -> nn.Module:
-    if random_weights:
-        model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
-    else:
+    # pretrained=True loads only the package's own non-negative linear heads (read with torch.load, whose
+    # default in torch >= 2.6 is weights_only); pnet_rand=True keeps torchvision from downloading the backbone.
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    if not random_weights:
         path = vgg16_weights_path(cfg)
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # heads from the package
         state = _load_state(path)
         # lpips' vgg16 holds torchvision's `features` modules split into slices: slice{k}.{i} is features.{i}
         own = {name: f"features.{name.split('.', 1)[1]}" for name in model.net.state_dict()}

@@ -12,7 +12,8 @@ from vae.models import MODELS, Gaussian, build_model
 from vae.models.heads import LAYOUTS
 
 MODEL_FILES = sorted((Path(__file__).resolve().parents[1] / "vae" / "models").glob("*.py"))
-SMALL = {"aekl": {"channels": (8, 8, 8), "layers_per_block": 1, "norm_groups": 4}, "hvae": {"width": 8}, "resnet": {"width": 8}, "conv": {"channels": (8, 16)}, "mlp": {"hidden_dim": 32}}
+SMALL = {"aekl": {"channels": (8, 8, 8), "layers_per_block": 1, "norm_groups": 4}, "hvae": {"width": 8},
+         "resnet": {"width": 8}, "conv": {"channels": (8, 16)}, "mlp": {"hidden_dim": 32}}
 
 
 def small(arch, shape, latent_dim=3, **options):

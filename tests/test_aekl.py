@@ -1,6 +1,8 @@
 """model.arch aekl: diffusers' AutoencoderKL wrapped, its config section, pretrained folders, decoder-only
 fine-tuning, and the aekl objective (LPIPS, PatchGAN, adaptive weight). Tiny models, 32 px, CPU."""
 
+from unittest import mock
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -170,3 +172,65 @@ def test_generator_and_discriminator_losses_switch_on_at_disc_start():
         assert d.active and d.loss > 0
         d.loss.backward()
     assert generator_loss(out, x, AeklLossSection(recon="l2"), 0).recon == ((x * 2 - 1) - out.recon).pow(2).mean()
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+def test_scaling_and_shift_factor_from_known_latents():
+    from vae.aekl_eval import latent_moments, latent_stats
+
+    torch.manual_seed(0)
+    means, stds = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
+    z = torch.randn(400, 4, 8, 8) * stds.view(1, 4, 1, 1) + means.view(1, 4, 1, 1)
+    moments = sum(latent_moments(chunk) for chunk in z.split(64))  # streamed in batches, as over ranks
+    stats = latent_stats(moments)
+    torch.testing.assert_close(torch.tensor(stats.mean), means, atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.tensor(stats.std), stds, atol=0.05, rtol=0.02)
+    # over all channels: the mixture's mean and 1 / its std
+    torch.testing.assert_close(stats.shift_factor, z.double().mean().item(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(stats.scaling_factor, 1 / z.double().std(correction=0).item(), atol=0, rtol=1e-9)
+    with pytest.raises(ValueError, match="zero variance"):
+        latent_stats(latent_moments(torch.ones(2, 4, 2, 2)))
+
+
+def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monkeypatch):
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from vae.aekl_eval import evaluate_aekl, reconstruction_grid
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no LPIPS or Inception weights here
+    model = tiny((3, 32, 48))
+    torch.manual_seed(0)
+    images = (torch.rand(6, 3, 32, 48) * 255).to(torch.uint8)
+    result = evaluate_aekl(model, images.split(4))
+    metrics = result["metrics"]
+    x = images.float() / 255
+    with torch.no_grad():
+        recon = model.decode_latents(model.encode_latents(x))
+    psnr = peak_signal_noise_ratio(recon, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
+    assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-5)
+    assert 0 < metrics["val/ssim"] < 1 and "val/lpips" not in metrics and "val/rfid" not in metrics
+    assert set(result["absent"]) == {"val/lpips", "val/rfid"} and "torch hub cache" in result["absent"]["val/rfid"]
+    assert [k for k in metrics if k.startswith("val/latent_std/")] == [f"val/latent_std/{c}" for c in range(4)]
+    assert metrics["val/scaling_factor"] > 0
+    grid = reconstruction_grid(model, x, tmp_path / "plots" / "reconstructions.png", n=3)
+    from PIL import Image
+
+    assert Image.open(grid).size == (3 * 48 + 4 * 2, 2 * 32 + 3 * 2)  # full resolution, two rows
+
+
+def test_rfid_runs_when_inception_weights_are_on_disk(tmp_path):
+    """Random Inception weights, saved as safetensors (stand-ins for the real file): rFID is measured."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    from safetensors.torch import save_file
+
+    from vae.aekl_eval import evaluate_aekl
+
+    torch.manual_seed(0)
+    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
+            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "inception.safetensors")
+    images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
+    result = evaluate_aekl(tiny((1, 32, 32)), [images], inception_weights=tmp_path / "inception.safetensors")
+    assert result["metrics"]["val/rfid"] >= 0 and "val/rfid" not in result["absent"]

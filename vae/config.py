@@ -240,6 +240,7 @@ class HVAESection(_ArchSection):
 
 
 class AeklSection(_ArchSection):
+    objective: ClassVar[str] = "aekl"  # LDM's loss with a PatchGAN discriminator (vae/objective.py)
     arch: Literal["aekl"] = Field(description="diffusers' AutoencoderKL (the VAE of SD/SDXL/FLUX): spatial latents "
                                   "(latent_dim, H/f, W/f), exportable as a diffusers folder.")
     latent_dim: int = Field(4, gt=0, description="Latent channels: 4 (SD, SDXL) or 16 (SD3, FLUX).")

@@ -30,7 +30,7 @@ from torch import nn
 from vae.config import RunConfig
 from vae.data import to_input
 from vae.evaluate import evaluation_sums, to_metrics
-from vae.losses import training_loss
+from vae.losses import training_loss, unwrap
 
 Backward = Callable[[torch.Tensor], None]  # accelerator.backward: scales the loss for fp16 and accumulation
 
@@ -129,3 +129,62 @@ class ELBOObjective(Objective):
     def summary(self, val: dict[str, float]) -> str:
         return (f"val ELBO {val['val/elbo']:.3f} nats (recon {val['val/recon']:.3f}, KL {val['val/kl']:.3f}), "
                 f"recon MSE {val['val/recon_mse']:.4f}")
+
+
+@register("aekl")
+class AeklObjective(Objective):
+    """diffusers' AutoencoderKL on LDM's loss (vae/aekl_losses.py): per micro-batch the autoencoder's loss (pixel
+    L1/L2 + perceptual + kl_weight * KL + the adaptive-weighted GAN term from loss.aekl.disc_start), then the
+    PatchGAN discriminator's on the detached reconstructions, with its own optimiser (loss.aekl.disc_lr)."""
+
+    metrics = ("loss", "recon", "perceptual", "kl", "g_loss", "d_weight", "disc_loss")
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from vae.aekl_losses import build_lpips
+
+        super().__init__(cfg)
+        # frozen and not trained: neither prepared, checkpointed nor averaged; its weights come from a local file
+        self.lpips = build_lpips(cfg.loss.aekl)
+
+    def models(self, model: nn.Module) -> dict[str, nn.Module]:
+        from vae.aekl_losses import build_discriminator
+
+        disc = build_discriminator(self.cfg.loss.aekl, model.image_shape[0])
+        return {"model": model} if disc is None else {"model": model, "discriminator": disc}
+
+    def lr_scale(self, name: str) -> float:
+        disc_lr = self.cfg.loss.aekl.disc_lr
+        return disc_lr / self.cfg.optim.lr if name == "discriminator" and disc_lr is not None else 1.0
+
+    def step(self, models: dict[str, nn.Module], x: torch.Tensor, step: int, backward: Backward) -> torch.Tensor:
+        from vae.aekl_losses import disc_factor, discriminator_loss, generator_loss
+
+        cfg, model, disc = self.cfg.loss.aekl, models["model"], models.get("discriminator")
+        if self.lpips is not None:
+            self.lpips.to(x.device)  # a no-op after the first step
+        out = model(x, autoencode=True)  # through DDP and autocast
+        zero = torch.zeros((), device=x.device)
+        inner = getattr(disc, "module", disc)  # the generator's term: past DDP, parameters frozen
+        with frozen(inner) if inner is not None else contextlib.nullcontext():
+            terms = generator_loss(out, x, cfg, step, self.lpips, inner, last_layer=unwrap(model).last_layer)
+            backward(terms.loss)
+        disc_loss = zero
+        if disc is not None and disc_factor(cfg, step) > 0:  # before disc_start the discriminator is not run at all
+            d = discriminator_loss(disc, x, out.recon.detach(), cfg, step)
+            backward(d.loss)
+            disc_loss = d.loss.detach()
+        parts = (terms.loss.detach(), terms.recon, terms.perceptual, terms.kl, terms.g_loss, terms.d_weight, disc_loss)
+        return torch.stack([p.float() for p in parts]) * len(x)  # batch means -> sums over the batch's images
+
+    def validation_sums(self, model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+        from vae.aekl_eval import aekl_sums
+
+        sums, _ = aekl_sums(unwrap(model), batches, device, prepare=lambda images: to_input(images, self.cfg))
+        return sums[[0, 1, 3]]  # psnr, ssim, count; LPIPS and the latent statistics are the final evaluation's
+
+    def validation_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        psnr, ssim, n = sums.tolist()
+        return {"val/psnr": psnr / n, "val/ssim": ssim / n}
+
+    def summary(self, val: dict[str, float]) -> str:
+        return f"val PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.4f}"

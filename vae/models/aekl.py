@@ -176,7 +176,11 @@ class AEKL(VAE):
         images = self.decode_latents(z.reshape(len(z), *self.latent_shape))
         return torch.logit(images, eps=LOGIT_EPS)
 
-    def forward(self, x: torch.Tensor, samples: int = 1) -> VAEOutput:
+    def forward(self, x: torch.Tensor, samples: int = 1, autoencode: bool = False) -> VAEOutput | AeklOutput:
+        """The contract's VAEOutput; autoencode=True: `autoencode(x)` instead, so that the aekl objective's
+        forward goes through the model's wrappers (DDP syncs gradients only for a forward it sees)."""
+        if autoencode:
+            return self.autoencode(x)
         mu, logvar = self.encode(x)
         if samples > 1:
             mu, logvar = mu.repeat(samples, 1), logvar.repeat(samples, 1)

@@ -483,6 +483,7 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> None:
+    """Build, resume, train epoch by epoch (validate and checkpoint after each), then the post-training path."""
     preemption = Preemption()  # first: a signal during start-up must not kill the process half-way either
     trainer = Trainer(cfg, preemption)
     trainer.start()

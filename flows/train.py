@@ -212,12 +212,17 @@ def launch_training(
 
 @task(name="register", cache_policy=NO_CACHE)
 def register(config: RunConfig, run_id: str) -> tuple[dict[str, float], Any]:
-    """The evaluation training saved in output_dir, and its registration: the post-training path's `publish`,
-    as the journal of a run launched without a flow calls it (a retry registers nothing twice)."""
+    """The evaluation training saved in output_dir, and its registration: what the child journaled and could not
+    send (MLflow down as it ended) goes first, then the post-training path's `publish`, as the journal of a run
+    launched without a flow calls it (a retry registers nothing twice)."""
     from vae.finalize import load_evaluation, publish  # imported here so the flows import without the training stack
 
+    uri = str(config.tracking.tracking_uri)
+    journal = Path(config.train.output_dir) / tracking.JOURNAL_DIR / f"{run_id}.jsonl"
+    if journal.is_file():
+        tracking.sync_journal(journal, run_id, uri)
     metrics, _ = load_evaluation(config.train.output_dir)
-    return metrics, publish(config.train.output_dir, run_id, str(config.tracking.tracking_uri))
+    return metrics, publish(config.train.output_dir, run_id, uri)
 
 
 def run_link(uri: str, run_id: str) -> str:

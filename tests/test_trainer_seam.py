@@ -210,7 +210,7 @@ def test_objective_registry_fails_loudly(monkeypatch):
     with pytest.raises(ValueError, match="'elbo' is registered twice"):
         objective.register("elbo")(objective.ELBOObjective)
     monkeypatch.setattr(ConvSection, "objective", "nope")
-    with pytest.raises(ValueError, match="objective 'nope', which is not registered; registered: elbo"):
+    with pytest.raises(ValueError, match="objective 'nope', which is not registered; registered: aekl, elbo"):
         objective.build_objective(load_config(PRESET, []))
 
 

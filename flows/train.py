@@ -1,4 +1,4 @@
-"""Flow `train-vae`: shards -> MLflow run -> `accelerate launch vae/train.py` -> evaluate -> register -> report.
+"""Flow `train-vae`: shards -> MLflow run -> `accelerate launch vae/train.py` (trains, evaluates) -> register -> report.
 
 The `RunConfig` pydantic model is the flow's parameter, so it is also the deployment's parameter schema and
 its form in the Prefect UI. Training runs as a child process in its own session (process group): cancelling
@@ -170,8 +170,8 @@ def launch_training(
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     config_path.write_text(dump(config))
-    # the child evaluates on its devices and saves the evaluation in output_dir; logging and registering it are
-    # separate tasks of this flow
+    # the child runs the post-training path (vae/finalize.py) up to the evaluation, saved in output_dir and its
+    # metrics logged; registering it is this flow's own task, which retries without training again
     overrides = ["--tracking.finalize", "evaluate"]
     resume_from = checkpoint.latest(out)
     if resume_from is not None:
@@ -210,18 +210,19 @@ def launch_training(
                              retryable=preempted is not None or own_error is None)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(config: RunConfig, run_id: str) -> dict[str, float]:
-    from vae.finalize import evaluate_run  # imported here so the flows import without the training stack
-
-    return evaluate_run(config, run_id)
-
-
 @task(name="register", cache_policy=NO_CACHE)
-def register(config: RunConfig, run_id: str, metrics: dict[str, float]) -> Any:
-    from vae.finalize import register_run
+def register(config: RunConfig, run_id: str) -> tuple[dict[str, float], Any]:
+    """The evaluation training saved in output_dir, and its registration: what the child journaled and could not
+    send (MLflow down as it ended) goes first, then the post-training path's `publish`, as the journal of a run
+    launched without a flow calls it (a retry registers nothing twice)."""
+    from vae.finalize import load_evaluation, publish  # imported here so the flows import without the training stack
 
-    return register_run(config, run_id, metrics)
+    uri = str(config.tracking.tracking_uri)
+    journal = Path(config.train.output_dir) / tracking.JOURNAL_DIR / f"{run_id}.jsonl"
+    if journal.is_file():
+        tracking.sync_journal(journal, run_id, uri)
+    metrics, _ = load_evaluation(config.train.output_dir)
+    return metrics, publish(config.train.output_dir, run_id, uri)
 
 
 def run_link(uri: str, run_id: str) -> str:
@@ -309,8 +310,7 @@ def train_vae(
             retries=config.train.retries, retry_delay_seconds=exponential_backoff(RETRY_DELAY_S)
         )
         launch(config, run_id, num_processes, accelerate_config)
-        metrics = evaluate(config, run_id)
-        version = register(config, run_id, metrics)
+        metrics, version = register(config, run_id)
     except BaseException as err:  # cancelled (TerminationSignal), interrupted or failed: say so in MLflow too
         end_mlflow_run(config, run_id, "FAILED" if isinstance(err, Exception) else "KILLED")
         raise

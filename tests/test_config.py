@@ -17,7 +17,7 @@ def test_preset_and_overrides():
     ("overrides", "message"),
     [
         (["--train.mixed_precision", "fp8"], r"train.mixed_precision: Input should be 'auto', 'no', 'bf16' or 'fp16'"),
-        (["--model.arch", "transformer"], r"model.arch: Input should be 'conv', 'hvae', 'mlp', 'resnet' "
+        (["--model.arch", "transformer"], r"model.arch: Input should be 'aekl', 'conv', 'hvae', 'mlp', 'resnet' "
                                           r"\(got 'transformer'\)"),
         (["--train.batch_size", "0"], r"train.batch_size: Input should be greater than 0"),
         (["--train.epoch", "3"], r"unknown config field --train.epoch: valid here are epochs, batch_size"),

@@ -64,7 +64,8 @@ def test_every_architecture_has_a_section_that_its_constructor_takes():
         accepted = inspect.signature(MODELS[arch]).parameters
         assert set(section.model_fields) - {"arch"} <= set(accepted), arch
         # the trainer passes the section whole: every field reaches the constructor (none silently dropped)
-        small = {"hvae": {"width": 8}, "resnet": {"width": 8}, "mlp": {"hidden_dim": 16}}.get(arch, {})
+        small = {"hvae": {"width": 8}, "resnet": {"width": 8}, "mlp": {"hidden_dim": 16},
+                 "aekl": {"channels": [8, 8, 8], "norm_groups": 4, "layers_per_block": 1}}.get(arch, {})
         cfg = validate({"model": {"arch": arch, **small}})
         assert set(model_options(cfg)) == set(section.model_fields) - {"arch", "latent_dim"} | {
             "likelihood", "mixtures", "gaussian_std"}
@@ -87,7 +88,7 @@ def test_help_lists_each_architectures_fields():
         block = text.split(f"  model.arch {arch}: ")[1].split("\n  model.arch ")[0].split("\nloss:")[0]
         listed = [line.split()[0] for line in block.splitlines()[1:]]
         assert listed == [f"--model.{name}" for name in section.model_fields if name != "arch"], arch
-    assert "--model.arch (conv | hvae | mlp | resnet, default 'conv')" in text
+    assert "--model.arch (aekl | conv | hvae | mlp | resnet, default 'conv')" in text
 
 
 OLD_FLAT = {"arch": "conv", **FLAT_MODEL_DEFAULTS}  # the model section every config saved before the union holds

@@ -8,9 +8,10 @@ holds everything needed to resume exactly, and nothing that runs code when loade
 | `model.safetensors` | `save_state`, rank 0 | weights | safetensors |
 | `optimizer.bin` (`scaler.pt`: fp16) | `save_state`, rank 0 | optimiser (scaler) state | torch, weights_only=True |
 | `ema.safetensors` | rank 0 | EMA weights, when kept | safetensors |
+| `model_1.safetensors`, `optimizer_1.bin`, `ema_<name>.safetensors` | as above | a discriminator's state | as above |
 | `train_state.json` | rank 0 | progress, loader position, step guard, EMA count | json |
 | `rng-<rank>.json` | every rank | python, numpy, torch CPU and device RNG states | json |
-| `meta.json` | rank 0, last | epoch, step, resolved config, MLflow run id, checksums, file sizes | json |
+| `meta.json` | rank 0, last | epoch, step, model spec, resolved config, MLflow run id, checksums, file sizes | json |
 
 Accelerate would keep the registered objects and the RNG in pickles (`custom_checkpoint_N.pkl` loaded with
 `weights_only=False`, `random_states_N.pkl`): a file planted by anyone who can write the volume then runs code
@@ -43,8 +44,8 @@ TRAIN_STATE = "train_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 FORMAT = 2  # 1: Accelerate's pickled registered objects and RNG states (refused: loading them can run code)
 # Every file a checkpoint may hold; anything else (a planted custom_checkpoint_0.pkl) makes it unloadable.
-ALLOWED = re.compile(r"(model\.safetensors|optimizer\.bin|scaler\.pt|ema\.safetensors|train_state\.json|"
-                     r"rng-\d+\.json|meta\.json)")
+ALLOWED = re.compile(r"(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|scaler\.pt|ema(_[a-z]+)?\.safetensors|"
+                     r"train_state\.json|rng-\d+\.json|meta\.json)")
 UNLOADABLE_PREFIX = "unloadable-"  # a checkpoint skipped on resume is moved aside under this name, never deleted
 
 # Fields that may differ between a checkpoint's config and the run that resumes it: they change neither the data
@@ -204,8 +205,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def blame(path: Path, err: BaseException) -> str:
     """Which of the files `accelerator.load_state` reads made it fail (it does not say): each is loaded alone,
     with the same safe loaders, only on this failure path."""
-    for name in ("model.safetensors", "optimizer.bin", "scaler.pt"):
-        f = path / name
+    for f in sorted(path.glob("model*.safetensors")) + sorted(path.glob("optimizer*.bin")) + [path / "scaler.pt"]:
+        name = f.name
         if not f.is_file():
             continue
         try:

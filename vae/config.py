@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -188,6 +188,7 @@ class _ArchSection(_Section):
     """Fields common to every architecture. Each subclass holds exactly its constructor's options (a test checks
     them against vae.models), so a field another architecture takes is refused instead of ignored."""
 
+    objective: ClassVar[str] = "elbo"  # what the trainer minimises for this architecture (vae/objective.py)
     arch: str = Field(description="Architecture from vae.models (each subclass narrows it to its own name).")
     latent_dim: int = Field(2, gt=0, description="Size of z (2 gives the manifold plot).")
 
@@ -234,11 +235,58 @@ class HVAESection(_ArchSection):
     blocks: int = Field(1, gt=0, description="Residual blocks per stage.")
 
 
+class AeklSection(_ArchSection):
+    objective: ClassVar[str] = "aekl"  # LDM's loss with a PatchGAN discriminator (vae/objective.py)
+    arch: Literal["aekl"] = Field(description="diffusers' AutoencoderKL (the VAE of SD/SDXL/FLUX): spatial latents "
+                                  "(latent_dim, H/f, W/f), exportable as a diffusers folder.")
+    latent_dim: int = Field(4, gt=0, description="Latent channels: 4 (SD, SDXL) or 16 (SD3, FLUX).")
+    channels: tuple[int, ...] = Field(
+        (128, 256, 512, 512), description="Channels per level, full resolution first; 3, 4 or 5 levels give the "
+        "down-sampling factor f4, f8 or f16 (SD's VAE: 128 256 512 512, f8)."
+    )
+    layers_per_block: int = Field(2, gt=0, description="Resnet layers per level (SD's VAE: 2).")
+    norm_groups: int = Field(32, gt=0, description="GroupNorm groups; divides every entry of model.channels.")
+    attention: bool = Field(True, description="Self-attention in the mid block (as SD's VAE).")
+    pretrained: str | None = Field(
+        None, description="A local diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model"
+        ".safetensors) to start from; its architecture fills the fields above (a given one must agree)."
+    )
+    train_encoder: bool = Field(
+        True, description="false: freeze encoder and quant_conv and fine-tune the decoder only; the latents stay "
+        "bit-equal (the SD VAE ft-MSE / ft-EMA recipe)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pretrained(cls, data: Any) -> Any:
+        """Fill the architecture from the pretrained folder's config.json; refuse a given value that disagrees."""
+        if not isinstance(data, dict) or data.get("pretrained") in (None, ""):
+            return data
+        from vae.models.aekl import folder_config, section_from_folder
+
+        folder = section_from_folder(folder_config(data["pretrained"]))
+        clash = [f"model.{k} {data[k]!r} (the folder has {v!r})" for k, v in folder.items()
+                 if k in data and (list(data[k]) if isinstance(data[k], tuple | list) else data[k]) != v]
+        if clash:
+            raise ValueError(f"model.pretrained {data['pretrained']!r} disagrees with {', '.join(clash)}: leave "
+                             "those fields unset to take the folder's values")
+        return {**data, **folder}
+
+    @model_validator(mode="after")
+    def _levels(self) -> AeklSection:
+        if len(self.channels) not in (3, 4, 5):
+            raise ValueError(f"model.channels has {len(self.channels)} levels: give 3, 4 or 5 (f4, f8, f16)")
+        if any(n <= 0 or n % self.norm_groups for n in self.channels):
+            raise ValueError(f"model.norm_groups {self.norm_groups} must divide every entry of model.channels "
+                             f"{list(self.channels)}")
+        return self
+
+
 # model.arch -> its section (one per architecture in vae.models.MODELS; a test keeps the two equal). Every arch
 # but the default names itself (`arch` required): a JSON-schema validator, such as the Prefect server's check
 # of deployment parameters, can then tell which section a mapping without `arch` is (the default, conv).
 MODEL_SECTIONS: dict[str, type[_ArchSection]] = {
-    "conv": ConvSection, "hvae": HVAESection, "mlp": MLPSection, "resnet": ResNetSection,
+    "aekl": AeklSection, "conv": ConvSection, "hvae": HVAESection, "mlp": MLPSection, "resnet": ResNetSection,
 }
 DEFAULT_ARCH = "conv"
 ModelSection = Annotated[Union[tuple(MODEL_SECTIONS.values())], Field(discriminator="arch")]  # noqa: UP007
@@ -267,6 +315,31 @@ def upgrade_flat_model(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k in own}
 
 
+class AeklLossSection(_Section):
+    """The aekl objective (vae/aekl_losses.py): reconstruction + kl_weight * KL + perceptual + adversarial."""
+
+    recon: Literal["l1", "l2"] = Field("l1", description="Pixel reconstruction loss on the [-1, 1] scale.")
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL to N(0, I) (LDM's KL-f8: 1e-6).")
+    perceptual_weight: float = Field(
+        0.0, ge=0, description="Weight of LPIPS (VGG); > 0 needs its backbone weights locally (lpips_weights or "
+        "the torch hub cache). LDM: 1.0."
+    )
+    lpips_weights: str | None = Field(
+        None, description="Local file of torchvision's VGG16 weights for LPIPS (.safetensors or .pth); default: "
+        "vgg16-397923af.pth in the torch hub cache (torch.hub.get_dir()/checkpoints)."
+    )
+    disc_weight: float = Field(0.0, ge=0, description="Weight of the adversarial loss; 0: no discriminator.")
+    disc_start: int = Field(0, ge=0, description="Step from which the discriminator trains and the GAN loss counts.")
+    disc_loss: Literal["hinge", "vanilla"] = Field("hinge", description="Discriminator loss (taming-transformers).")
+    disc_layers: int = Field(3, ge=1, description="Stride-2 layers of the PatchGAN discriminator.")
+    disc_channels: int = Field(64, gt=0, description="Channels of the discriminator's first layer.")
+    disc_lr: float | None = Field(None, gt=0, description="Discriminator learning rate; default optim.lr.")
+    adaptive_weight: bool = Field(
+        True, description="Scale the GAN loss by ||grad nll|| / ||grad g_loss|| at the decoder's last layer "
+        "(taming-transformers); false: disc_weight alone."
+    )
+
+
 class LossSection(_Section):
     likelihood: Literal["bernoulli", "gaussian", "gaussian_learned", "logistic_mixture"] = Field(
         "bernoulli", description="p(x|z): bernoulli (on binarised pixels), gaussian with loss.gaussian_std, "
@@ -281,6 +354,8 @@ class LossSection(_Section):
     objective: Literal["elbo", "iwae"] = Field("elbo", description="Train on the ELBO or the IWAE-k bound.")
     iwae_k: int = Field(5, gt=0, description="Importance samples per image of the iwae objective.")
     eval_iwae_k: int = Field(100, gt=0, description="Importance samples of the final val/nll_iwae (papers: 5000).")
+    aekl: AeklLossSection = Field(default_factory=AeklLossSection, description="The aekl objective's weights "
+                                  "(model.arch aekl only).")
     eval_memory_mb: int = Field(
         1024, gt=0, description="Memory budget per process of the final evaluation's forwards: images and importance "
         "samples go in chunks that fit (vae/evaluate.py rows_within); smaller is slower, not different."
@@ -400,6 +475,12 @@ class RunConfig(_Section):
         if loss.likelihood == "logistic_mixture" and on("dequantize"):
             raise ValueError("loss.likelihood 'logistic_mixture' is discrete and needs the exact 8-bit values: turn "
                              "data.dequantize off (dequantise only for a gaussian likelihood)")
+        if self.model.arch != "aekl" and loss.aekl != AeklLossSection():
+            raise ValueError(f"loss.aekl configures the aekl objective, but model.arch is {self.model.arch!r}: "
+                             "remove the loss.aekl fields, or use --model.arch aekl")
+        if self.model.arch == "aekl" and loss.likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"model.arch 'aekl' decodes images (one value per channel), so loss.likelihood "
+                             f"{loss.likelihood!r} cannot be used: set --loss.likelihood gaussian or bernoulli")
         if loss.objective == "iwae" and (loss.beta != 1 or loss.warmup_steps or loss.free_bits):
             raise ValueError("loss.objective 'iwae' is the bound itself: set loss.beta 1, loss.warmup_steps 0 and "
                              "loss.free_bits 0, or use --loss.objective elbo")

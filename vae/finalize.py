@@ -1,15 +1,17 @@
-"""After training: the final evaluation on the training devices, kept in output_dir, then logged and registered.
+"""After training: the one post-training path, for `vae/train.py` and the Prefect flow alike.
 
-One path for `vae/train.py` and the Prefect flow:
+`finish` (called by the trainer at the end of every run, whoever launched it):
 1. `final_evaluation` (every rank, on its device): each rank evaluates its exact slice of the validation split
    (the loader's pad=False slices), the sums are all-reduced, within `loss.eval_memory_mb` per rank, with a
    progress bar on rank 0 (stderr).
 2. `save_evaluation` (rank 0): metrics.json, evaluation.json (KL per dimension and group, active units, why a
-   metric is not finite, the model spec and tags to register with), input_example.npy and plots/ in output_dir.
-   From here on nothing needs the data, the devices or the tracking server.
-3. `publish` (rank 0 through the run's journal, so a tracking server that is down costs nothing: see
-   vae/tracking.py; or the flow's tasks): the plots and evaluation.json as artifacts, the model logged and
-   registered from the newest checkpoint. Registering twice from one run is refused, so a retry is harmless.
+   metric is not finite, the model spec of the newest checkpoint and tags to register with), input_example.npy
+   and plots/ in output_dir. From here on nothing needs the data, the devices or the tracking server.
+3. the metrics to the run's journal, and with tracking.finalize "register" the journal's `publish` entry.
+`publish` (rank 0 through the journal, so a tracking server that is down costs nothing: see vae/tracking.py; or
+the flow's register task, which launches training with tracking.finalize "evaluate" and then calls it): the plots
+and evaluation.json as artifacts, the model logged and registered from the newest checkpoint, rebuilt from the
+spec in its meta.json. Registering twice from one run is refused, so a retry is harmless.
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import pipeline
 from vae import checkpoint, plots, tracking
 from vae.config import RunConfig
 from vae.data import to_input
+from vae.errors import TrainingError
 from vae.evaluate import Evaluation, evaluation_totals, rows_within, summarize
 from vae.losses import unwrap
-from vae.trainer import TrainingError, build, image_shape_chw, model_options
+from vae.spec import checkpoint_spec, load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when vaepipe runs from one
 METRICS_FILE, DETAILS_FILE, EXAMPLE_FILE, PLOTS_DIR = "metrics.json", "evaluation.json", "input_example.npy", "plots"
@@ -41,18 +43,29 @@ PLOT_IMAGES = 2000  # validation images (of rank 0's slice) encoded for the late
 
 
 def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
-    """The newest complete checkpoint's weights in a fresh CPU module, and its meta.json."""
+    """The newest complete checkpoint's weights in a fresh CPU module, rebuilt from its meta.json, and the meta."""
     path = checkpoint.latest(Path(cfg.train.output_dir))
     if path is None:
         raise TrainingError(f"no complete checkpoint in {cfg.train.output_dir}; train first")
-    model = build(cfg)
-    model.load_state_dict(load_file(_weights(path)))
-    return model.eval(), checkpoint.read_meta(path)
+    return load_checkpoint(path)
 
 
-def _weights(path: Path) -> Path:
-    ema = path / "ema.safetensors"  # the EMA weights, when the run kept them, are what gets evaluated and shipped
-    return ema if ema.is_file() else path / "model.safetensors"
+def finish(cfg: RunConfig, accelerator, model: torch.nn.Module, val_loader, journal, global_step: int) -> None:
+    """Every rank, after the last checkpoint: evaluate `model` (the EMA weights when kept) on the training
+    devices, then rank 0 saves the evaluation and plots, journals the metrics and, with tracking.finalize
+    "register", the registration. tracking.finalize "none" does nothing."""
+    if cfg.tracking.finalize == "none":
+        return
+    result = final_evaluation(cfg, accelerator, model, val_loader)
+    if not accelerator.is_main_process:
+        return
+    save_evaluation(cfg, result, model, val_loader, global_step)
+    m = result.metrics
+    print(f"final evaluation: val NLL {m['val/nll_iwae']:.3f} nats (IWAE k={cfg.loss.eval_iwae_k}), "
+          f"{m['val/bpd']:.4f} bits/dim, ELBO {m['val/elbo']:.3f}; saved in {cfg.train.output_dir}", flush=True)
+    journal.log_metrics(finite(m), step=global_step)
+    if cfg.tracking.finalize == "register":
+        journal.publish(cfg.train.output_dir)
 
 
 def final_evaluation(cfg: RunConfig, accelerator, model: torch.nn.Module, val_loader) -> Evaluation:
@@ -99,9 +112,8 @@ def save_evaluation(cfg: RunConfig, result: Evaluation, model: torch.nn.Module, 
     if model.latent_size == 2:
         plots.manifold(model, out / "manifold.png")
     np.save(run_dir / EXAMPLE_FILE, (x[:4].numpy()).astype(np.float32))
-    from vae import registry
-
-    spec = registry.model_spec(cfg.model.arch, image_shape_chw(cfg), cfg.model.latent_dim, **model_options(cfg))
+    newest = checkpoint.latest(run_dir)  # the spec the model was trained with, not the live config's
+    spec = checkpoint_spec(checkpoint.read_meta(newest))
     details = {"kl_per_dim": result.kl_per_dim, "kl_per_group": result.kl_per_group, "active": result.active,
                "iwae_k": cfg.loss.eval_iwae_k, "global_step": global_step, "nonfinite": result.nonfinite,
                "model_spec": spec, "model_name": cfg.model_name, "tags": version_tags(cfg, result.metrics)}
@@ -121,17 +133,6 @@ def load_evaluation(output_dir: str | Path) -> tuple[dict[str, float], dict]:
 def finite(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics MLflow gets: a NaN or infinite one is left out (its reason goes to a tag instead)."""
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-
-def evaluate_run(cfg: RunConfig, run_id: str) -> dict[str, float]:
-    """The flow's evaluate task: log the final evaluation that training saved in output_dir (metrics, plots and
-    evaluation.json) to `run_id`. Metrics: val/elbo, val/recon, val/kl, val/recon_mse, val/nll_iwae (k =
-    loss.eval_iwae_k), val/bpd, val/active_units."""
-    metrics, details = load_evaluation(cfg.train.output_dir)
-    tracking.configure(cfg)
-    tracking.log_metrics(finite(metrics), step=details["global_step"], run_id=run_id)
-    log_artifacts(Path(cfg.train.output_dir), run_id)
-    return metrics
 
 
 def log_artifacts(run_dir: Path, run_id: str) -> None:
@@ -198,8 +199,7 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None =
     path = checkpoint.latest(run_dir)
     if path is None:
         raise TrainingError(f"no complete checkpoint in {run_dir}; train first")
-    model = registry.build_from_spec(details["model_spec"])
-    model.load_state_dict(load_file(_weights(path)))
+    model, _ = load_checkpoint(path)  # rebuilt from its meta.json: no shard index, no storage options needed
     example = np.load(run_dir / EXAMPLE_FILE, allow_pickle=False)
     log_artifacts(run_dir, run_id)
     model_uri = registry.log_model(model.eval(), details["model_spec"], run_id, input_example=example)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vae.mlflow_model import PARAMS, ServingLimits
-from vae.models import build_model
+from vae.spec import build_from_spec, model_spec  # noqa: F401 - the spec's home; imported from here too
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_CODE = PACKAGE_DIR / "mlflow_model.py"
@@ -46,20 +46,6 @@ class RegisteredVersion:
     uri: str  # models:/<name>/<version>
     champion: bool  # whether this version holds the alias `champion` once the aliases have settled
     previous_champion_nll: float | None  # the champion's val_nll before this registration; None: there was none
-
-
-def model_spec(arch: str, image_shape: tuple[int, int, int], latent_dim: int, **options: Any) -> dict:
-    """Everything `build_model` needs, as plain JSON data (tuples become lists, as they will after a load)."""
-    if len(image_shape) != 3:
-        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-    spec = {"arch": arch, "image_shape": [int(n) for n in image_shape], "latent_dim": int(latent_dim),
-            "options": options}
-    return json.loads(json.dumps(spec))  # fails here, not at load time, on options JSON cannot hold
-
-
-def build_from_spec(spec: dict) -> nn.Module:
-    """An untrained module for `spec`."""
-    return build_model(spec["arch"], tuple(spec["image_shape"]), spec["latent_dim"], **spec.get("options", {}))
 
 
 def _model_code(dst: Path) -> Path:

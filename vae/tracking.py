@@ -38,6 +38,9 @@ METRICS = (
     "train/skipped_steps", "train/skipped_shards",
     "val/elbo", "val/recon", "val/kl", "val/nll_iwae", "val/bpd", "val/active_units", "val/recon_mse",
     "val/skipped_shards",
+    # the aekl objective (vae/objective.py AeklObjective) and its per-epoch validation
+    "train/perceptual", "train/g_loss", "train/d_weight", "train/disc_loss", "train/grad_norm_discriminator",
+    "val/psnr", "val/ssim",
 )
 
 

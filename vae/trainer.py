@@ -1,11 +1,16 @@
-"""The training loop. Reads top to bottom: build, resume, then per epoch train, validate, checkpoint.
+"""Training, decomposed as torchtitan does: a `Trainer` builds everything and knows how to step, validate, save and
+load; `train()` is the loop that calls it, top to bottom: build, resume, then per epoch train, validate,
+checkpoint, and at the end the post-training path (vae/finalize.py).
 
-Accelerate does devices, DDP, mixed precision, gradient accumulation and save/load of state. The data loader
-is ours (pipeline.ShardLoader, one slice per rank) and deliberately not passed to `accelerator.prepare()`.
-Rank 0 alone talks to MLflow, through a journal in the output directory (tracking.MetricJournal): a tracking
-server that stops and comes back costs no metric and stalls no step. SIGTERM or SIGINT finishes the current
-step, writes a checkpoint and exits with PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true
-and lose nothing. Corrupt shards stop the run or are skipped per data.on_corrupt_shard (see pipeline.loader).
+What is minimised is behind one seam, the run's `Objective` (vae/objective.py): it names the models it trains and
+backpropagates its losses; the trainer treats every model alike. Accelerate does devices, DDP, mixed precision,
+gradient accumulation and save/load of the models and optimisers. The data loader is ours (pipeline.ShardLoader,
+one slice per rank) and deliberately not passed to `accelerator.prepare()`. Rank 0 alone talks to MLflow, through
+a journal in the output directory (tracking.MetricJournal): a tracking server that stops and comes back costs no
+metric and stalls no step. SIGTERM or SIGINT finishes the current step, writes a checkpoint and exits with
+PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true and lose nothing. Corrupt shards stop the
+run or are skipped per data.on_corrupt_shard (see pipeline.loader). The model spec goes into every checkpoint's
+meta.json (vae/spec.py): what comes after training rebuilds the model from there.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,46 +33,28 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline import ShardLoader
-from vae import checkpoint, tracking
+from vae import checkpoint, finalize, tracking
 from vae.config import RunConfig, dump
-from vae.data import build_loaders, image_shape, to_input
-from vae.evaluate import evaluation_sums, to_metrics
-from vae.losses import training_loss
-from vae.models import build_model
+from vae.data import build_loaders, to_input
+from vae.errors import TrainingError
+from vae.objective import build_objective
 from vae.optim import Lamb, MuonAdamW
 from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
+from vae.spec import build_from_spec, model_options, spec_of
+
+__all__ = ["PREEMPTED_EXIT", "Trainer", "TrainingError", "model_options", "train"]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
-EMA_WEIGHTS = checkpoint.EMA_WEIGHTS
 # What loading a damaged or planted checkpoint file raises: our own checks, safetensors, torch.load's zip reader
 # and its weights_only unpickler, a state of the wrong shape.
 LOAD_ERRORS = (checkpoint.CheckpointError, SafetensorError, pickle.UnpicklingError, OSError, ValueError, KeyError,
                TypeError, RuntimeError)
 
 
-class TrainingError(RuntimeError):
-    """The run cannot start or continue; the message says why and what to do."""
-
-
-def image_shape_chw(cfg: RunConfig) -> tuple[int, int, int]:
-    return image_shape(cfg)
-
-
-def model_options(cfg: RunConfig) -> dict:
-    """Constructor arguments for cfg.model.arch: its model section's fields (exactly what the constructor
-    takes: one config section per architecture), plus the output head chosen by the loss section."""
-    return {**cfg.model.model_dump(exclude={"arch", "latent_dim"}),
-            **cfg.loss.model_dump(include={"likelihood", "mixtures", "gaussian_std"})}
-
-
-def build(cfg: RunConfig) -> torch.nn.Module:
-    return build_model(cfg.model.arch, image_shape_chw(cfg), cfg.model.latent_dim, **model_options(cfg))
-
-
-def param_checksum(model: torch.nn.Module) -> torch.Tensor:
+def param_checksum(models: list[torch.nn.Module]) -> torch.Tensor:
     """Sum of all parameters in float64: equal on every rank iff DDP kept the replicas in step."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    return torch.stack([p.detach().double().sum() for m in models for p in m.parameters()]).sum()
 
 
 def resolve_precision(cfg: RunConfig) -> str:
@@ -91,12 +79,9 @@ def skipped_shards(accelerator: Accelerator, loaders: dict[str, ShardLoader]) ->
     return out
 
 
-def state_bytes(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ema: AveragedModel | None) -> int:
-    """Bytes of the tensors a checkpoint holds: what a first save needs at least."""
-    tensors = [*model.state_dict().values(), *(v for s in optimizer.state.values() for v in s.values())]
-    if ema is not None:
-        tensors += list(ema.module.state_dict().values())
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def ema_file(name: str) -> str:
+    """The EMA weights of model `name` in a checkpoint: the first model's keep the name readers know."""
+    return checkpoint.EMA_WEIGHTS if name == "model" else f"ema_{name}.safetensors"
 
 
 class StepGuard:
@@ -121,12 +106,12 @@ class StepGuard:
         self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
 
 
-def refuse_changes(cfg: RunConfig, meta: dict, path: Path, world: int, global_batch: int) -> None:
+def refuse_changes(cfg: RunConfig, spec: dict, meta: dict, path: Path, world: int, global_batch: int) -> None:
     """Raise TrainingError naming every field in which this run differs from the checkpoint it would resume,
     except checkpoint.RESUMABLE_CHANGES: a run resumed with another batch size, world size, model or optimiser
     would silently mix two runs (or die in load_state_dict)."""
     changes = checkpoint.config_changes(meta.get("config", {}), cfg.model_dump(mode="json"))
-    for name, now in (("world size", world), ("global batch", global_batch)):
+    for name, now in (("world size", world), ("global batch", global_batch), ("model spec", spec)):
         key = name.replace(" ", "_")
         if key in meta and meta[key] != now:
             changes.append(f"{name}: {meta[key]!r} -> {now!r}")
@@ -155,70 +140,99 @@ def no_space_error(err: BaseException, output_dir: Path, needed: int) -> Trainin
     )
 
 
-def train(cfg: RunConfig) -> None:
-    preemption = Preemption()  # first: a signal during start-up must not kill the process half-way either
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.gradient_accumulation_steps
-    )
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    expected = cfg.train.expected_world_size
-    if expected is not None and expected != world:
-        raise TrainingError(
-            f"expected {expected} processes but the launcher started {world}. On a CPU host, two real ranks need "
-            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (--cpu starts only one)"
+class Trainer:
+    """One run's models, optimisers, loaders, EMA and progress, and the operations the loop calls on them."""
+
+    # ---- build: models, optimisers, loaders, and everything a checkpoint must hold
+
+    def __init__(self, cfg: RunConfig, preemption: Preemption) -> None:
+        self.cfg, self.preemption = cfg, preemption
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.gradient_accumulation_steps
         )
-    set_seed(cfg.train.seed)
-    output_dir = Path(cfg.train.output_dir)
-    resume_from = checkpoint.latest(output_dir) if cfg.train.resume else None
-    if not cfg.train.resume and checkpoint.latest(output_dir) is not None:
-        raise TrainingError(
-            f"{output_dir} already holds checkpoints of an earlier run; pass --train.resume true to continue it "
-            "or choose another --train.output_dir"
-        )
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.device = accelerator.device
+        expected = cfg.train.expected_world_size
+        if expected is not None and expected != self.world:
+            raise TrainingError(
+                f"expected {expected} processes but the launcher started {self.world}. On a CPU host, two real ranks "
+                "need ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (--cpu starts only one)"
+            )
+        set_seed(cfg.train.seed)
+        self.output_dir = Path(cfg.train.output_dir)
+        if not cfg.train.resume and checkpoint.latest(self.output_dir) is not None:
+            raise TrainingError(
+                f"{self.output_dir} already holds checkpoints of an earlier run; pass --train.resume true to continue "
+                "it or choose another --train.output_dir"
+            )
 
-    # ---- build: model, optimiser, loaders, and everything a checkpoint must hold
-    model = build(cfg)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:
-        model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
-    optimizer = OPTIMIZERS[cfg.optim.name](
-        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-        weight_decay=cfg.optim.weight_decay,
-    )
-    train_loader, val_loader = build_loaders(cfg, rank, world, device=accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema = None
-    if cfg.train.ema_decay is not None:
-        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
-    # Not registered with Accelerate, which would pickle them: `save` and `load` keep them in JSON.
-    progress, guard = checkpoint.TrainProgress(), StepGuard(cfg.train.max_nonfinite_steps)
+        self.spec = spec_of(cfg)  # the one read of the shard index for the model; meta.json keeps it from here on
+        model = build_from_spec(self.spec)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
+        self.objective = build_objective(cfg)
+        models = self.objective.models(model)
+        if len(models) > 1 and accelerator.mixed_precision == "fp16":
+            # Accelerate's optimiser wrapper calls scaler.update() after each optimiser's step, which forgets that
+            # the others' gradients were unscaled already: the second would be unscaled twice.
+            raise TrainingError(f"train.mixed_precision fp16 with {len(models)} models ({', '.join(models)}) would "
+                                "unscale the second one's gradients twice; use --train.mixed_precision bf16 (or no)")
+        optimizers = {name: self.objective.optimizer(name, m) or self.build_optimizer(m) for name, m in models.items()}
+        self.train_loader, self.val_loader = build_loaders(cfg, self.rank, self.world, device=self.device)
+        prepared = accelerator.prepare(*models.values(), *optimizers.values())
+        self.models = dict(zip(models, prepared[: len(models)], strict=True))
+        self.optimizers = dict(zip(optimizers, prepared[len(models) :], strict=True))
+        self.emas: dict[str, AveragedModel] = {}
+        if cfg.train.ema_decay is not None:
+            self.emas = {name: AveragedModel(accelerator.unwrap_model(m),
+                                             multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+                         for name, m in self.models.items()}
+        # Not registered with Accelerate, which would pickle them: `save` and `load` keep them in JSON.
+        self.progress, self.guard = checkpoint.TrainProgress(), StepGuard(cfg.train.max_nonfinite_steps)
 
-    accumulation = cfg.train.gradient_accumulation_steps
-    global_batch = cfg.train.batch_size * world * accumulation
+        # ---- schedule: pure functions of the optimiser step
+        self.accumulation = cfg.train.gradient_accumulation_steps
+        self.global_batch = cfg.train.batch_size * self.world * self.accumulation
+        self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
+        self.steps_per_epoch = len(self.train_loader) // self.accumulation
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.fp16_scaler = accelerator.scaler is not None  # the scaler skips overflowing steps itself: it must see them
+        self.run_id, self.journal = None, None
+        self.lr, self.grad_norms = 0.0, {}
+        self._reset_running()
 
-    def load(path: Path, meta: dict) -> None:
-        """Every state in `path`, from safe formats only; raises one of LOAD_ERRORS, naming the file."""
-        checkpoint.verify(path, meta, rank)  # nothing but our files, each of its recorded size
-        state = checkpoint.read_json(path / checkpoint.TRAIN_STATE)
-        rng = checkpoint.read_json(path / f"rng-{rank}.json")
-        ema_weights = checkpoint.read_tensors(path / EMA_WEIGHTS) if ema is not None else None
-        # model from safetensors; optimiser (and fp16 scaler) through torch.load(weights_only=True). Nothing is
-        # registered, so no custom_checkpoint pickle is read; the RNG pickle it looks for is not there.
-        try:
-            accelerator.load_state(str(path), load_kwargs={"weights_only": True})
-        except LOAD_ERRORS as err:
-            raise checkpoint.CheckpointError(checkpoint.blame(path, err)) from err
-        if ema is not None:
-            ema.module.load_state_dict(ema_weights)
-            ema.n_averaged.fill_(int(state["ema_n_averaged"]))
-        progress.load_state_dict(state["progress"])
-        train_loader.load_state_dict(state["loader"])
-        guard.load_state_dict(state["step_guard"])
-        accelerator.step = int(state["accelerator_step"])  # where gradient accumulation stands
-        checkpoint.set_rng_state(rng)
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return OPTIMIZERS[o.name](model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
 
-    def resume(candidates: list[Path]) -> Path:
+    @property
+    def model(self) -> torch.nn.Module:
+        """The architecture's model as evaluated, plotted and exported: its EMA when kept, unwrapped."""
+        return self.emas["model"].module if self.emas else self.accelerator.unwrap_model(self.models["model"])
+
+    # ---- start: resume from the newest checkpoint that loads on every rank, or from scratch; open the journal
+
+    def start(self) -> None:
+        cfg, main = self.cfg, self.main
+        if cfg.train.resume and checkpoint.latest(self.output_dir) is not None:
+            path = self.resume(checkpoint.complete_checkpoints(self.output_dir))
+            self.run_id = checkpoint.read_meta(path).get("mlflow_run_id")
+            if main:
+                print(f"resuming from {path} (epoch {self.progress.epoch}, step {self.progress.global_step}, "
+                      f"loader at batch {self.train_loader.position} of epoch {self.train_loader.epoch + 1})",
+                      flush=True)
+        elif cfg.train.resume and main:
+            print(f"no complete checkpoint in {self.output_dir}; starting from scratch", flush=True)
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump(cfg))
+            self.journal = tracking.open_journal(cfg, self.output_dir, self.run_id)  # sends what a killed run left
+            self.run_id = self.journal.run_id
+
+    def resume(self, candidates: list[Path]) -> Path:
         """Load the newest checkpoint that loads on every rank; warn about and set aside the newer ones."""
         skipped = []
         for path in reversed(candidates):
@@ -227,48 +241,164 @@ def train(cfg: RunConfig) -> None:
             except checkpoint.CheckpointError as err:
                 meta, error = None, str(err)
             if meta is not None:
-                refuse_changes(cfg, meta, path, world, global_batch)  # another config: refused, never a fallback
+                # another config: refused, never a fallback
+                refuse_changes(self.cfg, self.spec, meta, path, self.world, self.global_batch)
                 try:
-                    load(path, meta)
+                    self.load(path, meta)
                     error = None
                 except LOAD_ERRORS as err:
                     error = f"{type(err).__name__}: {err}"
             if error is not None:
-                print(f"warning: rank {rank}: checkpoint {path} cannot be loaded: {error}", flush=True)
+                print(f"warning: rank {self.rank}: checkpoint {path} cannot be loaded: {error}", flush=True)
             # every rank must resume from the same checkpoint: one that fails on any rank is skipped by all
-            failed = torch.tensor([float(error is not None)], device=accelerator.device)
-            if accelerator.reduce(failed, "sum").item() == 0:
-                if main:
+            failed = torch.tensor([float(error is not None)], device=self.device)
+            if self.accelerator.reduce(failed, "sum").item() == 0:
+                if self.main:
                     for bad, why in skipped:
                         print(f"warning: skipped checkpoint {bad} ({why}); moved it to {checkpoint.set_aside(bad)}, "
                               f"resuming from the newest one that loads, {path.name}", flush=True)
-                accelerator.wait_for_everyone()
+                self.accelerator.wait_for_everyone()
                 return path
             skipped.append((path, error or "another rank could not load it"))
         raise TrainingError(
-            f"no checkpoint in {checkpoint.checkpoint_root(output_dir)} loads: "
+            f"no checkpoint in {checkpoint.checkpoint_root(self.output_dir)} loads: "
             + "; ".join(f"{p.name}: {why}" for p, why in skipped)
             + ". Move them aside to start over in this directory, or choose another --train.output_dir"
         )
 
-    run_id, journal = None, None
-    if resume_from is not None:
-        resume_from = resume(checkpoint.complete_checkpoints(output_dir))
-        run_id = checkpoint.read_meta(resume_from).get("mlflow_run_id")
-        if main:
-            print(f"resuming from {resume_from} (epoch {progress.epoch}, step {progress.global_step}, "
-                  f"loader at batch {train_loader.position} of epoch {train_loader.epoch + 1})", flush=True)
-    elif cfg.train.resume and main:
-        print(f"no complete checkpoint in {output_dir}; starting from scratch", flush=True)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(dump(cfg))
-        journal = tracking.open_journal(cfg, output_dir, run_id)  # also sends what a killed run left unsent
-        run_id = journal.run_id
+    def load(self, path: Path, meta: dict) -> None:
+        """Every state in `path`, from safe formats only; raises one of LOAD_ERRORS, naming the file."""
+        checkpoint.verify(path, meta, self.rank)  # nothing but our files, each of its recorded size
+        state = checkpoint.read_json(path / checkpoint.TRAIN_STATE)
+        rng = checkpoint.read_json(path / f"rng-{self.rank}.json")
+        ema_weights = {name: checkpoint.read_tensors(path / ema_file(name)) for name in self.emas}
+        # models from safetensors; optimisers (and fp16 scaler) through torch.load(weights_only=True). Nothing is
+        # registered, so no custom_checkpoint pickle is read; the RNG pickle it looks for is not there.
+        try:
+            self.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        except LOAD_ERRORS as err:
+            raise checkpoint.CheckpointError(checkpoint.blame(path, err)) from err
+        counts = state.get("ema_n_averaged_by_model", {"model": state["ema_n_averaged"]})
+        for name, ema in self.emas.items():
+            ema.module.load_state_dict(ema_weights[name])
+            ema.n_averaged.fill_(int(counts[name]))
+        self.progress.load_state_dict(state["progress"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state["step_guard"])
+        self.accelerator.step = int(state["accelerator_step"])  # where gradient accumulation stands
+        checkpoint.set_rng_state(rng)
 
-    def save(reason: str, val: dict[str, float] | None = None) -> Path:
-        """State from every rank, then EMA weights and meta.json (last) from rank 0."""
-        checksums = accelerator.gather(param_checksum(model).reshape(1)).tolist()
+    # ---- train: one optimiser step per `accumulation` micro-batches
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        """Model inputs of one epoch (the rest of one, after a mid-epoch resume), with a progress bar on rank 0."""
+        for m in self.models.values():
+            m.train()
+        self.train_loader.set_epoch(epoch)
+        self._reset_running()
+        self.grad_norms = {}
+        bar = tqdm(total=len(self.train_loader), initial=self.train_loader.position,
+                   desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", disable=not self.main)
+        self.bar = bar
+        for batch in self.train_loader:
+            x = to_input(batch.images.to(self.device, non_blocking=True), self.cfg)
+            if self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x
+            bar.update(1)
+        bar.close()
+
+    def step(self, x: torch.Tensor) -> bool:
+        """Forward and backward of every loss on micro-batch `x`; at a gradient-sync point, clip, check, step every
+        optimiser and the EMA. Returns whether any rank was asked to stop (preemption)."""
+        accelerator, progress = self.accelerator, self.progress
+        self.lr = lr_at(progress.global_step, self.total_steps, self.peak_lr, self.cfg.optim.warmup_steps,
+                        self.cfg.optim.schedule, self.cfg.optim.min_lr_ratio)
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr * self.objective.lr_scale(name)
+        stop = False
+        with accelerator.accumulate(*self.models.values()):
+            sums = self.objective.step(self.models, x, progress.global_step, accelerator.backward)
+            if accelerator.sync_gradients:
+                # Accelerate's clip_grad_norm_ unscales every optimiser's gradients (fp16), which may happen once per
+                # step: unscale once, then clip each model as it would (DDP: plain torch clipping).
+                accelerator.unscale_gradients()
+                clip = self.cfg.optim.grad_clip or math.inf
+                self.grad_norms = {name: torch.nn.utils.clip_grad_norm_(list(m.parameters()), clip)
+                                   for name, m in self.models.items()}
+                # The one host sync per optimiser step: whether to step, and whether any rank must stop.
+                nonfinite = torch.stack([~torch.isfinite(n) for n in self.grad_norms.values()]).any().float()
+                flags = torch.stack([nonfinite, torch.tensor(float(self.preemption.requested), device=self.device)])
+                nonfinite, stop = (accelerator.reduce(flags, "sum") if self.world > 1 else flags).gt(0).tolist()
+                if self.fp16_scaler or not nonfinite:
+                    for optimizer in self.optimizers.values():
+                        optimizer.step()
+                skipped = accelerator.optimizer_step_was_skipped if self.fp16_scaler else nonfinite
+                self.guard.record(skipped, progress.global_step)
+                if not skipped:
+                    for name, ema in self.emas.items():
+                        ema.update_parameters(accelerator.unwrap_model(self.models[name]))
+                progress.global_step += 1
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+        self.running += sums.double()
+        self.seen += len(x)
+        return stop
+
+    def log_due(self) -> bool:
+        """Every train.log_every optimiser steps, and at the epoch's last batch: the same answer on every rank."""
+        last = self.train_loader.position == len(self.train_loader)
+        return (self.accelerator.sync_gradients and self.progress.global_step % self.cfg.train.log_every == 0) or last
+
+    def log_training(self) -> None:
+        """Means since the last log (a host sync and an all-reduce: every rank reaches this at the same step)."""
+        totals = self.accelerator.reduce(torch.cat([self.running, self.running.new_tensor([self.seen])]), "sum")
+        *sums, n = totals.tolist()
+        metrics = {f"train/{name}": s / n for name, s in zip(self.objective.metrics, sums, strict=True)}
+        metrics.update({"train/lr": self.lr, "train/skipped_steps": self.guard.total,
+                        "train/samples_per_s": n / (time.perf_counter() - self.tick)})
+        for name, norm in self.grad_norms.items():
+            metrics["train/grad_norm" if name == "model" else f"train/grad_norm_{name}"] = float(norm)
+        if self.main:
+            self.journal.log_metrics(metrics, step=self.progress.global_step)
+            self.bar.set_postfix(loss=f"{metrics.get('train/loss', math.nan):.2f}",
+                                 img_s=f"{metrics['train/samples_per_s']:.0f}")
+        self._reset_running()
+
+    def _reset_running(self) -> None:
+        # the objective's metric sums on the device: no per-step host sync
+        self.running = torch.zeros(len(self.objective.metrics), dtype=torch.float64, device=self.device)
+        self.seen, self.tick = 0, time.perf_counter()
+
+    # ---- validate (the EMA weights when kept): each rank its exact slice, one all-reduce of the sums
+
+    def validate(self) -> dict[str, float]:
+        sums = self.objective.validation_sums(self.model, (b.images for b in self.val_loader), self.device)
+        val = self.objective.validation_metrics(self.accelerator.reduce(sums, "sum"))
+        skipped = skipped_shards(self.accelerator, {"train": self.train_loader, "val": self.val_loader})
+        if self.main:
+            self.journal.log_metrics({**val, "train/skipped_shards": len(skipped["train"]),
+                                      "val/skipped_shards": len(skipped["val"])}, step=self.progress.global_step)
+            if skipped["train"] or skipped["val"]:
+                print(f"warning: skipped corrupt shards (data.on_corrupt_shard skip): train {skipped['train']}, "
+                      f"val {skipped['val']}; check them with `vaepipe verify {self.cfg.shard_dir}` and re-ingest",
+                      flush=True)
+            print(f"epoch {self.progress.epoch + 1}: {self.objective.summary(val)}", flush=True)
+        return val
+
+    # ---- save: state from every rank, then EMA weights and meta.json (last) from rank 0
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors a checkpoint holds: what a first save needs at least."""
+        tensors = [t for m in self.models.values() for t in m.state_dict().values()]
+        tensors += [v for o in self.optimizers.values() for s in o.state.values() for v in s.values()]
+        tensors += [t for ema in self.emas.values() for t in ema.module.state_dict().values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    def save(self, reason: str, val: dict[str, float] | None = None) -> Path:
+        accelerator, main, output_dir, progress = self.accelerator, self.main, self.output_dir, self.progress
+        checksums = accelerator.gather(param_checksum(list(self.models.values())).reshape(1)).tolist()
         if len(set(checksums)) != 1:
             raise TrainingError(f"the ranks' weights diverged by step {progress.global_step}: checksums {checksums}")
         target = checkpoint.step_dir(output_dir, progress.global_step)
@@ -281,29 +411,31 @@ def train(cfg: RunConfig) -> None:
             shutil.rmtree(path)
         accelerator.wait_for_everyone()
         try:
-            accelerator.save_state(str(path))  # model (safetensors), optimiser and fp16 scaler (torch.save)
+            accelerator.save_state(str(path))  # models (safetensors), optimisers and fp16 scaler (torch.save)
             # Accelerate always pickles the RNG states too: we keep them in JSON, so that no checkpoint holds a pickle
-            (path / f"random_states_{rank}.pkl").unlink()
-            checkpoint.write_json(path / f"rng-{rank}.json", checkpoint.rng_state())
+            (path / f"random_states_{self.rank}.pkl").unlink()
+            checkpoint.write_json(path / f"rng-{self.rank}.json", checkpoint.rng_state())
             if main:
-                if ema is not None:
+                for name, ema in self.emas.items():
                     save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
-                              path / EMA_WEIGHTS)
+                              path / ema_file(name))
+                counts = {name: int(ema.n_averaged) for name, ema in self.emas.items()}
                 checkpoint.write_json(path / checkpoint.TRAIN_STATE, {
-                    "progress": progress.state_dict(), "loader": train_loader.state_dict(),
-                    "step_guard": guard.state_dict(), "accelerator_step": accelerator.step,
-                    "ema_n_averaged": int(ema.n_averaged) if ema is not None else 0,
+                    "progress": progress.state_dict(), "loader": self.train_loader.state_dict(),
+                    "step_guard": self.guard.state_dict(), "accelerator_step": accelerator.step,
+                    "ema_n_averaged": counts.get("model", 0), "ema_n_averaged_by_model": counts,
                 })
             accelerator.wait_for_everyone()  # every rank's files are in place before rank 0 marks it complete
             if main:
                 checkpoint.write_meta(path, {
-                    **progress.state_dict(), "reason": reason, "loader": train_loader.state_dict(),
-                    "steps_per_epoch": steps_per_epoch, "world_size": world, "global_batch": global_batch,
-                    "rank_param_checksums": checksums, "skipped_steps": guard.total, "mlflow_run_id": run_id,
-                    "val": val, "config": cfg.model_dump(mode="json"),
+                    **progress.state_dict(), "reason": reason, "loader": self.train_loader.state_dict(),
+                    "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
+                    "global_batch": self.global_batch, "rank_param_checksums": checksums,
+                    "skipped_steps": self.guard.total, "mlflow_run_id": self.run_id, "val": val,
+                    "model_spec": self.spec, "models": list(self.models), "config": self.cfg.model_dump(mode="json"),
                 })
         except (OSError, RuntimeError, SafetensorError) as err:
-            needed = checkpoint.size(previous) if previous is not None else state_bytes(optimizer, model, ema)
+            needed = checkpoint.size(previous) if previous is not None else self.state_bytes()
             full = no_space_error(err, output_dir, needed)
             if main and not (path / checkpoint.META).is_file():
                 shutil.rmtree(path, ignore_errors=True)  # our incomplete write: its space goes back to the disk
@@ -318,122 +450,51 @@ def train(cfg: RunConfig) -> None:
                 target.rename(replaced)
                 path.rename(target)
                 shutil.rmtree(replaced)
-            checkpoint.prune(output_dir, cfg.train.keep_checkpoints)  # only now that the new one is complete
+            checkpoint.prune(output_dir, self.cfg.train.keep_checkpoints)  # only now that the new one is complete
         accelerator.wait_for_everyone()
         return target
 
-    # ---- schedule: pure functions of the optimiser step
-    peak_lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
-    steps_per_epoch = len(train_loader) // accumulation
-    total_steps = steps_per_epoch * cfg.train.epochs
-    fp16_scaler = accelerator.scaler is not None  # the scaler skips overflowing steps itself and must see them
-    device = accelerator.device
+    # ---- stop: preempted mid-epoch, or finished
 
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        # ---- train one epoch (possibly the rest of one, after a mid-epoch resume)
-        model.train()
-        train_loader.set_epoch(epoch)
-        running = torch.zeros(4, dtype=torch.float64, device=device)  # loss, elbo, recon, kl sums; no per-step sync
-        seen, tick, grad_norm = 0, time.perf_counter(), None
-        bar = tqdm(total=len(train_loader), initial=train_loader.position, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not main)
-        for batch in train_loader:
-            x = to_input(batch.images.to(device, non_blocking=True), cfg)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(progress.global_step, total_steps, peak_lr, cfg.optim.warmup_steps, cfg.optim.schedule,
-                       cfg.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            stop = False
-            with accelerator.accumulate(model):
-                terms = training_loss(model, x, cfg.loss, progress.global_step)  # autocast: accelerate's forward
-                accelerator.backward(terms.loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                    # The one host sync per optimiser step: whether to step, and whether any rank must stop.
-                    flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
-                                         torch.tensor(float(preemption.requested), device=device)])
-                    nonfinite, stop = (accelerator.reduce(flags, "sum") if world > 1 else flags).gt(0).tolist()
-                    if fp16_scaler or not nonfinite:
-                        optimizer.step()
-                    skipped = accelerator.optimizer_step_was_skipped if fp16_scaler else nonfinite
-                    guard.record(skipped, progress.global_step)
-                    if ema is not None and not skipped:
-                        ema.update_parameters(accelerator.unwrap_model(model))
-                    progress.global_step += 1
-                optimizer.zero_grad(set_to_none=True)
-            parts = (terms.loss * len(x), terms.elbo.sum(), terms.recon.sum(), terms.kl.sum())
-            running += torch.stack(parts).detach().double()
-            seen += len(x)
-            bar.update(1)
-            last = train_loader.position == len(train_loader)
-            if (accelerator.sync_gradients and progress.global_step % cfg.train.log_every == 0) or last:
-                # A host sync and an all-reduce: every rank reaches this line at the same step.
-                totals = accelerator.reduce(torch.cat([running, running.new_tensor([seen])]), "sum").tolist()
-                n = totals[-1]
-                metrics = {
-                    "train/loss": totals[0] / n, "train/elbo": totals[1] / n, "train/recon": totals[2] / n,
-                    "train/kl": totals[3] / n, "train/lr": lr, "train/skipped_steps": guard.total,
-                    "train/samples_per_s": n / (time.perf_counter() - tick),
-                }
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                if main:
-                    journal.log_metrics(metrics, step=progress.global_step)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.2f}", img_s=f"{metrics['train/samples_per_s']:.0f}")
-                running.zero_()
-                seen, tick = 0, time.perf_counter()
+    def preempted(self) -> None:
+        """Checkpoint and exit with PREEMPTED_EXIT (the orchestrator retries with --train.resume true)."""
+        path = self.save("preempted")
+        if self.main:
+            print(f"preempted: wrote {path}; resume with --train.resume true", flush=True)
+            self.journal.close("KILLED")
+        raise SystemExit(PREEMPTED_EXIT)
+
+    def finish(self) -> None:
+        """The post-training path (evaluate on these devices, plot, log, register per tracking.finalize), then
+        the run's final status; a registration MLflow did not take stops with the command that completes it."""
+        finalize.finish(self.cfg, self.accelerator, self.model, self.val_loader, self.journal,
+                        self.progress.global_step)
+        published = True
+        if self.main:
+            published = self.journal.close("FINISHED") or not self.journal.publish_pending
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        if not published:
+            raise TrainingError(
+                f"the trained model is not registered: MLflow at {self.journal.uri} did not answer. The model and its "
+                f"evaluation are kept in {self.output_dir}; register them and finish the run with: "
+                f"{self.journal.sync_command()}"
+            )
+
+
+def train(cfg: RunConfig) -> None:
+    """Build, resume, train epoch by epoch (validate and checkpoint after each), then the post-training path."""
+    preemption = Preemption()  # first: a signal during start-up must not kill the process half-way either
+    trainer = Trainer(cfg, preemption)
+    trainer.start()
+    for epoch in range(trainer.progress.epoch, cfg.train.epochs):
+        for x in trainer.batches(epoch):
+            stop = trainer.step(x)
+            if trainer.log_due():
+                trainer.log_training()
             if stop:  # after the log above: a preempted step that is due to be logged is logged
-                path = save("preempted")
-                if main:
-                    print(f"preempted: wrote {path}; resume with --train.resume true", flush=True)
-                    journal.close("KILLED")
-                raise SystemExit(PREEMPTED_EXIT)
-        bar.close()
-
-        # ---- validate (the EMA weights when kept): each rank its exact slice, one all-reduce of the sums
-        evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
-        # validation sees the inputs training sees (binarised or dequantised per data.*)
-        sums = evaluation_sums(evaluated, (b.images for b in val_loader), device, prepare=lambda im: to_input(im, cfg))
-        val = to_metrics(accelerator.reduce(sums, "sum"))
-        skipped = skipped_shards(accelerator, {"train": train_loader, "val": val_loader})
-        if main:
-            journal.log_metrics({**val, "train/skipped_shards": len(skipped["train"]),
-                                 "val/skipped_shards": len(skipped["val"])}, step=progress.global_step)
-            if skipped["train"] or skipped["val"]:
-                print(f"warning: skipped corrupt shards (data.on_corrupt_shard skip): train {skipped['train']}, "
-                      f"val {skipped['val']}; check them with `vaepipe verify {cfg.shard_dir}` and re-ingest",
-                      flush=True)
-            print(f"epoch {epoch + 1}: val ELBO {val['val/elbo']:.3f} nats (recon {val['val/recon']:.3f}, "
-                  f"KL {val['val/kl']:.3f}), recon MSE {val['val/recon_mse']:.4f}", flush=True)
-
-        # ---- checkpoint
-        progress.epoch = epoch + 1
-        save("end of epoch", val)
-
-    # ---- final evaluation on the training devices (every rank its slice), kept in output_dir; registration goes
-    # through the journal, so a tracking server that is down costs neither the model nor the evaluation
-    published = True
-    if cfg.tracking.finalize != "none":
-        from vae.finalize import final_evaluation, finite, save_evaluation
-
-        evaluated = ema.module if ema is not None else accelerator.unwrap_model(model)
-        result = final_evaluation(cfg, accelerator, evaluated, val_loader)
-        if main:
-            save_evaluation(cfg, result, evaluated, val_loader, progress.global_step)
-            m = result.metrics
-            print(f"final evaluation: val NLL {m['val/nll_iwae']:.3f} nats (IWAE k={cfg.loss.eval_iwae_k}), "
-                  f"{m['val/bpd']:.4f} bits/dim, ELBO {m['val/elbo']:.3f}; saved in {output_dir}", flush=True)
-            journal.log_metrics(finite(m), step=progress.global_step)
-            if cfg.tracking.finalize == "register":
-                journal.publish(output_dir)
-    if main:
-        published = journal.close("FINISHED") or not journal.publish_pending
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if not published:
-        raise TrainingError(
-            f"the trained model is not registered: MLflow at {journal.uri} did not answer. The model and its "
-            f"evaluation are kept in {output_dir}; register them and finish the run with: {journal.sync_command()}"
-        )
+                trainer.preempted()
+        val = trainer.validate()
+        trainer.progress.epoch = epoch + 1
+        trainer.save("end of epoch", val)
+    trainer.finish()

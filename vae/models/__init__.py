@@ -116,4 +116,4 @@ def check_divisible(arch: str, image_shape: tuple[int, int, int], factor: int, f
         raise ValueError(f"model.arch {arch!r} needs image sides divisible by {factor}, got {h}x{w}: {fix}")
 
 
-from vae.models import conv, hvae, mlp, resnet  # noqa: E402,F401  (registers the built-in architectures)
+from vae.models import aekl, conv, hvae, mlp, resnet  # noqa: E402,F401  (registers the built-in architectures)

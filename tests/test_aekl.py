@@ -1,0 +1,236 @@
+"""model.arch aekl: diffusers' AutoencoderKL wrapped, its config section, pretrained folders, decoder-only
+fine-tuning, and the aekl objective (LPIPS, PatchGAN, adaptive weight). Tiny models, 32 px, CPU."""
+
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from vae.aekl_losses import (
+    NLayerDiscriminator,
+    adaptive_weight,
+    build_discriminator,
+    build_lpips,
+    discriminator_loss,
+    generator_loss,
+)
+from vae.config import AeklLossSection, ConfigError, load_config, validate
+from vae.models import build_model
+
+TINY = {"channels": (8, 16, 16), "layers_per_block": 1, "norm_groups": 4, "attention": False}
+
+
+def tiny(shape=(3, 32, 32), latent_dim=4, **options):
+    torch.manual_seed(0)
+    return build_model("aekl", shape, latent_dim, **{**TINY, **options})
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 32, 48)], ids=str)
+def test_spatial_latents_any_channels_and_non_square(shape):
+    model = tiny(shape).eval()
+    x = torch.rand(2, *shape)
+    z = model.encode_latents(x)
+    assert z.shape == (2, 4, shape[1] // 4, shape[2] // 4) and model.latent_size == z[0].numel()
+    images = model.decode_latents(z)
+    assert images.shape == x.shape and images.min() >= 0 and images.max() <= 1
+    # the contract's flat view is the same latent: decode(encode(x)[0]) == decode_latents(encode_latents(x))
+    torch.testing.assert_close(model.decode(model.encode(x)[0]), images)
+    # the head's pixel mean of the params is diffusers' (out + 1) / 2 (up to the logit's clamp)
+    out = model(x)
+    torch.testing.assert_close(model.head.mean(out.params), model.decode(out.groups[0].z), atol=2e-6, rtol=0)
+
+
+def test_factor_comes_from_levels_and_sides_must_divide():
+    assert tiny(channels=(8, 8, 8, 8)).latent_shape == (4, 4, 4)  # f8
+    with pytest.raises(ValueError, match="image sides divisible by 8, got 32x36"):
+        tiny((3, 32, 36), channels=(8, 8, 8, 8))
+    with pytest.raises(ConfigError, match=r"model.channels has 2 levels: give 3, 4 or 5"):
+        load_config(None, ["--model.arch", "aekl", "--model.channels", "[8, 8]"])
+    with pytest.raises(ConfigError, match=r"model.norm_groups 32 must divide every entry of model.channels"):
+        load_config(None, ["--model.arch", "aekl", "--model.channels", "[8, 16, 16]"])
+
+
+def test_loss_aekl_fields_are_refused_for_other_architectures_and_heads_checked():
+    with pytest.raises(ConfigError, match=r"loss.aekl configures the aekl objective, but model.arch is 'conv'"):
+        load_config(None, ["--loss.aekl.kl_weight", "1e-5"])
+    with pytest.raises(ConfigError, match=r"loss.likelihood 'logistic_mixture' cannot be used"):
+        load_config(None, ["--model.arch", "aekl", "--loss.likelihood", "logistic_mixture"])
+    with pytest.raises(ConfigError, match=r"loss.aekl.disc_loss: Input should be 'hinge' or 'vanilla'"):
+        load_config(None, ["--model.arch", "aekl", "--loss.aekl.disc_loss", "wgan"])
+    cfg = load_config(None, ["--model.arch", "aekl", "--loss.aekl.recon", "l2", "--loss.aekl.disc_start", "5"])
+    assert (cfg.loss.aekl.recon, cfg.loss.aekl.disc_start, cfg.loss.aekl.kl_weight) == ("l2", 5, 1e-6)
+
+
+def _folder(tmp_path, **config):
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, **config)
+    vae.save_pretrained(tmp_path / "vae")
+    return vae.eval(), tmp_path / "vae"
+
+
+def test_pretrained_folder_fills_the_section_and_loads_its_weights(tmp_path):
+    reference, folder = _folder(tmp_path)
+    cfg = validate({"model": {"arch": "aekl", "pretrained": str(folder)}})
+    assert (list(cfg.model.channels), cfg.model.layers_per_block, cfg.model.norm_groups) == ([8, 16, 16], 1, 4)
+    options = cfg.model.model_dump(exclude={"arch", "latent_dim"})
+    model = build_model("aekl", (3, 32, 32), cfg.model.latent_dim, **options).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_latents(x), reference.encode(x * 2 - 1).latent_dist.mean)
+    with pytest.raises(ConfigError, match=r"disagrees with model.latent_dim 16 \(the folder has 4\): leave"):
+        validate({"model": {"arch": "aekl", "pretrained": str(folder), "latent_dim": 16}})
+    with pytest.raises(ConfigError, match=r"not a diffusers AutoencoderKL folder: no config.json"):
+        validate({"model": {"arch": "aekl", "pretrained": str(tmp_path)}})
+    with pytest.raises(ValueError, match=r"in_channels=3, the model section or data asks for 1"):
+        build_model("aekl", (1, 32, 32), 4, **options)
+
+
+def test_decoder_only_fine_tuning_keeps_encoder_and_latents_bit_equal():
+    model = tiny(train_encoder=False)
+    x = torch.rand(4, 3, 32, 32)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("vae.encoder.", "vae.quant_conv."))}
+    with torch.no_grad():
+        before = model.eval().encode_latents(x)
+    decoder = model.vae.decoder.conv_out.weight.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # decay too must not touch them
+    cfg = AeklLossSection()
+    model.train()
+    for step in range(3):
+        generator_loss(model.autoencode(x), x, cfg, step).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+    assert not torch.equal(model.vae.decoder.conv_out.weight, decoder)
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode_latents(x), before)
+
+
+def test_lpips_with_random_weights_scores_differences():
+    lpips = build_lpips(AeklLossSection(), random_weights=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert lpips(x, x).abs().max() < 1e-6
+    assert (lpips(x, x.flip(-1)) > 0).all()
+    assert not any(p.requires_grad for p in lpips.parameters())
+
+
+def test_lpips_without_backbone_weights_is_refused_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af.pth into the torch hub cache .*--loss.aekl.lpips_"
+                                                r"weights; or set --loss.aekl.perceptual_weight 0"):
+        build_lpips(AeklLossSection(perceptual_weight=1.0))
+    with pytest.raises(FileNotFoundError, match=r"lpips_weights .*nope.pth' does not exist"):
+        build_lpips(AeklLossSection(perceptual_weight=1.0, lpips_weights=str(tmp_path / "nope.pth")))
+    assert build_lpips(AeklLossSection()) is None  # off: nothing needed
+
+
+def test_lpips_loads_the_backbone_from_a_local_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import vgg16
+
+    torch.manual_seed(3)
+    state = {k: v.contiguous() for k, v in vgg16(weights=None).state_dict().items()}
+    save_file(state, tmp_path / "vgg16.safetensors")
+    lpips = build_lpips(AeklLossSection(perceptual_weight=1.0, lpips_weights=str(tmp_path / "vgg16.safetensors")))
+    assert torch.equal(lpips.net.slice1[0].weight, state["features.0.weight"])
+    assert torch.equal(lpips.net.slice5._modules["28"].weight, state["features.28.weight"])
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="is not torchvision's VGG16 state dict"):
+        build_lpips(AeklLossSection(perceptual_weight=1.0, lpips_weights=str(tmp_path / "other.safetensors")))
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, requires_grad=True)
+    x = torch.randn(5, 3)
+    nll, g = (x @ w).abs().sum(), -(x @ w).pow(2).mean()
+    gn, gg = torch.autograd.grad(nll, w, retain_graph=True)[0], torch.autograd.grad(g, w, retain_graph=True)[0]
+    torch.testing.assert_close(adaptive_weight(nll, g, w), gn.norm() / (gg.norm() + 1e-4))
+
+
+def test_generator_and_discriminator_losses_switch_on_at_disc_start():
+    model = tiny()
+    disc = build_discriminator(AeklLossSection(disc_weight=0.5), 3)
+    assert isinstance(disc, NLayerDiscriminator) and build_discriminator(AeklLossSection(), 3) is None
+    cfg = AeklLossSection(disc_weight=0.5, disc_start=1, perceptual_weight=1.0)
+    lpips = build_lpips(cfg, random_weights=True)
+    x = torch.rand(2, 3, 32, 32)
+    out = model.autoencode(x)
+    early = generator_loss(out, x, cfg, 0, lpips, disc, model.last_layer)
+    late = generator_loss(out, x, cfg, 1, lpips, disc, model.last_layer)
+    assert early.g_loss == 0 and early.d_weight == 0 and late.d_weight > 0
+    torch.testing.assert_close(late.loss, early.loss + late.d_weight * late.g_loss)
+    assert late.perceptual > 0 and late.kl > 0
+    late.loss.backward()
+    assert model.last_layer.grad is not None and disc.main[0].weight.grad is not None
+    for kind in ("hinge", "vanilla"):
+        c = AeklLossSection(disc_weight=0.5, disc_start=1, disc_loss=kind)
+        assert not discriminator_loss(disc, x, out.recon, c, 0).active
+        d = discriminator_loss(disc, x, out.recon, c, 1)
+        assert d.active and d.loss > 0
+        d.loss.backward()
+    assert generator_loss(out, x, AeklLossSection(recon="l2"), 0).recon == ((x * 2 - 1) - out.recon).pow(2).mean()
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+def test_scaling_and_shift_factor_from_known_latents():
+    from vae.aekl_eval import latent_moments, latent_stats
+
+    torch.manual_seed(0)
+    means, stds = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
+    z = torch.randn(400, 4, 8, 8) * stds.view(1, 4, 1, 1) + means.view(1, 4, 1, 1)
+    moments = sum(latent_moments(chunk) for chunk in z.split(64))  # streamed in batches, as over ranks
+    stats = latent_stats(moments)
+    torch.testing.assert_close(torch.tensor(stats.mean), means, atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.tensor(stats.std), stds, atol=0.05, rtol=0.02)
+    # over all channels: the mixture's mean and 1 / its std
+    torch.testing.assert_close(stats.shift_factor, z.double().mean().item(), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(stats.scaling_factor, 1 / z.double().std(correction=0).item(), atol=0, rtol=1e-9)
+    with pytest.raises(ValueError, match="zero variance"):
+        latent_stats(latent_moments(torch.ones(2, 4, 2, 2)))
+
+
+def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monkeypatch):
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from vae.aekl_eval import evaluate_aekl, reconstruction_grid
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no LPIPS or Inception weights here
+    model = tiny((3, 32, 48))
+    torch.manual_seed(0)
+    images = (torch.rand(6, 3, 32, 48) * 255).to(torch.uint8)
+    result = evaluate_aekl(model, images.split(4))
+    metrics = result["metrics"]
+    x = images.float() / 255
+    with torch.no_grad():
+        recon = model.decode_latents(model.encode_latents(x))
+    psnr = peak_signal_noise_ratio(recon, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
+    assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-5)
+    assert 0 < metrics["val/ssim"] < 1 and "val/lpips" not in metrics and "val/rfid" not in metrics
+    assert set(result["absent"]) == {"val/lpips", "val/rfid"} and "torch hub cache" in result["absent"]["val/rfid"]
+    assert [k for k in metrics if k.startswith("val/latent_std/")] == [f"val/latent_std/{c}" for c in range(4)]
+    assert metrics["val/scaling_factor"] > 0
+    grid = reconstruction_grid(model, x, tmp_path / "plots" / "reconstructions.png", n=3)
+    from PIL import Image
+
+    assert Image.open(grid).size == (3 * 48 + 4 * 2, 2 * 32 + 3 * 2)  # full resolution, two rows
+
+
+def test_rfid_runs_when_inception_weights_are_on_disk(tmp_path):
+    """Random Inception weights, saved as safetensors (stand-ins for the real file): rFID is measured."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    from safetensors.torch import save_file
+
+    from vae.aekl_eval import evaluate_aekl
+
+    torch.manual_seed(0)
+    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
+            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
+        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "inception.safetensors")
+    images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
+    result = evaluate_aekl(tiny((1, 32, 32)), [images], inception_weights=tmp_path / "inception.safetensors")
+    assert result["metrics"]["val/rfid"] >= 0 and "val/rfid" not in result["absent"]

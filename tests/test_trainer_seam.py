@@ -1,0 +1,265 @@
+"""The trainer's seams (vae/trainer.py, vae/objective.py, vae/spec.py, vae/finalize.py): an objective with a second
+model and optimiser (a critic, as an adversarial objective has) trains, checkpoints and resumes exactly after a
+SIGTERM; the model is rebuilt from the checkpoint's meta.json, not from the shard directory; imports point one way."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+from test_ingest import s3_server  # noqa: F401 - the moto S3 fixture, shared
+from torch import nn
+
+from vae import checkpoint, objective, tracking
+from vae.config import MODEL_SECTIONS, ConvSection, load_config
+from vae.losses import elbo_terms, unwrap
+from vae.preemption import PREEMPTED_EXIT
+
+PRESET = REPO / "infra/configs/digits.yaml"
+# 1438 training images in batches of 256: 5 optimiser steps per epoch, in-process (see tests/test_resume.py)
+FAST = ["--train.batch_size", "256", "--train.ema_decay", "0.9", "--tracking.finalize", "false"]
+CRITIC_START = 2  # the critic's loss starts at this optimiser step
+
+
+class CriticObjective(objective.Objective):
+    """The ELBO plus a small critic on the reconstructions, trained by its own optimiser from CRITIC_START on:
+    the shape of an adversarial objective (two models, two optimisers, a start step), with a critic tiny enough
+    for a test. The generator's term goes through the critic's unwrapped module with its parameters frozen."""
+
+    metrics = ("loss", "critic")
+
+    def models(self, model: nn.Module) -> dict[str, nn.Module]:
+        torch.manual_seed(1)
+        critic = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(4, 1, 3, padding=1))
+        return {"model": model, "critic": critic}
+
+    def lr_scale(self, name: str) -> float:
+        return 0.5 if name == "critic" else 1.0
+
+    def step(self, models, x, step, backward):
+        out = models["model"](x)
+        terms = elbo_terms(out, x, unwrap(models["model"]).head)
+        x_rec = torch.sigmoid(out.params)
+        loss = terms.loss
+        critic = torch.zeros((), device=x.device)
+        if step >= CRITIC_START:
+            critic_module = getattr(models["critic"], "module", models["critic"])  # not through DDP's hooks
+            with objective.frozen(critic_module):
+                loss = loss + 0.1 * nn.functional.softplus(-critic_module(x_rec)).mean()
+        backward(loss)
+        if step >= CRITIC_START:
+            real, fake = models["critic"](x), models["critic"](x_rec.detach())
+            critic = nn.functional.softplus(-real).mean() + nn.functional.softplus(fake).mean()
+            backward(critic)
+        return torch.stack((loss * len(x), critic.detach() * len(x))).detach()
+
+    def validation_sums(self, model, batches, device):
+        return objective.ELBOObjective(self.cfg).validation_sums(model, batches, device)
+
+    def validation_metrics(self, sums):
+        return objective.ELBOObjective(self.cfg).validation_metrics(sums)
+
+
+@contextlib.contextmanager
+def in_process(tracking_uri: str, sigterm_at: int | None = None):
+    """Train in this process with CriticObjective as the conv model's objective; `sigterm_at`: deliver SIGTERM to
+    the trainer's own handler during that optimiser step (as the signal would arrive), once."""
+    handlers = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.setitem(objective.OBJECTIVES, "critic-test", CriticObjective)
+        mp.setattr(ConvSection, "objective", "critic-test")
+        # metric names are fixed (vae/tracking.py): an objective's own ones are added there
+        mp.setattr(tracking, "METRICS", (*tracking.METRICS, "train/critic", "train/grad_norm_critic"))
+        if sigterm_at is not None:
+            step = CriticObjective.step
+
+            def interrupted(self, models, x, at, backward):
+                if at == sigterm_at:
+                    handlers[signal.SIGTERM](signal.SIGTERM, None)
+                return step(self, models, x, at, backward)
+
+            mp.setattr(CriticObjective, "step", interrupted)
+        yield
+
+
+def train(shard_dir: Path, out: Path, *overrides: str) -> None:
+    from vae.trainer import train
+
+    train(load_config(PRESET, ["--ingest.shard_dir", str(shard_dir), "--train.output_dir", str(out), *FAST,
+                               *overrides]))
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: weights, EMA weights and both optimisers' states, by file and key."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    for f in sorted(path.glob("optimizer*.bin")):
+        state = torch.load(f, map_location="cpu", weights_only=True)["state"]
+        out.update({f"{f.name}:{i}:{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)})
+    return out
+
+
+def test_two_models_resume_exactly_after_sigterm(tmp_path, digits_shards, tracking_uri):
+    with in_process(tracking_uri):
+        train(digits_shards, tmp_path / "whole", "--train.epochs", "2")
+    with in_process(tracking_uri, sigterm_at=CRITIC_START + 5), pytest.raises(SystemExit) as stopped:
+        train(digits_shards, tmp_path / "cut", "--train.epochs", "2")  # in the second epoch, critic on
+    assert stopped.value.code == PREEMPTED_EXIT
+    cut = checkpoint.latest(tmp_path / "cut")
+    assert checkpoint.read_meta(cut)["reason"] == "preempted"
+    assert checkpoint.read_meta(cut)["global_step"] == CRITIC_START + 6  # the signalled step was finished
+    with in_process(tracking_uri):
+        train(digits_shards, tmp_path / "cut", "--train.epochs", "2", "--train.resume", "true")
+
+    whole, resumed = checkpoint.latest(tmp_path / "whole"), checkpoint.latest(tmp_path / "cut")
+    assert whole.name == resumed.name == "step-000000010"
+    files = {p.name for p in whole.iterdir()}
+    assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin", "ema.safetensors",
+            "ema_critic.safetensors"} <= files
+    meta = checkpoint.read_meta(whole)
+    assert meta["models"] == ["model", "critic"]
+    assert meta["model_spec"]["arch"] == "conv" and meta["model_spec"]["image_shape"] == [1, 8, 8]
+    expected, got = tensors(whole), tensors(resumed)
+    assert expected.keys() == got.keys()
+    assert any(k.startswith("optimizer_1.bin:") for k in expected)  # the critic's Adam moments are in there
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    # the critic trained (its loss started at CRITIC_START) and its EMA follows it
+    critic = load_file(whole / "model_1.safetensors")
+    torch.manual_seed(1)
+    initial = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(4, 1, 3, padding=1))
+    assert not torch.equal(critic["0.weight"], initial[0].weight.detach())
+    assert not torch.equal(load_file(whole / "ema_critic.safetensors")["0.weight"], critic["0.weight"])
+
+
+def test_a_model_without_gradient_is_left_untouched_by_its_optimizer(tmp_path, digits_shards, tracking_uri):
+    """Before CRITIC_START the critic gets no gradient: its weights and optimiser state stay as built."""
+    with in_process(tracking_uri, sigterm_at=CRITIC_START - 1), pytest.raises(SystemExit):
+        train(digits_shards, tmp_path / "run", "--train.epochs", "1")
+    path = checkpoint.latest(tmp_path / "run")
+    torch.manual_seed(1)
+    initial = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(4, 1, 3, padding=1))
+    for key, value in load_file(path / "model_1.safetensors").items():
+        torch.testing.assert_close(value, initial.state_dict()[key], rtol=0, atol=0)
+    assert torch.load(path / "optimizer_1.bin", weights_only=True)["state"] == {}
+
+
+def test_fp16_with_two_models_is_refused_naming_bf16(tmp_path, digits_shards, tracking_uri):
+    from accelerate.state import AcceleratorState
+
+    from vae.trainer import TrainingError
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # in-process: the earlier runs' precision is fixed
+    try:
+        with in_process(tracking_uri), pytest.raises(TrainingError, match="--train.mixed_precision bf16"):
+            train(digits_shards, tmp_path / "run", "--train.mixed_precision", "fp16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_model_is_rebuilt_from_meta_json_without_the_shard_directory(tmp_path, digits_shards, tracking_uri):
+    """After training, loading the model reads the checkpoint only: the shards may be gone (or unreachable)."""
+    import shutil
+
+    from vae import finalize, spec
+
+    shards = Path(shutil.copytree(digits_shards, tmp_path / "shards"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(signal, "signal", lambda *args: None)
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        train(shards, tmp_path / "run", "--train.epochs", "1")
+    shutil.rmtree(shards)
+    cfg = load_config(PRESET, ["--ingest.shard_dir", str(shards), "--train.output_dir", str(tmp_path / "run")])
+    model, meta = finalize.load_trained(cfg)
+    assert meta["model_spec"] == spec.load_trained(tmp_path / "run")[1]["model_spec"]
+    weights = load_file(checkpoint.latest(tmp_path / "run") / "ema.safetensors")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+
+
+def test_a_checkpoint_without_a_stored_spec_is_upgraded_from_its_config(tmp_path, digits_shards):
+    from vae import spec
+
+    cfg = load_config(PRESET, ["--ingest.shard_dir", str(digits_shards)])
+    assert spec.checkpoint_spec({"config": cfg.model_dump(mode="json")}) == spec.spec_of(cfg)
+
+
+@pytest.mark.parametrize("arch", sorted(MODEL_SECTIONS))
+def test_every_architecture_names_a_registered_objective(arch):
+    cfg = load_config(PRESET, ["--model.arch", arch])
+    assert isinstance(objective.build_objective(cfg), objective.OBJECTIVES[MODEL_SECTIONS[arch].objective])
+
+
+def test_objective_registry_fails_loudly(monkeypatch):
+    with pytest.raises(ValueError, match="'elbo' is registered twice"):
+        objective.register("elbo")(objective.ELBOObjective)
+    monkeypatch.setattr(ConvSection, "objective", "nope")
+    with pytest.raises(ValueError, match="objective 'nope', which is not registered; registered: aekl, elbo"):
+        objective.build_objective(load_config(PRESET, []))
+
+
+def imports_of(path: Path) -> set[str]:
+    """Modules a file imports, anywhere in it; `from vae import x` counts as vae.x."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_imports_point_one_way():
+    """The trainer uses the post-training path and the spec; neither imports the trainer (no cycle)."""
+    for name in ("finalize", "spec", "objective", "errors", "registry", "tracking"):
+        assert "vae.trainer" not in imports_of(REPO / "vae" / f"{name}.py"), name
+    assert "vae.finalize" in imports_of(REPO / "vae/trainer.py")
+
+
+def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_server, tmp_path,  # noqa: F811
+                                                                         tracking_uri):
+    """Shards in S3 behind an endpoint_url: training reads them with ingest.storage_options; what follows it (the
+    model loaded, logged and registered) rebuilds from meta.json, so it works where the shards cannot be reached:
+    a config without those options, or the endpoint gone (a sync from another machine, `python -m vae.tracking`)."""
+    import mlflow
+    import yaml
+
+    import pipeline
+    from vae import finalize
+
+    url = "s3://shards/digits"
+    pipeline.ingest("digits", {}, url, 512, 128, progress=False, storage_options={"endpoint_url": s3_server})
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(signal, "signal", lambda *args: None)
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        train(url, out, "--train.epochs", "1", "--ingest.storage_options.endpoint_url", s3_server,
+              "--tracking.finalize", "evaluate")
+    assert (out / finalize.DETAILS_FILE).is_file()  # the evaluation ran on the S3 validation split
+    # The endpoint moves away: nothing after training may need it.
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["ingest"]["storage_options"] = {"endpoint_url": "http://127.0.0.1:9"}
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_config(out / "config.yaml")
+    model, meta = finalize.load_trained(cfg)
+    assert meta["model_spec"]["image_shape"] == [1, 8, 8]
+    version = finalize.publish(out, meta["mlflow_run_id"], tracking_uri)
+    registered = mlflow.MlflowClient(tracking_uri).get_model_version(version.name, str(version.version))
+    assert registered.run_id == meta["mlflow_run_id"]

@@ -37,7 +37,7 @@ from prefect.tasks import exponential_backoff
 
 import pipeline
 from flows.ingest import ingest_dataset
-from vae import checkpoint, tracking
+from vae import checkpoint, provenance, tracking
 from vae.config import RunConfig, dump
 from vae.launch import accelerate_command
 from vae.preemption import PREEMPTED_EXIT
@@ -111,7 +111,10 @@ def find_shards(config: RunConfig) -> str | None:
 
 @task(name="create-mlflow-run", cache_policy=NO_CACHE)
 def create_mlflow_run(config: RunConfig) -> str:
-    run_id = tracking.create_run(config)
+    # the run names the flow that made it and links back to its flow run; JOB is MLflow's source type for a job
+    tags = {"mlflow.source.name": "flows.train:train_vae", "mlflow.source.type": "JOB",
+            provenance.FLOW_RUN_ID_TAG: str(flow_run.id), provenance.FLOW_RUN_URL_TAG: flow_run.ui_url or ""}
+    run_id = tracking.create_run(config, tags=tags)
     get_run_logger().info("MLflow run %s in %s", run_id, config.tracking.tracking_uri)
     return run_id
 

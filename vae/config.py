@@ -358,6 +358,11 @@ class TrackingSection(_Section):
         "none. true and false mean register and none."
     )
     model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
+    system_metrics: bool = Field(
+        True, description="Log CPU, memory, disk, network (and GPU, with the gpu extra) figures to the run as "
+        "system/* metrics, through MLflow's own monitor on rank 0; sampled every "
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10)."
+    )
 
     @field_validator("finalize", mode="before")
     @classmethod

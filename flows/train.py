@@ -36,7 +36,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
 import pipeline
-from flows.ingest import ingest_dataset
+from flows.ingest import DEMO, ingest_dataset
 from vae import checkpoint, provenance, tracking
 from vae.config import RunConfig, dump
 from vae.launch import accelerate_command
@@ -296,7 +296,7 @@ def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: A
 """
 
 
-DEFAULT_CONFIG = RunConfig()  # the deployment's default parameters; the flow copies, never mutates it
+DEFAULT_CONFIG = DEMO  # the deployment's default parameters, the demo's (flows/ingest.py); copied, never mutated
 
 
 @flow(name="train-vae")

@@ -411,6 +411,16 @@ def status() -> int:
     return 0 if running == len(STOP_ORDER) else STATUS_NOT_RUNNING
 
 
+def served_mlflow_url() -> str | None:
+    """The URL of the MLflow server `vaepipe serve` runs from this directory, when its process is the recorded one
+    and the URL answers; else None (`vaepipe models` then falls back to ./mlflow.db)."""
+    state = read_state()
+    child = (state or {}).get("children", {}).get("mlflow-server")
+    if child is None or not ours(child["pid"], child, lambda message: None) or not answers(child["health"]):
+        return None
+    return child["url"]
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -199,7 +199,7 @@ def deploy_to_pool(pool: str, train_concurrency: int, working_dir: str | None) -
 def banner(host: str, children: dict[str, Child], train_concurrency: int) -> str:
     api = children["prefect-server"].url
     mlflow_url = children["mlflow-server"].url
-    example = json.dumps({"config": {"train": {"epochs": 1}}})
+    example = json.dumps({"overrides": ["--train.epochs", "1"]})  # fields of the default (the demo's) config
     return f"""
 Prefect UI      {api.removesuffix('/api')}   (log: {state_dir() / 'prefect-server.log'})
 Prefect API     {api}

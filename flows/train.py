@@ -38,7 +38,7 @@ from prefect.tasks import exponential_backoff
 import pipeline
 from flows.ingest import DEMO, ingest_dataset
 from vae import checkpoint, provenance, tracking
-from vae.config import RunConfig, dump
+from vae.config import RunConfig, dump, with_overrides
 from vae.launch import accelerate_command
 from vae.preemption import PREEMPTED_EXIT
 
@@ -301,9 +301,17 @@ DEFAULT_CONFIG = DEMO  # the deployment's default parameters, the demo's (flows/
 
 @flow(name="train-vae")
 def train_vae(
-    config: RunConfig = DEFAULT_CONFIG, num_processes: int = 1, accelerate_config: str | None = None
+    config: RunConfig = DEFAULT_CONFIG, num_processes: int = 1, accelerate_config: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Ingest when needed, train with Accelerate, evaluate, register in MLflow, and leave a report."""
+    """Ingest when needed, train with Accelerate, evaluate, register in MLflow, and leave a report.
+
+    `overrides` (`["--train.epochs", "5"]`, as on the command line) change single fields of `config`. A `config`
+    parameter replaces the whole default config (Prefect merges run parameters one level deep only), so a run
+    that passes `{"config": {"train": {"epochs": 5}}}` gets the built-in defaults for every other field; with
+    `{"overrides": ["--train.epochs", "5"]}` it keeps the deployment's (the demo's) config."""
+    if overrides:
+        config = with_overrides(config, overrides)
     shard_dir = find_shards(config) or ingest_dataset(config.source, config.ingest)
     config = resolved(config, shard_dir, flow_run.name)
     run_id = create_mlflow_run(config)

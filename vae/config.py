@@ -532,6 +532,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return validate(merge(data, parse_overrides(overrides or [])))
 
 
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`cfg` with command-line style overrides (`["--train.epochs", "5"]`) applied, validated again."""
+    return validate(merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
+
+
 def _field_line(section: str, name: str, field: Any, indent: str = "  ") -> str:
     annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
     default = field.get_default(call_default_factory=True)

@@ -240,9 +240,10 @@ class MetricJournal:
         """Journal the final status and flush, trying for up to `wait_s`; if entries remain, say how to send them.
         The system-metrics monitor, when one runs, stops first, while the run is still RUNNING."""
         if self.monitor is not None:
-            from vae.provenance import stop_system_metrics
+            from vae.provenance import STOP_MONITOR_S, stop_system_metrics
 
-            stop_system_metrics(self.monitor)
+            # no wait for a server the journal found down: the monitor's last samples are not worth the retry budget
+            stop_system_metrics(self.monitor, 0.0 if self.down_since is not None else STOP_MONITOR_S)
             self.monitor = None
         self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
         deadline = time.monotonic() + wait_s

@@ -197,9 +197,20 @@ class MetricJournal:
         self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
         self.flush()
 
+    def stop_monitor(self) -> None:
+        """Stop the system-metrics monitor, if one runs. Before the model is logged: MLflow links a run's metrics
+        logged after its model to that model, and system figures are no property of the model."""
+        if self.monitor is not None:
+            from vae.provenance import STOP_MONITOR_S, stop_system_metrics
+
+            # no wait for a server the journal found down: the monitor's last samples are not worth the retry budget
+            stop_system_metrics(self.monitor, 0.0 if self.down_since is not None else STOP_MONITOR_S)
+            self.monitor = None
+
     def publish(self, output_dir: str | os.PathLike) -> None:
         """Journal the registration of the model and evaluation kept in `output_dir` (vae/finalize.py), then
         send what is pending unless backing off."""
+        self.stop_monitor()
         self._append({"kind": "publish", "output_dir": str(Path(output_dir).resolve()), "timestamp": _now_ms()})
         self.flush()
 
@@ -238,13 +249,8 @@ class MetricJournal:
 
     def close(self, status: str, wait_s: float = CLOSE_WAIT_S) -> bool:
         """Journal the final status and flush, trying for up to `wait_s`; if entries remain, say how to send them.
-        The system-metrics monitor, when one runs, stops first, while the run is still RUNNING."""
-        if self.monitor is not None:
-            from vae.provenance import STOP_MONITOR_S, stop_system_metrics
-
-            # no wait for a server the journal found down: the monitor's last samples are not worth the retry budget
-            stop_system_metrics(self.monitor, 0.0 if self.down_since is not None else STOP_MONITOR_S)
-            self.monitor = None
+        The system-metrics monitor, when one still runs, stops first, while the run is still RUNNING."""
+        self.stop_monitor()
         self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
         deadline = time.monotonic() + wait_s
         while not self.flush(force=True) and time.monotonic() < deadline:

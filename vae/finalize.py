@@ -205,9 +205,10 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None =
     example = np.load(run_dir / EXAMPLE_FILE, allow_pickle=False)
     log_artifacts(run_dir, run_id)
     run_tags = client.get_run(run_id).data.tags
+    # at the checkpoint's step: MLflow then links the final evaluation (logged at that step) to the logged model
     model_uri = registry.log_model(model.eval(), details["model_spec"], run_id, input_example=example,
-                                   tags={k: v for k, v in run_tags.items() if k in provenance.SOURCE_TAGS})
-    provenance.link_model_metrics(client, run_id, model_uri.removeprefix("models:/"), cfg)
+                                   tags={k: v for k, v in run_tags.items() if k in provenance.SOURCE_TAGS},
+                                   step=details["global_step"])
     reason = details["nonfinite"].get("val/nll_iwae")
     version = registry.register(model_uri, name, metrics["val/nll_iwae"], run_id, tags=details["tags"],
                                 nonfinite_reason=reason)

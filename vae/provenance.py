@@ -1,5 +1,6 @@
 """What a run was made from, in the fields MLflow's own UI shows: datasets, source tags, system metrics, and the
-logged model's metrics and the model version's description.
+model version's description. (The logged model's metrics are MLflow's own link: the model is logged at the
+checkpoint's step, and MLflow attaches the run's metrics of that step, the final evaluation, to it.)
 
 - Datasets: one `mlflow.data` dataset per split used (training, validation), named `<source>-<split>`, whose
   digest is the shard directory's index.json sha256 (cut to the 32 hex digits MLflow's store holds; the full
@@ -119,27 +120,6 @@ def stop_system_metrics(monitor, wait_s: float = STOP_MONITOR_S) -> None:
     stopper.join(wait_s)
     if stopper.is_alive():
         log.warning("system metrics: the last samples were not uploaded within %.0f s; left behind", wait_s)
-
-
-def link_model_metrics(client, run_id: str, model_id: str, cfg: RunConfig | None = None) -> int:
-    """Attach the run's latest validation metrics to the logged model `model_id` (MLflow 3 logged models carry
-    metrics), each with the same key, step, timestamp and value as in the run, so the run's history gains no
-    point; with `cfg`, each names the validation dataset. Returns how many were linked."""
-    from mlflow.entities import Metric
-
-    dataset = None
-    if cfg is not None:
-        try:
-            dataset = shard_datasets(cfg)["validation"]
-        except pipeline.ShardFormatError as err:  # shards gone by a late publish: the metrics still link
-            log.warning("the logged model's metrics name no dataset: %s", err)
-    keys = [key for key in client.get_run(run_id).data.metrics if key.startswith("val/")]
-    latest = [max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)) for key in keys]
-    named = {"dataset_name": dataset.name, "dataset_digest": dataset.digest} if dataset is not None else {}
-    metrics = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, **named) for m in latest]
-    if metrics:
-        client.log_batch(run_id, metrics=metrics)
-    return len(metrics)
 
 
 def model_description(details: dict, metrics: dict[str, float], tags: dict[str, str], data: str) -> str:

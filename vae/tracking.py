@@ -186,14 +186,10 @@ class MetricJournal:
         self.delay, self.retry_at, self.down_since = FIRST_RETRY_S, 0.0, None
         self._client = None  # created at the first send: the mlflow import takes a second
         self.monitor = None  # MLflow's system-metrics monitor, started by open_journal, stopped by close
-        self.val_dataset: tuple[str, str] | None = None  # (name, digest) of the validation split, set by open_journal
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Journal floats under the fixed names at `step`, then send what is pending unless backing off."""
-        entry = {"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": _checked(metrics)}
-        if self.val_dataset is not None and any(key.startswith("val/") for key in metrics):
-            entry["val_dataset"] = list(self.val_dataset)  # the val/* metrics name the split they were measured on
-        self._append(entry)
+        self._append({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": _checked(metrics)})
         self.flush()
 
     def set_status(self, status: str) -> None:
@@ -292,10 +288,7 @@ class MetricJournal:
             for entry in self.pending:  # consecutive metric entries, up to the REST limit per request
                 if entry["kind"] != "metrics" or len(metrics) + len(entry["metrics"]) > BATCH_METRICS:
                     break
-                name, digest = entry.get("val_dataset", (None, None))
-                metrics += [Metric(k, v, entry["timestamp"], entry["step"], dataset_name=name if k.startswith("val/")
-                                   else None, dataset_digest=digest if k.startswith("val/") else None)
-                            for k, v in entry["metrics"].items()]
+                metrics += [Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
                 count += 1
             client.log_batch(self.run_id, metrics=metrics)
             self._acknowledge(count)
@@ -336,21 +329,9 @@ def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | No
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or create_run(cfg)
     journal = MetricJournal(Path(output_dir) / JOURNAL_DIR / f"{run_id}.jsonl", run_id, uri)
     journal.set_status("RUNNING")
-    journal.val_dataset = _val_dataset(cfg)
     if cfg.tracking.system_metrics:
         journal.monitor = _start_monitor(run_id, uri)
     return journal
-
-
-def _val_dataset(cfg: RunConfig) -> tuple[str, str] | None:
-    """(name, digest) of the validation split as the run's dataset input names it, or None without shards."""
-    from vae import provenance
-
-    try:
-        dataset = provenance.shard_datasets(cfg)["validation"]
-    except ShardFormatError:
-        return None
-    return dataset.name, dataset.digest
 
 
 def _start_monitor(run_id: str, uri: str):

@@ -1,6 +1,7 @@
 """What a run was made from, in the fields MLflow's own UI shows: datasets, source tags, system metrics, and the
 model version's description. (The logged model's metrics are MLflow's own link: the model is logged at the
-checkpoint's step, and MLflow attaches the run's metrics of that step, the final evaluation, to it.)
+checkpoint's step, and MLflow attaches the run's metrics of that step, the final evaluation, to it. A system
+metric joins them only where the monitor has taken as many samples as training took steps: steps of 10 s or more.)
 
 - Datasets: one `mlflow.data` dataset per split used (training, validation), named `<source>-<split>`, whose
   digest is the shard directory's index.json sha256 (cut to the 32 hex digits MLflow's store holds; the full

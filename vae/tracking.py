@@ -198,8 +198,8 @@ class MetricJournal:
         self.flush()
 
     def stop_monitor(self) -> None:
-        """Stop the system-metrics monitor, if one runs. Before the model is logged: MLflow links a run's metrics
-        logged after its model to that model, and system figures are no property of the model."""
+        """Stop the system-metrics monitor, if one runs: at the end of training, before the model is registered
+        (its figures describe training, not the upload)."""
         if self.monitor is not None:
             from vae.provenance import STOP_MONITOR_S, stop_system_metrics
 

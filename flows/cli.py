@@ -47,7 +47,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     config_epilog = "config fields (override as --section.field VALUE):\n" + field_help()
     with_config = {}
     for name, text in (
-        ("demo", "run the train-vae flow here (embedded MLflow, no server) and print the registered model"),
+        ("demo", "run the train-vae flow here and print the registered model; MLflow: MLFLOW_TRACKING_URI when "
+                 "set, else an embedded store (./mlflow.db), as the first line says"),
         ("ingest", "run the ingest-dataset flow: source -> shard directory"),
     ):
         sub = with_config[name] = commands.add_parser(
@@ -84,21 +85,24 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
     models = commands.add_parser(
         "models", help="list the registered models, or pull one's files into a directory",
-        description="The MLflow model registry at --tracking-uri (default: MLFLOW_TRACKING_URI, else ./mlflow.db).",
+        description="The MLflow model registry at --tracking-uri (default: MLFLOW_TRACKING_URI, else the MLflow "
+        "server `vaepipe serve` runs from this directory, else ./mlflow.db).",
     )
     store = argparse.ArgumentParser(add_help=False)  # the option both actions take, after the action's name
-    store.add_argument("--tracking-uri", help="MLflow server or store URI (default: MLFLOW_TRACKING_URI, else "
-                       "sqlite:///<working directory>/mlflow.db)")
+    store.add_argument("--tracking-uri", help="MLflow server or store URI (default: MLFLOW_TRACKING_URI, else the "
+                       "server of `vaepipe serve` here, else sqlite:///<working directory>/mlflow.db)")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[store],
                                help="every registered model: versions, aliases, val_nll/val_elbo/val_bpd")
     pull = models_commands.add_parser(
         "pull", parents=[store],
         help="download a model (MLmodel, weights.safetensors, config.json, code) into a new directory",
-        description="Download NAME (its champion), NAME@ALIAS or NAME/VERSION into DIR, which must be missing or "
+        description="Download NAME (its champion), NAME@ALIAS or NAME/VERSION (with or without models:/) into DIR, "
+        "which must be missing or "
         "empty; the result serves with `mlflow models serve -m DIR --env-manager local`.",
     )
-    pull.add_argument("ref", metavar="NAME[@ALIAS]", help="e.g. vae-digits, vae-digits@challenger, vae-digits/3")
+    pull.add_argument("ref", metavar="NAME[@ALIAS]", help="e.g. vae-digits, vae-digits@challenger, vae-digits/3, "
+                      "or MLflow's models:/vae-digits@champion")
     pull.add_argument("dest", metavar="DIR", type=Path, help="destination directory (missing or empty)")
     return root, with_config
 
@@ -115,12 +119,27 @@ def load(sub: argparse.ArgumentParser, path: Path | None, overrides: list[str]):
         sub.error(str(err))  # prints usage and the message, exits 2
 
 
-def demo(cfg) -> int:
-    from flows.train import train_vae
+def tracking_store(cfg) -> str:
+    """The demo's MLflow store, said on the first line: --tracking.tracking_uri, else MLFLOW_TRACKING_URI (as the
+    training entry point and the flow honour it), else the embedded sqlite store in this directory."""
     from vae import tracking
 
-    if cfg.tracking.tracking_uri is None:
+    if cfg.tracking.tracking_uri is not None:
+        where = f"MLflow: {cfg.tracking.tracking_uri} (--tracking.tracking_uri)"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        cfg.tracking.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+        where = f"MLflow: {cfg.tracking.tracking_uri} (MLFLOW_TRACKING_URI)"
+    else:
         cfg.tracking.tracking_uri = tracking.embedded_uri()
+        where = (f"MLflow: the embedded store {cfg.tracking.tracking_uri} (set MLFLOW_TRACKING_URI to log to a "
+                 "server instead)")
+    print(where, flush=True)
+    return cfg.tracking.tracking_uri
+
+
+def demo(cfg) -> int:
+    from flows.train import train_vae
+
     try:
         summary = train_vae(cfg)
     except Exception as err:  # the flow run's log above holds the traceback
@@ -166,9 +185,11 @@ def models(args: argparse.Namespace) -> int:
     """`vaepipe models list|pull`: 0 on success, 1 with one line naming what exists instead."""
     from mlflow.exceptions import MlflowException
 
+    from flows.serve import served_mlflow_url
     from vae import model_store, tracking
 
-    uri = args.tracking_uri or tracking.resolve_uri()
+    # a server `vaepipe serve` runs from here holds what its flow runs registered; ./mlflow.db is the demo's
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or served_mlflow_url() or tracking.embedded_uri()
     try:
         if args.models_command == "list":
             print(model_store.format_table(model_store.list_models(uri)) or f"no registered models at {uri}")
@@ -237,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if args.command == "ingest" and (refused := preflight(cfg)) is not None:
         return refused  # before the temporary server: a wrong root costs one line, not a server start
+    if args.command == "demo":
+        tracking_store(cfg)  # the first line: where the run and the model go
     from flows import temporary_server
 
     try:

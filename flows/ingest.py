@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -40,7 +43,7 @@ from tqdm.auto import tqdm
 
 import pipeline
 from pipeline.storage import Location
-from vae.config import IngestSection, RunConfig, SourceSection
+from vae.config import IngestSection, RunConfig, SourceSection, load_config
 
 RETRY_JITTER = 0.5  # each back-off delay is drawn from [d, 1.5 d]: retries of many groups do not hit a store at once
 CACHE_KEY_VERSION = "vaepipe-shards-1"  # bump when what a cached location promises changes
@@ -76,10 +79,11 @@ class GroupProgress:
     (one group per split) weighs 1 per group.
     """
 
-    def __init__(self, plan: pipeline.IngestPlan, artifact_id: UUID | None) -> None:
+    def __init__(self, plan: pipeline.IngestPlan, artifact_id: UUID | None, loggers: list | None = None) -> None:
         counted = all(t.stop is not None for t in plan.groups)
         self.weight = {(t.split, t.group): t.stop - t.start if counted else 1 for t in plan.groups}
         self.total, self.done, self.artifact_id = sum(self.weight.values()), 0, artifact_id
+        self.unit, self.loggers, self.logged = "images" if counted else "groups", loggers or [], 0.0
         self.bar = tqdm(total=self.total, unit="img" if counted else "group", desc=f"ingest {plan.out}",
                         disable=not on_terminal(), dynamic_ncols=True)
 
@@ -87,8 +91,12 @@ class GroupProgress:
         step = self.weight[(result.task.split, result.task.group)]
         self.done += step
         self.bar.update(step)
+        percent = 100.0 * self.done / self.total
         if self.artifact_id is not None:
-            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+            update_progress_artifact(self.artifact_id, percent)
+        if percent - self.logged >= PROGRESS_LOG_STEP or self.done == self.total:  # a line per 10%, not per group
+            self.logged = percent
+            say(self.loggers, logging.INFO, "ingest: %.0f%% (%d of %d %s)", percent, self.done, self.total, self.unit)
 
     def close(self) -> None:
         self.bar.close()
@@ -101,7 +109,7 @@ def write_shard_groups(
     """Submit every group of the plan to this flow's task runner; report each as it lands; return them in order."""
     group_task = with_retries(ingest)
     futures = [group_task.submit(plan, group) for group in plan.groups]
-    progress = GroupProgress(plan, progress_id)
+    progress = GroupProgress(plan, progress_id, watched_loggers())
     try:
         for future in as_completed(futures):
             progress.landed(future.result())
@@ -121,7 +129,38 @@ def task_runner(ingest: IngestSection) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=ingest.workers)
 
 
-DEFAULT_SOURCE, DEFAULT_INGEST = SourceSection(), IngestSection()  # pydantic models: never mutated in place
+DEMO_PRESET = Path(__file__).resolve().parents[1] / "infra" / "configs" / "digits.yaml"  # what `vaepipe demo` trains
+
+
+def demo_defaults() -> RunConfig:
+    """The deployments' default parameters: the demo's preset, so that a deployment run without parameters trains
+    the demo's model (30 epochs at batch 64, not the built-in 10 at 128) into the same experiment. The built-in
+    defaults only where no checkout is at hand (an installed wheel carries no infra/)."""
+    return load_config(DEMO_PRESET) if DEMO_PRESET.is_file() else RunConfig()
+
+
+DEMO = demo_defaults()
+DEFAULT_SOURCE, DEFAULT_INGEST = DEMO.source, DEMO.ingest  # pydantic models: never mutated in place
+PROGRESS_LOG_STEP = 10.0  # percent between the progress lines logged to the watched flow run
+
+
+def watched_loggers() -> list:
+    """This flow run's logger, and the logger of the run `prefect deployment run --watch` follows when that is
+    another (this flow runs as a subflow of train-vae): the watch streams the logs of its one flow run id only.
+    The worker or runner names the run it started in PREFECT__FLOW_RUN_ID."""
+    from prefect.logging.loggers import flow_run_logger
+    from prefect.runtime import flow_run
+
+    loggers = [get_run_logger()]
+    watched = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if watched and watched != str(flow_run.id):
+        loggers.append(flow_run_logger(flow_run_id=UUID(watched), flow_name="ingest-dataset"))
+    return loggers
+
+
+def say(loggers: list, level: int, message: str, *args: Any) -> None:
+    for logger in loggers:
+        logger.log(level, message, *args)
 
 
 def _location(source: SourceSection, ingest: IngestSection) -> str:
@@ -223,28 +262,28 @@ def ingest_shards(source: SourceSection, ingest: IngestSection, out: str) -> str
 
 
 def _ingest_locked(source: SourceSection, ingest: IngestSection, out: str) -> str:
-    logger = get_run_logger()
+    loggers = watched_loggers()  # what the ingest does reaches `--watch` of a train-vae run too (a subflow)
     name, options = source.name, source.options
     progress_id = create_progress_artifact(0.0, description=f"shard groups of {name} written to {out}")
     if pipeline.prepare_dir(name, options, out, ingest.overwrite, ingest.storage_options) is not None:
-        logger.info("%s is already complete for source %r; reusing it", out, name)
+        say(loggers, logging.INFO, "%s is already complete for source %r; reusing it", out, name)
         update_progress_artifact(progress_id, 100.0)
         remember(source, ingest, out)
         return out
     plan = pipeline.plan_ingest(name, options, out, _options(ingest))
     for warning in plan.warnings:
-        logger.warning(warning)
+        say(loggers, logging.WARNING, warning)
     runner = task_runner(ingest)
-    logger.info("%d shard group(s) of %s, layout %s, image shape %s, on %s", len(plan.groups), name,
-                plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
+    say(loggers, logging.INFO, "ingest: %d shard group(s) of %s into %s, layout %s, image shape %s, on %s",
+        len(plan.groups), name, out, plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
     results = write_shard_groups.with_options(task_runner=runner)(plan, ingest, progress_id)
     index = pipeline.finalize_ingest(plan, results)
     kept = sum(r.reused for r in results)
     counts = {split: info.num_samples for split, info in index.splits.items()}
-    logger.info("wrote %s: %s samples per split, image shape %s; %d of %d groups kept from an earlier run",
-                out, counts, index.image_shape, kept, len(results))
+    say(loggers, logging.INFO, "wrote %s: %s samples per split, image shape %s; %d of %d groups kept from an "
+        "earlier run", out, counts, index.image_shape, kept, len(results))
     if index.skipped:
-        logger.warning("skipped %s input(s), each listed with its reason in %s/%s", index.skipped, out,
+        say(loggers, logging.WARNING, "skipped %s input(s), each listed with its reason in %s/%s", index.skipped, out,
                        pipeline.REPORT_NAME)
     remember(source, ingest, out)
     return out

@@ -199,7 +199,7 @@ def deploy_to_pool(pool: str, train_concurrency: int, working_dir: str | None) -
 def banner(host: str, children: dict[str, Child], train_concurrency: int) -> str:
     api = children["prefect-server"].url
     mlflow_url = children["mlflow-server"].url
-    example = json.dumps({"config": {"train": {"epochs": 1}}})
+    example = json.dumps({"overrides": ["--train.epochs", "1"]})  # fields of the default (the demo's) config
     return f"""
 Prefect UI      {api.removesuffix('/api')}   (log: {state_dir() / 'prefect-server.log'})
 Prefect API     {api}
@@ -409,6 +409,16 @@ def status() -> int:
     if not ours(state["serve"], state.get("serve_identity", {}), lambda message: None):
         print(f"note: `vaepipe serve` (pid {state['serve']}) is gone; `vaepipe serve --stop` cleans up")
     return 0 if running == len(STOP_ORDER) else STATUS_NOT_RUNNING
+
+
+def served_mlflow_url() -> str | None:
+    """The URL of the MLflow server `vaepipe serve` runs from this directory, when its process is the recorded one
+    and the URL answers; else None (`vaepipe models` then falls back to ./mlflow.db)."""
+    state = read_state()
+    child = (state or {}).get("children", {}).get("mlflow-server")
+    if child is None or not ours(child["pid"], child, lambda message: None) or not answers(child["health"]):
+        return None
+    return child["url"]
 
 
 def positive_int(text: str) -> int:

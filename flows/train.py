@@ -36,9 +36,9 @@ from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
 import pipeline
-from flows.ingest import ingest_dataset
-from vae import checkpoint, tracking
-from vae.config import RunConfig, dump
+from flows.ingest import DEMO, ingest_dataset
+from vae import checkpoint, provenance, tracking
+from vae.config import RunConfig, dump, with_overrides
 from vae.launch import accelerate_command
 from vae.preemption import PREEMPTED_EXIT
 
@@ -111,7 +111,10 @@ def find_shards(config: RunConfig) -> str | None:
 
 @task(name="create-mlflow-run", cache_policy=NO_CACHE)
 def create_mlflow_run(config: RunConfig) -> str:
-    run_id = tracking.create_run(config)
+    # the run names the flow that made it and links back to its flow run; JOB is MLflow's source type for a job
+    tags = {"mlflow.source.name": "flows.train:train_vae", "mlflow.source.type": "JOB",
+            provenance.FLOW_RUN_ID_TAG: str(flow_run.id), provenance.FLOW_RUN_URL_TAG: flow_run.ui_url or ""}
+    run_id = tracking.create_run(config, tags=tags)
     get_run_logger().info("MLflow run %s in %s", run_id, config.tracking.tracking_uri)
     return run_id
 
@@ -294,14 +297,22 @@ def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: A
 """
 
 
-DEFAULT_CONFIG = RunConfig()  # the deployment's default parameters; the flow copies, never mutates it
+DEFAULT_CONFIG = DEMO  # the deployment's default parameters, the demo's (flows/ingest.py); copied, never mutated
 
 
 @flow(name="train-vae")
 def train_vae(
-    config: RunConfig = DEFAULT_CONFIG, num_processes: int = 1, accelerate_config: str | None = None
+    config: RunConfig = DEFAULT_CONFIG, num_processes: int = 1, accelerate_config: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Ingest when needed, train with Accelerate, evaluate, register in MLflow, and leave a report."""
+    """Ingest when needed, train with Accelerate, evaluate, register in MLflow, and leave a report.
+
+    `overrides` (`["--train.epochs", "5"]`, as on the command line) change single fields of `config`. A `config`
+    parameter replaces the whole default config (Prefect merges run parameters one level deep only), so a run
+    that passes `{"config": {"train": {"epochs": 5}}}` gets the built-in defaults for every other field; with
+    `{"overrides": ["--train.epochs", "5"]}` it keeps the deployment's (the demo's) config."""
+    if overrides:
+        config = with_overrides(config, overrides)
     shard_dir = find_shards(config) or ingest_dataset(config.source, config.ingest)
     config = resolved(config, shard_dir, flow_run.name)
     run_id = create_mlflow_run(config)

@@ -138,6 +138,7 @@ def test_json_schema_and_prefect_deployment_parameters():
     from prefect.exceptions import ParameterTypeError
     from prefect.utilities.schema_tools.validation import validate as validate_schema
 
+    from flows.ingest import DEMO
     from flows.train import train_vae
 
     assert "oneOf" in json.dumps(RunConfig.model_json_schema()["properties"]["model"])
@@ -152,6 +153,19 @@ def test_json_schema_and_prefect_deployment_parameters():
 
     config = train_vae.validate_parameters({"config": {"model": {"arch": "resnet", "width": 64}}})["config"]
     assert (config.model.arch, config.model.width) == ("resnet", 64)
-    assert train_vae.validate_parameters({"config": default})["config"] == RunConfig()
+    assert train_vae.validate_parameters({"config": default})["config"] == DEMO  # the demo's preset
     with pytest.raises(ParameterTypeError, match=r"model.arch 'mlp' takes only arch, latent_dim, hidden_dim"):
         train_vae.validate_parameters(bad)
+
+
+def test_overrides_change_single_fields_of_the_deployment_config():
+    from flows.ingest import DEMO
+    from vae.config import ConfigError, with_overrides
+
+    config = with_overrides(DEMO, ["--train.epochs", "5", "--model.latent_dim", "4"])
+    assert (config.train.epochs, config.model.latent_dim) == (5, 4)
+    # every other field stays the demo's, unlike a partial `config` parameter, which Prefect does not merge
+    assert config.model_copy(update={"train": DEMO.train, "model": DEMO.model}) == DEMO
+    assert (config.train.batch_size, config.tracking.experiment) == (64, "vaepipe-digits")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        with_overrides(DEMO, ["--train.epochs", "0"])

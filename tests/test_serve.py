@@ -265,6 +265,8 @@ def test_serve_status_limited_deployment_served_mlflow_and_stop(tmp_path):
                 stop(w)
         for w, out in zip(watchers, outputs, strict=True):
             assert w.returncode == 0 and "Completed" in out, out + log.read_text()
+        # the run that ingested shows the ingestion subflow's progress in its --watch output
+        assert any("ingest: 100% (" in out for out in outputs), outputs
 
         flow_runs = sorted(_flow_runs(api, train["id"]), key=lambda r: _time(r["start_time"]))
         assert [r["state_type"] for r in flow_runs] == ["COMPLETED", "COMPLETED"]
@@ -277,7 +279,17 @@ def test_serve_status_limited_deployment_served_mlflow_and_stop(tmp_path):
         versions = mlflow.search_model_versions(f"name = '{name}'")
         assert sorted(int(v.version) for v in versions) == [1, 2]
         for version in versions:
-            assert "val/elbo" in mlflow.get_run(version.run_id).data.metrics
+            found = mlflow.get_run(version.run_id)
+            assert "val/elbo" in found.data.metrics
+            # provenance: the flow run that made it, with its UI link, and the flow as the run's source
+            assert found.data.tags["prefect.flow_run.id"] in {r["id"] for r in flow_runs}
+            assert found.data.tags["prefect.flow_run.url"].endswith(found.data.tags["prefect.flow_run.id"])
+            assert (found.data.tags["mlflow.source.name"], found.data.tags["mlflow.source.type"]) == (
+                "flows.train:train_vae", "JOB")
+        # `vaepipe models` here finds the served MLflow without MLFLOW_TRACKING_URI
+        listed = subprocess.run([str(BIN / "vaepipe"), "models", "list"], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert f"{name}  (2 versions)" in listed.stdout.splitlines(), listed.stdout + listed.stderr
         # the artifacts went through the server into its store under .vaepipe
         assert any((tmp_path / ".vaepipe" / "mlflow" / "artifacts").rglob("weights.safetensors"))
         report = run([str(BIN / "prefect"), "artifact", "inspect", "train-vae-report"], env=client_env,

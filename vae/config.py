@@ -429,6 +429,11 @@ class TrackingSection(_Section):
         "none. true and false mean register and none."
     )
     model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
+    system_metrics: bool = Field(
+        True, description="Log CPU, memory, disk, network (and GPU, with the gpu extra) figures to the run as "
+        "system/* metrics, through MLflow's own monitor on rank 0; sampled every "
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s (default 10)."
+    )
 
     @field_validator("finalize", mode="before")
     @classmethod
@@ -602,6 +607,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     return validate(merge(data, parse_overrides(overrides or [])))
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`cfg` with command-line style overrides (`["--train.epochs", "5"]`) applied, validated again."""
+    return validate(merge(cfg.model_dump(mode="json"), parse_overrides(overrides)))
 
 
 def _field_line(section: str, name: str, field: Any, indent: str = "  ") -> str:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 import pipeline
-from vae import checkpoint, plots, tracking
+from vae import checkpoint, plots, provenance, tracking
 from vae.config import RunConfig
 from vae.data import to_input
 from vae.errors import TrainingError
@@ -190,10 +190,12 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None =
     metrics = metrics or saved
     mlflow.set_tracking_uri(uri or tracking.resolve_uri(cfg))
     name = details["model_name"]
-    done = [v for v in mlflow.MlflowClient().search_model_versions(f"run_id='{run_id}'") if v.name == name]
+    client = mlflow.MlflowClient()
+    done = [v for v in client.search_model_versions(f"run_id='{run_id}'") if v.name == name]
     if done:
         version = done[0]
         print(f"run {run_id} registered {name} version {version.version} already; nothing to do", flush=True)
+        describe(client, cfg, name, version.version, metrics, details)  # a retry after a failure in between
         return registry.RegisteredVersion(name, int(version.version), f"models:/{name}/{version.version}",
                                           "champion" in (version.aliases or []), None)
     path = checkpoint.latest(run_dir)
@@ -202,10 +204,24 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None =
     model, _ = load_checkpoint(path)  # rebuilt from its meta.json: no shard index, no storage options needed
     example = np.load(run_dir / EXAMPLE_FILE, allow_pickle=False)
     log_artifacts(run_dir, run_id)
-    model_uri = registry.log_model(model.eval(), details["model_spec"], run_id, input_example=example)
+    run_tags = client.get_run(run_id).data.tags
+    # at the checkpoint's step: MLflow then links the final evaluation (logged at that step) to the logged model
+    model_uri = registry.log_model(model.eval(), details["model_spec"], run_id, input_example=example,
+                                   tags={k: v for k, v in run_tags.items() if k in provenance.SOURCE_TAGS},
+                                   step=details["global_step"])
     reason = details["nonfinite"].get("val/nll_iwae")
-    return registry.register(model_uri, name, metrics["val/nll_iwae"], run_id, tags=details["tags"],
-                             nonfinite_reason=reason)
+    version = registry.register(model_uri, name, metrics["val/nll_iwae"], run_id, tags=details["tags"],
+                                nonfinite_reason=reason)
+    describe(client, cfg, name, version.version, metrics, details)
+    return version
+
+
+def describe(client, cfg: RunConfig, name: str, version: int | str, metrics: dict[str, float], details: dict) -> None:
+    """Give the model version its description (architecture, data, headline figures) unless it has one."""
+    if not client.get_model_version(name, str(version)).description:
+        data = f"{cfg.source.name} shards at {cfg.shard_dir}"
+        client.update_model_version(name, str(version),
+                                    description=provenance.model_description(details, metrics, details["tags"], data))
 
 
 def publish(output_dir: str | Path, run_id: str, uri: str):

@@ -87,7 +87,9 @@ def format_table(models: list[ModelSummary]) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
-    """'NAME' (its champion), 'NAME@ALIAS' or 'NAME/VERSION' -> (name, alias, version), one of the last two set."""
+    """'NAME' (its champion), 'NAME@ALIAS' or 'NAME/VERSION' -> (name, alias, version), one of the last two set;
+    each also as the URI MLflow's UI shows (models:/NAME@ALIAS, models:/NAME/VERSION)."""
+    ref = ref.removeprefix("models:/")
     if "@" in ref:
         name, alias = ref.rsplit("@", 1)
         if name and alias:

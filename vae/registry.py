@@ -88,12 +88,14 @@ def _pyfunc_kwargs(model: nn.Module, spec: dict, tmp: Path, input_example: np.nd
 
 
 def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarray | None = None,
-              limits: ServingLimits | None = None) -> str:
+              limits: ServingLimits | None = None, tags: dict[str, str] | None = None, step: int = 0) -> str:
     """Log `model` into run `run_id` as the pyfunc model "model"; return its URI (models:/m-...).
 
     `input_example` is a float32 batch (N, C, H, W) in [0, 1] for the default mode, reconstruct; by default
     two uniform-noise images. `limits` caps what one request may ask (default `ServingLimits()`: 1,024 samples
-    or images, run 256 rows at a time).
+    or images, run 256 rows at a time). `tags` go on the logged model, over the ones MLflow reads from this
+    process (e.g. the run's `mlflow.source.name` instead of whatever script logs the model). `step` is the
+    training step the weights are from: MLflow links the run's metrics logged at that step to the logged model.
     """
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
@@ -103,7 +105,7 @@ def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarr
         # MLflow only attaches to a run it finds active; a run we start here ends when logging does.
         run = contextlib.nullcontext() if active is not None else mlflow.start_run(run_id=run_id)
         with run:
-            info = mlflow.pyfunc.log_model(name="model", **kwargs)
+            info = mlflow.pyfunc.log_model(name="model", tags=tags, step=step, **kwargs)
     return info.model_uri
 
 

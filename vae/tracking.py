@@ -14,6 +14,10 @@ At the end of training the journal also holds a `publish` entry (register the mo
 output directory, vae/finalize.py) before the final status, so one command, `python -m vae.tracking JOURNAL
 RUN_ID --uri URI`, sends the metrics, registers the model and marks the run FINISHED, in that order; the model
 is never registered twice from one run, so resending is harmless there too.
+
+Why a journal and not MLflow's own asynchronous logging (`log_metrics(..., synchronous=False)`): MLflow's queue
+lives in the training process's memory, so a crash, an out-of-memory kill or a preemption loses what it holds,
+and a batch that fails after its retries is dropped; the journal is on disk before any request is tried.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import ShardFormatError
 from vae.config import RunConfig, flatten
 
 EMBEDDED_DB = "mlflow.db"
@@ -78,23 +83,34 @@ def ensure_experiment(name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def create_run(cfg: RunConfig) -> str:
-    """Create a run for `cfg`, log its params, and return the run id (the flow hands it to training)."""
+def create_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
+    """Create a run for `cfg` with its provenance (vae/provenance.py: MLflow's source tags, this checkout's
+    commit, then `tags`, which may replace them; the training and validation datasets) and params; return the
+    run id (the flow hands it to training).
+
+    Created through the client, not the fluent `mlflow.start_run`: the run outlives this call (the journal,
+    another process) and the fluent API ends a run it started when the process exits."""
     import mlflow
+
+    from vae import provenance
 
     uri = configure(cfg)
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(ensure_experiment(cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name)
+    run = client.create_run(ensure_experiment(cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name,
+                            tags={**provenance.source_tags(), **(tags or {})})
     log_params(client, run.info.run_id, cfg)
+    try:
+        provenance.log_datasets(client, run.info.run_id, cfg)
+    except ShardFormatError as err:  # lineage is worth a warning, never a failed run (the loader says more)
+        log.warning("run %s has no dataset lineage: %s", run.info.run_id, err)
     return run.info.run_id
 
 
 def log_params(client, run_id: str, cfg: RunConfig) -> None:
+    """The resolved config as params; MlflowClient.log_batch splits them into requests of at most 100 itself."""
     from mlflow.entities import Param
 
-    params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
-    for i in range(0, len(params), 100):  # the REST API takes at most 100 params per batch
-        client.log_batch(run_id, params=params[i : i + 100])
+    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten(cfg).items()])  # MLflow's value limit
 
 
 def log_metrics(metrics: dict[str, float], step: int, run_id: str | None = None) -> None:
@@ -172,6 +188,7 @@ class MetricJournal:
         self.pending = [json.loads(line) for line in lines[self.sent : -1]]
         self.delay, self.retry_at, self.down_since = FIRST_RETRY_S, 0.0, None
         self._client = None  # created at the first send: the mlflow import takes a second
+        self.monitor = None  # MLflow's system-metrics monitor, started by open_journal, stopped by close
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Journal floats under the fixed names at `step`, then send what is pending unless backing off."""
@@ -183,9 +200,20 @@ class MetricJournal:
         self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
         self.flush()
 
+    def stop_monitor(self) -> None:
+        """Stop the system-metrics monitor, if one runs: at the end of training, before the model is registered
+        (its figures describe training, not the upload)."""
+        if self.monitor is not None:
+            from vae.provenance import STOP_MONITOR_S, stop_system_metrics
+
+            # no wait for a server the journal found down: the monitor's last samples are not worth the retry budget
+            stop_system_metrics(self.monitor, 0.0 if self.down_since is not None else STOP_MONITOR_S)
+            self.monitor = None
+
     def publish(self, output_dir: str | os.PathLike) -> None:
         """Journal the registration of the model and evaluation kept in `output_dir` (vae/finalize.py), then
         send what is pending unless backing off."""
+        self.stop_monitor()
         self._append({"kind": "publish", "output_dir": str(Path(output_dir).resolve()), "timestamp": _now_ms()})
         self.flush()
 
@@ -223,7 +251,9 @@ class MetricJournal:
         return True
 
     def close(self, status: str, wait_s: float = CLOSE_WAIT_S) -> bool:
-        """Journal the final status and flush, trying for up to `wait_s`; if entries remain, say how to send them."""
+        """Journal the final status and flush, trying for up to `wait_s`; if entries remain, say how to send them.
+        The system-metrics monitor, when one still runs, stops first, while the run is still RUNNING."""
+        self.stop_monitor()
         self._append({"kind": "status", "status": status, "timestamp": _now_ms()})
         deadline = time.monotonic() + wait_s
         while not self.flush(force=True) and time.monotonic() < deadline:
@@ -302,7 +332,23 @@ def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | No
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or create_run(cfg)
     journal = MetricJournal(Path(output_dir) / JOURNAL_DIR / f"{run_id}.jsonl", run_id, uri)
     journal.set_status("RUNNING")
+    if cfg.tracking.system_metrics:
+        journal.monitor = _start_monitor(run_id, uri)
     return journal
+
+
+def _start_monitor(run_id: str, uri: str):
+    """MLflow's system-metrics monitor on the run (vae/provenance.py), or None with a warning when it cannot start:
+    its figures are worth a warning, never a failed run. Its first request (where a resumed run's system metrics
+    stand) gets one short attempt, as the journal's do."""
+    from vae import provenance
+
+    try:
+        with _one_short_attempt():
+            return provenance.start_system_metrics(run_id, uri)
+    except Exception as err:  # not swallowed: the warning names it; training goes on without system metrics
+        log.warning("no system metrics for run %s: %s", run_id, _short(err))
+        return None
 
 
 def sync_journal(path: str | os.PathLike, run_id: str, uri: str | None = None) -> int:

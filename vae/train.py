@@ -36,6 +36,11 @@ def parse(argv: list[str] | None = None) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(argv)
+    from vae.launch import missing_gpu
+
+    if (why := missing_gpu()) is not None:  # before anything is built: the first line the user sees
+        print(f"error: {why}", file=sys.stderr)
+        raise SystemExit(1)
 
     from pipeline import ShardFormatError
     from vae.trainer import TrainingError, train  # heavy imports only after the config is known to be valid

@@ -172,3 +172,16 @@ def test_an_optimizer_inside_accelerates_wrapper_is_found():
     masked_step(Wrapper(inner), torch.tensor(1.0))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert takes_found_inf(Wrapper(inner))
+
+
+def test_a_fused_optimiser_that_loaded_an_unfused_state_takes_the_copy_path():
+    """torch's load_state_dict replaces each group's `fused` with the saved one: the skip must follow the groups."""
+    params = list(_model().parameters())
+    saved = OPTIMIZERS["adam-foreach"](params).state_dict()
+    opt = OPTIMIZERS["adam-fused"](params)
+    opt.load_state_dict(saved)
+    assert not takes_found_inf(opt)
+    params[0].grad = torch.full_like(params[0], math.nan)
+    before = params[0].detach().clone()
+    masked_step(opt, torch.tensor(1.0))
+    assert torch.equal(params[0], before)

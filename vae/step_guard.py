@@ -40,7 +40,8 @@ def nonfinite_flags(grad_norm: torch.Tensor, preempted: bool) -> torch.Tensor:
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` (or the one an Accelerate wrapper holds) skips its step on device by `found_inf`."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return isinstance(inner, FOUND_INF_OPTIMIZERS) and bool(inner.defaults.get("fused"))
+    # the groups, not the defaults: loading a state saved without `fused` sets it back to None in each group
+    return isinstance(inner, FOUND_INF_OPTIMIZERS) and all(g.get("fused") for g in inner.param_groups)
 
 
 def masked(bad: torch.Tensor, update: Callable[[], object], tensors: Callable[[], Iterable[torch.Tensor]]) -> None:

@@ -33,7 +33,7 @@ from vae.data import build_loaders, image_shape, to_input
 from vae.evaluate import evaluation_sums, to_metrics
 from vae.losses import training_loss
 from vae.models import build_model
-from vae.optim import Lamb, MuonAdamW
+from vae.optim import Lamb, MuonAdamW, step_kernels
 from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
 
@@ -184,7 +184,7 @@ def train(cfg: RunConfig) -> None:
         model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
     optimizer = OPTIMIZERS[cfg.optim.name](
         model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-        weight_decay=cfg.optim.weight_decay,
+        weight_decay=cfg.optim.weight_decay, **step_kernels(cfg.optim.name, accelerator.device),
     )
     train_loader, val_loader = build_loaders(cfg, rank, world, device=accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

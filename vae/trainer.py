@@ -31,6 +31,7 @@ from vae import checkpoint, tracking
 from vae.config import RunConfig, dump
 from vae.data import build_loaders, image_shape, to_input
 from vae.evaluate import evaluation_sums, to_metrics
+from vae.graphs import compile_options
 from vae.losses import training_loss
 from vae.models import build_model
 from vae.optim import Lamb, MuonAdamW, step_kernels
@@ -181,7 +182,8 @@ def train(cfg: RunConfig) -> None:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
-        model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
+        # in place: state_dict keys stay as they are, checkpoints stay portable
+        model.compile(**compile_options(cfg.train.cuda_graphs, accelerator.device, TrainingError))
     optimizer = OPTIMIZERS[cfg.optim.name](
         model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
         weight_decay=cfg.optim.weight_decay, **step_kernels(cfg.optim.name, accelerator.device),

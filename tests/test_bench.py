@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,26 @@ def test_replot_draws_several_reports_and_names_a_variant_that_none_has(tmp_path
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "none of ['b4096'] is in" in missing.stderr
     assert not (tmp_path / "none.png").exists()
+
+
+def test_gpu_suite_smoke_runs_every_part_on_a_cpu(tmp_path):
+    """bench/gpu_suite.py --smoke: the matrix (bare, product, example), the ceiling, the profile and the quality
+    run, at tiny sizes on random IDX data, so that the script the GPU session runs cannot rot."""
+    out = tmp_path / "suite.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench/gpu_suite.py"), "run", "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["skipped"] == []
+    assert [(r["batch"], r["variant"]) for r in report["matrix"]] == [
+        (32, "bf16-compiled-resident-cl"), (32, "bf16-graphs-streamed-cl")]
+    for row in report["matrix"]:
+        assert row["ours_img_s"] > 0 and row["bare_img_s"] > 0 and 0 < row["fraction_of_bf16_ceiling"]
+        assert row["ran_as"] == "fp32-eager-" + row["variant"].split("-")[2]  # a CPU smoke run: eager, same data
+    assert report["example_batch128_img_s"] > 0 and report["compute_ceiling_img_s"]["bf16"] > 0
+    top = report["profile"]["top"]
+    assert top and sum(r["share"] for r in top) <= 1.0 and all(r["calls"] > 0 for r in top)
+    quality = report["quality"]
+    assert quality["arch"] == "conv" and quality["k"] == 4 and quality["test_images"] == 64
+    assert 0 < quality["test_nll_nats"] < 1000
+    assert "| 32 | bf16-graphs-streamed-cl |" in result.stdout and "SMOKE" in result.stdout

@@ -16,6 +16,29 @@ Semantics are StepGuard's: a step whose gradients are not finite changes nothing
 skipped steps are counted, and `limit` in a row stop the run with the same error naming the same step. Only the
 moment the host learns of it moves: the error is raised, and a preemption acted on, one step later (that extra
 step is itself skipped if its gradients are not finite, and is checkpointed like any other).
+
+The trainer's call site (vae/trainer.py's step; not wired in yet while that file is being restructured), with
+`guard = DeviceStepGuard(StepGuard(cfg.train.max_nonfinite_steps))` replacing the StepGuard:
+
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        if fp16_scaler:  # the scaler already skips on the device; keep today's synchronous path for it
+            ...today's code...
+        else:
+            flags = nonfinite_flags(grad_norm, preemption.requested)
+            if world > 1:
+                flags = accelerator.reduce(flags, "sum")  # an all-reduce on the device: no host sync
+            masked_step(optimizer, flags[0])
+            if ema is not None:
+                model_ = accelerator.unwrap_model(model)
+                masked(flags[0], lambda: ema.update_parameters(model_),
+                       lambda: [*ema.parameters(), *ema.buffers()])
+            stop = guard.advance(flags, progress.global_step)  # the previous step's: count, raise, stop
+            progress.global_step += 1
+
+and `stop = guard.flush() or stop` before each checkpoint (save reads guard.state_dict()), before the log that
+reports `train/skipped_steps`, and after the epoch's last batch. The default optimiser on a GPU is fused AdamW
+(vae.optim.step_kernels), which skips in the kernel with no copy.
 """
 
 from __future__ import annotations

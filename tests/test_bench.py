@@ -1,4 +1,4 @@
-"""The benchmark scripts' own logic that runs without training: merging and redrawing large-batch results."""
+"""The benchmark scripts' own logic: merging and redrawing large-batch results, and the GPU suite's smoke run."""
 
 import importlib.util
 import json
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +50,7 @@ def test_replot_draws_several_reports_and_names_a_variant_that_none_has(tmp_path
     assert not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow  # two short trainings through vae/train.py and one through bench/quality.py, each its own process
 def test_gpu_suite_smoke_runs_every_part_on_a_cpu(tmp_path):
     """bench/gpu_suite.py --smoke: the matrix (bare, product, example), the ceiling, the profile and the quality
     run, at tiny sizes on random IDX data, so that the script the GPU session runs cannot rot."""

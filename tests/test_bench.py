@@ -50,6 +50,7 @@ def test_replot_draws_several_reports_and_names_a_variant_that_none_has(tmp_path
     assert not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.timeout(1800)  # pyproject's 900 s is near what it took under load here
 @pytest.mark.slow  # two short trainings through vae/train.py and one through bench/quality.py, each its own process
 def test_gpu_suite_smoke_runs_every_part_on_a_cpu(tmp_path):
     """bench/gpu_suite.py --smoke: the matrix (bare, product, example), the ceiling, the profile and the quality

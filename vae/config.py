@@ -333,13 +333,6 @@ class TrainSection(_Section):
         "kernel launches per step. Needs train.compile true and a CUDA device; refused on a CPU."
     )
     channels_last: bool = Field(False, description="Channels-last memory format for conv models.")
-    @model_validator(mode="after")
-    def _graphs_need_compile(self) -> TrainSection:
-        if self.cuda_graphs and not self.compile:
-            raise ValueError("train.cuda_graphs replays the compiled step: set train.compile true as well, or "
-                             "train.cuda_graphs false")
-        return self
-
     max_nonfinite_steps: int = Field(
         10, gt=0, description="Steps with non-finite gradients are skipped; stop after this many in a row."
     )
@@ -355,6 +348,13 @@ class TrainSection(_Section):
     retries: int = Field(
         2, ge=0, description="Flow retries of a failed or preempted launch; each resumes from the last checkpoint."
     )
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> TrainSection:
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("train.cuda_graphs replays the compiled step: set train.compile true as well, or "
+                             "train.cuda_graphs false")
+        return self
 
 
 class TrackingSection(_Section):

@@ -171,6 +171,23 @@ def run(args) -> dict:
     quality_reserve = 0 if smoke else args.quality_minutes * 60 + 90  # training, evaluation, start-up
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                     "smoke": smoke, "budget_s": args.budget_s}
+    errors = report.setdefault("errors", {})
+
+    def attempt(part: str, measure, *how, **options):
+        """One part's figures, or None with its error kept in the JSON: with minutes of device time, a failing
+        row (a graph capture that breaks, say) must not cost the figures of the others. Written out after each
+        part, so that a run stopped by its time limit still returns what it measured."""
+        try:
+            return measure(*how, **options)
+        except Exception as err:  # noqa: BLE001 (recorded in the report, and the run goes on)
+            errors[part] = f"{type(err).__name__}: {str(err)[-2000:]}"
+            print(f"{part} failed: {errors[part]}", file=sys.stderr, flush=True)
+            return None
+        finally:
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         mnist = fake_mnist(tmp / "mnist", SMOKE_IMAGES, 128) if smoke else args.mnist
@@ -202,10 +219,13 @@ def run(args) -> dict:
             setting = tt.Variant.parse(ran_as)
             bare_key = (batch, setting.precision, setting.compiled, setting.graphs, setting.channels_last)
             if bare_key not in bare_cache:  # the bare loop has no streamed form: resident and streamed share it
-                bare_cache[bare_key] = tt.bare_loop(images, batch, max(4, len(images) // batch), device, ran_as)
+                bare_cache[bare_key] = attempt(f"bare {batch} {variant}", tt.bare_loop, images, batch,
+                                               max(4, len(images) // batch), device, ran_as)
             bare = bare_cache[bare_key]
-            ours = tt.our_loop(tmp / "shards", batch, tmp, device, ran_as, epochs=2 if smoke else 3,
-                               log_every=2 if smoke else 5)
+            ours = attempt(f"ours {batch} {variant}", tt.our_loop, tmp / "shards", batch, tmp, device, ran_as,
+                           epochs=2 if smoke else 3, log_every=2 if smoke else 5)
+            if bare is None or ours is None:
+                continue
             rows.append({"batch": batch, "variant": variant, "ran_as": ran_as, "ours_img_s": round(ours),
                          "bare_img_s": round(bare), "ours_over_bare": round(ours / bare, 3),
                          "ours_over_example": round(ours / example, 2),
@@ -219,14 +239,17 @@ def run(args) -> dict:
         profiled, batch = "bf16-compiled-resident-cl", 32 if smoke else 16384
         if smoke or budget.left() - quality_reserve > 30:
             ran_as = smoke_variant(profiled) if smoke else profiled
-            report["profile"] = {"variant": profiled, "ran_as": ran_as, "batch": batch,
-                                 "top": kernel_profile(tt, images, batch, device, ran_as)}
+            top = attempt("profile", kernel_profile, tt, images, batch, device, ran_as)
+            if top is not None:
+                report["profile"] = {"variant": profiled, "ran_as": ran_as, "batch": batch, "top": top}
         else:
             skipped.append("kernel profile: over budget")
         walls["profile"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        report["quality"] = quality_run(mnist, tmp, smoke, 0.02 if smoke else args.quality_minutes, args)
+        quality = attempt("quality", quality_run, mnist, tmp, smoke, 0.02 if smoke else args.quality_minutes, args)
+        if quality is not None:
+            report["quality"] = quality
         walls["quality"] = time.perf_counter() - tick
     report["walls_s"] = {k: round(v, 1) for k, v in walls.items()}
     report["skipped"] = skipped
@@ -245,10 +268,12 @@ def table(report: dict) -> str:
               for r in report["matrix"]]
     for row in report.get("profile", {}).get("top", [])[:6]:
         lines.append(f"  kernel {row['share']:6.1%}  x{row['calls']:<5} {row['kernel']}")
-    q = report["quality"]
-    lines.append(f"quality: conv VAE, {q['train_wall_s']} s training ({q['images_seen']:,} images), test NLL "
-                 f"{q['test_nll_nats']:.2f} nats (IWAE k={q['k']}, {q['test_images']:,} test images)")
+    q = report.get("quality")
+    if q is not None:
+        lines.append(f"quality: conv VAE, {q['train_wall_s']} s training ({q['images_seen']:,} images), test NLL "
+                     f"{q['test_nll_nats']:.2f} nats (IWAE k={q['k']}, {q['test_images']:,} test images)")
     lines += [f"skipped: {s}" for s in report["skipped"]]
+    lines += [f"FAILED {part}: {why.splitlines()[-1] if why else ''}" for part, why in report["errors"].items()]
     return "\n".join(lines)
 
 

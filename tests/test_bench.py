@@ -60,7 +60,7 @@ def test_gpu_suite_smoke_runs_every_part_on_a_cpu(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["smoke"] and report["skipped"] == []
+    assert report["smoke"] and report["skipped"] == [] and report["errors"] == {}
     assert [(r["batch"], r["variant"]) for r in report["matrix"]] == [
         (32, "bf16-compiled-resident-cl"), (32, "bf16-graphs-streamed-cl")]
     for row in report["matrix"]:

@@ -73,3 +73,21 @@ def test_gpu_suite_smoke_runs_every_part_on_a_cpu(tmp_path):
     assert quality["arch"] == "conv" and quality["k"] == 4 and quality["test_images"] == 64
     assert 0 < quality["test_nll_nats"] < 1000
     assert "| 32 | bf16-graphs-streamed-cl |" in result.stdout and "SMOKE" in result.stdout
+
+
+def test_gpu_suite_table_names_failed_and_skipped_parts():
+    """A part that failed on the device is named in the printed table, and a missing quality run is no crash."""
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench/gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    report = {"device": "H100", "torch": "2.x", "smoke": False, "example_batch128_img_s": 15000,
+              "compute_ceiling_img_s": {"bf16": 2_500_000},
+              "matrix": [{"batch": 16384, "variant": "bf16-compiled-resident-cl", "ours_img_s": 800_000,
+                          "bare_img_s": 900_000, "ours_over_bare": 0.889, "ours_over_example": 53.3,
+                          "fraction_of_bf16_ceiling": 0.32}],
+              "skipped": ["batch 32768 bf16-compiled-resident-cl: over budget"],
+              "errors": {"ours 16384 bf16-graphs-resident-cl": "RuntimeError: trace\nCUDA graphs: overwritten"}}
+    text = suite.table(report)
+    assert "| 16,384 | bf16-compiled-resident-cl | 800,000 | 900,000 | 0.889 | 53.3x | 0.32 |" in text
+    assert "FAILED ours 16384 bf16-graphs-resident-cl: CUDA graphs: overwritten" in text
+    assert "skipped: batch 32768" in text and "quality" not in text and "SMOKE" not in text

@@ -57,12 +57,12 @@ def read_cifar(path: Path) -> np.ndarray:
     return raw[:, 1:].reshape(-1, 3, 32, 32)
 
 
-def load(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load(dataset: str, data: Path = DATA) -> tuple[torch.Tensor, torch.Tensor]:
     if dataset == "mnist":
-        root = DATA / "mnist"
+        root = data / "mnist"
         return (torch.from_numpy(read_idx(root / "train-images-idx3-ubyte.gz").copy()),
                 torch.from_numpy(read_idx(root / "t10k-images-idx3-ubyte.gz").copy()))
-    root = DATA / "cifar10-subset"
+    root = data / "cifar10-subset"
     return (torch.from_numpy(read_cifar(root / "data_batch_1.bin").copy()),
             torch.from_numpy(read_cifar(root / "test_batch_first1000.bin").copy()))
 
@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--data", type=Path, default=DATA, help="folder holding mnist/ and cifar10-subset/")
     p.add_argument("--save", type=Path, help="write the trained weights here (and the model arguments to .json)")
     p.add_argument("--load", type=Path, help="evaluate weights written by --save instead of training")
     args = p.parse_args()
@@ -105,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train, test = load(args.dataset)
+    train, test = load(args.dataset, args.data)
     test = test[: args.test_images]
     mnist = args.dataset == "mnist"
     likelihood = "bernoulli" if mnist else "logistic_mixture"

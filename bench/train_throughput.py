@@ -75,10 +75,10 @@ def flops_per_image(device: str, reference: bool = True) -> float:
     return counter.get_total_flops() / 64
 
 
-def measured_peak(device: str, dtype: torch.dtype) -> float:
+def measured_peak(device: str, dtype: torch.dtype, n: int | None = None) -> float:
     """FLOP/s of a large matmul in `dtype` on this device (random data): the ceiling the fractions are taken
-    against. 8,192 square on a GPU (what fills an H100), 2,048 on a CPU."""
-    n = 8192 if device == "cuda" else 2048
+    against. n x n: by default 8,192 on a GPU (what fills an H100), 2,048 on a CPU."""
+    n = n or (8192 if device == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -104,7 +104,7 @@ def bare_loop(images: torch.Tensor, batch: int, steps: int, device: str, variant
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if setting.compiled:
-        model.compile()
+        model.compile(**({"mode": "reduce-overhead"} if setting.graphs else {}))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = images.to(device)
     batches = [data[i : i + batch] for i in range(0, len(data) - batch + 1, batch)]
@@ -143,27 +143,31 @@ def example_loop(images: torch.Tensor, steps: int, device: str) -> float:
 
 
 class Variant(NamedTuple):
-    """One setting of the matrix, named precision-compilation-data[-cl], e.g. bf16-compiled-resident-cl."""
+    """One setting of the matrix, named precision-compilation-data[-cl], e.g. bf16-compiled-resident-cl;
+    compilation `graphs` is `compiled` replayed as CUDA graphs (train.cuda_graphs; a GPU only)."""
 
     precision: str  # fp32 | bf16
     compiled: bool
     resident: bool
     channels_last: bool
+    graphs: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         precision, mode, data, *cl = name.split("-")
-        return cls(precision, mode == "compiled", data == "resident", bool(cl))
+        return cls(precision, mode in ("compiled", "graphs"), data == "resident", bool(cl), mode == "graphs")
 
     def overrides(self) -> list[str]:
         """vae/train.py's options for this setting."""
         return ["--train.mixed_precision", "no" if self.precision == "fp32" else "bf16",
                 "--train.compile", str(self.compiled).lower(), "--data.resident", "on" if self.resident else "off",
-                "--train.channels_last", str(self.channels_last).lower()]
+                "--train.channels_last", str(self.channels_last).lower(),
+                "--train.cuda_graphs", str(self.graphs).lower()]
 
 
 VARIANTS = [f"{precision}-{mode}-{data}{cl}" for precision in ("fp32", "bf16") for mode in ("eager", "compiled")
             for data in ("resident", "streamed") for cl in ("", "-cl")]
+GRAPH_VARIANTS = [v.replace("-compiled-", "-graphs-") for v in VARIANTS if "-compiled-" in v]  # CUDA only
 DEFAULT_VARIANT = "fp32-eager-resident"
 
 
@@ -193,8 +197,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", help="default: 512 1024 on a CPU, 512 to 16,384 on a GPU")
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variants", nargs="+", default=[DEFAULT_VARIANT], choices=[*VARIANTS, "all"],
-                        help="our loop's settings, precision-compilation-data[-cl] (all: the 16 combinations); "
+    parser.add_argument("--variants", nargs="+", default=[DEFAULT_VARIANT], choices=[*VARIANTS, *GRAPH_VARIANTS, "all"],
+                        help="our loop's settings, precision-compilation-data[-cl] (all: the 16 combinations "
+                        "without CUDA graphs); "
                         "each is compared with the bare loop at the same settings")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of our loop; the first is not counted")

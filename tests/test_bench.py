@@ -1,10 +1,13 @@
-"""The benchmark scripts' own logic that runs without training: merging and redrawing large-batch results."""
+"""The benchmark scripts' own logic: merging and redrawing large-batch results, and the GPU suite's smoke run."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,46 @@ def test_replot_draws_several_reports_and_names_a_variant_that_none_has(tmp_path
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "none of ['b4096'] is in" in missing.stderr
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.timeout(1800)  # pyproject's 900 s is near what it took under load here
+@pytest.mark.slow  # two short trainings through vae/train.py and one through bench/quality.py, each its own process
+def test_gpu_suite_smoke_runs_every_part_on_a_cpu(tmp_path):
+    """bench/gpu_suite.py --smoke: the matrix (bare, product, example), the ceiling, the profile and the quality
+    run, at tiny sizes on random IDX data, so that the script the GPU session runs cannot rot."""
+    out = tmp_path / "suite.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench/gpu_suite.py"), "run", "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] and report["skipped"] == [] and report["errors"] == {}
+    assert [(r["batch"], r["variant"]) for r in report["matrix"]] == [
+        (32, "bf16-compiled-resident-cl"), (32, "bf16-graphs-streamed-cl")]
+    for row in report["matrix"]:
+        assert row["ours_img_s"] > 0 and row["bare_img_s"] > 0 and 0 < row["fraction_of_bf16_ceiling"]
+        assert row["ran_as"] == "fp32-eager-" + row["variant"].split("-")[2]  # a CPU smoke run: eager, same data
+    assert report["example_batch128_img_s"] > 0 and report["compute_ceiling_img_s"]["bf16"] > 0
+    top = report["profile"]["top"]
+    assert top and sum(r["share"] for r in top) <= 1.0 and all(r["calls"] > 0 for r in top)
+    quality = report["quality"]
+    assert quality["arch"] == "conv" and quality["k"] == 4 and quality["test_images"] == 64
+    assert 0 < quality["test_nll_nats"] < 1000
+    assert "| 32 | bf16-graphs-streamed-cl |" in result.stdout and "SMOKE" in result.stdout
+
+
+def test_gpu_suite_table_names_failed_and_skipped_parts():
+    """A part that failed on the device is named in the printed table, and a missing quality run is no crash."""
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench/gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    report = {"device": "H100", "torch": "2.x", "smoke": False, "example_batch128_img_s": 15000,
+              "compute_ceiling_img_s": {"bf16": 2_500_000},
+              "matrix": [{"batch": 16384, "variant": "bf16-compiled-resident-cl", "ours_img_s": 800_000,
+                          "bare_img_s": 900_000, "ours_over_bare": 0.889, "ours_over_example": 53.3,
+                          "fraction_of_bf16_ceiling": 0.32}],
+              "skipped": ["batch 32768 bf16-compiled-resident-cl: over budget"],
+              "errors": {"ours 16384 bf16-graphs-resident-cl": "RuntimeError: trace\nCUDA graphs: overwritten"}}
+    text = suite.table(report)
+    assert "| 16,384 | bf16-compiled-resident-cl | 800,000 | 900,000 | 0.889 | 53.3x | 0.32 |" in text
+    assert "FAILED ours 16384 bf16-graphs-resident-cl: CUDA graphs: overwritten" in text
+    assert "skipped: batch 32768" in text and "quality" not in text and "SMOKE" not in text

@@ -209,3 +209,37 @@ def test_step_returns_the_closures_loss_computed_with_gradients(optimizer):
     first, second = float(opt.step(closure).detach()), float(opt.step(closure).detach())
     assert second < first
     assert opt.step() is None
+
+
+def _adam_run(name, **kernels):
+    """Twelve steps of torch's Adam/AdamW on a small conv net with the given kernel options; the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=0.1, **kernels)
+    for step in range(12):
+        x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_step_kernels_give_the_per_tensor_result_on_a_cpu(name):
+    from vae.optim import step_kernels
+
+    assert step_kernels(name, "cpu") == {"foreach": True} and step_kernels(name, "cuda:0") == {"fused": True}
+    loop = _adam_run(name, foreach=False)
+    assert not torch.equal(loop[0], _adam_run("adam" if name == "adamw" else "adamw", foreach=False)[0])
+    for a, b in zip(loop, _adam_run(name, **step_kernels(name, "cpu")), strict=True):
+        assert torch.equal(a, b)  # foreach: the CPU path unchanged, to the bit
+    for a, b in zip(loop, _adam_run(name, fused=True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fused (CUDA's choice; its CPU kernel here)
+
+
+@pytest.mark.parametrize("name", ["lamb", "muon", "sgd"])
+def test_step_kernels_leave_other_optimisers_alone(name):
+    from vae.optim import step_kernels
+
+    assert step_kernels(name, "cuda") == {} and step_kernels(name, "cpu") == {}

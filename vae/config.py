@@ -399,6 +399,10 @@ class TrainSection(_Section):
         None, gt=0, lt=1, description="Keep an EMA of the weights (e.g. 0.999) for evaluation and the registry."
     )
     compile: bool = Field(False, description="torch.compile the model (inductor).")
+    cuda_graphs: bool = Field(
+        False, description="Replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead): fewer "
+        "kernel launches per step. Needs train.compile true and a CUDA device; refused on a CPU."
+    )
     channels_last: bool = Field(False, description="Channels-last memory format for conv models.")
     max_nonfinite_steps: int = Field(
         10, gt=0, description="Steps with non-finite gradients are skipped; stop after this many in a row."
@@ -415,6 +419,13 @@ class TrainSection(_Section):
     retries: int = Field(
         2, ge=0, description="Flow retries of a failed or preempted launch; each resumes from the last checkpoint."
     )
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> TrainSection:
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("train.cuda_graphs replays the compiled step: set train.compile true as well, or "
+                             "train.cuda_graphs false")
+        return self
 
 
 class TrackingSection(_Section):

@@ -37,8 +37,9 @@ from vae import checkpoint, finalize, tracking
 from vae.config import RunConfig, dump
 from vae.data import build_loaders, to_input
 from vae.errors import TrainingError
+from vae.graphs import compile_options
 from vae.objective import build_objective
-from vae.optim import Lamb, MuonAdamW
+from vae.optim import Lamb, MuonAdamW, step_kernels
 from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
 from vae.spec import build_from_spec, model_options, spec_of
@@ -172,7 +173,8 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.train.compile:
-            model.compile()  # in place: state_dict keys stay as they are, checkpoints stay portable
+            # in place: state_dict keys stay as they are, checkpoints stay portable
+            model.compile(**compile_options(cfg.train.cuda_graphs, self.device, TrainingError))
         self.objective = build_objective(cfg)
         models = self.objective.models(model)
         if len(models) > 1 and accelerator.mixed_precision == "fp16":
@@ -206,7 +208,8 @@ class Trainer:
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return OPTIMIZERS[o.name](model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return OPTIMIZERS[o.name](model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay,
+                                  **step_kernels(o.name, self.device))
 
     @property
     def model(self) -> torch.nn.Module:

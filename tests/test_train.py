@@ -165,10 +165,13 @@ def weights(tmp_path, run):
     return load_file(newest / "model.safetensors")
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "lamb", "muon"])
+@pytest.mark.parametrize("optimizer", ["adam", "lamb", "muon", "adam+deferred"])
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, digits_shards, mlflow_uri, optimizer):
+    # "+deferred": the step checks on the device, flags (the preemption too) read one step late (vae/step_guard.py)
+    name, _, deferred = optimizer.partition("+")
     args = ["--train.epochs", "1", "--train.batch_size", "16", "--train.ema_decay", "0.9",
-            "--optim.warmup_steps", "10", "--optim.schedule", "cosine", "--optim.name", optimizer]
+            "--optim.warmup_steps", "10", "--optim.schedule", "cosine", "--optim.name", name,
+            "--train.deferred_step_check", str(bool(deferred)).lower()]
     whole = run(direct(tmp_path, digits_shards, "whole", *args), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
@@ -196,10 +199,11 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, digits_shar
         assert torch.equal(expected[name], got[name]), name  # bit for bit, not merely close
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, digits_shards, mlflow_uri):
+@pytest.mark.parametrize("deferred", ["false", "true"])
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, digits_shards, mlflow_uri, deferred):
     # lr 1e30: the first update blows the weights up, every later gradient is NaN or inf
-    result = run(direct(tmp_path, digits_shards, "run", "--optim.lr", "1e30", "--train.max_nonfinite_steps", "3"),
-                 cwd=tmp_path)
+    result = run(direct(tmp_path, digits_shards, "run", "--optim.lr", "1e30", "--train.max_nonfinite_steps", "3",
+                        "--train.deferred_step_check", deferred), cwd=tmp_path)
     assert result.returncode == 1
     assert "3 optimiser steps in a row had non-finite gradients" in result.stderr
     assert "lower optim.lr, set optim.grad_clip" in result.stderr

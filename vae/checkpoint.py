@@ -52,7 +52,7 @@ UNLOADABLE_PREFIX = "unloadable-"  # a checkpoint skipped on resume is moved asi
 # order, the model, the optimiser nor the schedule of the steps already taken. A name ending in "." is a prefix.
 RESUMABLE_CHANGES = (
     "train.epochs", "train.log_every", "train.resume", "train.retries", "train.keep_checkpoints",
-    "train.output_dir", "train.expected_world_size", "train.cuda_graphs", "tracking.",
+    "train.output_dir", "train.expected_world_size", "train.cuda_graphs", "train.deferred_step_check", "tracking.",
 )
 
 

@@ -403,6 +403,11 @@ class TrainSection(_Section):
         False, description="Replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead): fewer "
         "kernel launches per step. Needs train.compile true and a CUDA device; refused on a CPU."
     )
+    deferred_step_check: bool | None = Field(
+        None, description="Skip non-finite steps on the device and read the flags (and a preemption) one step "
+        "late, so an optimiser step needs no host sync; None: on a CUDA device (without fp16's scaler, which skips "
+        "on its own), off elsewhere, where a sync costs nothing. The same skips and counts either way."
+    )
     channels_last: bool = Field(False, description="Channels-last memory format for conv models.")
     max_nonfinite_steps: int = Field(
         10, gt=0, description="Steps with non-finite gradients are skipped; stop after this many in a row."

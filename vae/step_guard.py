@@ -142,6 +142,11 @@ class DeviceStepGuard:
         self.guard.record(nonfinite, step)
         return stop
 
+    @property
+    def total(self) -> int:
+        """Skipped steps so far, as far as read (flush first for the last one)."""
+        return self.guard.total
+
     def state_dict(self) -> dict[str, int]:
         """The synchronous guard's state; refused while a step is unread (flush first, or it would be lost)."""
         if self._pending is not None:

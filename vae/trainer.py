@@ -43,6 +43,7 @@ from vae.optim import Lamb, MuonAdamW, step_kernels
 from vae.preemption import PREEMPTED_EXIT, Preemption
 from vae.schedule import lr_at, scaled_lr
 from vae.spec import build_from_spec, model_options, spec_of
+from vae.step_guard import DeviceStepGuard, masked, masked_step, nonfinite_flags
 
 __all__ = ["PREEMPTED_EXIT", "Trainer", "TrainingError", "model_options", "train"]
 
@@ -194,6 +195,13 @@ class Trainer:
                          for name, m in self.models.items()}
         # Not registered with Accelerate, which would pickle them: `save` and `load` keep them in JSON.
         self.progress, self.guard = checkpoint.TrainProgress(), StepGuard(cfg.train.max_nonfinite_steps)
+        # fp16's scaler skips overflowing steps itself and must see them, so it keeps the synchronous check
+        self.fp16_scaler = accelerator.scaler is not None
+        deferred = cfg.train.deferred_step_check
+        self.deferred = (self.device.type == "cuda" if deferred is None else deferred) and not self.fp16_scaler
+        if self.deferred:  # flags read one step late (vae/step_guard.py): no host sync per optimiser step
+            self.guard = DeviceStepGuard(self.guard)
+        self.stop_requested = False  # a rank was asked to stop (preemption); with `deferred`, known a step late
 
         # ---- schedule: pure functions of the optimiser step
         self.accumulation = cfg.train.gradient_accumulation_steps
@@ -201,7 +209,6 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.fp16_scaler = accelerator.scaler is not None  # the scaler skips overflowing steps itself: it must see them
         self.run_id, self.journal = None, None
         self.lr, self.grad_norms = 0.0, {}
         self._reset_running()
@@ -320,7 +327,6 @@ class Trainer:
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = self.lr * self.objective.lr_scale(name)
-        stop = False
         with accelerator.accumulate(*self.models.values()):
             sums = self.objective.step(self.models, x, progress.global_step, accelerator.backward)
             if accelerator.sync_gradients:
@@ -330,24 +336,55 @@ class Trainer:
                 clip = self.cfg.optim.grad_clip or math.inf
                 self.grad_norms = {name: torch.nn.utils.clip_grad_norm_(list(m.parameters()), clip)
                                    for name, m in self.models.items()}
-                # The one host sync per optimiser step: whether to step, and whether any rank must stop.
-                nonfinite = torch.stack([~torch.isfinite(n) for n in self.grad_norms.values()]).any().float()
-                flags = torch.stack([nonfinite, torch.tensor(float(self.preemption.requested), device=self.device)])
-                nonfinite, stop = (accelerator.reduce(flags, "sum") if self.world > 1 else flags).gt(0).tolist()
-                if self.fp16_scaler or not nonfinite:
-                    for optimizer in self.optimizers.values():
-                        optimizer.step()
-                skipped = accelerator.optimizer_step_was_skipped if self.fp16_scaler else nonfinite
-                self.guard.record(skipped, progress.global_step)
-                if not skipped:
-                    for name, ema in self.emas.items():
-                        ema.update_parameters(accelerator.unwrap_model(self.models[name]))
+                if self.deferred:
+                    self.step_on_device()
+                else:
+                    self.step_synchronously()
                 progress.global_step += 1
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
         self.running += sums.double()
         self.seen += len(x)
-        return stop
+        return self.stop_requested
+
+    def step_synchronously(self) -> None:
+        """One host sync: whether to step (gradients finite on every rank) and whether any rank must stop."""
+        accelerator = self.accelerator
+        nonfinite = torch.stack([~torch.isfinite(n) for n in self.grad_norms.values()]).any().float()
+        flags = torch.stack([nonfinite, torch.tensor(float(self.preemption.requested), device=self.device)])
+        nonfinite, stop = (accelerator.reduce(flags, "sum") if self.world > 1 else flags).gt(0).tolist()
+        if self.fp16_scaler or not nonfinite:
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+        skipped = accelerator.optimizer_step_was_skipped if self.fp16_scaler else nonfinite
+        self.guard.record(skipped, self.progress.global_step)
+        if not skipped:
+            for name, ema in self.emas.items():
+                ema.update_parameters(accelerator.unwrap_model(self.models[name]))
+        self.stop_requested = self.stop_requested or bool(stop)
+
+    def step_on_device(self) -> None:
+        """The same skip decided on the device: every optimiser and EMA changes nothing where any model's gradients
+        are not finite on any rank; the flags reach the host one step late (`check`)."""
+        accelerator = self.accelerator
+        # a sum of norms is non-finite exactly when one of them is
+        flags = nonfinite_flags(torch.stack(list(self.grad_norms.values())).sum(), self.preemption.requested)
+        if self.world > 1:
+            flags = accelerator.reduce(flags, "sum")  # an all-reduce on the device: no host sync
+        bad = flags[0]
+        for optimizer in self.optimizers.values():
+            masked_step(optimizer, bad)
+        for name, ema in self.emas.items():
+            module = accelerator.unwrap_model(self.models[name])
+            masked(bad, lambda ema=ema, module=module: ema.update_parameters(module),
+                   lambda ema=ema: [*ema.parameters(), *ema.buffers()])
+        self.stop_requested = self.guard.advance(flags, self.progress.global_step) or self.stop_requested
+
+    def check(self) -> bool:
+        """Read the last step's deferred flags (counting a skip, raising at the limit); whether to stop."""
+        if self.deferred:
+            self.stop_requested = self.guard.flush() or self.stop_requested
+        return self.stop_requested
 
     def log_due(self) -> bool:
         """Every train.log_every optimiser steps, and at the epoch's last batch: the same answer on every rank."""
@@ -356,6 +393,7 @@ class Trainer:
 
     def log_training(self) -> None:
         """Means since the last log (a host sync and an all-reduce: every rank reaches this at the same step)."""
+        self.check()  # the skipped-step count below includes the last step
         totals = self.accelerator.reduce(torch.cat([self.running, self.running.new_tensor([self.seen])]), "sum")
         *sums, n = totals.tolist()
         metrics = {f"train/{name}": s / n for name, s in zip(self.objective.metrics, sums, strict=True)}
@@ -401,6 +439,7 @@ class Trainer:
 
     def save(self, reason: str, val: dict[str, float] | None = None) -> Path:
         accelerator, main, output_dir, progress = self.accelerator, self.main, self.output_dir, self.progress
+        self.check()  # a deferred last step is counted before the guard's state is written
         checksums = accelerator.gather(param_checksum(list(self.models.values())).reshape(1)).tolist()
         if len(set(checksums)) != 1:
             raise TrainingError(f"the ranks' weights diverged by step {progress.global_step}: checksums {checksums}")
@@ -492,10 +531,10 @@ def train(cfg: RunConfig) -> None:
     trainer.start()
     for epoch in range(trainer.progress.epoch, cfg.train.epochs):
         for x in trainer.batches(epoch):
-            stop = trainer.step(x)
-            if trainer.log_due():
+            trainer.step(x)
+            if trainer.log_due():  # always at the epoch's last batch, which also reads a deferred last step
                 trainer.log_training()
-            if stop:  # after the log above: a preempted step that is due to be logged is logged
+            if trainer.stop_requested:  # after the log above: a preempted step that is due to be logged is logged
                 trainer.preempted()
         val = trainer.validate()
         trainer.progress.epoch = epoch + 1

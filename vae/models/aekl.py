@@ -64,6 +64,9 @@ def folder_config(folder: str | Path) -> dict:
     return data
 
 
+FOLDER_FIELDS = {"channels", "layers_per_block", "latent_dim", "norm_groups", "attention"}  # what a folder fixes
+
+
 def section_from_folder(data: dict) -> dict:
     """The aekl section fields a diffusers config describes (what `AeklSection` fills in from `pretrained`)."""
     return {"channels": list(data["block_out_channels"]), "layers_per_block": data["layers_per_block"],

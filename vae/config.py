@@ -262,8 +262,10 @@ class AeklSection(_ArchSection):
         """Fill the architecture from the pretrained folder's config.json; refuse a given value that disagrees."""
         if not isinstance(data, dict) or data.get("pretrained") in (None, ""):
             return data
-        from vae.models.aekl import folder_config, section_from_folder
+        from vae.models.aekl import FOLDER_FIELDS, folder_config, section_from_folder
 
+        if not Path(data["pretrained"]).exists() and FOLDER_FIELDS <= set(data):
+            return data  # a saved config (meta.json) read where the folder is not: it was filled in already
         folder = section_from_folder(folder_config(data["pretrained"]))
         clash = [f"model.{k} {data[k]!r} (the folder has {v!r})" for k, v in folder.items()
                  if k in data and (list(data[k]) if isinstance(data[k], tuple | list) else data[k]) != v]

@@ -26,6 +26,7 @@ from mlflow.models import Model, infer_signature
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vae.aekl_export import export_diffusers, portable_spec
 from vae.mlflow_model import PARAMS, ServingLimits
 from vae.spec import build_from_spec, model_spec  # noqa: F401 - the spec's home; imported from here too
 
@@ -37,6 +38,7 @@ NLL_TAG = "val_nll"
 NONFINITE_TAG = "val_nll_nonfinite"  # why a version has no val_nll: its NLL was NaN or infinite; it never competes
 ALIAS_ROUNDS = 20  # a round is two reads and any writes; two concurrent registrars settle in two or three
 REQUIREMENTS = ("torch", "safetensors", "numpy", "mlflow")
+DIFFUSERS_ARTIFACT = "diffusers"  # an aekl model's diffusers folder (config.json + safetensors)
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,18 @@ def _model_code(dst: Path) -> Path:
     return package
 
 
-def _requirements() -> list[str]:
+def _requirements(model: nn.Module) -> list[str]:
     # Pinned to what produced the model, without the local tag: a "+cpu" torch pin would refuse CUDA builds.
-    return [f"{name}=={installed_version(name).split('+')[0]}" for name in REQUIREMENTS]
+    # An architecture built on another library names it in `requirements` (aekl: diffusers).
+    names = (*REQUIREMENTS, *getattr(model, "requirements", ()))
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 
 def _pyfunc_kwargs(model: nn.Module, spec: dict, tmp: Path, input_example: np.ndarray | None,
                    limits: ServingLimits | None) -> dict[str, Any]:
     """The arguments `mlflow.pyfunc.log_model` and `save_model` share for `model`, its files written in `tmp`."""
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    spec = portable_spec(spec)  # a pretrained folder is in the weights now, and only on the training machine
     # Rebuilding from the spec checks, before anything is logged, that spec and weights agree.
     packaged = build_from_spec(spec)
     packaged.load_state_dict(weights)
@@ -73,14 +78,18 @@ def _pyfunc_kwargs(model: nn.Module, spec: dict, tmp: Path, input_example: np.nd
         input_example = np.random.default_rng(0).random((2, *spec["image_shape"]), dtype=np.float32)
     save_file(weights, tmp / "weights.safetensors")
     (tmp / "config.json").write_text(json.dumps(spec, indent=2))
+    artifacts = {"config": str(tmp / "config.json"), "weights": str(tmp / "weights.safetensors")}
+    if getattr(packaged, "vae", None) is not None:  # aekl: the diffusers folder rides along (models pull --format)
+        packaged.load_state_dict(weights)
+        artifacts[DIFFUSERS_ARTIFACT] = str(export_diffusers(packaged, tmp / "diffusers", spec.get("latent_stats")))
     return dict(
         python_model=str(MODEL_CODE),
-        artifacts={"config": str(tmp / "config.json"), "weights": str(tmp / "weights.safetensors")},
+        artifacts=artifacts,
         code_paths=[str(_model_code(tmp / "code"))],
         # Params only: the input's shape depends on the mode (see vae/mlflow_model.py), which checks it itself.
         signature=infer_signature(params=PARAMS),
         input_example=np.array(input_example, dtype=np.float32),
-        pip_requirements=_requirements(),
+        pip_requirements=_requirements(packaged),
         # Every limit written out, even the defaults: MLflow's load-time overrides (load_model's model_config,
         # MLFLOW_PYFUNC_INFERENCE_CONFIG) only replace keys the logged config has.
         model_config=(limits or ServingLimits()).model_dump(),

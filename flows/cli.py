@@ -93,7 +93,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                        "server of `vaepipe serve` here, else sqlite:///<working directory>/mlflow.db)")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[store],
-                               help="every registered model: versions, aliases, val_nll/val_elbo/val_bpd")
+                               help="every registered model: versions, aliases, headline tags (val_nll, val_psnr, ...)")
     pull = models_commands.add_parser(
         "pull", parents=[store],
         help="download a model (MLmodel, weights.safetensors, config.json, code) into a new directory",

@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 
 from vae.registry import CHAMPION
 
-HEADLINE_TAGS = ("val_nll", "val_elbo", "val_bpd", "git_commit")  # shown by `list`; registry and finalize set them
+# shown by `list`; registry and finalize set them (val_psnr, val_ssim: aekl)
+HEADLINE_TAGS = ("val_nll", "val_elbo", "val_bpd", "val_psnr", "val_ssim", "git_commit")
 
 
 class ModelStoreError(ValueError):

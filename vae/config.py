@@ -189,6 +189,7 @@ class _ArchSection(_Section):
     them against vae.models), so a field another architecture takes is refused instead of ignored."""
 
     objective: ClassVar[str] = "elbo"  # what the trainer minimises for this architecture (vae/objective.py)
+    name_prefix: ClassVar[str] = "vae"  # the default registered name is <prefix>-<source name>
     arch: str = Field(description="Architecture from vae.models (each subclass narrows it to its own name).")
     latent_dim: int = Field(2, gt=0, description="Size of z (2 gives the manifold plot).")
 
@@ -237,6 +238,7 @@ class HVAESection(_ArchSection):
 
 class AeklSection(_ArchSection):
     objective: ClassVar[str] = "aekl"  # LDM's loss with a PatchGAN discriminator (vae/objective.py)
+    name_prefix: ClassVar[str] = "aekl"  # its versions compete on PSNR, never with the ELBO family's NLL
     arch: Literal["aekl"] = Field(description="diffusers' AutoencoderKL (the VAE of SD/SDXL/FLUX): spatial latents "
                                   "(latent_dim, H/f, W/f), exportable as a diffusers folder.")
     latent_dim: int = Field(4, gt=0, description="Latent channels: 4 (SD, SDXL) or 16 (SD3, FLUX).")
@@ -430,7 +432,8 @@ class TrackingSection(_Section):
         "and plots in output_dir, log and register the model), evaluate (only save; the flow logs and registers), "
         "none. true and false mean register and none."
     )
-    model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
+    model_name: str | None = Field(None, description="Registered model name; default vae-<source name> "
+                                   "(aekl-<source name> for model.arch aekl).")
     system_metrics: bool = Field(
         True, description="Log CPU, memory, disk, network (and GPU, with the gpu extra) figures to the run as "
         "system/* metrics, through MLflow's own monitor on rank 0; sampled every "
@@ -499,7 +502,7 @@ class RunConfig(_Section):
 
     @property
     def model_name(self) -> str:
-        return self.tracking.model_name or f"vae-{self.source.name}"
+        return self.tracking.model_name or f"{type(self.model).name_prefix}-{self.source.name}"
 
 
 def _describe(err: ValidationError) -> str:

@@ -35,7 +35,7 @@ from vae.config import RunConfig
 from vae.data import to_input
 from vae.errors import TrainingError
 from vae.losses import unwrap
-from vae.objective import FinalEvaluation, Objective, build_objective
+from vae.objective import FinalEvaluation, Objective, build_objective, objective_class
 from vae.spec import checkpoint_spec, load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when vaepipe runs from one
@@ -97,7 +97,7 @@ def save_evaluation(cfg: RunConfig, objective: Objective, result: FinalEvaluatio
     champion = objective.champion
     details = {**result.details, "global_step": global_step, "nonfinite": result.nonfinite, "model_spec": spec,
                "model_name": cfg.model_name, "champion": champion.tag,
-               "tags": version_tags(cfg, result.metrics, objective.version_tags(result.metrics))}
+               "tags": version_tags(cfg, result.metrics)}
     (run_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))  # NaN stays NaN (json reads it)
     (run_dir / DETAILS_FILE).write_text(json.dumps(details, indent=2))
 
@@ -145,11 +145,11 @@ def config_sha256(cfg: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def version_tags(cfg: RunConfig, metrics: dict[str, float], headline: dict[str, str]) -> dict[str, str]:
-    """The registered version's provenance and the objective's `headline` metric tags; the champion's metric is
-    the registry's own tag (`vae.registry.Criterion.tag`)."""
+def version_tags(cfg: RunConfig, metrics: dict[str, float]) -> dict[str, str]:
+    """The registered version's provenance and its objective's headline metric tags (ELBO family: val_elbo,
+    val_bpd); the champion's metric is the registry's own tag (`vae.registry.Criterion.tag`)."""
     return {
-        **headline,
+        **objective_class(cfg).version_tags(metrics),
         "shard_index_sha256": pipeline.index_sha256(cfg.shard_dir, cfg.ingest.storage_options),
         "git_commit": git_commit(),
         "config_sha256": config_sha256(cfg),

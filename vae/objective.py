@@ -59,13 +59,18 @@ def register(name: str):
     return add
 
 
-def build_objective(cfg: RunConfig) -> Objective:
-    """The objective cfg.model's section names; an unknown one raises listing the registered ones."""
+def objective_class(cfg: RunConfig) -> type[Objective]:
+    """The class of the objective cfg.model's section names; an unknown one raises listing the registered ones."""
     name = type(cfg.model).objective
     if name not in OBJECTIVES:
         raise ValueError(f"model.arch {cfg.model.arch!r} trains with objective {name!r}, which is not registered; "
                          f"registered: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](cfg)
+    return OBJECTIVES[name]
+
+
+def build_objective(cfg: RunConfig) -> Objective:
+    """The objective cfg.model's section names (built: aekl's loads its LPIPS weights)."""
+    return objective_class(cfg)(cfg)
 
 
 @dataclass
@@ -141,7 +146,8 @@ class Objective:
         """Rank 0: the plots into `out`, from `model` on the CPU and `x`, the first validation inputs of rank 0."""
         raise NotImplementedError
 
-    def version_tags(self, metrics: dict[str, float]) -> dict[str, str]:
+    @classmethod
+    def version_tags(cls, metrics: dict[str, float]) -> dict[str, str]:
         """The registered version's headline figures as tags (floats as repr: they round-trip exactly)."""
         return {}
 
@@ -210,7 +216,8 @@ class ELBOObjective(Objective):
         if model.latent_size == 2:
             plots.manifold(model, out / "manifold.png")
 
-    def version_tags(self, metrics: dict[str, float]) -> dict[str, str]:
+    @classmethod
+    def version_tags(cls, metrics: dict[str, float]) -> dict[str, str]:
         return {"val_elbo": repr(float(metrics["val/elbo"])), "val_bpd": repr(float(metrics["val/bpd"]))}
 
 
@@ -324,6 +331,7 @@ class AeklObjective(Objective):
 
         reconstruction_grid(model, x, out / "reconstructions.png", n=8)  # full resolution
 
-    def version_tags(self, metrics: dict[str, float]) -> dict[str, str]:
+    @classmethod
+    def version_tags(cls, metrics: dict[str, float]) -> dict[str, str]:
         return {k.replace("/", "_"): repr(float(metrics[k]))  # val_psnr is the registry's own tag
                 for k in ("val/ssim", "val/lpips", "val/scaling_factor", "val/shift_factor") if k in metrics}

@@ -93,7 +93,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                        "server of `vaepipe serve` here, else sqlite:///<working directory>/mlflow.db)")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     models_commands.add_parser("list", parents=[store],
-                               help="every registered model: versions, aliases, val_nll/val_elbo/val_bpd")
+                               help="every registered model: versions, aliases, headline tags (val_nll, val_psnr, ...)")
     pull = models_commands.add_parser(
         "pull", parents=[store],
         help="download a model (MLmodel, weights.safetensors, config.json, code) into a new directory",
@@ -104,6 +104,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     pull.add_argument("ref", metavar="NAME[@ALIAS]", help="e.g. vae-digits, vae-digits@challenger, vae-digits/3, "
                       "or MLflow's models:/vae-digits@champion")
     pull.add_argument("dest", metavar="DIR", type=Path, help="destination directory (missing or empty)")
+    pull.add_argument("--format", choices=("mlflow", "diffusers"), default="mlflow",
+                      help="mlflow: the whole MLflow model; diffusers: only an aekl model's diffusers folder "
+                      "(config.json + diffusion_pytorch_model.safetensors), for AutoencoderKL.from_pretrained(DIR)")
     return root, with_config
 
 
@@ -193,6 +196,11 @@ def models(args: argparse.Namespace) -> int:
     try:
         if args.models_command == "list":
             print(model_store.format_table(model_store.list_models(uri)) or f"no registered models at {uri}")
+            return 0
+        if args.format == "diffusers":
+            name, version, dest = model_store.pull_diffusers(args.ref, args.dest, uri)
+            print(f"pulled {name} version {version}'s diffusers folder into {dest}\nload it: "
+                  f"diffusers.AutoencoderKL.from_pretrained({str(dest)!r})")
             return 0
         name, version, dest = model_store.pull_model(args.ref, args.dest, uri)
     except (model_store.ModelStoreError, MlflowException) as err:

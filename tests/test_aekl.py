@@ -86,6 +86,12 @@ def test_pretrained_folder_fills_the_section_and_loads_its_weights(tmp_path):
         validate({"model": {"arch": "aekl", "pretrained": str(tmp_path)}})
     with pytest.raises(ValueError, match=r"in_channels=3, the model section or data asks for 1"):
         build_model("aekl", (1, 32, 32), 4, **options)
+    # the resolved config, saved beside a checkpoint, still validates where the folder is gone
+    saved = cfg.model_dump(mode="json")
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    assert validate(saved).model == cfg.model
 
 
 def test_decoder_only_fine_tuning_keeps_encoder_and_latents_bit_equal():

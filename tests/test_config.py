@@ -13,6 +13,15 @@ def test_preset_and_overrides():
     assert cfg.model_name == "vae-digits"
 
 
+def test_aekl_registers_under_its_own_default_name():
+    """aekl competes on PSNR: under the ELBO family's default name its registration would be refused."""
+    cfg = load_config(REPO / "infra/configs/digits.yaml", ["--model.arch", "aekl", "--loss.likelihood", "gaussian"])
+    assert cfg.model_name == "aekl-digits"
+    named = load_config(REPO / "infra/configs/digits.yaml", ["--model.arch", "aekl", "--loss.likelihood",
+                                                             "gaussian", "--tracking.model_name", "mine"])
+    assert named.model_name == "mine"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -121,7 +121,9 @@ def test_mig_is_high_for_axis_aligned_factors_and_low_otherwise():
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_pictures_are_drawn_for_every_architecture(arch, tmp_path):
     torch.manual_seed(0)
-    model = build_model(arch, (1, 8, 8), 3, **({"width": 8} if arch in ("hvae", "resnet") else {})).eval()
+    small = {"hvae": {"width": 8}, "resnet": {"width": 8},
+             "aekl": {"channels": (4, 4, 4), "norm_groups": 2, "layers_per_block": 1}}.get(arch, {})
+    model = build_model(arch, (1, 8, 8), 3, **small).eval()
     x = torch.rand(8, 1, 8, 8)
     files = [
         plots.temperatures(model, tmp_path / "temperatures.png"),

@@ -146,7 +146,9 @@ def test_json_schema_and_prefect_deployment_parameters():
     default = schema["properties"]["config"]["default"]
     assert default["model"] == {"arch": "conv", "latent_dim": 2}
     for good in ({}, {"config": default}, {"config": {"model": {"latent_dim": 4}}},
-                 {"config": {"model": {"arch": "resnet", "width": 64}}}):
+                 {"config": {"model": {"arch": "resnet", "width": 64}}},
+                 {"config": {"model": {"arch": "aekl", "channels": [8, 16, 16], "norm_groups": 4},
+                             "loss": {"likelihood": "gaussian", "aekl": {"kl_weight": 1e-5, "disc_weight": 0.5}}}}):
         assert validate_schema(good, schema) == [], good
     bad = {"config": {"model": {"arch": "mlp", "width": 64}}}
     assert validate_schema(bad, schema)

@@ -16,7 +16,7 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from vae.models import MODELS
-from vae.registry import build_from_spec, load_torch_model, log_model, model_spec, register
+from vae.registry import PSNR, build_from_spec, load_torch_model, log_model, model_spec, register
 from vae.tracking import ensure_experiment
 
 pytestmark = pytest.mark.server
@@ -123,6 +123,25 @@ def test_champion_moves_only_to_a_strictly_better_nll_and_challenger_to_every_ne
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags == {"val_nll": "90.0", "val_elbo": "-95.5", "git_commit": "abc"}
     assert client.get_run(run_id).data.tags["registered_model_version"] == f"{name}/4"
+
+
+def test_a_higher_is_better_criterion_crowns_the_highest_psnr_and_refuses_mixing_with_the_nll(logged):
+    """aekl competes on val/psnr (tag val_psnr), where higher is better: the NLL's direction would crown the
+    worst; and a PSNR cannot be compared with a champion holding an NLL."""
+    _, run_id, uri = logged
+    name = unique_name()
+    client = mlflow.MlflowClient()
+    assert register(uri, name, 20.0, run_id, criterion=PSNR).champion
+    lower = register(uri, name, 19.5, run_id, criterion=PSNR)
+    assert (lower.champion, lower.previous_champion_nll) == (False, 20.0)
+    higher = register(uri, name, 21.0, run_id, criterion=PSNR)
+    assert higher.champion and client.get_registered_model(name).aliases == {"champion": "3", "challenger": "3"}
+    assert client.get_model_version(name, "3").tags == {"val_psnr": "21.0"}
+    elbo = unique_name()
+    register(uri, elbo, val_nll=100.0, run_id=run_id)
+    with pytest.raises(ValueError, match=r"competes on val/nll_iwae .* on val/psnr .*\(--tracking.model_name\)"):
+        register(uri, elbo, 30.0, run_id, criterion=PSNR)
+    assert len(client.search_model_versions(f"name='{elbo}'")) == 1  # refused before registering
 
 
 def test_versions_registered_by_hand_do_not_compete(logged):
@@ -259,6 +278,8 @@ ROUND_TRIP = {
     "conv": model_spec("conv", (1, 8, 8), 2, likelihood="gaussian_learned"),
     "resnet": model_spec("resnet", (3, 8, 8), 3, width=8, likelihood="logistic_mixture", mixtures=2),
     "hvae": model_spec("hvae", (3, 8, 8), 2, width=8, groups=2, likelihood="logistic_mixture", mixtures=2),
+    "aekl": model_spec("aekl", (3, 8, 8), 4, channels=[4, 4, 4], layers_per_block=1, norm_groups=2, attention=False,
+                       likelihood="gaussian"),
 }
 
 
@@ -284,7 +305,8 @@ def test_every_architecture_reloads_with_identical_outputs(arch, mlflow_uri):
                     "decode": model.decode(torch.from_numpy(u)).numpy()}
     pyfunc = mlflow.pyfunc.load_model(uri)
     np.testing.assert_array_equal(pyfunc.predict(x), expected["reconstruct"])
-    np.testing.assert_array_equal(pyfunc.predict(x, params={"mode": "encode"}), expected["encode"])
+    # (aekl's encode keeps its latents spatial: (N, c, h, w))
+    np.testing.assert_array_equal(pyfunc.predict(x, params={"mode": "encode"}).reshape(len(x), -1), expected["encode"])
     np.testing.assert_array_equal(pyfunc.predict(u, params={"mode": "decode"}), expected["decode"])
     loaded = load_torch_model(uri)
     assert type(loaded) is type(model) and loaded.head == model.head

@@ -1,23 +1,32 @@
 """`aekl` through the trainer (vae/objective.py AeklObjective): every loss on (L1, KL, LPIPS with random backbone
 weights, the PatchGAN discriminator from step 1 with the adaptive weight), both optimisers and EMAs in the
-checkpoints, and exact resume after SIGTERM. A tiny AutoencoderKL on 32-px crops of scikit-learn's photos, CPU."""
+checkpoints, and exact resume after SIGTERM; the post-training path (aekl evaluation, registration on PSNR, the
+diffusers folder pulled and loaded by diffusers alone); decoder-only fine-tuning from a diffusers folder. A tiny
+AutoencoderKL on 32-px crops of scikit-learn's photos, CPU."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import BIN, run
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import pipeline
 from vae import checkpoint, objective
 from vae.config import load_config
 from vae.preemption import PREEMPTED_EXIT
+from vae.spec import load_checkpoint
 
 SIDE = 32  # px; 32 train crops in batches of 16: two optimiser steps per epoch
 
@@ -134,3 +143,89 @@ def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg
     assert any(k.startswith("model_1.safetensors:") and "running_mean" in k for k in expected)  # BatchNorm stats
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+# Run in a fresh interpreter, with diffusers alone: load the folder and reconstruct x.npy into out.npy.
+RECONSTRUCT = """
+import sys, numpy as np, torch
+from diffusers import AutoencoderKL
+vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    out = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
+np.save(sys.argv[3], ((out + 1) / 2).clamp(0, 1).numpy())
+"""
+
+
+def validation_images(shards: Path) -> np.ndarray:
+    """The 16 validation crops as the model sees them: float32 (N, 3, 32, 32) in [0, 1]."""
+    return (np.load(shards.parent / "test.npy").transpose(0, 3, 1, 2) / 255).astype(np.float32)
+
+
+def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_reconstructs_as_logged(
+        tmp_path, photo_shards, vgg_weights, tracking_uri):
+    name = f"aekl-e2e-{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "run"
+    with in_process(tracking_uri):
+        train(config(photo_shards, out, vgg_weights, "--train.epochs", "1", "--tracking.finalize", "register",
+                     "--tracking.model_name", name))
+    metrics = json.loads((out / "metrics.json").read_text())
+    details = json.loads((out / "evaluation.json").read_text())
+    # the aekl evaluation, not the ELBO's: PSNR/SSIM, LPIPS (local, random weights here), latent statistics
+    assert "val/nll_iwae" not in metrics and {"val/psnr", "val/ssim", "val/lpips"} <= metrics.keys()
+    assert {f"val/latent_std/{c}" for c in range(4)} <= metrics.keys() and metrics["val/scaling_factor"] > 0
+    assert ("val/rfid" in metrics) != ("val/rfid" in details["absent"])  # measured, or said why not
+    assert details["champion"] == "val_psnr"
+    stats = details["model_spec"]["latent_stats"]
+    assert (stats["scaling_factor"], stats["shift_factor"]) == (metrics["val/scaling_factor"],
+                                                                metrics["val/shift_factor"])
+    with Image.open(out / "plots" / "reconstructions.png") as grid:  # 8 originals over 8 reconstructions, 32 px
+        assert grid.size == (8 * (SIDE + 2) + 2, 2 * (SIDE + 2) + 2)
+    client = mlflow.MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias(name, "champion")
+    assert int(version.version) == 1 and float(version.tags["val_psnr"]) == metrics["val/psnr"]
+    assert float(version.tags["val_scaling_factor"]) == metrics["val/scaling_factor"]
+
+    dest = tmp_path / "pulled"
+    result = run([str(BIN / "vaepipe"), "models", "pull", name, str(dest), "--format", "diffusers",
+                  "--tracking-uri", tracking_uri], timeout=300)
+    assert result.returncode == 0, result.stderr
+    config_ = json.loads((dest / "config.json").read_text())
+    assert (config_["scaling_factor"], config_["shift_factor"]) == (stats["scaling_factor"], stats["shift_factor"])
+    x = validation_images(photo_shards)
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([sys.executable, "-c", RECONSTRUCT, str(dest), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                   check=True, timeout=300)
+    mse = ((np.load(tmp_path / "y.npy").astype(np.float64) - x) ** 2).mean(axis=(1, 2, 3))
+    psnr = float(np.mean(10 * np.log10(1 / mse)))  # per image, data range 1, as torchmetrics in the evaluation
+    assert psnr == pytest.approx(metrics["val/psnr"], abs=1e-3)
+
+
+def test_decoder_only_fine_tuning_through_the_trainer_keeps_the_encoders_latents_bit_equal(
+        tmp_path, photo_shards, vgg_weights, tracking_uri):
+    """Start from a diffusers folder with --model.train_encoder false: after two optimiser steps (every loss on,
+    EMA kept) the checkpoint's encoder (and EMA encoder) encode bit-equally to the folder's; the decoder moved."""
+    from vae.aekl_export import export_diffusers
+    from vae.registry import build_from_spec, model_spec
+
+    torch.manual_seed(3)
+    start = build_from_spec(model_spec("aekl", (3, SIDE, SIDE), 4, channels=[8, 16, 16], layers_per_block=1,
+                                       norm_groups=4, attention=False, likelihood="gaussian")).eval()
+    folder = export_diffusers(start, tmp_path / "folder")
+    out = tmp_path / "tuned"
+    cfg = config(photo_shards, out, vgg_weights, "--train.epochs", "1", "--model.pretrained", str(folder),
+                 "--model.train_encoder", "false")
+    with in_process(tracking_uri):
+        train(cfg)
+    path = checkpoint.latest(out)
+    assert path.name == "step-000000002"
+    tuned, _ = load_checkpoint(path)  # the EMA weights (kept: train.ema_decay)
+    raw = load_file(path / "model.safetensors")
+    x = torch.from_numpy(validation_images(photo_shards))
+    with torch.no_grad():
+        expected = start.encode_latents(x)
+        assert torch.equal(tuned.eval().encode_latents(x), expected)
+        for key, value in start.state_dict().items():
+            if key.startswith(("vae.encoder.", "vae.quant_conv.")):
+                assert torch.equal(raw[key], value), key
+        assert not torch.equal(raw["vae.decoder.conv_out.weight"], start.state_dict()["vae.decoder.conv_out.weight"])

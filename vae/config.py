@@ -189,6 +189,7 @@ class _ArchSection(_Section):
     them against vae.models), so a field another architecture takes is refused instead of ignored."""
 
     objective: ClassVar[str] = "elbo"  # what the trainer minimises for this architecture (vae/objective.py)
+    name_prefix: ClassVar[str] = "vae"  # the default registered name is <prefix>-<source name>
     arch: str = Field(description="Architecture from vae.models (each subclass narrows it to its own name).")
     latent_dim: int = Field(2, gt=0, description="Size of z (2 gives the manifold plot).")
 
@@ -237,6 +238,7 @@ class HVAESection(_ArchSection):
 
 class AeklSection(_ArchSection):
     objective: ClassVar[str] = "aekl"  # LDM's loss with a PatchGAN discriminator (vae/objective.py)
+    name_prefix: ClassVar[str] = "aekl"  # its versions compete on PSNR, never with the ELBO family's NLL
     arch: Literal["aekl"] = Field(description="diffusers' AutoencoderKL (the VAE of SD/SDXL/FLUX): spatial latents "
                                   "(latent_dim, H/f, W/f), exportable as a diffusers folder.")
     latent_dim: int = Field(4, gt=0, description="Latent channels: 4 (SD, SDXL) or 16 (SD3, FLUX).")
@@ -262,8 +264,10 @@ class AeklSection(_ArchSection):
         """Fill the architecture from the pretrained folder's config.json; refuse a given value that disagrees."""
         if not isinstance(data, dict) or data.get("pretrained") in (None, ""):
             return data
-        from vae.models.aekl import folder_config, section_from_folder
+        from vae.models.aekl import FOLDER_FIELDS, folder_config, section_from_folder
 
+        if not Path(data["pretrained"]).exists() and FOLDER_FIELDS <= set(data):
+            return data  # a saved config (meta.json) read where the folder is not: it was filled in already
         folder = section_from_folder(folder_config(data["pretrained"]))
         clash = [f"model.{k} {data[k]!r} (the folder has {v!r})" for k, v in folder.items()
                  if k in data and (list(data[k]) if isinstance(data[k], tuple | list) else data[k]) != v]
@@ -444,7 +448,8 @@ class TrackingSection(_Section):
         "and plots in output_dir, log and register the model), evaluate (only save; the flow logs and registers), "
         "none. true and false mean register and none."
     )
-    model_name: str | None = Field(None, description="Registered model name; default vae-<source name>.")
+    model_name: str | None = Field(None, description="Registered model name; default vae-<source name> "
+                                   "(aekl-<source name> for model.arch aekl).")
     system_metrics: bool = Field(
         True, description="Log CPU, memory, disk, network (and GPU, with the gpu extra) figures to the run as "
         "system/* metrics, through MLflow's own monitor on rank 0; sampled every "
@@ -513,7 +518,7 @@ class RunConfig(_Section):
 
     @property
     def model_name(self) -> str:
-        return self.tracking.model_name or f"vae-{self.source.name}"
+        return self.tracking.model_name or f"{type(self.model).name_prefix}-{self.source.name}"
 
 
 def _describe(err: ValidationError) -> str:

@@ -1,12 +1,14 @@
 """After training: the one post-training path, for `vae/train.py` and the Prefect flow alike.
 
 `finish` (called by the trainer at the end of every run, whoever launched it):
-1. `final_evaluation` (every rank, on its device): each rank evaluates its exact slice of the validation split
-   (the loader's pad=False slices), the sums are all-reduced, within `loss.eval_memory_mb` per rank, with a
-   progress bar on rank 0 (stderr).
-2. `save_evaluation` (rank 0): metrics.json, evaluation.json (KL per dimension and group, active units, why a
-   metric is not finite, the model spec of the newest checkpoint and tags to register with), input_example.npy
-   and plots/ in output_dir. From here on nothing needs the data, the devices or the tracking server.
+1. the objective's `final_evaluation` (vae/objective.py; every rank, on its device): each rank evaluates its exact
+   slice of the validation split (the loader's pad=False slices), the sums are all-reduced. The ELBO family:
+   ELBO, IWAE NLL, bits/dim, KL per dimension, within `loss.eval_memory_mb` per rank, with a progress bar on
+   rank 0 (stderr); aekl: PSNR, SSIM, LPIPS and rFID when their weights are local, the latent statistics.
+2. `save_evaluation` (rank 0): metrics.json, evaluation.json (the objective's details, why a metric is not
+   finite, the model spec of the newest checkpoint with aekl's latent statistics, the champion criterion and
+   tags to register with), input_example.npy and the objective's plots/ in output_dir. From here on nothing
+   needs the data, the devices or the tracking server.
 3. the metrics to the run's journal, and with tracking.finalize "register" the journal's `publish` entry.
 `publish` (rank 0 through the journal, so a tracking server that is down costs nothing: see vae/tracking.py; or
 the flow's register task, which launches training with tracking.finalize "evaluate" and then calls it): the plots
@@ -26,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import pipeline
-from vae import checkpoint, plots, provenance, tracking
+from vae import checkpoint, provenance, tracking
 from vae.config import RunConfig
 from vae.data import to_input
 from vae.errors import TrainingError
-from vae.evaluate import Evaluation, evaluation_totals, rows_within, summarize
 from vae.losses import unwrap
+from vae.objective import FinalEvaluation, Objective, build_objective, objective_class
 from vae.spec import checkpoint_spec, load_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when vaepipe runs from one
@@ -50,40 +51,28 @@ def load_trained(cfg: RunConfig) -> tuple[torch.nn.Module, dict]:
     return load_checkpoint(path)
 
 
-def finish(cfg: RunConfig, accelerator, model: torch.nn.Module, val_loader, journal, global_step: int) -> None:
+def finish(cfg: RunConfig, accelerator, model: torch.nn.Module, val_loader, journal, global_step: int,
+           objective: Objective | None = None) -> None:
     """Every rank, after the last checkpoint: evaluate `model` (the EMA weights when kept) on the training
-    devices, then rank 0 saves the evaluation and plots, journals the metrics and, with tracking.finalize
-    "register", the registration. tracking.finalize "none" does nothing."""
+    devices as its objective (the trainer's; else built from cfg) judges it, then rank 0 saves the evaluation and
+    plots, journals the metrics and, with tracking.finalize "register", the registration. tracking.finalize
+    "none" does nothing."""
     if cfg.tracking.finalize == "none":
         return
-    result = final_evaluation(cfg, accelerator, model, val_loader)
+    objective = objective or build_objective(cfg)
+    result = objective.final_evaluation(accelerator, model, val_loader)
     if not accelerator.is_main_process:
         return
-    save_evaluation(cfg, result, model, val_loader, global_step)
-    m = result.metrics
-    print(f"final evaluation: val NLL {m['val/nll_iwae']:.3f} nats (IWAE k={cfg.loss.eval_iwae_k}), "
-          f"{m['val/bpd']:.4f} bits/dim, ELBO {m['val/elbo']:.3f}; saved in {cfg.train.output_dir}", flush=True)
-    journal.log_metrics(finite(m), step=global_step)
+    save_evaluation(cfg, objective, result, model, val_loader, global_step)
+    print(f"final evaluation: {result.headline}; saved in {cfg.train.output_dir}", flush=True)
+    journal.log_metrics(finite(result.metrics), step=global_step)
     if cfg.tracking.finalize == "register":
         journal.publish(cfg.train.output_dir)
 
 
-def final_evaluation(cfg: RunConfig, accelerator, model: torch.nn.Module, val_loader) -> Evaluation:
-    """Every rank: the figures of `model` over the validation split, each rank its exact slice on its device,
-    the sums all-reduced (so every rank returns the same Evaluation)."""
-    model = unwrap(model).eval()
-    max_rows = rows_within(model, cfg.loss.eval_memory_mb << 20)
-    torch.manual_seed(cfg.train.seed + accelerator.process_index)  # reproducible draws, independent across ranks
-    bar = tqdm(total=val_loader.samples_per_rank, unit="img", disable=not accelerator.is_main_process,
-               desc=f"final evaluation (IWAE k={cfg.loss.eval_iwae_k}, rank 0 of {accelerator.num_processes})")
-    with bar:
-        totals = evaluation_totals(model, (b.images for b in val_loader), cfg.loss.eval_iwae_k,
-                                   lambda im: to_input(im, cfg), accelerator.device, max_rows, progress=bar)
-    return summarize(accelerator.reduce(totals, "sum") if accelerator.num_processes > 1 else totals, model)
-
-
-def save_evaluation(cfg: RunConfig, result: Evaluation, model: torch.nn.Module, val_loader, global_step: int) -> None:
-    """Rank 0: the evaluation, what registering needs, and the plots, written into output_dir."""
+def save_evaluation(cfg: RunConfig, objective: Objective, result: FinalEvaluation, model: torch.nn.Module,
+                    val_loader, global_step: int) -> None:
+    """Rank 0: the evaluation, what registering needs, and the objective's plots, written into output_dir."""
     run_dir = Path(cfg.train.output_dir)
     for why in result.nonfinite.values():
         warnings.warn(f"{why}; the model is still saved and registered, but cannot become the champion",
@@ -97,26 +86,18 @@ def save_evaluation(cfg: RunConfig, result: Evaluation, model: torch.nn.Module, 
             break
     x = torch.cat(inputs)[:PLOT_IMAGES]
     label_array = None if labels[0] is None else torch.cat(labels)[:PLOT_IMAGES].numpy()
-    rows = rows_within(model, cfg.loss.eval_memory_mb << 20)
-    with torch.no_grad():
-        mu = torch.cat([model.encode(chunk)[0] for chunk in x.split(rows)]).numpy()
     out = run_dir / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    by_kl = sorted(range(model.latent_size), key=lambda d: -result.kl_per_dim[d])[:8]  # the most used dimensions
-    plots.latent_scatter(mu, label_array, out / "latent_scatter.png")
-    plots.samples(model, model.latent_size, out / "samples.png", seed=cfg.train.seed)
-    plots.temperatures(model, out / "temperatures.png", seed=cfg.train.seed)
-    plots.reconstructions(model, x[:32], out / "reconstructions.png")
-    plots.traversals(model, x[:1], by_kl, out / "traversals.png")
-    plots.interpolations(model, x[: min(len(x), 64)], out / "interpolations.png")
-    if model.latent_size == 2:
-        plots.manifold(model, out / "manifold.png")
+    objective.draw(model, x, label_array, result, out)
     np.save(run_dir / EXAMPLE_FILE, (x[:4].numpy()).astype(np.float32))
     newest = checkpoint.latest(run_dir)  # the spec the model was trained with, not the live config's
     spec = checkpoint_spec(checkpoint.read_meta(newest))
-    details = {"kl_per_dim": result.kl_per_dim, "kl_per_group": result.kl_per_group, "active": result.active,
-               "iwae_k": cfg.loss.eval_iwae_k, "global_step": global_step, "nonfinite": result.nonfinite,
-               "model_spec": spec, "model_name": cfg.model_name, "tags": version_tags(cfg, result.metrics)}
+    if result.latent_stats is not None:  # aekl: the exported diffusers config carries them (vae/aekl_export.py)
+        spec = {**spec, "latent_stats": result.latent_stats}
+    champion = objective.champion
+    details = {**result.details, "global_step": global_step, "nonfinite": result.nonfinite, "model_spec": spec,
+               "model_name": cfg.model_name, "champion": champion.tag,
+               "tags": version_tags(cfg, result.metrics)}
     (run_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))  # NaN stays NaN (json reads it)
     (run_dir / DETAILS_FILE).write_text(json.dumps(details, indent=2))
 
@@ -165,11 +146,10 @@ def config_sha256(cfg: RunConfig) -> str:
 
 
 def version_tags(cfg: RunConfig, metrics: dict[str, float]) -> dict[str, str]:
-    """The registered version's provenance and headline metrics (floats as repr: they round-trip exactly);
-    the validation NLL is the registry's own tag (`vae.registry.NLL_TAG`)."""
+    """The registered version's provenance and its objective's headline metric tags (ELBO family: val_elbo,
+    val_bpd); the champion's metric is the registry's own tag (`vae.registry.Criterion.tag`)."""
     return {
-        "val_elbo": repr(float(metrics["val/elbo"])),
-        "val_bpd": repr(float(metrics["val/bpd"])),
+        **objective_class(cfg).version_tags(metrics),
         "shard_index_sha256": pipeline.index_sha256(cfg.shard_dir, cfg.ingest.storage_options),
         "git_commit": git_commit(),
         "config_sha256": config_sha256(cfg),
@@ -178,9 +158,10 @@ def version_tags(cfg: RunConfig, metrics: dict[str, float]) -> dict[str, str]:
 
 def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None = None, uri: str | None = None):
     """Log the trained model (newest checkpoint, EMA weights when kept) to `run_id` as a pyfunc and register it
-    with the tags saved by `save_evaluation`; `challenger` goes to the new version, `champion` only if its
-    validation NLL is the best, neither if it is not finite. A version this run registered already is returned
-    as it is (a retried publish registers nothing twice). Needs only output_dir and the tracking server."""
+    with the tags saved by `save_evaluation`; `challenger` goes to the new version, `champion` only if it is the
+    best under the objective's criterion (validation NLL; aekl: PSNR), neither if that is not finite. A version
+    this run registered already is returned as it is (a retried publish registers nothing twice). Needs only
+    output_dir and the tracking server."""
     import mlflow
 
     from vae import registry
@@ -209,9 +190,10 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None =
     model_uri = registry.log_model(model.eval(), details["model_spec"], run_id, input_example=example,
                                    tags={k: v for k, v in run_tags.items() if k in provenance.SOURCE_TAGS},
                                    step=details["global_step"])
-    reason = details["nonfinite"].get("val/nll_iwae")
-    version = registry.register(model_uri, name, metrics["val/nll_iwae"], run_id, tags=details["tags"],
-                                nonfinite_reason=reason)
+    champion = registry.CRITERIA[details.get("champion", registry.NLL_TAG)]  # older evaluations: the NLL
+    reason = details["nonfinite"].get(champion.metric)
+    version = registry.register(model_uri, name, metrics.get(champion.metric, math.nan), run_id,
+                                tags=details["tags"], nonfinite_reason=reason, criterion=champion)
     describe(client, cfg, name, version.version, metrics, details)
     return version
 

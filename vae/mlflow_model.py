@@ -11,8 +11,10 @@ coordinates, so z ~ N(0, I) is a draw from the prior.
 
 - `reconstruct` (default): images (N, C, H, W) in [0, 1] -> decode(encode(x)), the mean of p(x|z) at the
   posterior mean, (N, C, H, W) in [0, 1]; deterministic, no sampling noise;
-- `encode`: images (N, C, H, W) in [0, 1] -> the posterior means mu (N, D);
-- `decode`: latents (N, D) -> images (N, C, H, W) in [0, 1]; decode(encode(x)) is exactly reconstruct(x);
+- `encode`: images (N, C, H, W) in [0, 1] -> the posterior means mu (N, D); for aekl the spatial latent
+  (N, latent channels, H / f, W / f), unscaled (diffusers' `latent_dist.mean`);
+- `decode`: latents (N, D) -> images (N, C, H, W) in [0, 1]; decode(encode(x)) is exactly reconstruct(x); aekl
+  also takes its spatial latents (N, c, h, w);
 - `sample`: a count N (a number, or a one-element array) -> N prior samples decoded, (N, C, H, W), from
   z = temperature * u, u ~ N(0, I) drawn with the `seed` param (default 0: the same N images every call;
   temperature default 1.0; lower it for smoother, more typical images).
@@ -90,12 +92,15 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         model.load_state_dict(load_file(context.artifacts["weights"], device="cpu"))
         self.model = model.eval()
         self.image_shape = tuple(spec["image_shape"])
+        # aekl's latents are spatial (c, h, w): encode returns them so, decode takes them so (or flat)
+        self.latent_shape = tuple(getattr(model, "latent_shape", (model.latent_size,)))
         self.limits = ServingLimits(**(context.model_config or {}))  # a model logged without limits gets the defaults
         # mode -> the function computing it from the raw input and the params
         self.modes: dict[str, Callable[[Any, dict], torch.Tensor]] = {
             "reconstruct": lambda data, _: self._chunked(
                 lambda x: self.model.decode(self.model.encode(x)[0]), self._images(data, "reconstruct")),
-            "encode": lambda data, _: self._chunked(lambda x: self.model.encode(x)[0], self._images(data, "encode")),
+            "encode": lambda data, _: self._chunked(lambda x: self.model.encode(x)[0], self._images(data, "encode"))
+            .reshape(-1, *self.latent_shape),
             "decode": lambda data, _: self._chunked(self.model.decode, self._latents(data)),
             "sample": self._sample,
         }
@@ -160,6 +165,8 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         return x
 
     def _latents(self, data: Any) -> torch.Tensor:
+        if len(self.latent_shape) > 1 and np.ndim(data) == 1 + len(self.latent_shape):
+            return self._array(data, "decode", "latents", self.latent_shape).flatten(1)
         return self._array(data, "decode", "latents", (self.model.latent_size,))
 
     def _sample(self, data: Any, params: dict) -> torch.Tensor:

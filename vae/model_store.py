@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 
 from vae.registry import CHAMPION
 
-HEADLINE_TAGS = ("val_nll", "val_elbo", "val_bpd", "git_commit")  # shown by `list`; registry and finalize set them
+# shown by `list`; registry and finalize set them (val_psnr, val_ssim: aekl)
+HEADLINE_TAGS = ("val_nll", "val_elbo", "val_bpd", "val_psnr", "val_ssim", "git_commit")
 
 
 class ModelStoreError(ValueError):
@@ -145,4 +146,28 @@ def pull_model(ref: str, dest_dir: str | os.PathLike, tracking_uri: str) -> tupl
         if dest.exists():
             dest.rmdir()  # empty, checked above
         Path(local).rename(dest)
+    return name, version, dest
+
+
+def pull_diffusers(ref: str, dest_dir: str | os.PathLike, tracking_uri: str) -> tuple[str, int, Path]:
+    """Like `pull_model`, but write only the version's diffusers folder (config.json +
+    diffusion_pytorch_model.safetensors) into `dest_dir`: what `AutoencoderKL.from_pretrained(dest_dir)` loads.
+    Only model.arch aekl versions carry one; another is refused naming why."""
+    from mlflow.models import Model
+
+    from vae.registry import DIFFUSERS_ARTIFACT
+
+    dest = Path(dest_dir)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ModelStoreError(f"{dest} is not an empty directory; pull into a new or empty one so no files mix")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        name, version, local = pull_model(ref, Path(tmp) / "model", tracking_uri)
+        artifacts = Model.load(str(local)).flavors["python_function"].get("artifacts", {})
+        if DIFFUSERS_ARTIFACT not in artifacts:
+            raise ModelStoreError(f"{name} version {version} carries no diffusers folder: only model.arch aekl "
+                                  "exports one (pull it without --format diffusers for the MLflow model)")
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        (local / artifacts[DIFFUSERS_ARTIFACT]["path"]).rename(dest)
     return name, version, dest

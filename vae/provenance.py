@@ -128,8 +128,10 @@ def model_description(details: dict, metrics: dict[str, float], tags: dict[str, 
     spec = details["model_spec"]
     c, h, w = spec["image_shape"]
     options = ", ".join(f"{k}={v}" for k, v in sorted(spec.get("options", {}).items())) or "defaults"
-    figures = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val/nll_iwae", "val/elbo", "val/bpd") if k in metrics)
+    headline = ("val/nll_iwae", "val/elbo", "val/bpd", "val/psnr", "val/ssim", "val/lpips", "val/scaling_factor")
+    figures = ", ".join(f"{k} {metrics[k]:.4f}" for k in headline if k in metrics)
+    bound = f" (IWAE k={details['iwae_k']})" if "iwae_k" in details else ""  # the ELBO family's NLL estimate
     return (f"{spec['arch']} VAE, latent dim {spec['latent_dim']}, input {c}x{h}x{w} ({options}).\n\n"
             f"Data: {data} (shard index sha256 {tags.get('shard_index_sha256', '?')}).\n\n"
-            f"Validation (IWAE k={details.get('iwae_k')}): {figures or 'not finite'} "
+            f"Validation{bound}: {figures or 'not finite'} "
             f"at step {details.get('global_step')}.\n\nCommit {tags.get('git_commit', 'unknown')}.")

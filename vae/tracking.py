@@ -46,7 +46,11 @@ METRICS = (
     # the aekl objective (vae/objective.py AeklObjective) and its per-epoch validation
     "train/perceptual", "train/g_loss", "train/d_weight", "train/disc_loss", "train/grad_norm_discriminator",
     "val/psnr", "val/ssim",
+    # the aekl final evaluation (vae/aekl_eval.py)
+    "val/lpips", "val/rfid", "val/shift_factor", "val/scaling_factor",
 )
+# Fixed families with one member per latent channel: val/latent_mean/0, val/latent_mean/1, ... (aekl).
+PER_CHANNEL = ("val/latent_mean/", "val/latent_std/")
 
 
 def embedded_uri(base: str | os.PathLike | None = None) -> str:
@@ -361,9 +365,11 @@ def sync_journal(path: str | os.PathLike, run_id: str, uri: str | None = None) -
 
 
 def _checked(metrics: dict[str, float]) -> dict[str, float]:
-    unknown = set(metrics) - set(METRICS)
+    unknown = {k for k in set(metrics) - set(METRICS)
+               if not any(k.startswith(f) and k.removeprefix(f).isdigit() for f in PER_CHANNEL)}
     if unknown:
-        raise ValueError(f"metric names {sorted(unknown)} are not among the fixed names {METRICS}")
+        raise ValueError(f"metric names {sorted(unknown)} are not among the fixed names {METRICS} "
+                         f"nor {', '.join(f + '<channel>' for f in PER_CHANNEL)}")
     return {k: float(v) for k, v in metrics.items()}
 
 

@@ -510,7 +510,7 @@ class Trainer:
         """The post-training path (evaluate on these devices, plot, log, register per tracking.finalize), then
         the run's final status; a registration MLflow did not take stops with the command that completes it."""
         finalize.finish(self.cfg, self.accelerator, self.model, self.val_loader, self.journal,
-                        self.progress.global_step)
+                        self.progress.global_step, self.objective)
         published = True
         if self.main:
             published = self.journal.close("FINISHED") or not self.journal.publish_pending

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from vae.models import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, register_model, reparameterize
+
+# diffusers is imported where a model is built, not here: vae.models (and so every logged MLflow model's code)
+# imports this file, and the other architectures should not need diffusers, nor pay its ~2 s import.
 
 FACTORS = (4, 8, 16)  # f = 2 ** (levels - 1): 3, 4 or 5 entries in `channels`
 IMAGE_HEADS = ("bernoulli", "gaussian")  # heads whose decoder output is one value per image channel
@@ -62,6 +64,9 @@ def folder_config(folder: str | Path) -> dict:
     return data
 
 
+FOLDER_FIELDS = {"channels", "layers_per_block", "latent_dim", "norm_groups", "attention"}  # what a folder fixes
+
+
 def section_from_folder(data: dict) -> dict:
     """The aekl section fields a diffusers config describes (what `AeklSection` fills in from `pretrained`)."""
     return {"channels": list(data["block_out_channels"]), "layers_per_block": data["layers_per_block"],
@@ -77,6 +82,8 @@ class AEKL(VAE):
     `latent_dim` latent channels (4: SD/SDXL, 16: SD3/FLUX), `norm_groups` GroupNorm groups (divides every
     entry of channels), `attention` the mid-block self-attention of SD's VAE.
     """
+
+    requirements = ("diffusers",)  # beyond torch: what its logged MLflow model needs installed
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4,
                  channels: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, norm_groups: int = 32,
@@ -104,10 +111,9 @@ class AEKL(VAE):
                        latent_channels=latent_dim, norm_num_groups=norm_groups, mid_block_add_attention=attention,
                        down_block_types=("DownEncoderBlock2D",) * len(channels),
                        up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=max(h, w))
-        if pretrained is not None:
-            self.vae = self._load(Path(pretrained), options)
-        else:
-            self.vae = AutoencoderKL(**options)
+        from diffusers import AutoencoderKL
+
+        self.vae = self._load(Path(pretrained), options) if pretrained is not None else AutoencoderKL(**options)
         self.latent_shape = (latent_dim, h // self.factor, w // self.factor)
         self.latent_size = math.prod(self.latent_shape)
         self.train_encoder = train_encoder
@@ -116,7 +122,9 @@ class AEKL(VAE):
                 module.requires_grad_(False)
 
     @staticmethod
-    def _load(folder: Path, options: dict) -> AutoencoderKL:
+    def _load(folder: Path, options: dict) -> nn.Module:
+        from diffusers import AutoencoderKL
+
         given = folder_config(folder)
         for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
                     "norm_num_groups"):

@@ -49,6 +49,18 @@ IMAGE_SUFFIXES = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
 SUFFIX_OF = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 
+def block_sample(split: str, number: int, records, images: dict[str, bytes]) -> dict[str, Any]:
+    """One tar sample holding a block of records: their images (`images`, the layout's members), keys, and
+    labels and factors where the records have them."""
+    sample: dict[str, Any] = {"__key__": f"{split}-block-{number:06d}", **images,
+                              "keys.json": json.dumps([r.key for r in records]).encode()}
+    if records[0].label is not None:
+        sample["labels.npy"] = npy_bytes(np.asarray([r.label for r in records], dtype=np.int64))
+    if records[0].factors is not None:
+        sample["factors.npy"] = npy_bytes(np.stack([np.asarray(r.factors, np.float32) for r in records]))
+    return sample
+
+
 @dataclass
 class ShardTable:
     """Where each sample of one shard lies: byte offsets and sizes, and its label and factors."""
@@ -108,16 +120,7 @@ class Packed(Layout):
         return block_size
 
     def sample(self, split, number, records, options):
-        sample: dict[str, Any] = {
-            "__key__": f"{split}-block-{number:06d}",
-            "images.npy": npy_bytes(np.stack([r.image for r in records])),
-            "keys.json": json.dumps([r.key for r in records]).encode(),
-        }
-        if records[0].label is not None:
-            sample["labels.npy"] = npy_bytes(np.asarray([r.label for r in records], dtype=np.int64))
-        if records[0].factors is not None:
-            sample["factors.npy"] = npy_bytes(np.stack([np.asarray(r.factors, np.float32) for r in records]))
-        return sample
+        return block_sample(split, number, records, {"images.npy": npy_bytes(np.stack([r.image for r in records]))})
 
     def table(self, f, name, image_shape):
         sample_bytes = int(np.prod(image_shape))
@@ -206,18 +209,11 @@ class EncodedBlocks(Encoded):
 
     def sample(self, split, number, records, options):
         files = [stored(record, options) for record in records]
-        sample: dict[str, Any] = {
-            "__key__": f"{split}-block-{number:06d}",
+        return block_sample(split, number, records, {
             "encoded.bin": b"".join(data for _, data in files),
             "offsets.npy": npy_bytes(np.cumsum([0] + [len(data) for _, data in files], dtype=np.int64)),
             "formats.json": json.dumps([suffix for suffix, _ in files]).encode(),
-            "keys.json": json.dumps([r.key for r in records]).encode(),
-        }
-        if records[0].label is not None:
-            sample["labels.npy"] = npy_bytes(np.asarray([r.label for r in records], dtype=np.int64))
-        if records[0].factors is not None:
-            sample["factors.npy"] = npy_bytes(np.stack([np.asarray(r.factors, np.float32) for r in records]))
-        return sample
+        })
 
     def table(self, f, name, image_shape):
         offsets, sizes, suffixes, labels, factors = [], [], [], [], []

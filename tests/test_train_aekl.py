@@ -21,6 +21,8 @@ import torch
 from conftest import BIN, run
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_aekl_export import RECONSTRUCT
+from test_trainer_seam import tensors
 
 import pipeline
 from vae import checkpoint, objective
@@ -100,16 +102,6 @@ def train(cfg) -> None:
     train(cfg)
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
-    for f in sorted(path.glob("optimizer*.bin")):
-        state = torch.load(f, map_location="cpu", weights_only=True)["state"]
-        out.update({f"{f.name}:{i}:{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)})
-    return out
-
-
 def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg_weights, tracking_uri):
     with in_process(tracking_uri):
         train(config(photo_shards, tmp_path / "whole", vgg_weights))
@@ -145,16 +137,6 @@ def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-# Run in a fresh interpreter, with diffusers alone: load the folder and reconstruct x.npy into out.npy.
-RECONSTRUCT = """
-import sys, numpy as np, torch
-from diffusers import AutoencoderKL
-vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
-x = torch.from_numpy(np.load(sys.argv[2]))
-with torch.no_grad():
-    out = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
-np.save(sys.argv[3], ((out + 1) / 2).clamp(0, 1).numpy())
-"""
 
 
 def validation_images(shards: Path) -> np.ndarray:

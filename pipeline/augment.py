@@ -36,4 +36,4 @@ def crop_flip(images: torch.Tensor, params: np.ndarray | torch.Tensor, size: tup
     cols = params[:, 1:2] + torch.where(params[:, 2:3].bool(), w - 1 - steps, steps)  # (B, w)
     b = torch.arange(len(images), device=images.device)[:, None, None]
     out = images.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, h, w, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)  # channels-last in memory, as the loaders hand batches out

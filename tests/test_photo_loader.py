@@ -22,7 +22,7 @@ from pipeline import ShardFormatError, ShardLoader
 from pipeline.augment import crop_flip
 from pipeline.layouts import get_layout
 from pipeline.loader import CorruptShardError
-from pipeline.loader.read import BatchPool, planar_copy
+from pipeline.loader.read import BatchPool
 from pipeline.npy import npy_header
 
 SIDE = 80  # 80x80x3 = 19,200 bytes: above the packed limit, so 'auto' stores them encoded
@@ -167,28 +167,78 @@ def test_in_process_batches_the_consumer_keeps_are_never_refilled(photos):
 
 
 def test_batch_pool_reuses_a_buffer_only_once_nothing_holds_it():
-    pool = BatchPool(size=2)
+    pool = BatchPool(2, nbytes=2 * 3 * 4 * 4)
     first = pool.take((2, 3, 4, 4))
     address = first.data_ptr()
+    assert address == pool.buffers[0].data_ptr()  # a pool buffer, not a fresh allocation at the same place
     first.fill_(7)
     view = first[1]
     del first
     second = pool.take((2, 3, 4, 4))  # the view keeps the first buffer in use
     second.fill_(9)
-    assert second.data_ptr() != address and torch.all(view == 7)
+    assert second.data_ptr() == pool.buffers[1].data_ptr() and torch.all(view == 7)
     del view
     third = pool.take((1, 3, 4, 4))  # a shorter batch reuses a free buffer's first bytes
     assert third.data_ptr() == address
     assert pool.take((2, 3, 4, 4)).data_ptr() not in (address, second.data_ptr())  # both held: a fresh one
+    assert pool.misses == 1
+    del second, third
+    slot = pool.reserve(96)  # reserved for a worker: not handed out again until wrapped or released
+    other = pool.reserve(96)
+    assert {slot, other} == {0, 1} and pool.reserve(96) is None
+    pool.release(other)
+    assert pool.wrap(slot, (96,)).data_ptr() == pool.buffers[slot].data_ptr() and pool.reserve(96) == other
+    assert pool.reserve(97) is None  # larger than a buffer
 
 
-@pytest.mark.parametrize("channels", [1, 3, 4])
-def test_planar_copy_is_a_permute_crop_and_mirror(channels):
-    pixels = np.random.default_rng(channels).integers(0, 256, (9, 11, channels), dtype=np.uint8)
-    for view in (pixels, pixels[2:7, 3:10], pixels[2:7, 3:10][:, ::-1], pixels[:, ::2]):
-        out = np.zeros((channels, *view.shape[:2]), np.uint8)
-        planar_copy(view, out)
-        np.testing.assert_array_equal(out, view.transpose(2, 0, 1))
+def test_workers_decode_into_the_consumers_reused_shared_buffers(photos):
+    """With workers, each batch is decoded into a shared buffer the consuming process reserved for it and wraps
+    on arrival (no fresh shared memory per batch, no page faults after the first epoch); batches the consumer
+    keeps are never refilled, and an epoch broken off gives its buffers back once its workers are gone."""
+    _, out = photos
+    make = lambda workers: ShardLoader(out, "train", batch_size=4, seed=3, workers=workers, crop_size=(48, 48),  # noqa: E731
+                                       flip=True)
+    expected = {epoch: None for epoch in (0, 1)}
+    for epoch in expected:
+        reference = make(0)
+        reference.set_epoch(epoch)
+        expected[epoch] = _all(reference)
+    loader = make(2)
+    first = next(iter(loader))  # an epoch broken off after one batch, with the workers still prefetching
+    del first
+    pool = loader._pool
+    buffers = {b.data_ptr() for b in pool.buffers}
+    assert pool.buffers[0].is_shared() and not pool._reserved  # the broken-off epoch's reservations came back
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        got = []
+        for batch in loader:  # dropped as the next arrives: buffers are reused, none allocated afresh
+            assert batch.images.data_ptr() in buffers
+            got.append((batch.images.clone(), batch.labels.clone()))
+        assert len(got) == len(expected[epoch])
+        for (a, la), (b, lb) in zip(expected[epoch], got, strict=True):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    assert pool.misses == 0
+    kept = [b.images for b in loader]  # every batch kept: the pool runs out and fresh buffers take over
+    assert pool.misses > 0 and len({t.data_ptr() for t in kept}) == len(kept)
+    for a, (b, _) in zip(kept, expected[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_batches_hold_the_decoded_pixels_channels_last(photos):
+    """Every CPU path hands out (B, C, H, W) whose memory is (B, H, W, C), the decoders' own order (no planar
+    copy in the loader), holding exactly what torchvision decodes from the stored files, channel by channel."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    _, out = photos
+    files = stored_files(out, "train")
+    truth = torch.stack([decode_jpeg(torch.frombuffer(bytearray(f), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                         for f in files])
+    for options in ({"workers": 0}, {"workers": 2}, {"resident": "on"}, {"resident": "on", "workers": 2}):
+        loader = ShardLoader(out, "train", batch_size=5, shuffle=False, drop_last=False, pad=False, **options)
+        batches = [b.images for b in loader]
+        assert all(b.permute(0, 2, 3, 1).is_contiguous() for b in batches), options
+        assert torch.equal(torch.cat(batches), truth), options
 
 
 def test_gpu_style_batched_decode_equals_worker_decode(photos):

@@ -268,7 +268,8 @@ def test_streamed_batches_gather_rgb_as_channels_first(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, [10, 6], shape=(3, 5, 3))
     for resident in ("off", "on"):
         batches = list(ShardLoader(shard_dir, "train", batch_size=4, resident=resident))
-        assert len(batches) == 4 and all(b.images.shape == (4, 3, 3, 5) and b.images.is_contiguous() for b in batches)
+        assert len(batches) == 4 and all(b.images.shape == (4, 3, 3, 5) for b in batches)
+        assert all(b.images.permute(0, 2, 3, 1).is_contiguous() for b in batches)  # channels-last memory (Batch)
         for b in batches:
             assert (b.images == (b.labels % 256).to(torch.uint8)[:, None, None, None]).all()
 
@@ -291,6 +292,21 @@ def test_to_input_binarizes_afresh_and_dequantizes():
 
     with pytest.raises(ConfigError, match="data.binarize and data.dequantize exclude each other"):
         validate({"data": {"binarize": True, "dequantize": True}})
+
+
+def test_to_input_makes_the_models_layout_from_channels_last_batches():
+    """Loaders hand batches out channels-last in memory; the model gets planar float input (or channels-last
+    when train.channels_last asks), with every pixel where it was."""
+    from vae.config import RunConfig
+    from vae.data import to_input
+
+    planar = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
+    batch = planar.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # what a loader hands out
+    assert not batch.is_contiguous()
+    x = to_input(batch, RunConfig())
+    assert x.is_contiguous() and torch.equal(x, planar.float() / 255)
+    x = to_input(batch, RunConfig(), torch.channels_last)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, planar.float() / 255)
 
 
 def test_build_loaders_follows_the_data_section(digits_shards):

@@ -75,15 +75,19 @@ def _check_splits(cfg: RunConfig) -> None:
         )
 
 
-def to_input(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the device -> float32 model input.
+def to_input(images: torch.Tensor, cfg: RunConfig,
+             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the device, in either memory format -> float32 model input in `memory_format`.
 
+    The loaders hand batches out channels-last in memory (pipeline's `Batch`); the cast makes the model's layout
+    in the same pass (on a GPU the reorder costs nothing next to the cast; a planar model input also keeps DDP's
+    gradient buckets and the conv weights' gradient strides in agreement).
     Default: intensities in [0, 1]. data.binarize: a fresh Bernoulli draw per pixel on every call, so an
     image seen in ten epochs is ten different binary images (dynamically binarised MNIST, as in the
     literature). data.dequantize: (x + u) / 256 with u ~ U[0, 1) per pixel, a continuous density's input.
     Both draw from torch's global generator on the images' device (seeded by accelerate's set_seed).
     """
-    x = images.float()
+    x = images.to(torch.float32, memory_format=memory_format)
     if cfg.data.binarize:
         return torch.bernoulli(x.div_(255.0))
     if cfg.data.dequantize:

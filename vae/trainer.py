@@ -311,10 +311,8 @@ class Trainer:
                    desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", disable=not self.main)
         self.bar = bar
         for batch in self.train_loader:
-            x = to_input(batch.images.to(self.device, non_blocking=True), self.cfg)
-            if self.cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x
+            layout = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+            yield to_input(batch.images.to(self.device, non_blocking=True), self.cfg, layout)
             bar.update(1)
         bar.close()
 

@@ -73,39 +73,65 @@ class Reader:
 
 
 class BatchPool:
-    """Batch buffers that are filled again once nobody holds them (in the process that consumes the batches).
+    """Batch buffers that are filled again once nobody holds them, in this process or by the loader's workers.
 
-    Filling a freshly allocated batch costs a page fault per 4 kB touched: a 256-photo batch of 256 px is 50 MB,
-    above glibc's largest mmap threshold (32 MB), so every new batch is a fresh mapping; the faults cost ~0.17 ms
-    per 256-px photo, a quarter of its decode (bench/LOG.md, 2026-12-06). A buffer is a numpy array, handed out as
-    `torch.from_numpy`: every tensor and view of it keeps the array alive, so the array's reference count says
-    whether anything still uses it. torch exposes no public use count for a storage, hence this.
+    Filling a freshly allocated batch costs a page fault per 4 kB touched (and, in shared memory, a new mapping
+    per batch): a 256-photo batch of 256 px is 50 MB, so the faults cost ~0.18 ms per photo, a quarter of its
+    decode (bench/LOG.md, 2026-12-06). A worker cannot see when the training process drops a batch, so the
+    consuming process owns the buffers: it reserves a free one for each batch as the batch is dispatched, the
+    worker decodes into it, and the consumer wraps it as the batch's tensor. A buffer is a numpy array, handed
+    out as `torch.from_numpy`: every tensor and view of it keeps the array alive, so the array's reference count
+    says whether anything still uses it. torch exposes no public use count for a storage, hence this.
+
+    shared=True puts the buffers in shared memory, made before the workers start (they inherit or unpickle
+    them); a batch that finds every buffer held gets a fresh allocation, so keeping batches is always safe.
     """
 
-    def __init__(self, size: int = 3) -> None:
-        self.size = size  # buffers kept: the batch the consumer holds, the one being filled, and one spare
-        self._arrays: list[np.ndarray] = []
+    def __init__(self, size: int, nbytes: int, shared: bool = False) -> None:
+        self.nbytes = nbytes
+        # virtual until touched: a buffer costs memory from its first fill on, and is never faulted in again
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(size)]
+        if shared:
+            self.buffers = [b.share_memory_() for b in self.buffers]
+        self._arrays = [b.numpy() for b in self.buffers]
+        self._reserved: set[int] = set()  # dispatched to a worker, not yet wrapped
+        self.misses = 0  # batches that found every buffer held and were allocated afresh
+
+    def reserve(self, nbytes: int) -> int | None:
+        """The number of a buffer that nothing uses, now reserved; None when all are held (or too small)."""
+        if nbytes > self.nbytes:
+            return None
+        for slot in range(len(self._arrays)):
+            # referenced by the list and by getrefcount's argument only: no tensor or view uses it any more
+            if slot not in self._reserved and sys.getrefcount(self._arrays[slot]) == 2:
+                self._reserved.add(slot)
+                return slot
+        return None
+
+    def release(self, slot: int) -> None:
+        """Give up a reservation without wrapping it (its batch failed, or the epoch was abandoned)."""
+        self._reserved.discard(slot)
+
+    def wrap(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A reserved buffer's first bytes as a uint8 tensor of `shape` (the reservation ends: from now on the
+        tensor's life decides). A prefix, so the epoch's shorter last batch reuses a full batch's pages."""
+        self._reserved.discard(slot)
+        return torch.from_numpy(self._arrays[slot][: int(np.prod(shape))].reshape(shape))
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised uint8 tensor of `shape` that no live tensor shares memory with."""
-        need = int(np.prod(shape))
-        for i in range(len(self._arrays)):
-            # referenced by the list and by getrefcount's argument only: no tensor or view uses it any more
-            if sys.getrefcount(self._arrays[i]) == 2:
-                if len(self._arrays[i]) < need:
-                    self._arrays[i] = np.empty(need, np.uint8)
-                # a prefix, so the epoch's shorter last batch reuses a full batch's pages (the view keeps the
-                # array referenced, and so marked in use, as long as the tensor lives)
-                return torch.from_numpy(self._arrays[i][:need].reshape(shape))
-        array = np.empty(need, np.uint8)
-        if len(self._arrays) < self.size:
-            self._arrays.append(array)
-        return torch.from_numpy(array.reshape(shape))  # all in use (the consumer keeps its batches): a fresh one
+        slot = self.reserve(int(np.prod(shape)))
+        if slot is None:
+            self.misses += 1
+            return torch.empty(shape, dtype=torch.uint8)
+        return self.wrap(slot, shape)
 
 
 class BatchJobs(Dataset):
     """Batch i of an epoch: its samples read and decoded, then cropped/flipped (a DataLoader worker's work).
 
+    An item is a batch number, or (batch number, buffer): the pool buffer (`buffers[slot]`) the consumer reserved
+    for it, which the worker fills and names in its result instead of sending pixels (None: allocate one).
     A sample that cannot be read is reported back instead of raised (a worker's exception would reach the
     training process wrapped in a traceback dump): under 'skip' it is replaced by another image of the same
     batch, so the batch keeps its size and every rank its batch count; under 'fail' the batch carries the error.
@@ -120,7 +146,8 @@ class BatchJobs(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int | None]) -> dict[str, Any]:
+        i, slot = item if isinstance(item, tuple) else (item, None)
         shards, samples = self.batches[i]
         images, bad = [], {}
         for shard, sample in zip(shards.tolist(), samples.tolist(), strict=True):
@@ -132,29 +159,34 @@ class BatchJobs(Dataset):
                 images.append(None)
         good = [image for image in images if image is not None]
         if bad and (not self.skip or not good):
-            return {"error": bad, "index": i}
+            return {"error": bad, "index": i, "slot": slot}
         images = [good[0] if image is None else image for image in images]
         if self.raw:  # decoded on the training device by the loader (nvJPEG on a GPU)
             return {"raw": [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images], "skipped": bad,
-                    "index": i}
-        return {"images": self._assemble(images, self.params[i]), "skipped": bad, "index": i}
-
-    def _assemble(self, images: list[torch.Tensor], params: np.ndarray | None) -> torch.Tensor:
-        """The batch (B, C, h, w), each image cropped and mirrored (`augment.crop_flip`'s rule) straight into it.
-
-        One copy per image into one allocation: `torch.stack` then a crop would copy twice, and a worker's result
-        would be copied a third time into shared memory to reach the training process; allocated there, it
-        travels as a handle. (Stacking 256 photos of 256 px cost a quarter of the decode time.) In the consuming
-        process the batch comes from the pool, whose buffers are already paged in."""
+                    "index": i, "slot": slot}
         c, height, width = images[0].shape
-        h, w = self.crop_size or (height, width)
-        shape = (len(images), c, h, w)
-        if get_worker_info() is not None:
+        shape = (len(images), *(self.crop_size or (height, width)), c)  # (B, h, w, C)
+        if slot is not None:  # the consumer's buffer: only its number travels back
+            self._fill(images, self.params[i], torch.from_numpy(
+                self.pool.buffers[slot].numpy()[: int(np.prod(shape))].reshape(shape)))
+            return {"slot": slot, "shape": shape, "skipped": bad, "index": i}
+        if get_worker_info() is not None:  # in shared memory, so that it travels as a handle, not a copy
             batch = torch.empty(shape, dtype=torch.uint8).share_memory_()
         elif self.pool is not None:
             batch = self.pool.take(shape)
         else:
             batch = torch.empty(shape, dtype=torch.uint8)
+        self._fill(images, self.params[i], batch)
+        return {"images": batch.permute(0, 3, 1, 2), "skipped": bad, "index": i}
+
+    def _fill(self, images: list[torch.Tensor], params: np.ndarray | None, batch: torch.Tensor) -> None:
+        """Each image cropped and mirrored (`augment.crop_flip`'s rule) straight into the (B, h, w, C) batch.
+
+        The batch keeps the decoders' interleaved pixel order (channels last), so an uncropped image is one
+        memcpy: making it planar (B, C, h, w) here cost a strided copy of 0.13 ms per 256-px photo next to a
+        0.63 ms decode (bench/LOG.md, 2026-12-06), while the consumer's uint8 -> float cast reorders for free
+        on a GPU and for ~0.09 ms on a CPU (`vae.data.to_input`)."""
+        h, w = batch.shape[1:3]
         out = batch.numpy()
         for j, image in enumerate(images):
             pixels = image.permute(1, 2, 0).numpy()  # (H, W, C): decoders lay pixels out interleaved
@@ -162,24 +194,7 @@ class BatchJobs(Dataset):
                 top, left, flip = (int(v) for v in params[j])
                 pixels = pixels[top : top + h, left : left + w]
                 pixels = pixels[:, ::-1] if flip else pixels
-            planar_copy(pixels, out[j])
-        return batch
-
-
-def planar_copy(pixels: np.ndarray, out: np.ndarray) -> None:
-    """Interleaved uint8 (h, w, C), any strides -> planar `out` (C, h, w), one strided numpy copy per channel.
-
-    Hand-written because the obvious `out.copy_(chw_view)` is torch's generic strided uint8 loop: 0.39-0.42 ms
-    for a 256-px photo against 0.17 ms here (and a memcpy's 0.02 ms), with the decode at ~0.6 ms
-    (bench/LOG.md, 2026-12-06): it was most of the gap between the loader and the decoder."""
-    channels = pixels.shape[2]
-    if pixels.flags.c_contiguous:  # whole image: each channel is every C-th byte of one flat run
-        flat, planes = pixels.reshape(-1), out.reshape(channels, -1)
-        for c in range(channels):
-            np.copyto(planes[c], flat[c::channels])
-    else:  # a crop or a mirror: a 2-D strided view per channel
-        for c in range(channels):
-            np.copyto(out[c], pixels[..., c])
+            np.copyto(out[j], pixels)
 
 
 def decode_batch(raw: list[torch.Tensor], channels: int, device: torch.device) -> torch.Tensor:

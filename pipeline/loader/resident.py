@@ -42,7 +42,7 @@ class ResidentLoader(ShardLoader):
         chunk = max(1, GATHER_BYTES // per_batch)
         for first in range(skip, count, chunk):
             idx = mine[first * size : min(first + chunk, count) * size]
-            block = images.index_select(0, idx)
+            block = images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)  # rows of (H, W, C)
             block_labels = None if labels is None else labels.index_select(0, idx)
             block_factors = None if factors is None else factors.index_select(0, idx)
             for b in range(first, min(first + chunk, count)):
@@ -73,8 +73,9 @@ class ResidentLoader(ShardLoader):
 
 
 def read_whole(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Every readable shard of the loader's split in file order, as uint8 (N, C, H, W) on the CPU, with labels
-    and factors; packed pixels are copied straight from the files, other layouts decoded by the workers."""
+    """Every readable shard of the loader's split in file order, as uint8 (N, C, H, W) on the CPU, channels-last
+    in memory (`Batch`), with labels and factors; packed pixels are copied straight from the files, other
+    layouts decoded by the workers."""
     readable = [s for s in range(len(loader.names)) if loader.table(s) is not None]
     if not readable:
         raise ShardFormatError(f"{loader.location}: no readable shard in split {loader.split!r} (skipped: "
@@ -89,7 +90,7 @@ def read_whole(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor | None, 
             shape = loader.index.image_shape
             buffer = np.empty((len(shards), *shape), np.uint8)
             reader.contiguous(shards, samples, memoryview(buffer.reshape(-1)), int(np.prod(shape)))
-            images = torch.from_numpy(buffer).permute(0, 3, 1, 2).contiguous()
+            images = torch.from_numpy(buffer).permute(0, 3, 1, 2)
     finally:
         reader.close()
     labels, factors = loader.extras(shards, samples)
@@ -110,4 +111,4 @@ def _decoded(loader: ShardLoader, reader: Reader, shards: np.ndarray, samples: n
             raise ShardFormatError(f"{loader.location}: images of {sorted(result['error'])} cannot be decoded; "
                                    "re-run the ingest, or train streamed (data.resident off) to skip them")
         out.append(result["images"])
-    return torch.cat(out)
+    return torch.cat([images.permute(0, 2, 3, 1) for images in out]).permute(0, 3, 1, 2)  # stays channels-last

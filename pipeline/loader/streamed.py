@@ -19,9 +19,11 @@ from pipeline.errors import ShardFormatError
 from pipeline.loader.base import Batch, Plan, ShardLoader
 from pipeline.loader.read import BatchJobs, BatchPool, Reader, decode_batch
 
+PREFETCH = 4  # batches each worker works ahead of the consumer
+
 
 class StreamedLoader(ShardLoader):
-    _pool: BatchPool | None = None  # decoded batches' buffers when decoding in this process (workers=0)
+    _pool: BatchPool | None = None  # decoded batches' buffers, reused across epochs
 
     def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:
         plan = self.plan()
@@ -62,43 +64,75 @@ class StreamedLoader(ShardLoader):
     def _decoded(self, plan: Plan, count: int, skip: int, reader: Reader) -> Iterator[tuple[int, Batch]]:
         positions = [plan.order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(count)]
         raw = self.decode_device == "device"
+        pool = None if raw else self._batch_pool()
         jobs = BatchJobs(
             reader, [(plan.shards[p], plan.samples[p]) for p in positions],
             [None if raw else self._crop_params(b, len(p)) for b, p in enumerate(positions)],
-            self.crop_size, skip=self.on_corrupt == "skip", raw=raw, pool=None if self.workers else self._batch_pool(),
+            self.crop_size, skip=self.on_corrupt == "skip", raw=raw, pool=pool,
         )
-        batches = range(skip, count)
+        h, w, c = self.index.image_shape
+        nbytes = self.batch_size * c * int(np.prod(self.crop_size or (h, w)))
+        reserved: set[int] = set()  # buffers dispatched with this epoch's batches and not yet handed out
+
+        def dispatch() -> Iterator[tuple[int, int | None]]:
+            # drawn lazily by the DataLoader as it sends work (prefetch_factor per worker ahead of the consumer),
+            # so a buffer is reserved when its batch is dispatched, from those the consumer has dropped by then
+            for b in range(skip, count):
+                slot = None if pool is None else pool.reserve(nbytes)
+                if slot is not None:
+                    reserved.add(slot)
+                elif pool is not None:
+                    pool.misses += 1
+                yield b, slot
+
         if self.workers:
-            results = DataLoader(jobs, batch_size=None, sampler=batches, num_workers=self.workers,
-                                 pin_memory=self.device.type == "cuda", prefetch_factor=4)
+            results = iter(DataLoader(jobs, batch_size=None, sampler=dispatch(), num_workers=self.workers,
+                                      pin_memory=self.device.type == "cuda", prefetch_factor=PREFETCH))
         else:
-            results = (jobs[b] for b in batches)
-        for result in results:
-            b = result["index"]
-            for name, reason in result.get("error", {}).items():
-                self.corrupt(name, reason)  # raises under 'fail'
-            if "error" in result:
-                raise ShardFormatError(f"{self.location}: no image of batch {b} could be read "
-                                       f"({sorted(result['error'])}); re-run the ingest")
-            for name, reason in result.get("skipped", {}).items():
-                self.corrupt(name, reason)
-            if raw:
-                images = decode_batch(result["raw"], self.index.image_shape[2], self.device)
-                images = self._augment(images, self._crop_params(b, len(images)))
-            else:
-                images = result["images"]
-            labels, factors = self.extras(plan.shards[positions[b]], plan.samples[positions[b]])
-            yield b, Batch(images, labels, factors)
+            results = (jobs[b] for b in range(skip, count))
+        try:
+            for result in results:
+                b = result["index"]
+                slot = result.get("slot")
+                images = None if "shape" not in result else pool.wrap(slot, result["shape"]).permute(0, 3, 1, 2)
+                if slot is not None and images is None:
+                    pool.release(slot)
+                reserved.discard(slot)
+                for name, reason in result.get("error", {}).items():
+                    self.corrupt(name, reason)  # raises under 'fail'
+                if "error" in result:
+                    raise ShardFormatError(f"{self.location}: no image of batch {b} could be read "
+                                           f"({sorted(result['error'])}); re-run the ingest")
+                for name, reason in result.get("skipped", {}).items():
+                    self.corrupt(name, reason)
+                if raw:
+                    images = decode_batch(result["raw"], self.index.image_shape[2], self.device)
+                    images = self._augment(images, self._crop_params(b, len(images)))
+                elif images is None:
+                    images = result["images"]
+                elif self.device.type == "cuda":  # the pool buffer is refilled soon: a pinned copy goes on
+                    images = images.pin_memory()
+                labels, factors = self.extras(plan.shards[positions[b]], plan.samples[positions[b]])
+                yield b, Batch(images, labels, factors)
+        finally:
+            # an epoch stopped early (an error, a consumer that breaks off): its workers are shut down with the
+            # DataLoader's iterator, and only then are the buffers they might still write into given back
+            del results
+            for slot in reserved:
+                pool.release(slot)
 
     def _batch_pool(self) -> BatchPool:
-        if self._pool is None:
-            self._pool = BatchPool()
+        """The decoded batches' buffers, kept across epochs (paged in once): in shared memory for workers, as
+        many as can be in flight (prefetched per worker) plus the batch the consumer holds and the next."""
+        size = self.workers * PREFETCH + 2 if self.workers else 3
+        h, w, c = self.index.image_shape
+        nbytes = self.batch_size * c * int(np.prod(self.crop_size or (h, w)))
+        if self._pool is None or (len(self._pool.buffers), self._pool.nbytes) != (size, nbytes):
+            self._pool = BatchPool(size, nbytes, shared=self.workers > 0)
         return self._pool
 
 
 def _chw(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, C) -> (B, C, H, W). A channels-last view would be free, but its strides leak into the conv
-    weight gradients and DDP warns that they do not match its buckets; one uint8 copy per batch is cheap."""
-    b, h, w, c = images.shape
-    tensor = torch.from_numpy(images)
-    return tensor.reshape(b, 1, h, w) if c == 1 else tensor.permute(0, 3, 1, 2).contiguous()
+    """(B, H, W, C) -> (B, C, H, W) as a view: the pixels stay channels-last in memory, as every loader hands
+    them out (`Batch`); the consumer's cast to float makes the model's layout (`vae.data.to_input`)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)

@@ -255,6 +255,13 @@ def stored(record: Record, options: WriteOptions) -> tuple[str, bytes]:
     return SUFFIX_OF[options.image_format], encode_image(record.image, options.image_format, options.quality)
 
 
+def load_decoders() -> None:
+    """Import torchvision's codecs in this process, before loader workers fork from it: a worker that imports
+    them itself on its first decode pays ~2.3 s, and workers are forked anew each epoch (measured: 3-4 s to an
+    epoch's first batch with 1-2 workers, against 0.2 s to decode one; bench/LOG.md, 2026-12-06)."""
+    import torchvision.io  # noqa: F401
+
+
 def decode_tensor(data: bytes, channels: int) -> torch.Tensor:
     """Encoded image bytes -> uint8 (C, H, W) with `channels` channels.
 

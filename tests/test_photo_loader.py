@@ -225,6 +225,40 @@ def test_workers_decode_into_the_consumers_reused_shared_buffers(photos):
         assert torch.equal(a, b)
 
 
+DECODER_IMPORT_SCRIPT = """
+import importlib.abc, os, sys
+
+class Spy(importlib.abc.MetaPathFinder):  # notes each process that imports the codecs (workers inherit it)
+    def find_spec(self, name, path, target=None):
+        if name == "torchvision.io":
+            with open(sys.argv[2], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+
+sys.meta_path.insert(0, Spy())
+import pipeline
+loader = pipeline.ShardLoader(sys.argv[1], "train", batch_size=4, workers=2)
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    assert sum(len(b.images) for b in loader) == 48
+print(os.getpid())
+"""
+
+
+def test_workers_inherit_the_codecs_instead_of_importing_them_each_epoch(photos, tmp_path):
+    """Workers are forked anew each epoch; importing torchvision's codecs in each cost ~2.3 s before its first
+    batch (3-4 s to the first batch of every epoch). The loading process imports them before it forks."""
+    import subprocess
+    import sys
+
+    _, out = photos
+    log = tmp_path / "imports.txt"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", DECODER_IMPORT_SCRIPT, str(out), str(log)], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert log.read_text().split() == [done.stdout.split()[-1]]  # once, by the parent; never by a worker
+
+
 def test_batches_hold_the_decoded_pixels_channels_last(photos):
     """Every CPU path hands out (B, C, H, W) whose memory is (B, H, W, C), the decoders' own order (no planar
     copy in the loader), holding exactly what torchvision decodes from the stored files, channel by channel."""

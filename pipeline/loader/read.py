@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from pipeline.layouts import Layout, ShardTable, decode_tensor
+from pipeline.layouts import Layout, ShardTable, decode_tensor, load_decoders
 from pipeline.loader.base import CORRUPTION
 from pipeline.storage import Location
 
@@ -27,6 +27,8 @@ class Reader:
         self.location, self.names, self.tables = location, names, tables
         self.layout, self.image_shape = layout, tuple(image_shape)
         self._files: dict[int, Any] = {}
+        if layout.decodes:  # made before any worker forks: they inherit the codecs instead of importing them
+            load_decoders()
 
     def file(self, shard: int):
         if shard not in self._files:

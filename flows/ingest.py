@@ -21,11 +21,13 @@ stored as plain JSON, and a record under the key that is anything else (a plante
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +129,29 @@ def task_runner(ingest: IngestSection) -> TaskRunner:
     if ingest.runner == "processes":
         return ProcessPoolTaskRunner(max_workers=ingest.workers)
     return ThreadPoolTaskRunner(max_workers=ingest.workers)
+
+
+@contextlib.contextmanager
+def workers_share_this_api(runner: TaskRunner) -> Iterator[None]:
+    """Process-pool workers report each task run to the Prefect API. Where no PREFECT_API_URL is set, this flow
+    talks to a temporary server, whose address is no setting, so every worker process started a temporary server
+    of its own (two per ingest on 2 workers, 10-20 s each on this machine: the process runner took 4.2x the
+    thread runner's time on 1,024 photos, bench/LOG.md 2026-12-06). The workers inherit this process's
+    environment (ProcessPoolTaskRunner passes os.environ), so the flow's own API address is put there while the
+    groups run."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    if not isinstance(runner, ProcessPoolTaskRunner) or PREFECT_API_URL.value() or "PREFECT_API_URL" in os.environ:
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
 
 
 DEMO_PRESET = Path(__file__).resolve().parents[1] / "infra" / "configs" / "digits.yaml"  # what `vaepipe demo` trains
@@ -276,7 +301,8 @@ def _ingest_locked(source: SourceSection, ingest: IngestSection, out: str) -> st
     runner = task_runner(ingest)
     say(loggers, logging.INFO, "ingest: %d shard group(s) of %s into %s, layout %s, image shape %s, on %s",
         len(plan.groups), name, out, plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
-    results = write_shard_groups.with_options(task_runner=runner)(plan, ingest, progress_id)
+    with workers_share_this_api(runner):
+        results = write_shard_groups.with_options(task_runner=runner)(plan, ingest, progress_id)
     index = pipeline.finalize_ingest(plan, results)
     kept = sum(r.reused for r in results)
     counts = {split: info.num_samples for split, info in index.splits.items()}

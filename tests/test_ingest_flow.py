@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -109,3 +110,34 @@ def test_flow_refuses_a_directory_another_ingest_holds(tmp_path, prefect_api):
     with pipeline.DirLock(Location(out)), pytest.raises(pipeline.DirectoryLockedError, match="another ingest"):
         ingest_dataset(SourceSection(), IngestSection(shard_dir=out, samples_per_shard=512, block_size=128))
     assert not (out / pipeline.INDEX_NAME).exists()
+
+
+PROCESS_RUNNER_SCRIPT = """
+import json, sys
+from flows.ingest import ingest_dataset
+from vae.config import IngestSection, SourceSection
+section = IngestSection(shard_dir=sys.argv[1], samples_per_shard=64, block_size=16, workers=1, runner="processes")
+ingest_dataset(SourceSection(name="shapes", options={"train_samples": 128, "test_samples": 16, "size": 16}), section)
+sys.path.insert(0, "tests")
+from test_ingest_flow import _task_runs
+print(json.dumps(_task_runs("write-shard-groups")))
+"""
+
+
+@pytest.mark.slow
+def test_process_runner_workers_report_to_the_flows_temporary_server(tmp_path):
+    """Without PREFECT_API_URL the flow talks to a temporary server, whose address is no setting; the process
+    runner's workers get it through their environment and start none of their own (each worker started one
+    before: 10-20 s apiece on this machine). Their task runs land on the flow's server."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", PROCESS_RUNNER_SCRIPT, str(tmp_path / "shards")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["ingest-test-0", "ingest-train-0", "ingest-train-1"]
+    assert done.stderr.count("Starting temporary server") == 1, done.stderr[-3000:]

@@ -64,7 +64,10 @@ class StreamedLoader(ShardLoader):
     def _decoded(self, plan: Plan, count: int, skip: int, reader: Reader) -> Iterator[tuple[int, Batch]]:
         positions = [plan.order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(count)]
         raw = self.decode_device == "device"
-        pool = None if raw else self._batch_pool()
+        # Workers feeding a GPU send fresh shared memory, which DataLoader's pin thread copies into pinned memory
+        # beside the training thread; a pool buffer would have to be pinned on the training thread (or be pinned
+        # itself, and reused only once its copy to the device has finished): not measured on a GPU yet.
+        pool = None if raw or (self.workers and self.device.type == "cuda") else self._batch_pool()
         jobs = BatchJobs(
             reader, [(plan.shards[p], plan.samples[p]) for p in positions],
             [None if raw else self._crop_params(b, len(p)) for b, p in enumerate(positions)],
@@ -110,8 +113,6 @@ class StreamedLoader(ShardLoader):
                     images = self._augment(images, self._crop_params(b, len(images)))
                 elif images is None:
                     images = result["images"]
-                elif self.device.type == "cuda":  # the pool buffer is refilled soon: a pinned copy goes on
-                    images = images.pin_memory()
                 labels, factors = self.extras(plan.shards[positions[b]], plan.samples[positions[b]])
                 yield b, Batch(images, labels, factors)
         finally:

@@ -7,10 +7,10 @@ Prints JSON: seconds and images/s for each, and the ratio. Needs ../shared/data/
 
 `--photos N` measures the runners on photos instead: N JPEGs of 300-427 px cut from scikit-learn's two sample
 photographs, ingested at 256x256 (`size_rule crop`: decode, Lanczos resize, centre crop, JPEG encode), in
-shard groups of 64, by the flow's thread and process runners (alternating, `--rounds` times, best kept) against
-`pipeline.ingest` in process (one core): which runner scales for decode+resize work.
+shard groups of 64 (`--per-group`), by the flow's thread and process runners (alternating, `--rounds` times,
+best kept) against `pipeline.ingest` in process (one core): which runner scales for decode+resize work.
 
-    .venv/bin/python bench/ingest.py --photos 1024 --workers 2 [--rounds 2]
+    .venv/bin/python bench/ingest.py --photos 1024 --workers 2 [--rounds 2] [--per-group 64]
 """
 
 import argparse
@@ -63,14 +63,14 @@ def photo_tree(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def photo_runners(n: int, workers: int, rounds: int) -> dict:
+def photo_runners(n: int, workers: int, rounds: int, per_group: int = 64) -> dict:
     from prefect.logging import disable_run_logger
 
     import pipeline
     from flows.ingest import ingest_dataset
     from vae.config import IngestSection, SourceSection
 
-    settings = {"samples_per_shard": 64, "image_size": (256, 256), "size_rule": "crop"}
+    settings = {"samples_per_shard": per_group, "image_size": (256, 256), "size_rule": "crop"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = photo_tree(tmp / "tree", n)
@@ -92,7 +92,7 @@ def photo_runners(n: int, workers: int, rounds: int) -> dict:
                 timed("in_process", lambda r=r: pipeline.ingest("imagefolder", source.options, tmp / f"one-{r}",
                                                                 progress=False, **settings))
         groups = sum(len(s.shards) for s in pipeline.read_index(tmp / "threads-0").splits.values())
-    report = {"photos": n, "shard_groups": groups, "workers": workers, "rounds": rounds,
+    report = {"photos": n, "per_group": per_group, "shard_groups": groups, "workers": workers, "rounds": rounds,
               **{f"{k}_s": round(v, 2) for k, v in best.items()},
               **{f"{k}_images_per_s": round(n / v) for k, v in best.items()}}
     for runner in ("threads", "processes"):
@@ -106,10 +106,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--photos", type=int, default=0, help="measure the runners on this many photos instead")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--per-group", type=int, default=64, help="photos per shard group (a task) with --photos")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.photos:
-        print(json.dumps(photo_runners(args.photos, args.workers, args.rounds), indent=2))
+        print(json.dumps(photo_runners(args.photos, args.workers, args.rounds, args.per_group), indent=2))
         return
     if not MNIST.is_dir():
         raise SystemExit(f"real MNIST not found at {MNIST}")

@@ -6,7 +6,7 @@ loaders and torchvision's decode loop take turns, `--rounds` times, each in a fr
 so a load spike on the shared cores hits both alike. Prints JSON: the best images per wall second and per CPU
 second of each, and the ratios.
 
-    .venv/bin/python bench/photo_loader_ab.py --rev 081ef38 [--images 1500] [--side 256] [--rounds 3]
+    .venv/bin/python bench/photo_loader_ab.py --rev 081ef38 [--images 1500] [--side 256] [--rounds 3] [--workers 0]
 """
 
 from __future__ import annotations
@@ -37,20 +37,22 @@ if what == "torchvision":
     fn, n = (lambda: pl.torchvision_loop(files)), len(files)
 else:
     import pipeline
-    loader = pipeline.ShardLoader(target, "train", batch_size=pl.BATCH, workers=0, resident="off", drop_last=False)
+    loader = pipeline.ShardLoader(target, "train", batch_size=pl.BATCH, workers=int(sys.argv[3]), resident="off",
+                                  drop_last=False)
     fn, n = (lambda: sum(len(b.images) for b in loader)), loader.num_samples
 fn()  # warm: page cache, imports
 wall, cpu = time.perf_counter(), time.process_time()
 fn()
-print(json.dumps({{"wall": n / (time.perf_counter() - wall), "cpu": n / (time.process_time() - cpu)}}))
+print(json.dumps({{"wall": n / (time.perf_counter() - wall), "cpu": n / (time.process_time() - cpu)}}))  # cpu: this
+# process only, so a per-CPU-second figure means something in process (--workers 0) alone
 """
 
 
-def child(what: str, target: Path, src: Path) -> dict:
+def child(what: str, target: Path, src: Path, workers: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     code = CHILD.format(bench=str(HERE))
-    out = subprocess.run([sys.executable, "-c", code, what, str(target)], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code, what, str(target), str(workers)], env=env, capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--side", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=0, help="the loaders' data.workers (0: in process)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import photo_loader as pl
@@ -84,9 +87,9 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.rounds):
             for name, (target, src) in runs.items():
-                got = child(name if name == "torchvision" else "loader", target, src)
+                got = child(name if name == "torchvision" else "loader", target, src, args.workers)
                 best[name] = {k: max(best[name][k], got[k]) for k in got}
-    report = {"rev": args.rev, "images": args.images, "side": args.side, "rounds": args.rounds,
+    report = {"rev": args.rev, "images": args.images, "side": args.side, "rounds": args.rounds, "workers": args.workers,
               "seconds": round(time.perf_counter() - start, 1),
               **{f"{name}_{k}": round(v) for name, d in best.items() for k, v in d.items()}}
     for k in ("wall", "cpu"):

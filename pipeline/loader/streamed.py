@@ -73,15 +73,13 @@ class StreamedLoader(ShardLoader):
             [None if raw else self._crop_params(b, len(p)) for b, p in enumerate(positions)],
             self.crop_size, skip=self.on_corrupt == "skip", raw=raw, pool=pool,
         )
-        h, w, c = self.index.image_shape
-        nbytes = self.batch_size * c * int(np.prod(self.crop_size or (h, w)))
         reserved: set[int] = set()  # buffers dispatched with this epoch's batches and not yet handed out
 
         def dispatch() -> Iterator[tuple[int, int | None]]:
             # drawn lazily by the DataLoader as it sends work (prefetch_factor per worker ahead of the consumer),
             # so a buffer is reserved when its batch is dispatched, from those the consumer has dropped by then
             for b in range(skip, count):
-                slot = None if pool is None else pool.reserve(nbytes)
+                slot = None if pool is None else pool.reserve(pool.nbytes)  # room for a whole batch
                 if slot is not None:
                     reserved.add(slot)
                 elif pool is not None:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from pipeline import ownership, shards
 from pipeline.conform import ChannelRule, SizeRule, conform, encode_image
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.layouts import get_layout
+from pipeline.layouts import LayoutChoice, get_layout
 from pipeline.lock import DirLock
 from pipeline.records import Record, Rejected
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, ShardInfo, ShardPlan, SplitInfo, read_index
@@ -52,7 +52,7 @@ class IngestOptions(BaseModel, frozen=True):
 
     samples_per_shard: int = 8192
     block_size: int = 1024
-    layout: Literal["auto", "packed", "encoded", "encoded-blocks"] = "auto"
+    layout: LayoutChoice = "auto"
     image_format: Literal["jpeg", "png", "webp"] = "jpeg"
     quality: int = 95
     shards_per_task: int = 1

@@ -29,7 +29,7 @@ import tarfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -299,6 +299,8 @@ def _groups(tar: tarfile.TarFile):
 
 
 LAYOUTS: dict[str, Callable[[], Layout]] = {"packed": Packed, "encoded": Encoded, "encoded-blocks": EncodedBlocks}
+# what ingest.layout takes: a layout, or "auto" (packed for small images, encoded-blocks above: shards.choose_layout)
+LayoutChoice = Literal["auto", "packed", "encoded", "encoded-blocks"]
 
 
 def get_layout(name: str) -> Layout:

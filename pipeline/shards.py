@@ -26,7 +26,7 @@ import webdataset as wds
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.layouts import WriteOptions, get_layout
+from pipeline.layouts import LayoutChoice, WriteOptions, get_layout
 from pipeline.records import Record
 from pipeline.storage import Location
 
@@ -115,8 +115,7 @@ class ShardPlan(BaseModel, frozen=True):
         return get_layout(self.layout).per_write(self.block_size)
 
 
-def choose_layout(requested: Literal["auto", "packed", "encoded", "encoded-blocks"], shape: tuple[int, int, int]
-                  ) -> str:
+def choose_layout(requested: LayoutChoice, shape: tuple[int, int, int]) -> str:
     """'auto': packed blocks for images up to PACKED_MAX_IMAGE_BYTES, blocks of encoded images above (one
     encoded image per sample costs its photo ~28% in tar framing at 256 px, a block ~1%: bench/LOG.md)."""
     if requested != "auto":

@@ -412,6 +412,20 @@ def test_an_unknown_layout_is_refused_listing_the_known_ones(photos, tmp_path):
         ShardLoader(out, "train", batch_size=4)
 
 
+def test_the_layout_choices_are_the_registry_and_auto_everywhere_they_are_offered():
+    """ingest.layout is spelled out as a Literal (pydantic validates and documents it) in the pipeline and in the
+    run config, which imports no torch; both must offer exactly the registered layouts and 'auto'."""
+    from typing import get_args
+
+    from pipeline.ingest import IngestOptions
+    from pipeline.layouts import LAYOUTS, LayoutChoice
+    from vae.config import IngestSection
+
+    assert set(get_args(LayoutChoice)) == {"auto", *LAYOUTS}
+    for model in (IngestOptions, IngestSection):
+        assert set(get_args(model.model_fields["layout"].annotation)) == set(get_args(LayoutChoice)), model
+
+
 @pytest.mark.slow
 def test_a_256px_jpeg_tree_trains_registers_and_reconstructs_end_to_end(tmp_path):
     """Ingest real 256-px JPEG photos (kept byte for byte), train one epoch with decoding worker processes and

@@ -100,33 +100,35 @@ class BatchPool:
         self.misses = 0  # batches that found every buffer held and were allocated afresh
 
     def reserve(self, nbytes: int) -> int | None:
-        """The number of a buffer that nothing uses, now reserved; None when all are held (or too small)."""
-        if nbytes > self.nbytes:
-            return None
-        for slot in range(len(self._arrays)):
-            # referenced by the list and by getrefcount's argument only: no tensor or view uses it any more
-            if slot not in self._reserved and sys.getrefcount(self._arrays[slot]) == 2:
-                self._reserved.add(slot)
-                return slot
+        """The number of a buffer that nothing uses, now reserved; None (a miss) when all are held or too small."""
+        if nbytes <= self.nbytes:
+            for slot in range(len(self._arrays)):
+                # referenced by the list and by getrefcount's argument only: no tensor or view uses it any more
+                if slot not in self._reserved and sys.getrefcount(self._arrays[slot]) == 2:
+                    self._reserved.add(slot)
+                    return slot
+        self.misses += 1
         return None
 
     def release(self, slot: int) -> None:
         """Give up a reservation without wrapping it (its batch failed, or the epoch was abandoned)."""
         self._reserved.discard(slot)
 
+    def view(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Buffer `slot`'s first bytes as a uint8 tensor of `shape` (in a worker: the memory it decodes into). A
+        prefix, so the epoch's shorter last batch reuses a full batch's pages."""
+        return torch.from_numpy(self.buffers[slot].numpy()[: int(np.prod(shape))].reshape(shape))
+
     def wrap(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
-        """A reserved buffer's first bytes as a uint8 tensor of `shape` (the reservation ends: from now on the
-        tensor's life decides). A prefix, so the epoch's shorter last batch reuses a full batch's pages."""
+        """A reserved buffer as the batch's tensor; the reservation ends, and from now on the tensor's life (and
+        its views') keeps the buffer in use, through the reference its view holds on the pool's array."""
         self._reserved.discard(slot)
         return torch.from_numpy(self._arrays[slot][: int(np.prod(shape))].reshape(shape))
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised uint8 tensor of `shape` that no live tensor shares memory with."""
         slot = self.reserve(int(np.prod(shape)))
-        if slot is None:
-            self.misses += 1
-            return torch.empty(shape, dtype=torch.uint8)
-        return self.wrap(slot, shape)
+        return torch.empty(shape, dtype=torch.uint8) if slot is None else self.wrap(slot, shape)
 
 
 class BatchJobs(Dataset):
@@ -169,8 +171,7 @@ class BatchJobs(Dataset):
         c, height, width = images[0].shape
         shape = (len(images), *(self.crop_size or (height, width)), c)  # (B, h, w, C)
         if slot is not None:  # the consumer's buffer: only its number travels back
-            self._fill(images, self.params[i], torch.from_numpy(
-                self.pool.buffers[slot].numpy()[: int(np.prod(shape))].reshape(shape)))
+            self._fill(images, self.params[i], self.pool.view(slot, shape))
             return {"slot": slot, "shape": shape, "skipped": bad, "index": i}
         if get_worker_info() is not None:  # in shared memory, so that it travels as a handle, not a copy
             batch = torch.empty(shape, dtype=torch.uint8).share_memory_()

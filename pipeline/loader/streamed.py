@@ -82,8 +82,6 @@ class StreamedLoader(ShardLoader):
                 slot = None if pool is None else pool.reserve(pool.nbytes)  # room for a whole batch
                 if slot is not None:
                     reserved.add(slot)
-                elif pool is not None:
-                    pool.misses += 1
                 yield b, slot
 
         if self.workers:

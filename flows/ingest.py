@@ -302,7 +302,12 @@ def _ingest_locked(source: SourceSection, ingest: IngestSection, out: str) -> st
     say(loggers, logging.INFO, "ingest: %d shard group(s) of %s into %s, layout %s, image shape %s, on %s",
         len(plan.groups), name, out, plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
     with workers_share_this_api(runner):
-        results = write_shard_groups.with_options(task_runner=runner)(plan, ingest, progress_id)
+        # Prefect persists a subflow's result when the task around it persists its own (`ingest-shards`, cached),
+        # whatever the subflow says, and with that task's plain-json serializer, which refuses the GroupResult
+        # models: a WARNING on every ingest. Prefect's own json serializer writes them (a record never read back:
+        # the subflow has no cache policy).
+        results = write_shard_groups.with_options(task_runner=runner, result_serializer="json")(plan, ingest,
+                                                                                              progress_id)
     index = pipeline.finalize_ingest(plan, results)
     kept = sum(r.reused for r in results)
     counts = {split: info.num_samples for split, info in index.splits.items()}

@@ -134,6 +134,34 @@ def mlflow_uri(mlflow_server, monkeypatch) -> str:
 
 
 @pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """An embedded sqlite MLflow store for the in-process runs (tests/support/training.py): no server to start on a
+    loaded machine, and one store for the session, as creating one runs MLflow's schema migrations (seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A local S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields its endpoint URL."""
+    pytest.importorskip("s3fs", reason="S3 destinations need the s3 extra (pip install '.[s3]')")
+    server_module = pytest.importorskip("moto.server", reason="the S3 test needs moto[server] (test extra)")
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        import boto3
+
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """The offline default source ingested once per session (small shards, so there are several)."""
     from pipeline import ingest

@@ -4,8 +4,6 @@ MLflow model (spatial latents, the folder as an artifact) and `vaepipe models pu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 
 import mlflow
@@ -14,6 +12,7 @@ import pytest
 import torch
 from conftest import BIN, run
 from safetensors.torch import save_file
+from support.reconstruct import reconstruct_elsewhere
 
 from vae.aekl_export import export_checkpoint, export_diffusers
 from vae.registry import build_from_spec, log_model, model_spec, register
@@ -24,17 +23,6 @@ SPEC = model_spec("aekl", (3, 32, 24), 4, channels=[8, 16, 16], layers_per_block
 STATS = {"shift_factor": 0.25, "scaling_factor": 1.5, "mean": [0.1, 0.2, 0.3, 0.4], "std": [1.0, 0.9, 0.8, 0.7]}
 
 # Run in a fresh interpreter, with diffusers alone: load the folder and reconstruct x.npy into out.npy.
-RECONSTRUCT = """
-import sys, numpy as np, torch
-from diffusers import AutoencoderKL
-vae = AutoencoderKL.from_pretrained(sys.argv[1]).eval()
-x = torch.from_numpy(np.load(sys.argv[2]))
-with torch.no_grad():
-    out = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
-np.save(sys.argv[3], ((out + 1) / 2).clamp(0, 1).numpy())
-"""
-
-
 def trained(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_from_spec(SPEC).eval()
@@ -42,13 +30,6 @@ def trained(seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     return model
-
-
-def reconstruct_elsewhere(folder, x: np.ndarray, tmp_path) -> np.ndarray:
-    np.save(tmp_path / "x.npy", x)
-    subprocess.run([sys.executable, "-c", RECONSTRUCT, str(folder), str(tmp_path / "x.npy"),
-                    str(tmp_path / "out.npy")], check=True, timeout=300)
-    return np.load(tmp_path / "out.npy")
 
 
 def test_export_then_from_pretrained_in_another_process_reconstructs_equally(tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import BIN, free_port, run
+from conftest import BIN, run
 from PIL import Image
 
 import pipeline
@@ -173,27 +173,6 @@ def test_a_rerun_with_other_shard_settings_rewrites_and_drops_stale_shards(tmp_p
     index = pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
     assert sorted(p.name for p in tmp_path.glob("train-*.tar")) == [s.name for s in index.splits["train"].shards]
     assert len(index.splits["train"].shards) == 3
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A local S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields its endpoint URL."""
-    pytest.importorskip("s3fs", reason="S3 destinations need the s3 extra (pip install '.[s3]')")
-    server_module = pytest.importorskip("moto.server", reason="the S3 test needs moto[server] (test extra)")
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    port = free_port()
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        import boto3
-
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shards")
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def test_s3_destination_round_trip(s3_server, tmp_path):

@@ -3,54 +3,25 @@ newest checkpoint falls back to the newest one that loads, and a full disk keeps
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import pickle
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from support import training
+from support.training import in_process
 
 from vae import checkpoint
 from vae.trainer import TrainingError
 
-PRESET = REPO / "infra/configs/digits.yaml"
-# 1438 training images: 5 steps of 256 per epoch. In-process (vae.trainer.train, single process, as Accelerate runs
-# without a launcher): a loaded 2-core machine spends most of a subprocess's time importing torch and mlflow.
-FAST = ["--train.batch_size", "256", "--train.ema_decay", "0.9", "--train.keep_checkpoints", "2",
-        "--tracking.finalize", "false"]
-
-
-@contextlib.contextmanager
-def in_process(tracking_uri: str):
-    """The trainer's SIGTERM handler kept out of pytest; its runs tracked in an embedded sqlite store."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(signal, "signal", lambda *args: None)
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        yield mp
-
-
-def config(shard_dir: Path, out: Path, *overrides: str):
-    from vae.config import load_config
-
-    return load_config(PRESET, ["--ingest.shard_dir", str(shard_dir), "--train.output_dir", str(out), *FAST,
-                                *overrides])
+# In-process runs (tests/support/training.py) of 5 steps of 256 per epoch, keeping the two newest checkpoints.
+KEEP_TWO = ("--train.keep_checkpoints", "2")
 
 
 def train(shard_dir: Path, out: Path, *overrides: str) -> None:
-    from vae.trainer import train
-
-    train(config(shard_dir, out, *overrides))
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    """An embedded sqlite store for this module's runs: no server to start on a loaded machine."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    training.train(shard_dir, out, *KEEP_TWO, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +217,9 @@ def test_two_ranks_fall_back_together_when_one_rank_cannot_load(tmp_path, digits
     from vae.launch import accelerate_command
 
     def launch(*overrides: str):
-        argv, env = accelerate_command(PRESET, 2, overrides=[
-            "--ingest.shard_dir", str(digits_shards), "--train.output_dir", str(tmp_path / "run"), *FAST, *overrides])
+        argv, env = accelerate_command(training.PRESET, 2, overrides=[
+            "--ingest.shard_dir", str(digits_shards), "--train.output_dir", str(tmp_path / "run"), *training.FAST,
+            *KEEP_TWO, *overrides])
         return run(argv, env={**env, "MLFLOW_TRACKING_URI": tracking_uri}, cwd=tmp_path)
 
     first = launch("--train.epochs", "2")

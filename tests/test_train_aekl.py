@@ -6,11 +6,7 @@ AutoencoderKL on 32-px crops of scikit-learn's photos, CPU."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,11 +17,11 @@ import torch
 from conftest import BIN, run
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_aekl_export import RECONSTRUCT
-from test_trainer_seam import tensors
+from support.reconstruct import reconstruct_elsewhere
+from support.training import checkpoint_tensors, in_process
 
 import pipeline
-from vae import checkpoint, objective
+from vae import checkpoint
 from vae.config import load_config
 from vae.preemption import PREEMPTED_EXIT
 from vae.spec import load_checkpoint
@@ -59,11 +55,6 @@ def vgg_weights(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
 def config(shards: Path, out: Path, vgg: Path, *overrides: str):
     return load_config(None, [
         "--ingest.shard_dir", str(shards), "--train.output_dir", str(out), "--train.batch_size", "16",
@@ -74,26 +65,6 @@ def config(shards: Path, out: Path, vgg: Path, *overrides: str):
         "--loss.aekl.disc_weight", "0.5", "--loss.aekl.disc_start", "1", "--loss.aekl.disc_layers", "2",
         "--loss.aekl.disc_channels", "8", "--loss.aekl.disc_lr", "0.0005", *overrides,
     ])
-
-
-@contextlib.contextmanager
-def in_process(tracking_uri: str, sigterm_at: int | None = None):
-    """The trainer in this process; `sigterm_at`: SIGTERM reaches its handler during that optimiser step."""
-    handlers = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        if sigterm_at is not None:
-            step = objective.AeklObjective.step
-
-            def interrupted(self, models, x, at, backward):
-                if at == sigterm_at:
-                    handlers[signal.SIGTERM](signal.SIGTERM, None)
-                return step(self, models, x, at, backward)
-
-            mp.setattr(objective.AeklObjective, "step", interrupted)
-        yield
 
 
 def train(cfg) -> None:
@@ -130,7 +101,7 @@ def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg
         train(config(photo_shards, tmp_path / "cut", vgg_weights, "--train.resume", "true"))
     resumed = checkpoint.latest(tmp_path / "cut")
     assert resumed.name == whole.name
-    expected, got = tensors(whole), tensors(resumed)
+    expected, got = checkpoint_tensors(whole), checkpoint_tensors(resumed)
     assert expected.keys() == got.keys()
     assert any(k.startswith("model_1.safetensors:") and "running_mean" in k for k in expected)  # BatchNorm stats
     for key in expected:
@@ -175,10 +146,7 @@ def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_recon
     config_ = json.loads((dest / "config.json").read_text())
     assert (config_["scaling_factor"], config_["shift_factor"]) == (stats["scaling_factor"], stats["shift_factor"])
     x = validation_images(photo_shards)
-    np.save(tmp_path / "x.npy", x)
-    subprocess.run([sys.executable, "-c", RECONSTRUCT, str(dest), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                   check=True, timeout=300)
-    mse = ((np.load(tmp_path / "y.npy").astype(np.float64) - x) ** 2).mean(axis=(1, 2, 3))
+    mse = ((reconstruct_elsewhere(dest, x, tmp_path).astype(np.float64) - x) ** 2).mean(axis=(1, 2, 3))
     psnr = float(np.mean(10 * np.log10(1 / mse)))  # per image, data range 1, as torchmetrics in the evaluation
     assert psnr == pytest.approx(metrics["val/psnr"], abs=1e-3)
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
-from test_ingest import s3_server  # noqa: F401 - the moto S3 fixture, shared
+from support.training import PRESET, checkpoint_tensors, in_process, train
 from torch import nn
 
 from vae import checkpoint, objective, tracking
@@ -21,9 +20,6 @@ from vae.config import MODEL_SECTIONS, ConvSection, load_config
 from vae.losses import elbo_terms, unwrap
 from vae.preemption import PREEMPTED_EXIT
 
-PRESET = REPO / "infra/configs/digits.yaml"
-# 1438 training images in batches of 256: 5 optimiser steps per epoch, in-process (see tests/test_resume.py)
-FAST = ["--train.batch_size", "256", "--train.ema_decay", "0.9", "--tracking.finalize", "false"]
 CRITIC_START = 2  # the critic's loss starts at this optimiser step
 
 
@@ -67,63 +63,26 @@ class CriticObjective(objective.Objective):
 
 
 @contextlib.contextmanager
-def in_process(tracking_uri: str, sigterm_at: int | None = None):
-    """Train in this process with CriticObjective as the conv model's objective; `sigterm_at`: deliver SIGTERM to
-    the trainer's own handler during that optimiser step (as the signal would arrive), once."""
-    handlers = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(signal, "signal", lambda sig, handler: handlers.__setitem__(sig, handler))
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
+def with_critic(tracking_uri: str, sigterm_at: int | None = None):
+    """Train in this process (tests/support/training.py) with CriticObjective as the conv model's objective."""
+    with in_process(tracking_uri, sigterm_at) as mp:
         mp.setitem(objective.OBJECTIVES, "critic-test", CriticObjective)
         mp.setattr(ConvSection, "objective", "critic-test")
         # metric names are fixed (vae/tracking.py): an objective's own ones are added there
         mp.setattr(tracking, "METRICS", (*tracking.METRICS, "train/critic", "train/grad_norm_critic"))
-        if sigterm_at is not None:
-            step = CriticObjective.step
-
-            def interrupted(self, models, x, at, backward):
-                if at == sigterm_at:
-                    handlers[signal.SIGTERM](signal.SIGTERM, None)
-                return step(self, models, x, at, backward)
-
-            mp.setattr(CriticObjective, "step", interrupted)
         yield
 
 
-def train(shard_dir: Path, out: Path, *overrides: str) -> None:
-    from vae.trainer import train
-
-    train(load_config(PRESET, ["--ingest.shard_dir", str(shard_dir), "--train.output_dir", str(out), *FAST,
-                               *overrides]))
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint: weights, EMA weights and both optimisers' states, by file and key."""
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
-    for f in sorted(path.glob("optimizer*.bin")):
-        state = torch.load(f, map_location="cpu", weights_only=True)["state"]
-        out.update({f"{f.name}:{i}:{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)})
-    return out
-
-
 def test_two_models_resume_exactly_after_sigterm(tmp_path, digits_shards, tracking_uri):
-    with in_process(tracking_uri):
+    with with_critic(tracking_uri):
         train(digits_shards, tmp_path / "whole", "--train.epochs", "2")
-    with in_process(tracking_uri, sigterm_at=CRITIC_START + 5), pytest.raises(SystemExit) as stopped:
+    with with_critic(tracking_uri, sigterm_at=CRITIC_START + 5), pytest.raises(SystemExit) as stopped:
         train(digits_shards, tmp_path / "cut", "--train.epochs", "2")  # in the second epoch, critic on
     assert stopped.value.code == PREEMPTED_EXIT
     cut = checkpoint.latest(tmp_path / "cut")
     assert checkpoint.read_meta(cut)["reason"] == "preempted"
     assert checkpoint.read_meta(cut)["global_step"] == CRITIC_START + 6  # the signalled step was finished
-    with in_process(tracking_uri):
+    with with_critic(tracking_uri):
         train(digits_shards, tmp_path / "cut", "--train.epochs", "2", "--train.resume", "true")
 
     whole, resumed = checkpoint.latest(tmp_path / "whole"), checkpoint.latest(tmp_path / "cut")
@@ -134,7 +93,7 @@ def test_two_models_resume_exactly_after_sigterm(tmp_path, digits_shards, tracki
     meta = checkpoint.read_meta(whole)
     assert meta["models"] == ["model", "critic"]
     assert meta["model_spec"]["arch"] == "conv" and meta["model_spec"]["image_shape"] == [1, 8, 8]
-    expected, got = tensors(whole), tensors(resumed)
+    expected, got = checkpoint_tensors(whole), checkpoint_tensors(resumed)
     assert expected.keys() == got.keys()
     assert any(k.startswith("optimizer_1.bin:") for k in expected)  # the critic's Adam moments are in there
     for key in expected:
@@ -149,7 +108,7 @@ def test_two_models_resume_exactly_after_sigterm(tmp_path, digits_shards, tracki
 
 def test_a_model_without_gradient_is_left_untouched_by_its_optimizer(tmp_path, digits_shards, tracking_uri):
     """Before CRITIC_START the critic gets no gradient: its weights and optimiser state stay as built."""
-    with in_process(tracking_uri, sigterm_at=CRITIC_START - 1), pytest.raises(SystemExit):
+    with with_critic(tracking_uri, sigterm_at=CRITIC_START - 1), pytest.raises(SystemExit):
         train(digits_shards, tmp_path / "run", "--train.epochs", "1")
     path = checkpoint.latest(tmp_path / "run")
     torch.manual_seed(1)
@@ -160,16 +119,10 @@ def test_a_model_without_gradient_is_left_untouched_by_its_optimizer(tmp_path, d
 
 
 def test_fp16_with_two_models_is_refused_naming_bf16(tmp_path, digits_shards, tracking_uri):
-    from accelerate.state import AcceleratorState
-
     from vae.trainer import TrainingError
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # in-process: the earlier runs' precision is fixed
-    try:
-        with in_process(tracking_uri), pytest.raises(TrainingError, match="--train.mixed_precision bf16"):
-            train(digits_shards, tmp_path / "run", "--train.mixed_precision", "fp16")
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with with_critic(tracking_uri), pytest.raises(TrainingError, match="--train.mixed_precision bf16"):
+        train(digits_shards, tmp_path / "run", "--train.mixed_precision", "fp16")
 
 
 def test_the_model_is_rebuilt_from_meta_json_without_the_shard_directory(tmp_path, digits_shards, tracking_uri):
@@ -179,10 +132,7 @@ def test_the_model_is_rebuilt_from_meta_json_without_the_shard_directory(tmp_pat
     from vae import finalize, spec
 
     shards = Path(shutil.copytree(digits_shards, tmp_path / "shards"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(signal, "signal", lambda *args: None)
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
+    with in_process(tracking_uri):
         train(shards, tmp_path / "run", "--train.epochs", "1")
     shutil.rmtree(shards)
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(shards), "--train.output_dir", str(tmp_path / "run")])
@@ -232,7 +182,7 @@ def test_imports_point_one_way():
     assert "vae.finalize" in imports_of(REPO / "vae/trainer.py")
 
 
-def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_server, tmp_path,  # noqa: F811
+def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_server, tmp_path,
                                                                          tracking_uri):
     """Shards in S3 behind an endpoint_url: training reads them with ingest.storage_options; what follows it (the
     model loaded, logged and registered) rebuilds from meta.json, so it works where the shards cannot be reached:
@@ -246,10 +196,7 @@ def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_serv
     url = "s3://shards/digits"
     pipeline.ingest("digits", {}, url, 512, 128, progress=False, storage_options={"endpoint_url": s3_server})
     out = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(signal, "signal", lambda *args: None)
-        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
+    with in_process(tracking_uri):
         train(url, out, "--train.epochs", "1", "--ingest.storage_options.endpoint_url", s3_server,
               "--tracking.finalize", "evaluate")
     assert (out / finalize.DETAILS_FILE).is_file()  # the evaluation ran on the S3 validation split

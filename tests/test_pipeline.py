@@ -307,6 +307,10 @@ def test_to_input_makes_the_models_layout_from_channels_last_batches():
     assert x.is_contiguous() and torch.equal(x, planar.float() / 255)
     x = to_input(batch, RunConfig(), torch.channels_last)
     assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, planar.float() / 255)
+    # without a format named, the run's own: validation and evaluation feed the layout training converted the model to
+    x = to_input(batch, RunConfig(train={"channels_last": True}))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert torch.equal(x, planar.float() / 255)
 
 
 def test_build_loaders_follows_the_data_section(digits_shards):

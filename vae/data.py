@@ -75,9 +75,10 @@ def _check_splits(cfg: RunConfig) -> None:
         )
 
 
-def to_input(images: torch.Tensor, cfg: RunConfig,
-             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the device, in either memory format -> float32 model input in `memory_format`.
+def to_input(images: torch.Tensor, cfg: RunConfig, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the device, in either memory format -> float32 model input in `memory_format`; by
+    default the run's own (channels-last under train.channels_last), so validation and evaluation feed the model
+    the layout its weights were converted to, as training does.
 
     The loaders hand batches out channels-last in memory (pipeline's `Batch`); the cast makes the model's layout
     in the same pass (on a GPU the reorder costs nothing next to the cast; a planar model input also keeps DDP's
@@ -87,6 +88,8 @@ def to_input(images: torch.Tensor, cfg: RunConfig,
     literature). data.dequantize: (x + u) / 256 with u ~ U[0, 1) per pixel, a continuous density's input.
     Both draw from torch's global generator on the images' device (seeded by accelerate's set_seed).
     """
+    if memory_format is None:
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     x = images.to(torch.float32, memory_format=memory_format)
     if cfg.data.binarize:
         return torch.bernoulli(x.div_(255.0))

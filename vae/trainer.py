@@ -310,9 +310,8 @@ class Trainer:
         bar = tqdm(total=len(self.train_loader), initial=self.train_loader.position,
                    desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", disable=not self.main)
         self.bar = bar
-        layout = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         for batch in self.train_loader:
-            yield to_input(batch.images.to(self.device, non_blocking=True), self.cfg, layout)
+            yield to_input(batch.images.to(self.device, non_blocking=True), self.cfg)
             bar.update(1)
         bar.close()
 

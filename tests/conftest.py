@@ -91,6 +91,23 @@ def mlflow_uri(mlflow_server, monkeypatch) -> str:
 
 
 @pytest.fixture(scope="session")
+def registered(mlflow_server) -> tuple[str, dict]:
+    """A model with two versions on the session's MLflow server, 1 the champion and 2 the challenger
+    (support/registry.py): (its name, the module of each version). The tests only read it."""
+    import mlflow
+    from support.registry import register_two_versions
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(mlflow_server)
+        try:
+            return register_two_versions(mlflow_server)
+        finally:
+            mlflow.set_tracking_uri(None)  # back to the environment's, which the context restores
+
+
+@pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     """The offline default source ingested once per session (small shards, so there are several)."""
     from pipeline import ingest

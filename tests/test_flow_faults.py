@@ -251,7 +251,7 @@ def test_a_sigkilled_rank_is_resumed_by_the_flow_retry_and_the_report_shows_samp
         "--ingest.shard_dir", str(tmp_path / "shards"), "--train.output_dir", str(runs),
         "--train.epochs", str(epochs), "--train.batch_size", "32", "--train.retries", "1",
         "--tracking.tracking_uri", uri, "--tracking.model_name", "vae-faults", "--tracking.experiment", "faults",
-        "--loss.eval_iwae_k", "10",
+        "--loss.eval_iwae_k", "2",
     ])
     killer = RankKiller(runs)
     killer.start()

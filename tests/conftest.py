@@ -1,18 +1,23 @@
-"""Shared fixtures: tiny shard directories, free ports, and a real MLflow server on loopback."""
+"""Shared fixtures: tiny shard directories, and real MLflow and Prefect servers on loopback (tests/support)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.servers import (  # noqa: F401 - free_port, mlflow_server_env, stop, wait_http: the modules import them here
+    MlflowServer,
+    PrefectServer,
+    free_port,
+    mlflow_server_env,
+    stop,
+    wait_http,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,38 +30,6 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not found at {path} (../shared/data is absent on this machine)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    """Poll `url` until it answers 200; fail with the server's log if it dies or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text() if log else ''}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -75,12 +48,6 @@ def isolated_prefect(home: Path):
             yield home
 
 
-def mlflow_server_env() -> dict[str, str]:
-    """The environment of a test MLflow server: without the job runner (MLflow 3.17 starts ~8 huey consumer
-    processes for its GenAI jobs, which vaepipe never uses; on 2 cores their polling slows every test)."""
-    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
 @pytest.fixture(scope="session")
 def prefect_home(tmp_path_factory):
     """An isolated Prefect home for this session's process and its children, with no API URL from the shell."""
@@ -89,37 +56,27 @@ def prefect_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prefect_api(prefect_home):
-    """Prefect's own test server, for flows run in this process; it drains log and event workers on exit.
+def prefect_api(prefect_home, tmp_path_factory) -> str:
+    """A Prefect server for flows run in this process (its API URL set in this process's settings, not in the
+    environment of children); on exit the queued logs and events are sent before it stops.
 
-    One per session, as each start costs 12-32 s on a busy 2-core machine, with the CLI's generous start-up wait
-    (the harness's own 30 s failed tests there)."""
-    from prefect.testing.utilities import prefect_test_harness
+    One per session: each start costs 12-32 s on a busy 2-core machine."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.temporary_server import startup_timeout
-
-    with prefect_test_harness(server_startup_timeout=startup_timeout()):
-        yield
+    with PrefectServer(tmp_path_factory.mktemp("prefect-server")) as server:
+        with temporary_settings(updates={PREFECT_API_URL: server.api}):
+            yield server.api
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real MLflow tracking server (sqlite backend, local artifacts) on 127.0.0.1; returns its URI."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = root / "server.log"
-    cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root, env=mlflow_server_env())
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=proc, log=log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server.uri
 
 
 @pytest.fixture
@@ -159,6 +116,23 @@ def s3_server(monkeypatch):
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def registered(mlflow_server) -> tuple[str, dict]:
+    """A model with two versions on the session's MLflow server, 1 the champion and 2 the challenger
+    (support/registry.py): (its name, the module of each version). The tests only read it."""
+    import mlflow
+    from support.registry import register_two_versions
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(mlflow_server)
+        try:
+            return register_two_versions(mlflow_server)
+        finally:
+            mlflow.set_tracking_uri(None)  # back to the environment's, which the context restores
 
 
 @pytest.fixture(scope="session")

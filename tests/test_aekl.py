@@ -3,10 +3,12 @@ fine-tuning, and the aekl objective (LPIPS, PatchGAN, adaptive weight). Tiny mod
 
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
+import pipeline
 from vae.aekl_losses import (
     NLayerDiscriminator,
     adaptive_weight,
@@ -16,7 +18,9 @@ from vae.aekl_losses import (
     generator_loss,
 )
 from vae.config import AeklLossSection, ConfigError, load_config, validate
+from vae.data import build_loaders
 from vae.models import build_model
+from vae.objective import build_objective
 
 TINY = {"channels": (8, 16, 16), "layers_per_block": 1, "norm_groups": 4, "attention": False}
 
@@ -199,44 +203,66 @@ def test_scaling_and_shift_factor_from_known_latents():
         latent_stats(latent_moments(torch.ones(2, 4, 2, 2)))
 
 
-def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monkeypatch):
-    from torchmetrics.functional.image import peak_signal_noise_ratio
+class OneProcess:
+    """What the final evaluation asks of Accelerate's Accelerator, for one process on the CPU."""
 
-    from vae.aekl_eval import evaluate_aekl, reconstruction_grid
+    device = torch.device("cpu")
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+
+def final_evaluation(tmp_path, images: np.ndarray, model):
+    """AeklObjective.final_evaluation as training ends with it (vae/finalize.py): `model` over the validation loader
+    the trainer builds, in batches of 4, from shards of `images` (N, H, W[, C]) uint8. (the result, the config)."""
+    np.save(tmp_path / "images.npy", images)
+    files = {"train": str(tmp_path / "images.npy"), "test": str(tmp_path / "images.npy")}
+    pipeline.ingest("arrays", {"files": files}, tmp_path / "shards", 4, 2, progress=False)
+    cfg = load_config(None, ["--model.arch", "aekl", "--model.channels", "[8, 16, 16]", "--model.norm_groups", "4",
+                             "--ingest.shard_dir", str(tmp_path / "shards"), "--train.batch_size", "4"])
+    _, val_loader = build_loaders(cfg, 0, 1, device="cpu")
+    return build_objective(cfg).final_evaluation(OneProcess(), model, val_loader), cfg
+
+
+def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monkeypatch):
+    from PIL import Image
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no LPIPS or Inception weights here
     model = tiny((3, 32, 48))
-    torch.manual_seed(0)
-    images = (torch.rand(6, 3, 32, 48) * 255).to(torch.uint8)
-    result = evaluate_aekl(model, images.split(4))
-    metrics = result["metrics"]
-    x = images.float() / 255
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 48, 3), dtype=np.uint8)
+    result, cfg = final_evaluation(tmp_path, images, model)
+    metrics = result.metrics
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         recon = model.decode_latents(model.encode_latents(x))
     psnr = peak_signal_noise_ratio(recon, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
     assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-5)
     assert 0 < metrics["val/ssim"] < 1 and "val/lpips" not in metrics and "val/rfid" not in metrics
-    assert set(result["absent"]) == {"val/lpips", "val/rfid"} and "torch hub cache" in result["absent"]["val/rfid"]
+    absent = result.details["absent"]
+    assert set(absent) == {"val/lpips", "val/rfid"} and "torch hub cache" in absent["val/rfid"]
     assert [k for k in metrics if k.startswith("val/latent_std/")] == [f"val/latent_std/{c}" for c in range(4)]
-    assert metrics["val/scaling_factor"] > 0
-    grid = reconstruction_grid(model, x, tmp_path / "plots" / "reconstructions.png", n=3)
-    from PIL import Image
+    assert metrics["val/scaling_factor"] > 0 and result.nonfinite == {}
+    assert result.latent_stats["scaling_factor"] == metrics["val/scaling_factor"]  # what the export writes
+    build_objective(cfg).draw(model, x, None, result, tmp_path / "plots")
+    grid = Image.open(tmp_path / "plots" / "reconstructions.png")
+    assert grid.size == (6 * 48 + 7 * 2, 2 * 32 + 3 * 2)  # full resolution: originals over reconstructions
 
-    assert Image.open(grid).size == (3 * 48 + 4 * 2, 2 * 32 + 3 * 2)  # full resolution, two rows
 
-
-def test_rfid_runs_when_inception_weights_are_on_disk(tmp_path):
-    """Random Inception weights, saved as safetensors (stand-ins for the real file): rFID is measured."""
+def test_rfid_runs_when_inception_weights_are_in_the_torch_hub_cache(tmp_path, monkeypatch):
+    """Random Inception weights in torch-fidelity's file (stand-ins for the real one): rFID is measured, on grey
+    images too (repeated to RGB)."""
     import torch_fidelity.feature_extractor_inceptionv3 as inception
-    from safetensors.torch import save_file
 
-    from vae.aekl_eval import evaluate_aekl
+    from vae.aekl_eval import INCEPTION_FILE
 
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
     with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
             mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
         net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "inception.safetensors")
-    images = (torch.rand(4, 1, 32, 32) * 255).to(torch.uint8)
-    result = evaluate_aekl(tiny((1, 32, 32)), [images], inception_weights=tmp_path / "inception.safetensors")
-    assert result["metrics"]["val/rfid"] >= 0 and "val/rfid" not in result["absent"]
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(net.state_dict(), tmp_path / "hub" / "checkpoints" / INCEPTION_FILE)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    result, _ = final_evaluation(tmp_path, images, tiny((1, 32, 32)))
+    assert result.metrics["val/rfid"] >= 0 and "val/rfid" not in result.details["absent"]

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 from conftest import BIN, REPO
-from test_registry_cli import registered, vaepipe  # noqa: F401 (a fixture)
+from support.registry import vaepipe_models
 
 from flows import processes
 from vae.launch import missing_gpu
@@ -20,11 +20,12 @@ def without_tracking_uri() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
 
 
-def test_pull_takes_the_models_uri_mlflow_shows(registered, tmp_path):  # noqa: F811
+@pytest.mark.usefixtures("mlflow_uri")
+def test_pull_takes_the_models_uri_mlflow_shows(registered, tmp_path):
     name, _ = registered
     for ref, version in ((f"models:/{name}@challenger", 2), (f"models:/{name}/1", 1)):
         dest = tmp_path / ref.replace("/", "_").replace(":", "_")
-        result = vaepipe("pull", ref, str(dest))
+        result = vaepipe_models("pull", ref, str(dest))
         assert result.returncode == 0, result.stderr
         assert f"pulled {name} version {version} into {dest}" in result.stdout
 
@@ -44,7 +45,7 @@ def models_list(cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_models_find_the_mlflow_server_vaepipe_serve_runs_here(registered, mlflow_uri, tmp_path):  # noqa: F811
+def test_models_find_the_mlflow_server_vaepipe_serve_runs_here(registered, mlflow_uri, tmp_path):
     name, _ = registered
     # this test's process stands for the recorded server process: alive, and the one recorded (pid, start time)
     serve_record(tmp_path, mlflow_uri, os.getpid())

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, REPO, free_port, run, wait_http, write_numbered_shards
+from conftest import REPO, run, write_numbered_shards
+from support.journal import PRESET, entries, journal_of, sent, train_argv
+from support.servers import MlflowServer, kill_group
 
 from pipeline import ShardFormatError, ShardLoader, read_split
 from pipeline.loader import CorruptShardError
 from vae import tracking
 from vae.launch import accelerate_command
 
-PRESET = REPO / "infra/configs/digits.yaml"
 BAD = "train-000001.tar"
 
 
@@ -226,67 +227,25 @@ def test_a_full_disk_while_journaling_names_the_directory(tmp_path, monkeypatch)
 # ---- a real MLflow server that stops and comes back
 
 
-class Server:
-    """`mlflow server` on 127.0.0.1 with a sqlite store in `root`; stop() and start() keep port and database."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port, self.proc = root, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-        root.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        log = self.root / "server.log"
-        cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts")]
-        with open(log, "a") as out:  # its own group: the uvicorn child goes down with the CLI
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
-                                         start_new_session=True)
-        wait_http(f"{self.uri}/health", timeout=120, proc=self.proc, log=log)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            kill_group(self.proc)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # down means refused, not merely slow
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"port {self.port} still answers after the server was stopped")
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group `proc` leads, SIGKILL after 15 s; reap it."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        proc.wait()
+@pytest.fixture(scope="module")
+def restartable_server(tmp_path_factory) -> MlflowServer:
+    """One MLflow server for this module's outages: each test stops it and brings it back on the same port and
+    database (the runs of one test are not another's)."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-server")) as srv:
+        yield srv
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(restartable_server, monkeypatch) -> MlflowServer:
+    """The module's server, running (a failed test may have left it stopped), as this test's tracking URI."""
     import mlflow
 
-    srv = Server(tmp_path / "mlflow-server")
-    srv.start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
+    if not restartable_server.running:
+        restartable_server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", restartable_server.uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(srv.uri)
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-def train_argv(tmp_path, shard_dir, *overrides) -> list[str]:
-    """vae/train.py in one process (Accelerate then runs single-process), so a test can pause it as a whole."""
-    return [sys.executable, str(REPO / "vae/train.py"), "--config", str(PRESET), "--ingest.shard_dir",
-            str(shard_dir), "--train.output_dir", str(tmp_path / "run"), "--tracking.finalize", "false", *overrides]
+    mlflow.set_tracking_uri(restartable_server.uri)
+    return restartable_server
 
 
 def wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -313,20 +272,6 @@ def train_until_metrics_arrive(tmp_path, shard_dir, epochs: int, every: int, cou
         kill_group(proc)
         raise
     return proc
-
-
-def journal_of(tmp_path) -> Path:
-    [path] = (tmp_path / "run" / tracking.JOURNAL_DIR).glob("*.jsonl")
-    return path
-
-
-def entries(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def sent(path: Path) -> int:
-    counter = path.with_suffix(".sent")
-    return int(counter.read_text()) if counter.exists() else 0
 
 
 def expected_train_steps(steps_per_epoch: int, epochs: int, every: int) -> list[int]:

@@ -12,7 +12,8 @@ import uuid
 import mlflow
 import pytest
 from conftest import REPO, run
-from test_faults import Server, entries, journal_of, train_argv
+from support.journal import entries, journal_of, train_argv
+from support.servers import MlflowServer
 
 from vae import checkpoint
 from vae.tracking import ensure_experiment
@@ -22,8 +23,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 def test_mlflow_down_when_training_ends_keeps_the_model_and_the_printed_command_registers_it(
         tmp_path, digits_shards, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # the server's GenAI job runner: unused, slow
-    srv = Server(tmp_path / "mlflow-server")
+    srv = MlflowServer(tmp_path / "mlflow-server")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.uri)
     mlflow.set_tracking_uri(srv.uri)
     srv.start()
@@ -35,7 +35,7 @@ def test_mlflow_down_when_training_ends_keeps_the_model_and_the_printed_command_
     name = f"vae-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     argv = train_argv(tmp_path, digits_shards, "--train.epochs", "1", "--tracking.finalize", "register",
-                      "--tracking.tracking_uri", srv.uri, "--tracking.model_name", name, "--loss.eval_iwae_k", "10")
+                      "--tracking.tracking_uri", srv.uri, "--tracking.model_name", name, "--loss.eval_iwae_k", "2")
     result = run(argv, cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]  # training is done, registration is not: say so
     path = journal_of(tmp_path)

@@ -1,8 +1,8 @@
 """Orchestration under faults: flaky ingest reads, cached re-runs, a SIGKILLed training rank, a Prefect server
 restart in the middle of a flow run, and the report artifact of a resumed run.
 
-Test sources are registered in-process (and in the flow subprocess) by adding an entry point to the source
-registry; attempts are counted in files, since shard-group tasks run in worker threads.
+The flaky ingest reads come from the test source `flaky` (tests/support/flaky_source.py), registered in-process (and
+in the flow subprocess) by adding an entry point to the source registry.
 """
 
 from __future__ import annotations
@@ -16,65 +16,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from conftest import BIN, REPO, free_port, stop, wait_http
-from pydantic import Field
+from conftest import REPO, stop
+from support.flaky_source import register_flaky_source
+from support.flow_runs import task_runs
+from support.servers import PrefectServer
 
 import pipeline
 from flows.ingest import ingest_dataset, shard_dir_key
-from pipeline.records import Record
+from pipeline.ingest import MARKERS
 from pipeline.sources import available_sources
 from pipeline.sources.digits import DigitsConfig, DigitsSource
 from vae.config import IngestSection, SourceSection
 
 TESTS = Path(__file__).resolve().parent
-
-
-class FlakyConfig(DigitsConfig):
-    state_dir: str = Field(description="Where attempts are counted (one file per split and group start).")
-    fail_first: bool = Field(True, description="The first read of each group fails half-way through.")
-    wait_for: str | None = Field(None, description="Each read blocks until this file exists (at most 300 s).")
-
-
-class FlakySource(DigitsSource):
-    """scikit-learn's digits, read through a flaky, optionally gated reader."""
-
-    name = "flaky"
-    Config = FlakyConfig
-
-    def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record]:
-        if stop is None:  # the plan peeking at the first image, not a group's read
-            yield from super().records(split, start, stop)
-            return
-        state = Path(self.config.state_dir)
-        state.mkdir(parents=True, exist_ok=True)
-        with open(state / f"attempts-{split}-{start}", "a") as f:  # appends are atomic for lines this short
-            f.write("attempt\n")
-        attempt = len((state / f"attempts-{split}-{start}").read_text().splitlines())
-        if self.config.wait_for is not None:
-            deadline = time.monotonic() + 300
-            while not Path(self.config.wait_for).exists():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.config.wait_for} never appeared")
-                time.sleep(0.2)
-        for i, record in enumerate(super().records(split, start, stop)):
-            if self.config.fail_first and attempt == 1 and i == (len(self._chosen(split)[start:stop]) // 2):
-                raise OSError(f"transient read error in {split} at {start + i} (attempt {attempt})")
-            yield record
-
-
-def register_flaky_source() -> EntryPoint:
-    """Add `flaky` to the (cached) source registry of this process, as an installed plugin would."""
-    entry = EntryPoint(name="flaky", value=f"{__name__}:FlakySource", group="vaepipe.sources")
-    available_sources()["flaky"] = entry
-    return entry
 
 
 @pytest.fixture
@@ -83,23 +42,6 @@ def flaky_source():
     register_flaky_source()
     yield
     registry.pop("flaky", None)
-
-
-def task_runs(flow_run_id, name_prefix: str = "") -> list:
-    """Task runs of `flow_run_id` and of its subflow runs whose name starts with `name_prefix`."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-
-    with get_client(sync_client=True) as client:
-        ids = [flow_run_id]
-        frontier = [flow_run_id]
-        while frontier:  # subflows (write-shard-groups inside ingest-shards inside ingest-dataset)
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
-            frontier = [c.id for c in children]
-            ids += frontier
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    return sorted((r for r in runs if r.name.startswith(name_prefix)), key=lambda r: r.name)
 
 
 def ingest_state(source: SourceSection, section: IngestSection):
@@ -309,7 +251,7 @@ def test_a_sigkilled_rank_is_resumed_by_the_flow_retry_and_the_report_shows_samp
         "--ingest.shard_dir", str(tmp_path / "shards"), "--train.output_dir", str(runs),
         "--train.epochs", str(epochs), "--train.batch_size", "32", "--train.retries", "1",
         "--tracking.tracking_uri", uri, "--tracking.model_name", "vae-faults", "--tracking.experiment", "faults",
-        "--loss.eval_iwae_k", "10",
+        "--loss.eval_iwae_k", "2",
     ])
     killer = RankKiller(runs)
     killer.start()
@@ -413,77 +355,64 @@ def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
 # ---- 4. the Prefect server restarts in the middle of a flow run
 
 
-def run_gated_ingest(options: dict, shard_dir: str, run_name: str) -> None:
-    """Entry of the flow subprocess: register the test source and run the ingest flow against PREFECT_API_URL."""
-    register_flaky_source()
-    out = ingest_dataset.with_options(flow_run_name=run_name)(
-        SourceSection(name="flaky", options=options),
-        IngestSection(shard_dir=shard_dir, samples_per_shard=512, block_size=128, workers=2),
-    )
-    print(f"ingested into {out}", flush=True)
-
-
-def _start_server(port: int, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "a") as f:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=120, proc=server, log=log)
-    except BaseException:
-        stop(server)
-        raise
-    return server
-
-
 @pytest.mark.server
 @pytest.mark.slow
 def test_a_flow_run_survives_a_prefect_server_restart(tmp_path, prefect_home):
+    """The API goes away while the group tasks run. The train split's groups finish during the outage (their
+    completion markers written, the flow process alive and waiting on the API); the server comes back on the same
+    port and database, and only then is the test split's group let go. The run completes on the restarted server:
+    it ends after an object the test created there, both times stamped by that server."""
     from prefect import get_client
+    from prefect.client.schemas.actions import VariableCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server_env = {
-        **os.environ, "PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'server.db'}",
-    }
-    server_log = tmp_path / "server.log"
-    release = tmp_path / "release"
-    options = {"state_dir": str(tmp_path / "attempts"), "fail_first": False, "wait_for": str(release)}
+    gates = {"train": tmp_path / "release-train", "test": tmp_path / "release-test"}
+    options = {"state_dir": str(tmp_path / "attempts"), "fail_first": False,
+               "wait_for": {split: str(path) for split, path in gates.items()}}
     run_name = "restart-survivor"
-    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_flow_faults import run_gated_ingest; "
+    script = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from support.flaky_source import run_gated_ingest; "
               f"run_gated_ingest({options!r}, {str(tmp_path / 'shards')!r}, {run_name!r})")
-    flow_env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client-home")}
+    server = PrefectServer(tmp_path / "server")
+    flow_env = {**os.environ, "PREFECT_API_URL": server.api, "PREFECT_HOME": str(tmp_path / "client-home")}
     flow_log = tmp_path / "flow.log"
-    server = _start_server(port, server_env, server_log)
     flow_proc = None
+
+    def wait_until(done, what: str, timeout: float = 180) -> None:
+        """Poll `done` while the flow runs; fail when the flow process ends first or after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert flow_proc.poll() is None, f"the flow run ended while waiting for {what}:\n{flow_log.read_text()}"
+            assert time.monotonic() < deadline, f"waited {timeout} s for {what}:\n{flow_log.read_text()}"
+            time.sleep(0.2)
+
+    server.start()
     try:
         with open(flow_log, "w") as f:
             flow_proc = subprocess.Popen([sys.executable, "-c", script], env=flow_env, cwd=tmp_path, stdout=f,
                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while not list((tmp_path / "attempts").glob("attempts-*")):  # the flow run is inside its group tasks
-            assert flow_proc.poll() is None, flow_log.read_text()
-            assert time.monotonic() < deadline, "the flow never reached its group tasks:\n" + flow_log.read_text()
-            time.sleep(0.2)
+        wait_until(lambda: list((tmp_path / "attempts").glob("attempts-*")), "the flow run's group tasks")
 
-        stop(server)  # the API goes away while tasks are running ...
-        release.touch()  # ... and they finish and report their states during the outage
-        time.sleep(5)
-        assert flow_proc.poll() is None, "the flow run ended during the outage:\n" + flow_log.read_text()
-        server = _start_server(port, server_env, server_log)  # same port, same database
-        restarted = datetime.now(UTC)
+        server.stop()  # the API goes away while tasks are running (the port refuses connections) ...
+        gates["train"].touch()  # ... and the train groups finish and report during the outage
+        markers = tmp_path / "shards" / MARKERS
+        wait_until(lambda: len(list(markers.glob("train-*.json"))) == 3,  # 1438 images, 512 per group
+                   "the train groups to finish during the outage")
+        assert not pipeline.is_complete(tmp_path / "shards")  # the test group is still held
+        server.start()  # same port, same database
+        with temporary_settings(updates={PREFECT_API_URL: server.api}), get_client(sync_client=True) as client:
+            restarted = client.create_variable(VariableCreate(name="restarted", value="yes"))
+        gates["test"].touch()  # the run can end only from here on
 
         assert flow_proc.wait(timeout=300) == 0, flow_log.read_text()
-        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        with temporary_settings(updates={PREFECT_API_URL: server.api}), get_client(sync_client=True) as client:
             [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
             assert run.state.type.value == "COMPLETED", run.state
-            assert run.end_time > restarted  # it ran across the outage and reported its end to the new server
+            assert run.end_time > restarted.created  # it reported its end to the restarted server
             groups = task_runs(run.id, "ingest-")
         assert len(groups) == 1 + 4 and {t.state.type.value for t in groups} == {"COMPLETED"}, groups
         assert pipeline.is_complete(tmp_path / "shards")
     finally:
         if flow_proc is not None:
             stop(flow_proc)
-        stop(server)
+        server.stop()

@@ -9,25 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.flow_runs import latest_task_run_names
 
 import pipeline
 from flows.ingest import ingest_dataset, task_runner
 from vae.config import IngestSection, SourceSection
-
-
-def _task_runs(flow_name: str) -> list[str]:
-    """Names of the task runs of the latest run of the flow `flow_name`."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])))
-    return sorted(t.name for t in tasks)
 
 
 def test_flow_runs_one_task_per_shard_group(tmp_path, prefect_api, caplog):
@@ -39,7 +25,8 @@ def test_flow_runs_one_task_per_shard_group(tmp_path, prefect_api, caplog):
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     index = pipeline.read_index(out)
     assert [len(index.splits[s].shards) for s in ("train", "test")] == [5, 1]
-    assert _task_runs("write-shard-groups") == sorted([f"ingest-train-{g}" for g in range(5)] + ["ingest-test-0"])
+    groups = sorted([f"ingest-train-{g}" for g in range(5)] + ["ingest-test-0"])
+    assert latest_task_run_names("write-shard-groups") == groups
     images, labels = pipeline.read_split(out, "train")
     expected = list(pipeline.build_source(source.name, source.options).records("train"))
     np.testing.assert_array_equal(images, np.stack([r.image for r in expected]))
@@ -123,8 +110,8 @@ from vae.config import IngestSection, SourceSection
 section = IngestSection(shard_dir=sys.argv[1], samples_per_shard=64, block_size=16, workers=1, runner="processes")
 ingest_dataset(SourceSection(name="shapes", options={"train_samples": 128, "test_samples": 16, "size": 16}), section)
 sys.path.insert(0, "tests")
-from test_ingest_flow import _task_runs
-print(json.dumps(_task_runs("write-shard-groups")))
+from support.flow_runs import latest_task_run_names  # the temporary server lives only as long as this process
+print(json.dumps(latest_task_run_names("write-shard-groups")))
 """
 
 

@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.pyfunc import scoring_server
 from pydantic import ValidationError
+from support.serving import strict_json
 
 from vae.mlflow_model import ServingLimits
 from vae.registry import build_from_spec, model_spec, save_model
@@ -37,13 +38,6 @@ def saved(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pyfunc(saved):
     return mlflow.pyfunc.load_model(str(saved[0]))
-
-
-def strict_json(text: str):
-    """JSON as the standard defines it: Python's json module would otherwise accept bare NaN and Infinity."""
-    def refuse(token: str):
-        raise ValueError(f"{token} is not JSON")
-    return json.loads(text, parse_constant=refuse)
 
 
 with_nan = IMAGES.copy()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, free_port, wait_http
-from test_mlflow_model import strict_json
+from support.serving import strict_json
 
 from vae.registry import build_from_spec, log_model, model_spec, register
 from vae.tracking import ensure_experiment

@@ -1,6 +1,5 @@
 """Sources, the shard format and the per-rank loader."""
 
-import gzip
 import json
 import subprocess
 import tarfile
@@ -10,6 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import shared_dataset, write_numbered_shards
+from support.data import write_idx
 
 import pipeline
 from pipeline import ShardFormatError, ShardLoader, SourceError
@@ -167,18 +167,11 @@ def test_truncated_shard_is_reported(tmp_path):
         list(loader)
 
 
-def _write_idx(path, array):
-    codes = {np.dtype(np.uint8): 0x08}
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
 def test_idx_source_reads_gzipped_files(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (20, 6, 5), dtype=np.uint8)
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20, dtype=np.uint8) % 10)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20, dtype=np.uint8) % 10)
     source = pipeline.build_source("idx", {"root": str(tmp_path)})
     assert source.splits() == ["train"]
     records = list(source.records("train"))

@@ -6,8 +6,6 @@ how to install it, where they are missing.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import uuid
 
 import mlflow
@@ -15,10 +13,10 @@ import numpy as np
 import pytest
 import sqlalchemy
 import torch
-from conftest import BIN, free_port, run, stop, wait_http
+from conftest import BIN, free_port, run
 from postgres import create_database, postgres_server
+from support.servers import MlflowServer, PrefectServer
 
-from flows.serve import stop_group
 from vae import registry, tracking
 from vae.config import RunConfig
 
@@ -47,19 +45,8 @@ def mlflow_db_url(postgres_base_url) -> str:
 @pytest.fixture(scope="session")
 def mlflow_on_postgres(mlflow_db_url, tmp_path_factory) -> str:
     """`mlflow server` with `--backend-store-uri postgresql://...` on 127.0.0.1; its URL."""
-    root = tmp_path_factory.mktemp("mlflow-pg")
-    port = free_port()
-    log = root / "server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db_url,
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=180, proc=proc, log=log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), backend=mlflow_db_url) as server:
+        yield server.uri
 
 
 def test_fixture_serves_a_real_postgres_database(mlflow_db_url):
@@ -141,23 +128,11 @@ assert probe(41) == 42
 def test_prefect_server_records_flow_runs_in_postgres(postgres_base_url, tmp_path):
     """The Prefect server of infra/compose.yaml: its database on PostgreSQL through asyncpg."""
     db_url = create_database(postgres_base_url, "prefect")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": db_url.replace("postgresql://", "postgresql+asyncpg://")}
-    env.pop("PREFECT_API_URL", None)
-    log = tmp_path / "prefect-server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                   str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"{api}/health", timeout=240, proc=server, log=log)
-        client_env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")}
+    asyncpg_url = db_url.replace("postgresql://", "postgresql+asyncpg://")
+    with PrefectServer(tmp_path / "server", database=asyncpg_url, timeout=240) as server:
+        client_env = {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(tmp_path / "client")}
         result = run([str(BIN / "python"), "-c", TINY_FLOW], env=client_env, timeout=300, cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        stop_group(server.pid)  # `prefect server start` runs uvicorn as a child: stop the whole group
-        server.wait()
     engine = sqlalchemy.create_engine(db_url)
     try:
         with engine.connect() as connection:

@@ -2,10 +2,10 @@
 deployments with the one-training-run limit and the demo's defaults, and a process worker runs one."""
 
 import os
-import subprocess
 
 import pytest
-from conftest import BIN, REPO, free_port, run, stop, wait_http
+from conftest import BIN, REPO, run
+from support.servers import PrefectServer
 
 import pipeline
 
@@ -15,20 +15,12 @@ POOL = "vaepipe"  # the work pool prefect.yaml names
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    """A Prefect server of its own (a fresh database: the deployments below are the only ones) and its env."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    env.pop("MLFLOW_RUN_ID", None)
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, proc=proc, log=log)
+    """A Prefect server of its own (a fresh database: the deployments below are the only ones) and its clients' env."""
+    with PrefectServer(tmp_path / "server") as server:
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": server.api}
+        env.pop("MLFLOW_RUN_ID", None)
         yield env
-    finally:
-        stop(proc)
 
 
 def client_for(env):

@@ -5,46 +5,21 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, run
+from conftest import BIN
 from safetensors.torch import load_file
-
-from vae.registry import build_from_spec, log_model, model_spec, register
-from vae.tracking import ensure_experiment
+from support.registry import vaepipe_models
 
 pytestmark = pytest.mark.server
-
-SPEC = model_spec("mlp", (1, 8, 8), 2, hidden_dim=8)
-
-
-@pytest.fixture
-def registered(mlflow_uri) -> tuple[str, dict[int, torch.nn.Module]]:
-    """A model with two versions of different weights: 1 (NLL 100, champion), 2 (NLL 120, challenger)."""
-    run_ = mlflow.MlflowClient().create_run(ensure_experiment("registry-cli", mlflow_uri))
-    name = f"vae-test-{uuid.uuid4().hex[:8]}"
-    modules = {}
-    for version, (seed, nll) in enumerate([(0, 100.0), (1, 120.0)], start=1):
-        torch.manual_seed(seed)
-        modules[version] = build_from_spec(SPEC).eval()
-        uri = log_model(modules[version], SPEC, run_.info.run_id)
-        tags = {"val_elbo": repr(-nll - 5), "val_bpd": "1.25", "git_commit": "0123456789abcdef"}
-        assert register(uri, name, nll, run_.info.run_id, tags=tags).version == version
-    return name, modules
-
-
-def vaepipe(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return run([str(BIN / "vaepipe"), "models", *args], timeout=300, **({"cwd": cwd} if cwd else {}))
-
 
 def test_list_shows_versions_aliases_and_headline_tags(registered, mlflow_uri):
     name, _ = registered
     for args in (["list", "--tracking-uri", mlflow_uri], ["list"]):  # the default is MLFLOW_TRACKING_URI
-        result = vaepipe(*args)
+        result = vaepipe_models(*args)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         start = lines.index(f"{name}  (2 versions)")
@@ -54,11 +29,12 @@ def test_list_shows_versions_aliases_and_headline_tags(registered, mlflow_uri):
         ]
 
 
+@pytest.mark.usefixtures("mlflow_uri")
 @pytest.mark.parametrize(("ref", "version"), [("{name}", 1), ("{name}@challenger", 2), ("{name}/1", 1)])
 def test_pull_downloads_the_named_version(registered, tmp_path, ref, version):
     name, modules = registered
     dest = tmp_path / "pulled" / "model"  # missing parents are created
-    result = vaepipe("pull", ref.format(name=name), str(dest))
+    result = vaepipe_models("pull", ref.format(name=name), str(dest))
     assert result.returncode == 0, result.stderr
     assert f"pulled {name} version {version} into {dest}" in result.stdout
     assert {"MLmodel", "mlflow_model.py", "requirements.txt"} <= {p.name for p in dest.iterdir()}
@@ -72,6 +48,7 @@ def test_pull_downloads_the_named_version(registered, tmp_path, ref, version):
                                       modules[version].encode(torch.from_numpy(x))[0].numpy())
 
 
+@pytest.mark.usefixtures("mlflow_uri")
 def test_pull_errors_name_what_exists_and_write_nothing(registered, tmp_path):
     name, _ = registered
     dest = tmp_path / "new"
@@ -82,13 +59,13 @@ def test_pull_errors_name_what_exists_and_write_nothing(registered, tmp_path):
         f"{name}@": f"error: bad model reference '{name}@': use NAME, NAME@ALIAS or NAME/VERSION",
     }
     for ref, message in cases.items():
-        result = vaepipe("pull", ref, str(dest))
+        result = vaepipe_models("pull", ref, str(dest))
         assert result.returncode == 1 and message in result.stderr, (ref, result.stderr)
         assert not dest.exists()
 
     (dest / "keep.txt").parent.mkdir()
     (dest / "keep.txt").write_text("mine")
-    result = vaepipe("pull", name, str(dest))
+    result = vaepipe_models("pull", name, str(dest))
     assert result.returncode == 1, result.stderr
     assert f"error: {dest} is not an empty directory; pull into a new or empty one" in result.stderr
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
@@ -105,5 +82,5 @@ def test_a_missing_embedded_store_is_an_error_not_a_new_database(tmp_path):
 
 
 def test_unknown_arguments_are_refused():
-    result = vaepipe("list", "--bogus")
+    result = vaepipe_models("list", "--bogus")
     assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_sources import _rng_images, write_cifar10_bin
+from support.data import rng_images, write_cifar10_bin
 
 import pipeline
 from pipeline import SourceError
@@ -33,9 +33,9 @@ def test_default_extensions_come_from_pillows_registry():
 
 
 def test_imagefolder_reads_every_pillow_format_and_identifies_files_without_a_known_suffix(tmp_path):
-    gray = _rng_images(1, (6, 5))[0]
-    rgb = _rng_images(1, (6, 5, 3), seed=1)[0]
-    other = _rng_images(1, (6, 5, 3), seed=2)[0]
+    gray = rng_images(1, (6, 5))[0]
+    rgb = rng_images(1, (6, 5, 3), seed=1)[0]
+    other = rng_images(1, (6, 5, 3), seed=2)[0]
     _save(tmp_path / "face.pgm", Image.fromarray(gray))
     _save(tmp_path / "subject01", Image.fromarray(gray), format="GIF")  # no suffix: a GIF by its content
     _save(tmp_path / "subject02.happy", Image.fromarray(gray), format="GIF")  # Yale's naming: a suffix Pillow lacks
@@ -87,7 +87,7 @@ def test_imagefolder_converts_16_bit_cmyk_palette_alpha_and_applies_exif_orienta
 
 
 def test_imagefolder_a_broken_image_is_still_rejected_as_corrupt(tmp_path):
-    _save(tmp_path / "ok.png", Image.fromarray(_rng_images(1, (4, 4))[0]))
+    _save(tmp_path / "ok.png", Image.fromarray(rng_images(1, (4, 4))[0]))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # an image suffix that does not decode
     items = list(pipeline.build_source("imagefolder", {"root": str(tmp_path)}).records("train"))
     assert [(type(i).__name__, i.key) for i in items] == [("Rejected", "bad.png"), ("Record", "ok.png")]
@@ -153,7 +153,7 @@ def test_arrays_npz_reads_only_the_requested_keys_beside_an_object_array(tmp_pat
 
 def test_arrays_reads_a_mat_file_through_scipy(tmp_path):
     scipy_io = pytest.importorskip("scipy.io", reason="scipy (a scikit-learn dependency) is not installed")
-    images = _rng_images(3, (4, 5))
+    images = rng_images(3, (4, 5))
     scipy_io.savemat(tmp_path / "faces.mat", {"faces": images, "ids": np.array([7, 8, 9])})  # ids: a (1, 3) row
     options = {"files": {"train": str(tmp_path / "faces.mat")}, "images_key": "faces", "labels_key": "ids"}
     records = list(pipeline.build_source("arrays", options).records("train"))
@@ -165,7 +165,7 @@ def test_arrays_reads_a_mat_file_through_scipy(tmp_path):
 
 def test_arrays_mat_files_without_scipy_v73_and_foreign_files_say_what_they_are(tmp_path, monkeypatch):
     scipy_io = pytest.importorskip("scipy.io", reason="scipy (a scikit-learn dependency) is not installed")
-    scipy_io.savemat(tmp_path / "faces.mat", {"images": _rng_images(2, (4, 4))})
+    scipy_io.savemat(tmp_path / "faces.mat", {"images": rng_images(2, (4, 4))})
     # a v7.3 file: MATLAB's text header with version 0x0200 (HDF5 follows)
     header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
     (tmp_path / "big.mat").write_bytes(header + bytes(512))
@@ -188,7 +188,7 @@ def test_arrays_mat_files_without_scipy_v73_and_foreign_files_say_what_they_are(
 
 
 def test_cifar_root_above_the_extracted_archive_folder(tmp_path):
-    images = _rng_images(3, (32, 32, 3))
+    images = rng_images(3, (32, 32, 3))
     folder = tmp_path / "downloads" / "cifar-10-batches-bin"
     folder.mkdir(parents=True)
     write_cifar10_bin(folder / "data_batch_1.bin", images, np.array([1, 2, 3]))
@@ -205,14 +205,14 @@ def test_cifar_root_above_the_extracted_archive_folder(tmp_path):
 
 
 def test_cifar_a_test_file_under_another_name_is_reported_as_a_subset(tmp_path, caplog):
-    write_cifar10_bin(tmp_path / "data_batch_1.bin", _rng_images(2, (32, 32, 3)), np.array([1, 2]))
-    write_cifar10_bin(tmp_path / "test_batch_first1000.bin", _rng_images(3, (32, 32, 3)), np.array([3, 4, 5]))
+    write_cifar10_bin(tmp_path / "data_batch_1.bin", rng_images(2, (32, 32, 3)), np.array([1, 2]))
+    write_cifar10_bin(tmp_path / "test_batch_first1000.bin", rng_images(3, (32, 32, 3)), np.array([3, 4, 5]))
     with caplog.at_level(logging.WARNING):
         assert pipeline.build_source("cifar", {"root": str(tmp_path)}).num_records("test") == 3
     assert "test_batch_first1000.bin, which is not an official cifar10 file name: it holds 3 records" in caplog.text
     assert "the official test file holds 10000" in caplog.text
     assert "data_batch_1.bin holds 2 records where the official file holds 10000" in caplog.text
-    write_cifar10_bin(tmp_path / "test_batch.bin", _rng_images(3, (32, 32, 3)), np.array([3, 4, 5]))
+    write_cifar10_bin(tmp_path / "test_batch.bin", rng_images(3, (32, 32, 3)), np.array([3, 4, 5]))
     with pytest.raises(SourceError, match="official test_batch.bin and also test_batch_first1000.bin.*move it out"):
         pipeline.build_source("cifar", {"root": str(tmp_path)}).splits()
 

@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 from conftest import shared_dataset
 from PIL import Image
+from support.data import rng_images, write_cifar10_bin, write_idx
 
 import pipeline
 from pipeline import SourceError
@@ -22,25 +23,13 @@ def _png(path, array):
     Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
 
 
-def write_cifar10_bin(path, images, labels):
-    """Official binary layout: label byte, then the red, green and blue planes, row-major."""
-    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-    path.write_bytes(np.concatenate([labels[:, None].astype(np.uint8), planes], axis=1).tobytes())
-
-
-def _rng_images(n, shape, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
-
-
 def build_digits(tmp_path):
     return {}
 
 
 def build_idx(tmp_path):
-    from test_pipeline import _write_idx
-
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", _rng_images(12, (6, 5)))
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(12, dtype=np.uint8) % 3)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng_images(12, (6, 5)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(12, dtype=np.uint8) % 3)
     return {"root": str(tmp_path)}
 
 
@@ -50,27 +39,27 @@ def build_torchvision(tmp_path):
 
 
 def build_cifar(tmp_path):
-    write_cifar10_bin(tmp_path / "data_batch_1.bin", _rng_images(7, (32, 32, 3)), np.arange(7) % 10)
-    write_cifar10_bin(tmp_path / "data_batch_2.bin", _rng_images(6, (32, 32, 3), 1), np.arange(6) % 10)
-    write_cifar10_bin(tmp_path / "test_batch.bin", _rng_images(4, (32, 32, 3), 2), np.arange(4))
+    write_cifar10_bin(tmp_path / "data_batch_1.bin", rng_images(7, (32, 32, 3)), np.arange(7) % 10)
+    write_cifar10_bin(tmp_path / "data_batch_2.bin", rng_images(6, (32, 32, 3), 1), np.arange(6) % 10)
+    write_cifar10_bin(tmp_path / "test_batch.bin", rng_images(4, (32, 32, 3), 2), np.arange(4))
     return {"root": str(tmp_path)}
 
 
 def build_imagefolder(tmp_path):
-    for i, image in enumerate(_rng_images(9, (5, 7, 3))):
+    for i, image in enumerate(rng_images(9, (5, 7, 3))):
         _png(tmp_path / ("cat" if i % 2 else "dog") / f"{i:02d}.png", image)
     return {"root": str(tmp_path)}
 
 
 def build_arrays(tmp_path):
-    np.savez(tmp_path / "train.npz", images=_rng_images(11, (3, 5, 6)), labels=np.arange(11) % 4)
-    np.save(tmp_path / "test.npy", _rng_images(5, (5, 6, 3)))
+    np.savez(tmp_path / "train.npz", images=rng_images(11, (3, 5, 6)), labels=np.arange(11) % 4)
+    np.save(tmp_path / "test.npy", rng_images(5, (5, 6, 3)))
     return {"files": {"train": str(tmp_path / "train.npz"), "test": str(tmp_path / "test.npy")}}
 
 
 def build_hf(tmp_path):
     datasets = pytest.importorskip("datasets", reason="the hf source's extra is not installed (pip install '.[hf]')")
-    rows = {"image": [Image.fromarray(a) for a in _rng_images(10, (6, 6, 3))], "label": list(range(10))}
+    rows = {"image": [Image.fromarray(a) for a in rng_images(10, (6, 6, 3))], "label": list(range(10))}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
     data = datasets.Dataset.from_dict(rows, features=features).train_test_split(test_size=3, seed=0)
     data.save_to_disk(str(tmp_path / "saved"))
@@ -121,7 +110,7 @@ def _make_dir(parent):
 
 
 def test_cifar_binary_layout_is_decoded_to_hwc(tmp_path):
-    images = _rng_images(3, (32, 32, 3))
+    images = rng_images(3, (32, 32, 3))
     write_cifar10_bin(tmp_path / "data_batch_1.bin", images, np.array([4, 5, 6]))
     records = list(pipeline.build_source("cifar", {"root": str(tmp_path)}).records("train"))
     np.testing.assert_array_equal(np.stack([r.image for r in records]), images)
@@ -129,7 +118,7 @@ def test_cifar_binary_layout_is_decoded_to_hwc(tmp_path):
 
 
 def test_cifar100_binary_and_python_batches(tmp_path):
-    images = _rng_images(4, (32, 32, 3))
+    images = rng_images(4, (32, 32, 3))
     planes = images.transpose(0, 3, 1, 2).reshape(4, -1)
     coarse, fine = np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])
     binary = _make_dir(tmp_path / "bin")
@@ -147,7 +136,7 @@ def test_cifar100_binary_and_python_batches(tmp_path):
 
 
 def test_cifar10_python_batches_and_a_hostile_pickle(tmp_path):
-    images = _rng_images(3, (32, 32, 3))
+    images = rng_images(3, (32, 32, 3))
     with open(tmp_path / "data_batch_1", "wb") as f:
         pickle.dump({b"data": images.transpose(0, 3, 1, 2).reshape(3, -1), b"labels": [1, 2, 3]}, f)
     records = list(pipeline.build_source("cifar", {"root": str(tmp_path)}).records("train"))
@@ -187,7 +176,7 @@ def test_real_cifar10_subset(tmp_path, caplog):
 
 
 def test_imagefolder_labels_splits_and_formats(tmp_path):
-    rgb = _rng_images(4, (6, 6, 3))
+    rgb = rng_images(4, (6, 6, 3))
     _png(tmp_path / "train" / "b_class" / "x.png", rgb[0])
     Image.fromarray(rgb[1]).save(_make_dir(tmp_path / "train" / "a_class") / "y.webp", lossless=True)
     Image.fromarray(rgb[2]).save(_make_dir(tmp_path / "test" / "a_class") / "z.jpg", quality=100)
@@ -200,7 +189,7 @@ def test_imagefolder_labels_splits_and_formats(tmp_path):
 
 
 def test_imagefolder_without_subfolders_has_no_labels_and_can_hold_out_a_test_split(tmp_path):
-    for i, image in enumerate(_rng_images(10, (4, 4, 1))):
+    for i, image in enumerate(rng_images(10, (4, 4, 1))):
         _png(tmp_path / f"{i}.png", image)
     source = pipeline.build_source("imagefolder", {"root": str(tmp_path), "test_fraction": 0.3})
     train, test = list(source.records("train")), list(source.records("test"))
@@ -209,8 +198,8 @@ def test_imagefolder_without_subfolders_has_no_labels_and_can_hold_out_a_test_sp
 
 
 def test_imagefolder_mixed_loose_and_foldered_files_is_an_error(tmp_path):
-    _png(tmp_path / "cls" / "a.png", _rng_images(1, (4, 4, 1))[0])
-    _png(tmp_path / "loose.png", _rng_images(1, (4, 4, 1))[0])
+    _png(tmp_path / "cls" / "a.png", rng_images(1, (4, 4, 1))[0])
+    _png(tmp_path / "loose.png", rng_images(1, (4, 4, 1))[0])
     with pytest.raises(SourceError, match="1 image.*directly under the root.*labels=none"):
         list(pipeline.build_source("imagefolder", {"root": str(tmp_path)}).records("train"))
     assert len(list(pipeline.build_source("imagefolder", {"root": str(tmp_path), "labels": "none"})
@@ -231,7 +220,7 @@ def test_imagefolder_empty_and_missing_roots(tmp_path):
 
 @pytest.mark.parametrize(("shape", "layout"), [((5, 6, 7), "NHW"), ((5, 6, 7, 3), "NHWC"), ((5, 3, 6, 7), "NCHW")])
 def test_arrays_layouts(tmp_path, shape, layout):
-    data = _rng_images(shape[0], shape[1:])
+    data = rng_images(shape[0], shape[1:])
     np.save(tmp_path / "x.npy", data)
     np.save(tmp_path / "y.npy", np.arange(5))
     source = pipeline.build_source("arrays", {"files": {"train": str(tmp_path / "x.npy")},
@@ -244,13 +233,13 @@ def test_arrays_layouts(tmp_path, shape, layout):
 
 
 def test_arrays_refuses_ambiguous_float_and_mismatched_inputs(tmp_path):
-    np.save(tmp_path / "amb.npy", _rng_images(2, (3, 5, 4)))
+    np.save(tmp_path / "amb.npy", rng_images(2, (3, 5, 4)))
     with pytest.raises(SourceError, match="both axis 1 and axis 3 could be channels; set source.options.layout"):
         pipeline.build_source("arrays", {"files": {"train": str(tmp_path / "amb.npy")}}).num_records("train")
     np.save(tmp_path / "f.npy", np.zeros((2, 4, 4), np.float32))
     with pytest.raises(SourceError, match="float32 images; store uint8.*np.rint"):
         pipeline.build_source("arrays", {"files": {"train": str(tmp_path / "f.npy")}}).num_records("train")
-    np.savez(tmp_path / "m.npz", images=_rng_images(3, (4, 4)), labels=np.arange(2))
+    np.savez(tmp_path / "m.npz", images=rng_images(3, (4, 4)), labels=np.arange(2))
     with pytest.raises(SourceError, match="3 images in .* but 2 labels"):
         pipeline.build_source("arrays", {"files": {"train": str(tmp_path / "m.npz")}}).num_records("train")
     with pytest.raises(SourceError, match="does not exist or is not a file"):
@@ -262,7 +251,7 @@ def test_arrays_refuses_ambiguous_float_and_mismatched_inputs(tmp_path):
 
 def test_hf_parquet_files(tmp_path):
     datasets = pytest.importorskip("datasets", reason="the hf source's extra is not installed (pip install '.[hf]')")
-    images = _rng_images(6, (5, 5, 1))
+    images = rng_images(6, (5, 5, 1))
     rows = {"img": [Image.fromarray(a[..., 0]) for a in images], "digit": [3, 1, 4, 1, 5, 9]}
     features = datasets.Features({"img": datasets.Image(), "digit": datasets.Value("int64")})
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))

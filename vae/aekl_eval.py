@@ -147,24 +147,6 @@ def rfid(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.
     return float(fid.compute())
 
 
-def evaluate_aekl(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
-                  lpips: torch.nn.Module | None = None, inception_weights: str | Path | None = None,
-                  prepare: Callable[[torch.Tensor], torch.Tensor] = to_unit) -> dict:
-    """One process: metrics, latent statistics and `absent` (metric -> why it was not measured)."""
-    batches = list(batches)
-    sums, moments = aekl_sums(model, batches, device, lpips, prepare)
-    absent = {}
-    if lpips is None:
-        absent["val/lpips"] = ("no LPIPS VGG weights on this machine (loss.aekl.lpips_weights or the torch hub "
-                               "cache)")
-    weights = inception_weights_path(inception_weights)
-    score = rfid(model, batches, device, weights, prepare) if weights is not None else None
-    if weights is None:
-        absent["val/rfid"] = f"no Inception weights ({INCEPTION_FILE} in the torch hub cache, or a path)"
-    metrics, stats = aekl_metrics(sums, moments, lpips is not None, score)
-    return {"metrics": metrics, "latents": stats._asdict(), "absent": absent}
-
-
 @torch.no_grad()
 def reconstruction_grid(model: torch.nn.Module, x: torch.Tensor, path: str | Path, n: int = 8) -> Path:
     """Originals (top row) over their reconstructions (bottom row) at full resolution, x in [0, 1]."""

@@ -111,7 +111,13 @@ def write_shard_groups(
 ) -> list[pipeline.GroupResult]:
     """Submit every group of the plan to this flow's task runner; report each as it lands; return them in order."""
     group_task = with_retries(ingest)
-    futures = [group_task.submit(plan, group) for group in plan.groups]
+    # A group needs the plan's settings, not its list of every group: Prefect walks each task's parameters and linked
+    # every group to each landed group whose GroupTask (held by its result) that list holds, n^2 / 2 links for n
+    # groups, sent to the API and held until the flow ends (266 groups: 1.5x the time, 3.4x the memory growth;
+    # bench/LOG.md 2026-12-07); a process or Dask runner pickled the list once per group too. Prefect's `quote`
+    # also stops the walk, but it is a tuple, and the Dask runner handed the task a plain tuple instead of the plan.
+    settings = plan.model_copy(update={"groups": []})
+    futures = [group_task.submit(settings, group) for group in plan.groups]
     progress = GroupProgress(plan, progress_id, watched_loggers())
     try:
         for future in as_completed(futures):

@@ -3,8 +3,9 @@
 The flow plans the ingest (splits, image shape, layout, shard groups), fans out one `ingest-shard-group`
 task per group through the subflow `write-shard-groups`, and writes `index.json` last, once every group has
 landed. The subflow's task runner is chosen from the config: a Dask cluster (`prefect-dask`) when
-`ingest.dask_address` names one, else a local thread or process pool. Groups finished by an earlier,
-interrupted run are kept when their shards still match their checksums. The flow process holds the shard
+`ingest.dask_address` names one, else a local thread or process pool of `pool_size` workers (default: the CPU
+count), which bounds the groups written at once, and with them the threads and the memory. Groups finished by
+an earlier, interrupted run are kept when their shards still match their checksums. The flow process holds the shard
 directory's lock (`pipeline.DirLock`) from planning to `index.json`, wherever the group tasks run, so a second
 ingest into the same directory refuses, naming the holder.
 
@@ -110,7 +111,13 @@ def write_shard_groups(
 ) -> list[pipeline.GroupResult]:
     """Submit every group of the plan to this flow's task runner; report each as it lands; return them in order."""
     group_task = with_retries(ingest)
-    futures = [group_task.submit(plan, group) for group in plan.groups]
+    # A group needs the plan's settings, not its list of every group: Prefect walks each task's parameters and linked
+    # every group to each landed group whose GroupTask (held by its result) that list holds, n^2 / 2 links for n
+    # groups, sent to the API and held until the flow ends (266 groups: 1.5x the time, 3.4x the memory growth;
+    # bench/LOG.md 2026-12-07); a process or Dask runner pickled the list once per group too. Prefect's `quote`
+    # also stops the walk, but it is a tuple, and the Dask runner handed the task a plain tuple instead of the plan.
+    settings = plan.model_copy(update={"groups": []})
+    futures = [group_task.submit(settings, group) for group in plan.groups]
     progress = GroupProgress(plan, progress_id, watched_loggers())
     try:
         for future in as_completed(futures):
@@ -120,15 +127,55 @@ def write_shard_groups(
     return [future.result() for future in futures]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), else os.cpu_count()."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# Prefect's setting for each local runner's pool (PREFECT_TASKS_RUNNER_<FIELD>), by ingest.runner
+PREFECT_POOL_SETTING = {"threads": "thread_pool_max_workers", "processes": "process_pool_max_workers"}
+
+
+def pool_size(ingest: IngestSection) -> tuple[int, str]:
+    """Workers of the local pool, and where the number came from: `ingest.workers`; else Prefect's own setting for
+    that runner's pool when the user set it (environment, profile or prefect.toml); else the CPU count.
+
+    Never Prefect's default: for threads that is one thread per submitted task (max_workers None reads as
+    sys.maxsize), so an ingest ran every shard group at once: 132 threads and 1.15 GB for 122 groups, load 98 at
+    395 (bench/LOG.md 2026-12-07).
+    """
+    if ingest.workers is not None:
+        return ingest.workers, "ingest.workers"
+    from prefect.settings import get_current_settings
+
+    runner_settings = get_current_settings().tasks.runner
+    field = PREFECT_POOL_SETTING[ingest.runner]
+    # pydantic-settings marks a field set when any source (environment, profile, toml) gave it a value
+    if field in runner_settings.model_fields_set and getattr(runner_settings, field) is not None:
+        return getattr(runner_settings, field), f"PREFECT_TASKS_RUNNER_{field.upper()}"
+    return usable_cpus(), "the CPU count"
+
+
 def task_runner(ingest: IngestSection) -> TaskRunner:
-    """Dask when a scheduler address is configured, else the local pool the config asks for."""
+    """Dask when a scheduler address is configured, else the local pool the config asks for, of `pool_size`."""
     if ingest.dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=ingest.dask_address)
+    workers, _ = pool_size(ingest)
     if ingest.runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=ingest.workers)
-    return ThreadPoolTaskRunner(max_workers=ingest.workers)
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def runner_name(ingest: IngestSection, runner: TaskRunner) -> str:
+    """The runner for the log: its class, and for a local pool its size and where the size came from."""
+    if ingest.dask_address:
+        return type(runner).__name__  # the cluster's workers are the cluster's business
+    workers, origin = pool_size(ingest)
+    return f"{type(runner).__name__} of {workers} worker(s) ({origin})"
 
 
 @contextlib.contextmanager
@@ -300,7 +347,7 @@ def _ingest_locked(source: SourceSection, ingest: IngestSection, out: str) -> st
         say(loggers, logging.WARNING, warning)
     runner = task_runner(ingest)
     say(loggers, logging.INFO, "ingest: %d shard group(s) of %s into %s, layout %s, image shape %s, on %s",
-        len(plan.groups), name, out, plan.shard.layout, plan.shard.image_shape, type(runner).__name__)
+        len(plan.groups), name, out, plan.shard.layout, plan.shard.image_shape, runner_name(ingest, runner))
     with workers_share_this_api(runner):
         # Prefect persists a subflow's result when the task around it persists its own (`ingest-shards`, cached),
         # whatever the subflow says, and with that task's plain-json serializer, which refuses the GroupResult

@@ -110,7 +110,10 @@ class IngestSection(_Section):
     runner: Literal["threads", "processes"] = Field(
         "threads", description="Local task runner of the ingest flow (processes: true parallelism, slower start)."
     )
-    workers: int | None = Field(None, gt=0, description="Local workers; default: the CPU count.")
+    workers: int | None = Field(
+        None, gt=0, description="Local workers, the shard groups written at once; default: Prefect's "
+        "PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS (PROCESS_POOL with processes) when set, else the CPU count."
+    )
     dask_address: str | None = Field(
         None, description="Dask scheduler address (tcp://host:8786): run the shard groups on that cluster."
     )

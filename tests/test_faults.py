@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, run, write_numbered_shards
+from support import training
 from support.journal import PRESET, entries, journal_of, sent, train_argv
 from support.servers import MlflowServer, kill_group
+from support.training import in_process
 
 from pipeline import ShardFormatError, ShardLoader, read_split
 from pipeline.loader import CorruptShardError
 from vae import tracking
-from vae.launch import accelerate_command
 
 BAD = "train-000001.tar"
 
@@ -419,31 +420,32 @@ def corrupt_digits(tmp_path, digits_shards) -> Path:
     return copy
 
 
-def test_training_stops_naming_a_corrupt_shard(tmp_path, corrupt_digits, mlflow_uri):
-    argv, env = accelerate_command(PRESET, 1, overrides=["--ingest.shard_dir", str(corrupt_digits),
-                                                         "--train.output_dir", str(tmp_path / "run"),
-                                                         "--train.epochs", "1", "--tracking.finalize", "false"])
-    result = run(argv, env=env, cwd=tmp_path)
-    assert result.returncode != 0
-    assert f"error: {(corrupt_digits / BAD).resolve()} " in result.stderr and "the shard is corrupt" in result.stderr
-    assert "vaepipe verify" in result.stderr and "data.on_corrupt_shard skip" in result.stderr
+def test_training_stops_naming_a_corrupt_shard(tmp_path, corrupt_digits, tracking_uri, capsys):
+    """vae/train.py's entry point, in this process: one error line naming the shard and both fixes, status 1."""
+    from vae.train import main
+
+    with in_process(tracking_uri), pytest.raises(SystemExit) as stopped:
+        main(["--config", str(PRESET), "--ingest.shard_dir", str(corrupt_digits), "--train.output_dir",
+              str(tmp_path / "run"), "--train.epochs", "1", "--tracking.finalize", "false"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: {(corrupt_digits / BAD).resolve()} " in err and "the shard is corrupt" in err
+    assert "vaepipe verify" in err and "data.on_corrupt_shard skip" in err and "Traceback" not in err
     assert not list((tmp_path / "run").glob("checkpoints/*/meta.json"))  # it stopped before any checkpoint
 
 
 @pytest.mark.parametrize("resident", ["on", "off"])
-def test_training_skips_a_corrupt_shard_and_reports_it(tmp_path, corrupt_digits, mlflow_uri, resident):
+def test_training_skips_a_corrupt_shard_and_reports_it(tmp_path, corrupt_digits, tracking_uri, resident, capsys,
+                                                       caplog):
     import mlflow
 
-    argv, env = accelerate_command(PRESET, 1, overrides=[
-        "--ingest.shard_dir", str(corrupt_digits), "--train.output_dir", str(tmp_path / "run"),
-        "--train.epochs", "1", "--tracking.finalize", "false", "--data.on_corrupt_shard", "skip",
-        "--data.resident", resident])
-    result = run(argv, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"skipping corrupt shard {(corrupt_digits / BAD).resolve()}" in result.stderr
-    assert f"train ['{BAD}']" in result.stdout  # the trainer's per-epoch summary
+    with in_process(tracking_uri):
+        training.train(corrupt_digits, tmp_path / "run", "--train.epochs", "1", "--train.batch_size", "64",
+                       "--data.on_corrupt_shard", "skip", "--data.resident", resident)
+    assert f"skipping corrupt shard {(corrupt_digits / BAD).resolve()}" in caplog.text
+    assert f"train ['{BAD}']" in capsys.readouterr().out  # the trainer's per-epoch summary
     meta = json.loads(sorted((tmp_path / "run" / "checkpoints").glob("*/meta.json"))[-1].read_text())
     assert meta["steps_per_epoch"] == meta["global_step"] == 1438 // 64  # the same steps as with every shard
-    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(meta["mlflow_run_id"], "train/skipped_shards")
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(meta["mlflow_run_id"], "train/skipped_shards")
     assert [(m.step, m.value) for m in history] == [(22, 1.0)]
     assert np.isfinite(meta["val"]["val/elbo"])

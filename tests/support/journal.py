@@ -7,10 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from support.training import PRESET, REPO
 from vae import tracking
-
-REPO = Path(__file__).resolve().parents[2]
-PRESET = REPO / "infra/configs/digits.yaml"
 
 
 def train_argv(tmp_path: Path, shard_dir: Path, *overrides: str) -> list[str]:

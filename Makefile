@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for make test: the suite measured 12 min with 2 on the quiet 2-core box (15.8 beside a CPU hog),
+# 23.7 min in one process beside other work (bench/LOG.md, 2026-12-07); each worker starts its own session servers
+TEST_WORKERS ?= 2
 
 .PHONY: demo test serve lint clean postgres
 
@@ -26,7 +29,7 @@ postgres:
 
 test: $(STAMP) postgres
 	$(BIN)/ruff check pipeline vae flows tests bench
-	$(BIN)/python -m pytest --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=25
 
 # Prefect server, MLflow server and the deployment runner on 127.0.0.1; e.g. make serve SERVE_ARGS="--mlflow-port 5001"
 serve: $(STAMP)

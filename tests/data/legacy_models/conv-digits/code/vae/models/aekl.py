@@ -1,0 +1,197 @@
+"""`aekl`: diffusers' `AutoencoderKL` (the VAE under SD, SDXL, SD3 and FLUX pipelines), wrapped, not copied.
+
+The wrapped module is `self.vae`, a plain `diffusers.AutoencoderKL`, so a trained model saves as a diffusers
+folder that `AutoencoderKL.from_pretrained` loads (vae/aekl_export.py). Conventions at the boundary:
+
+- Outside (the project's contract, vae/models/__init__.py): images in [0, 1]; inside diffusers: [-1, 1].
+- The latent is SPATIAL: (B, latent_dim, H / f, W / f) with f = 2 ** (len(channels) - 1) (f4, f8, f16).
+  `encode_latents` / `decode_latents` work on that map, unscaled (a diffusion model multiplies by the exported
+  `scaling_factor` after subtracting `shift_factor`). The contract's `encode` / `decode` flatten it to
+  (B, latent_size) so the project's evaluation, plots and pyfunc work unchanged; `latent_shape` undoes that.
+- `forward(x, samples)` returns a `VAEOutput` whose params are the logits of the pixel means (one per image
+  channel), so the bernoulli and gaussian heads' means are exactly diffusers' (out + 1) / 2. Heads that need
+  more decoder channels (gaussian_learned, logistic_mixture) are refused: the exported decoder must emit images.
+- `autoencode(x)` is what the aekl objective (vae/aekl_losses.py) trains on: the reconstruction in [-1, 1] and
+  the posterior, on diffusers' own scale.
+
+`pretrained` is a local diffusers AutoencoderKL folder (config.json + weights): its architecture wins, and a
+section value that disagrees is refused (vae.config.AeklSection fills the section from the folder, so the
+resolved config describes the model). `train_encoder=False` freezes encoder and quant_conv (decoder-only
+fine-tuning, as the SD VAE ft-MSE / ft-EMA releases did): their weights, hence the latents, stay bit-equal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from vae.models import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, register_model, reparameterize
+
+# diffusers is imported where a model is built, not here: vae.models (and so every logged MLflow model's code)
+# imports this file, and the other architectures should not need diffusers, nor pay its ~2 s import.
+
+FACTORS = (4, 8, 16)  # f = 2 ** (levels - 1): 3, 4 or 5 entries in `channels`
+IMAGE_HEADS = ("bernoulli", "gaussian")  # heads whose decoder output is one value per image channel
+LOGIT_EPS = 1e-6  # pixel means are clamped to [eps, 1 - eps] before the logit, so params stay finite
+
+
+class AeklOutput(NamedTuple):
+    recon: torch.Tensor  # (B, C, H, W) in [-1, 1] (unclamped): the decoder's image, diffusers' scale
+    posterior: Gaussian  # (B, latent_dim, H / f, W / f) mean and log-variance (diffusers clamps it to [-30, 20])
+    z: torch.Tensor  # the latent that was decoded: a sample of the posterior, or its mean
+
+
+def folder_config(folder: str | Path) -> dict:
+    """config.json of a local diffusers AutoencoderKL folder; a wrong folder raises naming what is missing."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"model.pretrained {str(folder)!r} is not a diffusers AutoencoderKL folder: no config.json "
+                         "there. Give the folder that holds config.json and diffusion_pytorch_model.safetensors "
+                         "(e.g. the `vae` subfolder of a Stable Diffusion download, or `vaepipe models pull NAME "
+                         "--format diffusers DIR`)")
+    data = json.loads(config.read_text())
+    if data.get("_class_name") not in (None, "AutoencoderKL"):
+        raise ValueError(f"model.pretrained {str(folder)!r} holds a {data['_class_name']}, not an AutoencoderKL")
+    if not any(folder.glob("diffusion_pytorch_model*.safetensors")):
+        raise ValueError(f"model.pretrained {str(folder)!r} has no diffusion_pytorch_model.safetensors (weights "
+                         "in .bin files are pickles and are not loaded: convert them to safetensors)")
+    return data
+
+
+FOLDER_FIELDS = {"channels", "layers_per_block", "latent_dim", "norm_groups", "attention"}  # what a folder fixes
+
+
+def section_from_folder(data: dict) -> dict:
+    """The aekl section fields a diffusers config describes (what `AeklSection` fills in from `pretrained`)."""
+    return {"channels": list(data["block_out_channels"]), "layers_per_block": data["layers_per_block"],
+            "latent_dim": data["latent_channels"], "norm_groups": data["norm_num_groups"],
+            "attention": data.get("mid_block_add_attention", True)}
+
+
+@register_model("aekl")
+class AEKL(VAE):
+    """diffusers `AutoencoderKL` for images (C, H, W), C 1 or 3, H and W multiples of f (need not be equal).
+
+    `channels` per level (first is the full-resolution level), `layers_per_block` resnet layers per level,
+    `latent_dim` latent channels (4: SD/SDXL, 16: SD3/FLUX), `norm_groups` GroupNorm groups (divides every
+    entry of channels), `attention` the mid-block self-attention of SD's VAE.
+    """
+
+    requirements = ("diffusers",)  # beyond torch: what its logged MLflow model needs installed
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4,
+                 channels: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, norm_groups: int = 32,
+                 attention: bool = True, pretrained: str | None = None, train_encoder: bool = True,
+                 likelihood: str = "gaussian", mixtures: int = 10, gaussian_std: float = 0.1):
+        if likelihood not in IMAGE_HEADS:
+            raise ValueError(f"model.arch 'aekl' decodes images (one value per channel, diffusers' convention), so "
+                             f"loss.likelihood {likelihood!r} cannot be used: set --loss.likelihood gaussian "
+                             f"(or bernoulli); the aekl objective itself is vae/aekl_losses.py")
+        super().__init__(image_shape, latent_dim, likelihood=likelihood, mixtures=mixtures, gaussian_std=gaussian_std)
+        c, h, w = self.image_shape
+        if c not in (1, 3):
+            raise ValueError(f"model.arch 'aekl' takes images with 1 or 3 channels, got {c}: set "
+                             "--ingest.channels 1 or 3 (channel_rule convert)")
+        channels = tuple(int(n) for n in channels)
+        if len(channels) - 1 not in (2, 3, 4):
+            raise ValueError(f"model.channels has {len(channels)} levels, a down-sampling factor of "
+                             f"{2 ** (len(channels) - 1)}: give 3, 4 or 5 levels (f4, f8, f16)")
+        if any(n % norm_groups for n in channels):
+            raise ValueError(f"model.norm_groups {norm_groups} must divide every entry of model.channels {channels}")
+        self.factor = 2 ** (len(channels) - 1)
+        check_divisible("aekl", self.image_shape, self.factor, f"crop or resize to multiples of {self.factor} "
+                        "(--data.crop_size, --ingest.size_rule), or use fewer levels in model.channels")
+        options = dict(in_channels=c, out_channels=c, block_out_channels=channels, layers_per_block=layers_per_block,
+                       latent_channels=latent_dim, norm_num_groups=norm_groups, mid_block_add_attention=attention,
+                       down_block_types=("DownEncoderBlock2D",) * len(channels),
+                       up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=max(h, w))
+        from diffusers import AutoencoderKL
+
+        self.vae = self._load(Path(pretrained), options) if pretrained is not None else AutoencoderKL(**options)
+        self.latent_shape = (latent_dim, h // self.factor, w // self.factor)
+        self.latent_size = math.prod(self.latent_shape)
+        self.train_encoder = train_encoder
+        if not train_encoder:
+            for module in self.frozen():
+                module.requires_grad_(False)
+
+    @staticmethod
+    def _load(folder: Path, options: dict) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        given = folder_config(folder)
+        for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                    "norm_num_groups"):
+            want, have = options[key], given.get(key)
+            if (list(want) if isinstance(want, tuple) else want) != have:
+                raise ValueError(f"model.pretrained {str(folder)!r} has {key}={have}, the model section or data "
+                                 f"asks for {want}: leave model.channels/layers_per_block/latent_dim/norm_groups "
+                                 "unset to take the folder's, and ingest images with its channel count")
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+
+    def frozen(self) -> list[nn.Module]:
+        """The modules decoder-only fine-tuning freezes (empty while the encoder trains)."""
+        if getattr(self, "train_encoder", True):
+            return []
+        return [m for m in (self.vae.encoder, self.vae.quant_conv) if m is not None]
+
+    def train(self, mode: bool = True) -> AEKL:
+        super().train(mode)
+        for module in self.frozen():  # frozen parts stay in eval mode (no dropout); their output is fixed
+            module.eval()
+        return self
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight: taming-transformers' adaptive GAN weight takes gradient norms here."""
+        return self.vae.decoder.conv_out.weight
+
+    def posterior(self, x: torch.Tensor) -> Gaussian:
+        """x (B, C, H, W) in [0, 1] -> q(z|x): mean and log-variance (B, latent_dim, H / f, W / f)."""
+        dist = self.vae.encode(x * 2 - 1).latent_dist
+        return Gaussian(dist.mean, dist.logvar)
+
+    def autoencode(self, x: torch.Tensor, sample: bool = True) -> AeklOutput:
+        """x in [0, 1] -> the reconstruction in [-1, 1] and the posterior: the aekl objective's inputs."""
+        q = self.posterior(x)
+        z = reparameterize(*q) if sample else q.mu
+        return AeklOutput(self.vae.decode(z).sample, q, z)
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """x in [0, 1] -> the posterior mean (B, latent_dim, H / f, W / f), unscaled (what diffusers' encode gives)."""
+        return self.posterior(x).mu
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """A spatial latent (unscaled) -> images in [0, 1]."""
+        return (self.vae.decode(z).sample.float() + 1).div(2).clamp(0, 1)
+
+    # The project's contract: flat latents, logits of pixel means as the head's params.
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.posterior(x)
+        return mu.flatten(1), logvar.flatten(1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Flat z (B, latent_size) -> images in [0, 1], exactly diffusers' (out + 1) / 2 clamped."""
+        return self.decode_latents(z.reshape(len(z), *self.latent_shape))
+
+    def decode_params(self, z: torch.Tensor) -> torch.Tensor:
+        images = self.decode_latents(z.reshape(len(z), *self.latent_shape))
+        return torch.logit(images, eps=LOGIT_EPS)
+
+    def forward(self, x: torch.Tensor, samples: int = 1, autoencode: bool = False) -> VAEOutput | AeklOutput:
+        """The contract's VAEOutput; autoencode=True: `autoencode(x)` instead, so that the aekl objective's
+        forward goes through the model's wrappers (DDP syncs gradients only for a forward it sees)."""
+        if autoencode:
+            return self.autoencode(x)
+        mu, logvar = self.encode(x)
+        if samples > 1:
+            mu, logvar = mu.repeat(samples, 1), logvar.repeat(samples, 1)
+        z = reparameterize(mu, logvar)
+        return VAEOutput(self.decode_params(z), (LatentGroup(z, Gaussian(mu, logvar), Gaussian(
+            torch.zeros_like(mu), torch.zeros_like(mu))),))

@@ -86,7 +86,7 @@ def loss_section(args):
 
 
 def quality(model, root: Path, kind: str = "photos") -> dict:
-    from vae.aekl_eval import aekl_metrics, aekl_sums
+    from vae.objectives.aekl.evaluation import aekl_metrics, aekl_sums
 
     sums, moments = aekl_sums(model, test_images(root, kind).split(16), "cpu")
     metrics, _ = aekl_metrics(sums, moments, lpips_present=False)
@@ -103,8 +103,8 @@ def plain_arm(args, root: Path) -> dict:
     """diffusers' train_autoencoderkl.py loop, reduced: ImageFolder + DataLoader, fp32, Adam."""
     from torchvision import datasets, transforms
 
-    from vae.aekl_losses import build_discriminator, discriminator_loss, generator_loss
     from vae.models import build_model
+    from vae.objectives.aekl.losses import build_discriminator, discriminator_loss, generator_loss
 
     torch.manual_seed(args.seed)
     cfg = loss_section(args)
@@ -186,8 +186,8 @@ def train_child(args, shards: Path, out: Path, uri: str, *extra: str):
 
 def trained_model(out: Path):
     """The newest checkpoint's model (rebuilt from its meta.json) and the meta."""
-    from vae import checkpoint
-    from vae.spec import load_checkpoint
+    from vae.training import checkpoint
+    from vae.training.trained import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint.latest(out))
     return model.eval(), meta
@@ -222,7 +222,7 @@ def train_on(args, root: Path, work: Path, *extra: str):
 def finetune(args) -> None:
     """Pretrain on photo crops (args.steps), export the diffusers folder, fine-tune its decoder on digits
     (args.steps), PSNR on held-out digits before and after, encoder latents compared bit for bit."""
-    from vae.aekl_export import export_diffusers
+    from vae.registry.diffusers import export_diffusers
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from vae.config import LossSection
-from vae.losses import training_loss
 from vae.models import build_model
+from vae.objectives.elbo.losses import training_loss
 
 LOSS = LossSection()
 

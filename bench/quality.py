@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vae.config import LossSection
-from vae.evaluate import evaluate
-from vae.losses import training_loss
 from vae.models import build_model
+from vae.objectives.elbo.evaluation import evaluate
+from vae.objectives.elbo.losses import training_loss
 
 MODEL_ARGS = ("dataset", "arch", "latent_dim", "hidden_dim", "hidden_layers", "width", "depth", "blocks", "groups",
               "mixtures", "batch_size", "lr", "warmup_steps", "seed")

@@ -40,8 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline
 from vae.config import LossSection
-from vae.losses import training_loss
 from vae.models import build_model
+from vae.objectives.elbo.losses import training_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS = LossSection()  # the default objective (Bernoulli ELBO), exactly what the trainer calls

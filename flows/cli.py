@@ -14,6 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+from vae.registry.store import ModelStoreError, format_table, list_models, pull_diffusers, pull_model
+from vae.tracking.store import embedded_uri
+
 DEFAULT_PRESET = Path("infra/configs/digits.yaml")
 
 TRAIN_HELP = """\
@@ -125,7 +128,7 @@ def load(sub: argparse.ArgumentParser, path: Path | None, overrides: list[str]):
 def tracking_store(cfg) -> str:
     """The demo's MLflow store, said on the first line: --tracking.tracking_uri, else MLFLOW_TRACKING_URI (as the
     training entry point and the flow honour it), else the embedded sqlite store in this directory."""
-    from vae import tracking
+    
 
     if cfg.tracking.tracking_uri is not None:
         where = f"MLflow: {cfg.tracking.tracking_uri} (--tracking.tracking_uri)"
@@ -133,7 +136,7 @@ def tracking_store(cfg) -> str:
         cfg.tracking.tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
         where = f"MLflow: {cfg.tracking.tracking_uri} (MLFLOW_TRACKING_URI)"
     else:
-        cfg.tracking.tracking_uri = tracking.embedded_uri()
+        cfg.tracking.tracking_uri = embedded_uri()
         where = (f"MLflow: the embedded store {cfg.tracking.tracking_uri} (set MLFLOW_TRACKING_URI to log to a "
                  "server instead)")
     print(where, flush=True)
@@ -189,21 +192,21 @@ def models(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from flows.serve import served_mlflow_url
-    from vae import model_store, tracking
+    
 
     # a server `vaepipe serve` runs from here holds what its flow runs registered; ./mlflow.db is the demo's
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or served_mlflow_url() or tracking.embedded_uri()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or served_mlflow_url() or embedded_uri()
     try:
         if args.models_command == "list":
-            print(model_store.format_table(model_store.list_models(uri)) or f"no registered models at {uri}")
+            print(format_table(list_models(uri)) or f"no registered models at {uri}")
             return 0
         if args.format == "diffusers":
-            name, version, dest = model_store.pull_diffusers(args.ref, args.dest, uri)
+            name, version, dest = pull_diffusers(args.ref, args.dest, uri)
             print(f"pulled {name} version {version}'s diffusers folder into {dest}\nload it: "
                   f"diffusers.AutoencoderKL.from_pretrained({str(dest)!r})")
             return 0
-        name, version, dest = model_store.pull_model(args.ref, args.dest, uri)
-    except (model_store.ModelStoreError, MlflowException) as err:
+        name, version, dest = pull_model(args.ref, args.dest, uri)
+    except (ModelStoreError, MlflowException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"pulled {name} version {version} into {dest}\nserve it: mlflow models serve -m {dest} --env-manager local")

@@ -37,10 +37,13 @@ from prefect.tasks import exponential_backoff
 
 import pipeline
 from flows.ingest import DEMO, ingest_dataset
-from vae import checkpoint, provenance, tracking
 from vae.config import RunConfig, dump, with_overrides
-from vae.launch import accelerate_command
-from vae.preemption import PREEMPTED_EXIT
+from vae.launch.command import accelerate_command
+from vae.tracking import provenance
+from vae.tracking.journal import JOURNAL_DIR, sync_journal
+from vae.tracking.store import create_run, resolve_uri
+from vae.training import checkpoint
+from vae.training.preemption import PREEMPTED_EXIT
 
 KILL_GRACE_S = 10.0  # SIGTERM -> SIGKILL; well inside the runner's own grace before it hard-kills this process
 TAIL_LINES = 40  # child output quoted in the error when training fails
@@ -92,7 +95,7 @@ def resolved(config: RunConfig, shard_dir: str, run_name: str) -> RunConfig:
     if not cfg.train.resume:
         output_dir = output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name}"
     cfg.train.output_dir = output_dir
-    cfg.tracking.tracking_uri = absolute_uri(tracking.resolve_uri(cfg))
+    cfg.tracking.tracking_uri = absolute_uri(resolve_uri(cfg))
     cfg.tracking.run_name = cfg.tracking.run_name or run_name
     return cfg
 
@@ -114,7 +117,7 @@ def create_mlflow_run(config: RunConfig) -> str:
     # the run names the flow that made it and links back to its flow run; JOB is MLflow's source type for a job
     tags = {"mlflow.source.name": "flows.train:train_vae", "mlflow.source.type": "JOB",
             provenance.FLOW_RUN_ID_TAG: str(flow_run.id), provenance.FLOW_RUN_URL_TAG: flow_run.ui_url or ""}
-    run_id = tracking.create_run(config, tags=tags)
+    run_id = create_run(config, tags=tags)
     get_run_logger().info("MLflow run %s in %s", run_id, config.tracking.tracking_uri)
     return run_id
 
@@ -218,12 +221,15 @@ def register(config: RunConfig, run_id: str) -> tuple[dict[str, float], Any]:
     """The evaluation training saved in output_dir, and its registration: what the child journaled and could not
     send (MLflow down as it ended) goes first, then the post-training path's `publish`, as the journal of a run
     launched without a flow calls it (a retry registers nothing twice)."""
-    from vae.finalize import load_evaluation, publish  # imported here so the flows import without the training stack
+    from vae.registry.publish import (
+        publish_run as publish,  # imported here so the flows import without the training stack
+    )
+    from vae.training.finalize import load_evaluation
 
     uri = str(config.tracking.tracking_uri)
-    journal = Path(config.train.output_dir) / tracking.JOURNAL_DIR / f"{run_id}.jsonl"
+    journal = Path(config.train.output_dir) / JOURNAL_DIR / f"{run_id}.jsonl"
     if journal.is_file():
-        tracking.sync_journal(journal, run_id, uri)
+        sync_journal(journal, run_id, uri)
     metrics, _ = load_evaluation(config.train.output_dir)
     return metrics, publish(config.train.output_dir, run_id, uri)
 

@@ -9,7 +9,10 @@ import torch
 from diffusers import AutoencoderKL
 
 import pipeline
-from vae.aekl_losses import (
+from vae.config import AeklLossSection, ConfigError, load_config, validate
+from vae.models import build_model
+from vae.objectives import build_objective
+from vae.objectives.aekl.losses import (
     NLayerDiscriminator,
     adaptive_weight,
     build_discriminator,
@@ -17,10 +20,7 @@ from vae.aekl_losses import (
     discriminator_loss,
     generator_loss,
 )
-from vae.config import AeklLossSection, ConfigError, load_config, validate
-from vae.data import build_loaders
-from vae.models import build_model
-from vae.objective import build_objective
+from vae.training.data import build_loaders
 
 TINY = {"channels": (8, 16, 16), "layers_per_block": 1, "norm_groups": 4, "attention": False}
 
@@ -187,7 +187,7 @@ def test_generator_and_discriminator_losses_switch_on_at_disc_start():
 # ---- evaluation -------------------------------------------------------------------------------------------------
 
 def test_scaling_and_shift_factor_from_known_latents():
-    from vae.aekl_eval import latent_moments, latent_stats
+    from vae.objectives.aekl.evaluation import latent_moments, latent_stats
 
     torch.manual_seed(0)
     means, stds = torch.tensor([0.5, -1.0, 2.0, 0.0]), torch.tensor([2.0, 0.5, 1.0, 4.0])
@@ -254,7 +254,7 @@ def test_rfid_runs_when_inception_weights_are_in_the_torch_hub_cache(tmp_path, m
     images too (repeated to RGB)."""
     import torch_fidelity.feature_extractor_inceptionv3 as inception
 
-    from vae.aekl_eval import INCEPTION_FILE
+    from vae.objectives.aekl.evaluation import INCEPTION_FILE
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)

@@ -14,9 +14,11 @@ from conftest import BIN, run
 from safetensors.torch import save_file
 from support.reconstruct import reconstruct_elsewhere
 
-from vae.aekl_export import export_checkpoint, export_diffusers
-from vae.registry import build_from_spec, log_model, model_spec, register
-from vae.tracking import ensure_experiment
+from vae.models.spec import build_from_spec, model_spec
+from vae.registry.diffusers import export_checkpoint, export_diffusers
+from vae.registry.packaging import log_model
+from vae.registry.versions import register_version
+from vae.tracking.store import ensure_experiment
 
 SPEC = model_spec("aekl", (3, 32, 24), 4, channels=[8, 16, 16], layers_per_block=1, norm_groups=4, attention=True,
                   likelihood="gaussian")
@@ -72,7 +74,7 @@ def test_registered_aekl_encodes_decodes_and_pulls_as_a_diffusers_folder(mlflow_
     model = trained(2)
     run_ = mlflow.MlflowClient().create_run(ensure_experiment("aekl-export", mlflow_uri))
     name = f"vae-aekl-{uuid.uuid4().hex[:8]}"
-    register(log_model(model, {**SPEC, "latent_stats": STATS}, run_.info.run_id), name, 1.0, run_.info.run_id)
+    register_version(log_model(model, {**SPEC, "latent_stats": STATS}, run_.info.run_id), name, 1.0, run_.info.run_id)
     x = np.random.default_rng(1).random((2, 3, 32, 24), dtype=np.float32)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
     latents = pyfunc.predict(x, params={"mode": "encode"})
@@ -89,7 +91,7 @@ def test_registered_aekl_encodes_decodes_and_pulls_as_a_diffusers_folder(mlflow_
     # a model without a diffusers folder is refused, naming why, and nothing is written
     other = f"vae-mlp-{uuid.uuid4().hex[:8]}"
     mlp = model_spec("mlp", (1, 8, 8), 2, hidden_dim=8)
-    register(log_model(build_from_spec(mlp), mlp, run_.info.run_id), other, 1.0, run_.info.run_id)
+    register_version(log_model(build_from_spec(mlp), mlp, run_.info.run_id), other, 1.0, run_.info.run_id)
     result = run([str(BIN / "vaepipe"), "models", "pull", other, str(tmp_path / "no"), "--format", "diffusers"],
                  timeout=300)
     assert result.returncode == 1 and "carries no diffusers folder: only model.arch aekl" in result.stderr

@@ -13,7 +13,7 @@ from conftest import BIN, REPO
 from support.registry import vaepipe_models
 
 from flows import processes
-from vae.launch import missing_gpu
+from vae.launch.devices import missing_gpu
 
 
 def without_tracking_uri() -> dict[str, str]:

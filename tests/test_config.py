@@ -4,7 +4,7 @@ import pytest
 from conftest import BIN, REPO, run
 
 from vae.config import ConfigError, load_config
-from vae.config_yaml import MAX_YAML_VALUES
+from vae.config.yaml_input import MAX_YAML_VALUES
 
 
 def test_preset_and_overrides():

@@ -7,9 +7,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from vae import plots
 from vae.config import LossSection
-from vae.evaluate import (
+from vae.models import MODELS, build_model
+from vae.objectives.elbo import plots
+from vae.objectives.elbo.evaluation import (
     evaluate,
     evaluation_totals,
     iwae_log_likelihood,
@@ -17,9 +18,8 @@ from vae.evaluate import (
     rows_within,
     summarize,
 )
-from vae.likelihoods import bits_per_dim
-from vae.losses import elbo_terms, training_loss
-from vae.models import MODELS, build_model
+from vae.objectives.elbo.likelihoods import bits_per_dim
+from vae.objectives.elbo.losses import elbo_terms, training_loss
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from support.training import in_process
 
 from pipeline import ShardFormatError, ShardLoader, read_split
 from pipeline.loader import CorruptShardError
-from vae import tracking
+from vae.tracking import journal as journal_module
+from vae.tracking.journal import JOURNAL_DIR, MetricJournal, sync_journal
 
 BAD = "train-000001.tar"
 
@@ -145,23 +146,23 @@ def test_a_hung_server_costs_one_short_timeout_then_backs_off(tmp_path, monkeypa
     and every entry stays in the journal, timestamps fixed. Asserted on the attempts and their settings, not on
     durations: on a loaded machine the first MLflow import alone can take longer than the timeout."""
     attempts = []
-    real_send = tracking.MetricJournal.send
+    real_send = MetricJournal.send
 
     def counted_send(journal):
         attempts.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"),
                          os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
         return real_send(journal)
 
-    monkeypatch.setattr(tracking.MetricJournal, "send", counted_send)
+    monkeypatch.setattr(MetricJournal, "send", counted_send)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
         uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
-        journal = tracking.MetricJournal(tmp_path / "j" / "run.jsonl", "0" * 32, uri)
+        journal = MetricJournal(tmp_path / "j" / "run.jsonl", "0" * 32, uri)
         journal.log_metrics({"train/loss": 1.5}, step=1)
         assert journal.down_since is not None  # the attempt failed: the server never answered
         journal.log_metrics({"train/loss": 1.25}, step=2)
-    assert attempts == [("0", str(tracking.SEND_TIMEOUT_S))]  # one short try, then backing off
+    assert attempts == [("0", str(journal_module.SEND_TIMEOUT_S))]  # one short try, then backing off
     lines = [json.loads(line) for line in (tmp_path / "j" / "run.jsonl").read_text().splitlines()]
     assert [(e["step"], e["metrics"]) for e in lines] == [(1, {"train/loss": 1.5}), (2, {"train/loss": 1.25})]
     assert [e["timestamp"] for e in journal.pending] == [e["timestamp"] for e in lines]
@@ -169,7 +170,7 @@ def test_a_hung_server_costs_one_short_timeout_then_backs_off(tmp_path, monkeypa
 
 
 def test_unknown_metric_names_are_refused_before_anything_is_written(tmp_path):
-    journal = tracking.MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
+    journal = MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
     with pytest.raises(ValueError, match="not among the fixed names"):
         journal.log_metrics({"train/lost": 1.0}, step=1)
     assert not (tmp_path / "run.jsonl").exists()
@@ -179,7 +180,7 @@ def test_a_torn_last_line_is_cut_and_the_rest_kept(tmp_path):
     path = tmp_path / "run.jsonl"
     entry = {"kind": "metrics", "step": 5, "timestamp": 1, "metrics": {"train/loss": 2.0}}
     path.write_text(json.dumps(entry) + "\n" + '{"kind": "metr')
-    journal = tracking.MetricJournal(path, "0" * 32, "http://127.0.0.1:9")
+    journal = MetricJournal(path, "0" * 32, "http://127.0.0.1:9")
     assert journal.pending == [entry]
     assert path.read_text() == json.dumps(entry) + "\n"
 
@@ -200,13 +201,13 @@ class TakesEverything:
 def test_a_full_disk_after_delivery_is_not_blamed_on_mlflow(tmp_path, monkeypatch, caplog):
     """MLflow took the entries; only recording their count failed (ENOSPC). The journal once said 'MLflow did not
     take run's metrics' and kept resending them; it now says what happened, and they count as sent."""
-    journal = tracking.MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
+    journal = MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
     journal._client = TakesEverything()
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tracking.os, "replace", full)
+    monkeypatch.setattr(journal_module.os, "replace", full)
     with caplog.at_level("WARNING", logger="vae.tracking"):
         journal.log_metrics({"train/loss": 1.5}, step=1)
     assert journal.pending == [] and journal.down_since is None
@@ -215,12 +216,12 @@ def test_a_full_disk_after_delivery_is_not_blamed_on_mlflow(tmp_path, monkeypatc
 
 
 def test_a_full_disk_while_journaling_names_the_directory(tmp_path, monkeypatch):
-    journal = tracking.MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
+    journal = MetricJournal(tmp_path / "run.jsonl", "0" * 32, "http://127.0.0.1:9")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tracking, "open", full, raising=False)  # the module's `open`, ahead of the builtin
+    monkeypatch.setattr(journal_module, "open", full, raising=False)  # the module's `open`, ahead of the builtin
     with pytest.raises(OSError, match=f"no space left on {tmp_path}: the metric journal could not write"):
         journal.log_metrics({"train/loss": 1.5}, step=1)
 
@@ -265,7 +266,7 @@ def train_until_metrics_arrive(tmp_path, shard_dir, epochs: int, every: int, cou
                                        str(every)),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    journal_dir = tmp_path / "run" / tracking.JOURNAL_DIR
+    journal_dir = tmp_path / "run" / JOURNAL_DIR
     try:
         wait_for(lambda: any(journal_dir.glob("*.sent")) and sent(journal_of(tmp_path)) > count,
                  "the first metrics to reach the server", proc)
@@ -368,7 +369,7 @@ def test_server_down_at_the_end_then_documented_sync(tmp_path, digits_shards, se
 
     # A batch that reached the server but whose answer was lost is sent again, identical: MLflow keeps one copy.
     path.with_suffix(".sent").unlink()
-    assert tracking.sync_journal(path, run_id, server.uri) == len(entries(path))
+    assert sync_journal(path, run_id, server.uri) == len(entries(path))
     assert_server_holds_the_journal(server.uri, path, run_id, meta["steps_per_epoch"], epochs, every)
 
 
@@ -382,7 +383,7 @@ def test_preempted_while_the_server_is_down_then_resumed(tmp_path, digits_shards
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        journal_dir = tmp_path / "run" / tracking.JOURNAL_DIR
+        journal_dir = tmp_path / "run" / JOURNAL_DIR
         wait_for(lambda: journal_dir.is_dir() and any(journal_dir.glob("*.sent")), "the first metrics", proc)
         path = journal_of(tmp_path)
         server.stop()

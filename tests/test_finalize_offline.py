@@ -15,8 +15,8 @@ from conftest import REPO, run
 from support.journal import entries, journal_of, train_argv
 from support.servers import MlflowServer
 
-from vae import checkpoint
-from vae.tracking import ensure_experiment
+from vae.tracking.store import ensure_experiment
+from vae.training import checkpoint
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

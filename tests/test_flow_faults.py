@@ -239,8 +239,8 @@ def test_a_sigkilled_rank_is_resumed_by_the_flow_retry_and_the_report_shows_samp
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterTaskRunId
 
     from flows.train import train_vae
-    from vae.checkpoint import latest, read_meta
     from vae.config import load_config
+    from vae.training.checkpoint import latest, read_meta
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

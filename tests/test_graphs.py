@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from vae import checkpoint
 from vae.config import ConfigError, RunConfig, load_config
-from vae.graphs import compile_options
+from vae.training import checkpoint
+from vae.training.graphs import compile_options
 
 PRESET = REPO / "infra/configs/digits.yaml"
 

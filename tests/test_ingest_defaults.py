@@ -36,7 +36,7 @@ def test_one_split_folder_warns_at_ingest_and_training_names_both_fixes(tmp_path
     assert list(index.splits) == ["test"]
     assert "only the split 'test'" in caplog.text and "source.options.test_fraction" in caplog.text
 
-    from vae.data import build_loaders
+    from vae.training.data import build_loaders
 
     cfg = load_config(None, ["--source.name", "imagefolder", "--ingest.shard_dir", str(tmp_path / "shards")])
     fixes = r"source.options.test_fraction.*--data.train_split and --data.val_split"
@@ -124,7 +124,7 @@ def test_a_complete_directory_serves_a_config_that_omits_the_source_options(tmp_
 @pytest.mark.slow
 def test_accelerate_training_on_imagefolder_shards_without_the_root(tmp_path):
     """The preset names imagefolder and no root: training reads the shards and never needs the source."""
-    from vae.launch import accelerate_command
+    from vae.launch.command import accelerate_command
 
     root = _tree(tmp_path / "pics", {f"{s}/{i}.png": (8, 8) for s in ("train", "test") for i in range(32)})
     out = tmp_path / "shards"

@@ -20,9 +20,9 @@ import psutil
 import pytest
 from conftest import REPO, run
 
-from vae import tracking
-from vae.launch import accelerate_command
-from vae.preemption import PREEMPTED_EXIT
+from vae.launch.command import accelerate_command
+from vae.tracking.journal import JOURNAL_DIR
+from vae.training.preemption import PREEMPTED_EXIT
 
 PRESET = REPO / "infra/configs/digits.yaml"
 
@@ -38,7 +38,7 @@ def start(tmp_path: Path, shard_dir: Path, processes: int) -> subprocess.Popen:
 
 def logged_steps(tmp_path: Path) -> int:
     """Training steps in the run's metric journal (whole lines only: rank 0 may be writing the last one)."""
-    journals = list((tmp_path / "run" / tracking.JOURNAL_DIR).glob("*.jsonl"))
+    journals = list((tmp_path / "run" / JOURNAL_DIR).glob("*.jsonl"))
     if not journals:
         return 0
     lines = journals[0].read_text().split("\n")[:-1]
@@ -221,7 +221,7 @@ def test_the_slurm_script_requeues_what_this_job_preempted(tmp_path, status, wri
 def test_the_kubernetes_job_runs_the_supervisor_and_retries_its_exit_status():
     import yaml
 
-    from vae.launch import RANK_GRACE_S
+    from vae.launch.supervisor import RANK_GRACE_S
 
     [_, job] = yaml.safe_load_all((REPO / "infra/k8s/train-job.yaml").read_text())
     pod = job["spec"]["template"]["spec"]

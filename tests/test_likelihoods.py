@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from vae.config import LossSection
-from vae.likelihoods import (
+from vae.models import Gaussian, build_model
+from vae.models.heads import LAYOUTS, Head
+from vae.objectives.elbo.likelihoods import (
     LIKELIHOODS,
     bernoulli_log_prob,
     bits_per_dim,
@@ -14,7 +16,7 @@ from vae.likelihoods import (
     gaussian_log_prob,
     log_likelihood,
 )
-from vae.losses import (
+from vae.objectives.elbo.losses import (
     free_bits_kl,
     gaussian_log_density,
     iwae_bound,
@@ -23,8 +25,6 @@ from vae.losses import (
     log_weights,
     training_loss,
 )
-from vae.models import Gaussian, build_model
-from vae.models.heads import LAYOUTS, Head
 
 
 def test_every_likelihood_has_a_head_layout_and_back():

@@ -18,8 +18,9 @@ from mlflow.pyfunc import scoring_server
 from pydantic import ValidationError
 from support.serving import strict_json
 
-from vae.mlflow_model import ServingLimits
-from vae.registry import build_from_spec, model_spec, save_model
+from vae.models.spec import build_from_spec, model_spec
+from vae.registry.packaging import save_model
+from vae.registry.pyfunc import ServingLimits
 
 SPEC = model_spec("conv", (1, 8, 8), 2)
 LIMITS = ServingLimits(max_samples=8, max_images=6, chunk_rows=4)  # small, so the tests cross them cheaply

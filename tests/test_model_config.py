@@ -8,7 +8,6 @@ import warnings
 import pytest
 from conftest import REPO
 
-from vae import checkpoint
 from vae.config import (
     FLAT_MODEL_DEFAULTS,
     MODEL_SECTIONS,
@@ -20,7 +19,8 @@ from vae.config import (
     validate,
 )
 from vae.models import MODELS, build_model
-from vae.trainer import model_options
+from vae.training import checkpoint
+from vae.training.trained import model_options
 
 PRESETS = sorted((REPO / "infra/configs").glob("*.yaml"))
 
@@ -75,7 +75,7 @@ def test_every_architecture_has_a_section_that_its_constructor_takes():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_preset_loads_with_its_model_fields(preset):
-    from vae.config_yaml import load_yaml
+    from vae.config.yaml_input import load_yaml
 
     written = load_yaml(preset.read_text(), str(preset)).get("model", {})
     model = load_config(preset).model.model_dump()

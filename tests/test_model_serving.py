@@ -20,8 +20,10 @@ import torch
 from conftest import BIN, free_port, wait_http
 from support.serving import strict_json
 
-from vae.registry import build_from_spec, log_model, model_spec, register
-from vae.tracking import ensure_experiment
+from vae.models.spec import build_from_spec, model_spec
+from vae.registry.packaging import log_model
+from vae.registry.versions import register_version
+from vae.tracking.store import ensure_experiment
 
 pytestmark = pytest.mark.server
 
@@ -60,7 +62,7 @@ def served(mlflow_uri, tmp_path):
     run = mlflow.MlflowClient().create_run(ensure_experiment("serving-tests", mlflow_uri))
     uri = log_model(build_from_spec(SPEC), SPEC, run.info.run_id)
     name = f"vae-test-{uuid.uuid4().hex[:8]}"
-    register(uri, name, val_nll=100.0, run_id=run.info.run_id)
+    register_version(uri, name, score=100.0, run_id=run.info.run_id)
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as out:

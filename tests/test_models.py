@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from vae.config import ConfigError, validate
-from vae.losses import elbo_terms, gaussian_kl, group_kls, kl_elements
 from vae.models import MODELS, Gaussian, build_model
 from vae.models.heads import LAYOUTS
+from vae.objectives.elbo.losses import elbo_terms, gaussian_kl, group_kls, kl_elements
 
 MODEL_FILES = sorted((Path(__file__).resolve().parents[1] / "vae" / "models").glob("*.py"))
 SMALL = {"aekl": {"channels": (8, 8, 8), "layers_per_block": 1, "norm_groups": 4}, "hvae": {"width": 8},

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from vae.optim import Lamb, MuonAdamW
+from vae.training.optim import Lamb, MuonAdamW
 
 
 def _params(*tensors):
@@ -227,7 +227,7 @@ def _adam_run(name, **kernels):
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_step_kernels_give_the_per_tensor_result_on_a_cpu(name):
-    from vae.optim import step_kernels
+    from vae.training.optim import step_kernels
 
     assert step_kernels(name, "cpu") == {"foreach": True} and step_kernels(name, "cuda:0") == {"fused": True}
     loop = _adam_run(name, foreach=False)
@@ -240,6 +240,6 @@ def test_step_kernels_give_the_per_tensor_result_on_a_cpu(name):
 
 @pytest.mark.parametrize("name", ["lamb", "muon", "sgd"])
 def test_step_kernels_leave_other_optimisers_alone(name):
-    from vae.optim import step_kernels
+    from vae.training.optim import step_kernels
 
     assert step_kernels(name, "cuda") == {} and step_kernels(name, "cpu") == {}

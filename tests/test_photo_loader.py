@@ -435,7 +435,7 @@ def test_a_256px_jpeg_tree_trains_registers_and_reconstructs_end_to_end(tmp_path
     import mlflow
     from conftest import REPO, run
 
-    from vae.launch import accelerate_command
+    from vae.launch.command import accelerate_command
 
     root = photo_tree(tmp_path / "tree", 16, side=256)
     out = tmp_path / "shards"

@@ -269,7 +269,7 @@ def test_streamed_batches_gather_rgb_as_channels_first(tmp_path):
 
 def test_to_input_binarizes_afresh_and_dequantizes():
     from vae.config import RunConfig
-    from vae.data import to_input
+    from vae.objectives.inputs import to_input
 
     images = torch.full((64, 1, 8, 8), 128, dtype=torch.uint8)
     plain = to_input(images, RunConfig())
@@ -291,7 +291,7 @@ def test_to_input_makes_the_models_layout_from_channels_last_batches():
     """Loaders hand batches out channels-last in memory; the model gets planar float input (or channels-last
     when train.channels_last asks), with every pixel where it was."""
     from vae.config import RunConfig
-    from vae.data import to_input
+    from vae.objectives.inputs import to_input
 
     planar = torch.randint(0, 256, (4, 3, 5, 7), dtype=torch.uint8)
     batch = planar.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # what a loader hands out
@@ -308,7 +308,7 @@ def test_to_input_makes_the_models_layout_from_channels_last_batches():
 
 def test_build_loaders_follows_the_data_section(digits_shards):
     from vae.config import RunConfig
-    from vae.data import build_loaders
+    from vae.training.data import build_loaders
 
     cfg = RunConfig.model_validate({"ingest": {"shard_dir": str(digits_shards)}, "train": {"batch_size": 32}})
     train, val = build_loaders(cfg, rank=1, world_size=2)

@@ -17,8 +17,11 @@ from conftest import BIN, free_port, run
 from postgres import create_database, postgres_server
 from support.servers import MlflowServer, PrefectServer
 
-from vae import registry, tracking
 from vae.config import RunConfig
+from vae.models.spec import build_from_spec, model_spec
+from vae.registry.packaging import load_torch_model, log_model
+from vae.registry.versions import register_version
+from vae.tracking.store import create_run, log_metrics
 
 pytestmark = pytest.mark.server
 
@@ -69,23 +72,23 @@ def test_run_metrics_and_registered_model_round_trip_through_postgres(mlflow_on_
     cfg.tracking.tracking_uri = mlflow_on_postgres
     cfg.tracking.experiment = "postgres-test"
 
-    run_id = tracking.create_run(cfg)  # also logs the resolved config as params, in batches of 100
+    run_id = create_run(cfg)  # also logs the resolved config as params, in batches of 100
     metrics = {"train/loss": 101.5, "train/elbo": -101.5, "val/elbo": -98.25, "val/bpd": 0.31, "val/nll_iwae": 97.0}
-    tracking.log_metrics(metrics, step=3, run_id=run_id)
+    log_metrics(metrics, step=3, run_id=run_id)
     with pytest.raises(ValueError, match="fixed names"):
-        tracking.log_metrics({"val/made_up": 1.0}, step=3, run_id=run_id)
+        log_metrics({"val/made_up": 1.0}, step=3, run_id=run_id)
 
     torch.manual_seed(0)
-    spec = registry.model_spec("conv", (1, 8, 8), 2)
-    model = registry.build_from_spec(spec).eval()
-    uri = registry.log_model(model, spec, run_id)
+    spec = model_spec("conv", (1, 8, 8), 2)
+    model = build_from_spec(spec).eval()
+    uri = log_model(model, spec, run_id)
     score = metrics["val/nll_iwae"]  # the champion's criterion; passed by position, as its name is in flux
-    first = registry.register(uri, name, score, run_id)
+    first = register_version(uri, name, score, run_id)
     assert (first.version, first.champion) == (1, True)
-    tie = registry.register(registry.log_model(model, spec, run_id), name, score, run_id)
+    tie = register_version(log_model(model, spec, run_id), name, score, run_id)
     assert (tie.version, tie.champion) == (2, False)  # a tie keeps the earlier champion
 
-    loaded = registry.load_torch_model(f"models:/{name}@champion")
+    loaded = load_torch_model(f"models:/{name}@champion")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)

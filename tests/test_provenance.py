@@ -8,9 +8,9 @@ import mlflow
 from conftest import REPO, run
 
 import pipeline
-from vae import tracking
 from vae.config import flatten, load_config
-from vae.launch import accelerate_command
+from vae.launch.command import accelerate_command
+from vae.tracking.store import create_run
 
 PRESET = REPO / "infra/configs/digits.yaml"
 
@@ -24,7 +24,7 @@ def test_a_new_run_names_its_datasets_and_its_source(tmp_path, digits_shards, mo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(digits_shards), "--tracking.tracking_uri", uri])
-    run_id = tracking.create_run(cfg, tags={"prefect.flow_run.id": "abc"})
+    run_id = create_run(cfg, tags={"prefect.flow_run.id": "abc"})
     client = mlflow.MlflowClient(uri)
     found = client.get_run(run_id)
     sha = pipeline.index_sha256(digits_shards)
@@ -51,7 +51,7 @@ def test_a_new_run_names_its_datasets_and_its_source(tmp_path, digits_shards, mo
 def test_a_run_without_shards_still_starts(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(tmp_path / "none"), "--tracking.tracking_uri", uri])
-    run_id = tracking.create_run(cfg)
+    run_id = create_run(cfg)
     assert mlflow.MlflowClient(uri).get_run(run_id).inputs.dataset_inputs == []
 
 

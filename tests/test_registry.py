@@ -16,8 +16,11 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from vae.models import MODELS
-from vae.registry import PSNR, build_from_spec, load_torch_model, log_model, model_spec, register
-from vae.tracking import ensure_experiment
+from vae.models.spec import build_from_spec, model_spec
+from vae.objectives import PSNR
+from vae.registry.packaging import load_torch_model, log_model
+from vae.registry.versions import register_version
+from vae.tracking.store import ensure_experiment
 
 pytestmark = pytest.mark.server
 
@@ -76,7 +79,7 @@ def test_champion_loads_and_predicts_in_a_fresh_process(logged, mlflow_uri, tmp_
     model, run_id, uri = logged
     assert uri.startswith("models:/m-")  # MLflow 3: a logged model, not runs:/<run>/model
     name = unique_name()
-    version = register(uri, name, val_nll=100.0, run_id=run_id)
+    version = register_version(uri, name, score=100.0, run_id=run_id)
     assert version.champion and version.version == 1 and version.uri == f"models:/{name}/1"
 
     x = images()
@@ -106,19 +109,19 @@ def test_champion_moves_only_to_a_strictly_better_nll_and_challenger_to_every_ne
     def aliases() -> dict[str, str]:
         return client.get_registered_model(name).aliases
 
-    first = register(uri, name, val_nll=100.0, run_id=run_id)
-    assert (first.version, first.champion, first.previous_champion_nll) == (1, True, None)
+    first = register_version(uri, name, score=100.0, run_id=run_id)
+    assert (first.version, first.champion, first.previous_champion_score) == (1, True, None)
     assert aliases() == {"champion": "1", "challenger": "1"}
 
-    worse = register(uri, name, val_nll=120.0, run_id=run_id)
-    assert (worse.version, worse.champion, worse.previous_champion_nll) == (2, False, 100.0)
+    worse = register_version(uri, name, score=120.0, run_id=run_id)
+    assert (worse.version, worse.champion, worse.previous_champion_score) == (2, False, 100.0)
     assert aliases() == {"champion": "1", "challenger": "2"}
 
-    tie = register(uri, name, val_nll=100.0, run_id=run_id)  # equal is not better
+    tie = register_version(uri, name, score=100.0, run_id=run_id)  # equal is not better
     assert not tie.champion and aliases() == {"champion": "1", "challenger": "3"}
 
-    better = register(uri, name, val_nll=90.0, run_id=run_id, tags={"val_elbo": "-95.5", "git_commit": "abc"})
-    assert (better.version, better.champion, better.previous_champion_nll) == (4, True, 100.0)
+    better = register_version(uri, name, score=90.0, run_id=run_id, tags={"val_elbo": "-95.5", "git_commit": "abc"})
+    assert (better.version, better.champion, better.previous_champion_score) == (4, True, 100.0)
     assert aliases() == {"champion": "4", "challenger": "4"}
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags == {"val_nll": "90.0", "val_elbo": "-95.5", "git_commit": "abc"}
@@ -131,16 +134,16 @@ def test_a_higher_is_better_criterion_crowns_the_highest_psnr_and_refuses_mixing
     _, run_id, uri = logged
     name = unique_name()
     client = mlflow.MlflowClient()
-    assert register(uri, name, 20.0, run_id, criterion=PSNR).champion
-    lower = register(uri, name, 19.5, run_id, criterion=PSNR)
-    assert (lower.champion, lower.previous_champion_nll) == (False, 20.0)
-    higher = register(uri, name, 21.0, run_id, criterion=PSNR)
+    assert register_version(uri, name, 20.0, run_id, criterion=PSNR).champion
+    lower = register_version(uri, name, 19.5, run_id, criterion=PSNR)
+    assert (lower.champion, lower.previous_champion_score) == (False, 20.0)
+    higher = register_version(uri, name, 21.0, run_id, criterion=PSNR)
     assert higher.champion and client.get_registered_model(name).aliases == {"champion": "3", "challenger": "3"}
     assert client.get_model_version(name, "3").tags == {"val_psnr": "21.0"}
     elbo = unique_name()
-    register(uri, elbo, val_nll=100.0, run_id=run_id)
+    register_version(uri, elbo, score=100.0, run_id=run_id)
     with pytest.raises(ValueError, match=r"competes on val/nll_iwae .* on val/psnr .*\(--tracking.model_name\)"):
-        register(uri, elbo, 30.0, run_id, criterion=PSNR)
+        register_version(uri, elbo, 30.0, run_id, criterion=PSNR)
     assert len(client.search_model_versions(f"name='{elbo}'")) == 1  # refused before registering
 
 
@@ -148,9 +151,9 @@ def test_versions_registered_by_hand_do_not_compete(logged):
     _, run_id, uri = logged
     name = unique_name()
     client = mlflow.MlflowClient()
-    register(uri, name, val_nll=100.0, run_id=run_id)
+    register_version(uri, name, score=100.0, run_id=run_id)
     mlflow.register_model(uri, name)  # version 2, no val_nll tag: neither champion nor challenger
-    third = register(uri, name, val_nll=110.0, run_id=run_id)
+    third = register_version(uri, name, score=110.0, run_id=run_id)
     assert third.version == 3 and not third.champion
     assert client.get_registered_model(name).aliases == {"champion": "1", "challenger": "3"}
 
@@ -161,11 +164,11 @@ def test_a_champion_without_its_nll_tag_is_a_loud_failure(logged):
     client = mlflow.MlflowClient()
     untagged = mlflow.register_model(uri, name)  # registered by hand, outside `register`
     # The model exists but nobody holds the alias: the first `register` call takes it.
-    assert register(uri, name, val_nll=100.0, run_id=run_id).champion
+    assert register_version(uri, name, score=100.0, run_id=run_id).champion
     client.set_registered_model_alias(name, "champion", untagged.version)
     with pytest.raises(ValueError, match=r"version 1 holds the alias 'champion' but has no 'val_nll' tag.*"
                                          r"set_model_version_tag"):
-        register(uri, name, val_nll=90.0, run_id=run_id)
+        register_version(uri, name, score=90.0, run_id=run_id)
     assert len(client.search_model_versions(f"name='{name}'")) == 2  # refused before registering
 
 
@@ -178,23 +181,23 @@ def test_a_non_finite_nll_registers_the_model_without_an_alias_and_says_why(logg
     name = unique_name()
     client = mlflow.MlflowClient()
     if not first:
-        register(uri, name, val_nll=100.0, run_id=run_id)
+        register_version(uri, name, score=100.0, run_id=run_id)
     why = "val/nll_iwae is nan: the IWAE estimate was not finite for 3 of 40 images"
     with pytest.warns(UserWarning, match="takes no alias: val/nll_iwae is nan"):
-        version = register(uri, name, val_nll=bad, run_id=run_id, tags={"git_commit": "abc"}, nonfinite_reason=why)
+        version = register_version(uri, name, score=bad, run_id=run_id, tags={"git_commit": "abc"}, nonfinite_reason=why)
     assert version.version == (1 if first else 2) and not version.champion
     tags = client.get_model_version(name, str(version.version)).tags
     assert tags == {"git_commit": "abc", "val_nll_nonfinite": why}
     assert client.get_registered_model(name).aliases == ({} if first else {"champion": "1", "challenger": "1"})
     run_tags = client.get_run(run_id).data.tags
     assert run_tags["val_nll_nonfinite"] == why and run_tags["registered_model_version"] == f"{name}/{version.version}"
-    assert register(uri, name, val_nll=105.0, run_id=run_id).champion == first  # the next finite one competes
+    assert register_version(uri, name, score=105.0, run_id=run_id).champion == first  # the next finite one competes
 
 
 def test_load_torch_model_reproduces_the_module(logged):
     model, run_id, uri = logged
     name = unique_name()
-    register(uri, name, val_nll=100.0, run_id=run_id)
+    register_version(uri, name, score=100.0, run_id=run_id)
     loaded = load_torch_model(f"models:/{name}@champion")
     assert type(loaded) is type(model) and not loaded.training
     x = torch.from_numpy(images())

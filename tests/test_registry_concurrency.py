@@ -11,8 +11,10 @@ import mlflow
 import pytest
 import torch
 
-from vae.registry import build_from_spec, log_model, model_spec, register
-from vae.tracking import ensure_experiment
+from vae.models.spec import build_from_spec, model_spec
+from vae.registry.packaging import log_model
+from vae.registry.versions import register_version
+from vae.tracking.store import ensure_experiment
 
 pytestmark = pytest.mark.server
 
@@ -53,10 +55,10 @@ def test_a_stale_champion_write_is_corrected(logged, monkeypatch):
     monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", held_back)
     with ThreadPoolExecutor(1, thread_name_prefix="worse") as first, \
             ThreadPoolExecutor(1, thread_name_prefix="better") as second:
-        worse = first.submit(register, uri, name, 120.0, run_id)
+        worse = first.submit(register_version, uri, name, 120.0, run_id)
         assert paused.wait(WAIT), "the worse registrar never tried to take the champion alias"
-        better = second.submit(register, uri, name, 100.0, run_id).result(WAIT)
-        assert better.version == 2 and better.champion and better.previous_champion_nll is None
+        better = second.submit(register_version, uri, name, 100.0, run_id).result(WAIT)
+        assert better.version == 2 and better.champion and better.previous_champion_score is None
         resume.set()  # now the stale write lands, after the better registrar has returned
         worse = worse.result(WAIT)
     assert worse.version == 1 and not worse.champion
@@ -68,13 +70,13 @@ def test_a_stale_champion_write_is_corrected(logged, monkeypatch):
 def test_simultaneous_registrations_leave_one_champion_the_better(logged, repetition):
     run_id, uri = logged
     name = f"vae-test-{uuid.uuid4().hex[:8]}"
-    register(uri, name, 150.0, run_id)  # an existing champion that both newcomers beat
+    register_version(uri, name, 150.0, run_id)  # an existing champion that both newcomers beat
     nll = {"a": 100.0, "b": 110.0} if repetition % 2 else {"a": 110.0, "b": 100.0}
     start = threading.Barrier(2)
 
     def registrar(who: str):
         start.wait(WAIT)  # both begin at once, each with its own client inside `register`
-        return register(uri, name, nll[who], run_id)
+        return register_version(uri, name, nll[who], run_id)
 
     with ThreadPoolExecutor(2) as pool:
         results = {who: pool.submit(registrar, who) for who in nll}

@@ -9,8 +9,9 @@ import pytest
 from conftest import REPO, write_numbered_shards
 
 from pipeline import index_sha256
-from vae.config import validate
-from vae.finalize import config_sha256, git_commit, version_tags
+from vae.config import config_sha256, validate
+from vae.tracking.provenance import git_commit
+from vae.training.finalize import version_tags
 
 
 def test_index_sha256_is_the_hash_of_the_index_file(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 from support import training
 from support.training import in_process
 
-from vae import checkpoint
-from vae.trainer import TrainingError
+from vae.training import checkpoint
+from vae.training.errors import TrainingError
 
 # In-process runs (tests/support/training.py) of 5 steps of 256 per epoch, keeping the two newest checkpoints.
 KEEP_TWO = ("--train.keep_checkpoints", "2")
@@ -214,7 +214,7 @@ def test_two_ranks_fall_back_together_when_one_rank_cannot_load(tmp_path, digits
     """rng-1.json is read by rank 1 only: rank 0 would load the newest checkpoint, and both must skip it."""
     from conftest import run
 
-    from vae.launch import accelerate_command
+    from vae.launch.command import accelerate_command
 
     def launch(*overrides: str):
         argv, env = accelerate_command(training.PRESET, 2, overrides=[

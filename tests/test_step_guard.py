@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from vae.optim import Lamb, MuonAdamW
-from vae.step_guard import DeviceStepGuard, masked, masked_step, nonfinite_flags, takes_found_inf
-from vae.trainer import StepGuard, TrainingError
+from vae.training.errors import TrainingError
+from vae.training.optim import Lamb, MuonAdamW
+from vae.training.step_guard import DeviceStepGuard, StepGuard, masked, masked_step, nonfinite_flags, takes_found_inf
 
 OPTIMIZERS = {
     "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),  # the CUDA kernel's CPU twin: found_inf

@@ -19,8 +19,10 @@ from support.training import in_process
 
 import pipeline
 from pipeline import ShardFormatError
-from vae.launch import accelerate_command
-from vae.trainer import PREEMPTED_EXIT, Trainer, TrainingError
+from vae.launch.command import accelerate_command
+from vae.training.errors import TrainingError
+from vae.training.preemption import PREEMPTED_EXIT
+from vae.training.trainer import Trainer
 
 PRESET = training.PRESET
 DIGITS_BATCH = ["--train.batch_size", "64"]  # the preset's own batch after FAST's
@@ -233,7 +235,7 @@ def test_torch_compile_runs_the_steps_through_a_compiled_module(tmp_path, few_di
     from torch._dynamo.utils import counters
 
     from vae.config import load_config
-    from vae.finalize import load_trained  # compiled in place: the checkpoint loads into a plain module
+    from vae.training.trained import load_trained  # compiled in place: the checkpoint loads into a plain module
 
     torch._dynamo.reset()
     counters.clear()
@@ -258,7 +260,7 @@ def test_real_mnist_one_epoch(tmp_path, tracking_uri):
     shards = tmp_path / "shards"
     pipeline.ingest("idx", {"root": str(mnist)}, shards, progress=False)
     from vae.config import load_config
-    from vae.trainer import train as run_training
+    from vae.training.trainer import train as run_training
 
     cfg = load_config(REPO / "infra/configs/mnist.yaml", [
         "--source.options.root", str(mnist), "--ingest.shard_dir", str(shards), "--model.arch", "mlp",

@@ -21,10 +21,10 @@ from support.reconstruct import reconstruct_elsewhere
 from support.training import checkpoint_tensors, in_process
 
 import pipeline
-from vae import checkpoint
 from vae.config import load_config
-from vae.preemption import PREEMPTED_EXIT
-from vae.spec import load_checkpoint
+from vae.training import checkpoint
+from vae.training.preemption import PREEMPTED_EXIT
+from vae.training.trained import load_checkpoint
 
 SIDE = 32  # px; 32 train crops in batches of 16: two optimiser steps per epoch
 
@@ -68,7 +68,7 @@ def config(shards: Path, out: Path, vgg: Path, *overrides: str):
 
 
 def train(cfg) -> None:
-    from vae.trainer import train
+    from vae.training.trainer import train
 
     train(cfg)
 
@@ -155,8 +155,8 @@ def test_decoder_only_fine_tuning_through_the_trainer_keeps_the_encoders_latents
         tmp_path, photo_shards, vgg_weights, tracking_uri):
     """Start from a diffusers folder with --model.train_encoder false: after two optimiser steps (every loss on,
     EMA kept) the checkpoint's encoder (and EMA encoder) encode bit-equally to the folder's; the decoder moved."""
-    from vae.aekl_export import export_diffusers
-    from vae.registry import build_from_spec, model_spec
+    from vae.models.spec import build_from_spec, model_spec
+    from vae.registry.diffusers import export_diffusers
 
     torch.manual_seed(3)
     start = build_from_spec(model_spec("aekl", (3, SIDE, SIDE), 4, channels=[8, 16, 16], layers_per_block=1,

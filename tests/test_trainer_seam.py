@@ -15,15 +15,21 @@ from safetensors.torch import load_file
 from support.training import PRESET, checkpoint_tensors, in_process, train
 from torch import nn
 
-from vae import checkpoint, objective, tracking
 from vae.config import MODEL_SECTIONS, ConvSection, load_config
-from vae.losses import elbo_terms, unwrap
-from vae.preemption import PREEMPTED_EXIT
+from vae.objectives import ARCH_OBJECTIVES, OBJECTIVES, Objective, build_objective, register_objective, unwrap
+from vae.objectives.base import frozen
+from vae.objectives.elbo.losses import elbo_terms
+from vae.objectives.elbo.objective import ELBOObjective
+from vae.tracking import metrics as metrics_module
+from vae.tracking.metrics import METRICS
+from vae.training import checkpoint
+from vae.training.preemption import PREEMPTED_EXIT
+from vae.training.trained import checkpoint_spec, load_trained, spec_of
 
 CRITIC_START = 2  # the critic's loss starts at this optimiser step
 
 
-class CriticObjective(objective.Objective):
+class CriticObjective(Objective):
     """The ELBO plus a small critic on the reconstructions, trained by its own optimiser from CRITIC_START on:
     the shape of an adversarial objective (two models, two optimisers, a start step), with a critic tiny enough
     for a test. The generator's term goes through the critic's unwrapped module with its parameters frozen."""
@@ -46,7 +52,7 @@ class CriticObjective(objective.Objective):
         critic = torch.zeros((), device=x.device)
         if step >= CRITIC_START:
             critic_module = getattr(models["critic"], "module", models["critic"])  # not through DDP's hooks
-            with objective.frozen(critic_module):
+            with frozen(critic_module):
                 loss = loss + 0.1 * nn.functional.softplus(-critic_module(x_rec)).mean()
         backward(loss)
         if step >= CRITIC_START:
@@ -56,20 +62,20 @@ class CriticObjective(objective.Objective):
         return torch.stack((loss * len(x), critic.detach() * len(x))).detach()
 
     def validation_sums(self, model, batches, device):
-        return objective.ELBOObjective(self.cfg).validation_sums(model, batches, device)
+        return ELBOObjective(self.cfg).validation_sums(model, batches, device)
 
     def validation_metrics(self, sums):
-        return objective.ELBOObjective(self.cfg).validation_metrics(sums)
+        return ELBOObjective(self.cfg).validation_metrics(sums)
 
 
 @contextlib.contextmanager
 def with_critic(tracking_uri: str, sigterm_at: int | None = None):
     """Train in this process (tests/support/training.py) with CriticObjective as the conv model's objective."""
     with in_process(tracking_uri, sigterm_at) as mp:
-        mp.setitem(objective.OBJECTIVES, "critic-test", CriticObjective)
-        mp.setattr(ConvSection, "objective", "critic-test")
-        # metric names are fixed (vae/tracking.py): an objective's own ones are added there
-        mp.setattr(tracking, "METRICS", (*tracking.METRICS, "train/critic", "train/grad_norm_critic"))
+        mp.setitem(OBJECTIVES, "critic-test", CriticObjective)
+        mp.setitem(ARCH_OBJECTIVES, "conv", "critic-test")
+        # metric names are fixed (vae/tracking/metrics.py): an objective's own ones are added there
+        mp.setattr(metrics_module, "METRICS", (*METRICS, "train/critic", "train/grad_norm_critic"))
         yield
 
 
@@ -119,7 +125,7 @@ def test_a_model_without_gradient_is_left_untouched_by_its_optimizer(tmp_path, d
 
 
 def test_fp16_with_two_models_is_refused_naming_bf16(tmp_path, digits_shards, tracking_uri):
-    from vae.trainer import TrainingError
+    from vae.training.errors import TrainingError
 
     with with_critic(tracking_uri), pytest.raises(TrainingError, match="--train.mixed_precision bf16"):
         train(digits_shards, tmp_path / "run", "--train.mixed_precision", "fp16")
@@ -129,7 +135,7 @@ def test_the_model_is_rebuilt_from_meta_json_without_the_shard_directory(tmp_pat
     """After training, loading the model reads the checkpoint only: the shards may be gone (or unreachable)."""
     import shutil
 
-    from vae import finalize, spec
+    from vae.training import finalize
 
     shards = Path(shutil.copytree(digits_shards, tmp_path / "shards"))
     with in_process(tracking_uri):
@@ -137,31 +143,31 @@ def test_the_model_is_rebuilt_from_meta_json_without_the_shard_directory(tmp_pat
     shutil.rmtree(shards)
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(shards), "--train.output_dir", str(tmp_path / "run")])
     model, meta = finalize.load_trained(cfg)
-    assert meta["model_spec"] == spec.load_trained(tmp_path / "run")[1]["model_spec"]
+    assert meta["model_spec"] == load_trained(tmp_path / "run")[1]["model_spec"]
     weights = load_file(checkpoint.latest(tmp_path / "run") / "ema.safetensors")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
 
 
 def test_a_checkpoint_without_a_stored_spec_is_upgraded_from_its_config(tmp_path, digits_shards):
-    from vae import spec
+    
 
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(digits_shards)])
-    assert spec.checkpoint_spec({"config": cfg.model_dump(mode="json")}) == spec.spec_of(cfg)
+    assert checkpoint_spec({"config": cfg.model_dump(mode="json")}) == spec_of(cfg)
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_SECTIONS))
 def test_every_architecture_names_a_registered_objective(arch):
     cfg = load_config(PRESET, ["--model.arch", arch])
-    assert isinstance(objective.build_objective(cfg), objective.OBJECTIVES[MODEL_SECTIONS[arch].objective])
+    assert isinstance(build_objective(cfg), OBJECTIVES[MODEL_SECTIONS[arch].objective])
 
 
 def test_objective_registry_fails_loudly(monkeypatch):
     with pytest.raises(ValueError, match="'elbo' is registered twice"):
-        objective.register("elbo")(objective.ELBOObjective)
+        register_objective("elbo")(ELBOObjective)
     monkeypatch.setattr(ConvSection, "objective", "nope")
     with pytest.raises(ValueError, match="objective 'nope', which is not registered; registered: aekl, elbo"):
-        objective.build_objective(load_config(PRESET, []))
+        build_objective(load_config(PRESET, []))
 
 
 def imports_of(path: Path) -> set[str]:
@@ -191,7 +197,7 @@ def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_serv
     import yaml
 
     import pipeline
-    from vae import finalize
+    from vae.training import finalize
 
     url = "s3://shards/digits"
     pipeline.ingest("digits", {}, url, 512, 128, progress=False, storage_options={"endpoint_url": s3_server})

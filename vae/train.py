@@ -1,53 +1,35 @@
 """Training entry point: parse, build, train, close.
 
     accelerate launch vae/train.py --config infra/configs/digits.yaml [--section.field VALUE ...]
-    python -m vae.launch vae/train.py ...   # the same, supervised: signal it, and 75 means preempted (vae/launch.py)
+    python -m vae.launch vae/train.py ...   # the same, supervised: signal it, and 75 means preempted (vae/launch/)
+
+The entry composes the layers: the trainer (vae/training) publishes through the registry's `publish_run`, handed
+in here, so neither training nor tracking imports the registry.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts vae/ itself first on sys.path, where config.py, plots.py and friends would
+# Run as a script, Python puts vae/ itself first on sys.path, where its packages (config/, training/, ...) would
 # shadow any top-level module of the same name for every library imported after this line.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from vae.config import ConfigError, RunConfig, field_help, load_config  # noqa: E402
-
-
-def parse(argv: list[str] | None = None) -> RunConfig:
-    """The run config from `--config PRESET [--section.field VALUE ...]`; a bad one exits with status 2.
-
-    vae.launch parses the script's arguments with this too, to know the output directory it supervises.
-    """
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch vae/train.py",
-        description="Train a VAE on a shard directory; any config field can be overridden as --section.field VALUE.",
-        epilog="config fields:\n" + field_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", type=Path, help="YAML preset, e.g. infra/configs/digits.yaml")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        return load_config(args.config, overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+from pipeline import ShardFormatError  # noqa: E402
+from vae.config import ConfigError, parse_args  # noqa: E402
+from vae.launch.devices import missing_gpu  # noqa: E402
+from vae.registry.publish import publish_run  # noqa: E402
+from vae.training.errors import TrainingError  # noqa: E402
+from vae.training.trainer import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse(argv)
-    from vae.launch import missing_gpu
-
+    cfg = parse_args(argv)
     if (why := missing_gpu()) is not None:  # before anything is built: the first line the user sees
         print(f"error: {why}", file=sys.stderr)
         raise SystemExit(1)
-
-    from pipeline import ShardFormatError
-    from vae.trainer import TrainingError, train  # heavy imports only after the config is known to be valid
-
     try:
-        train(cfg)
-    except (TrainingError, ShardFormatError) as err:  # the message names the problem and the fix
+        train(cfg, publisher=publish_run)
+    except (TrainingError, ShardFormatError, ConfigError) as err:  # the message names the problem and the fix
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

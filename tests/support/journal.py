@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from support.training import PRESET, REPO
-from vae import tracking
+from vae.tracking.journal import JOURNAL_DIR
 
 
 def train_argv(tmp_path: Path, shard_dir: Path, *overrides: str) -> list[str]:
@@ -20,7 +20,7 @@ def train_argv(tmp_path: Path, shard_dir: Path, *overrides: str) -> list[str]:
 
 def journal_of(tmp_path: Path) -> Path:
     """The one journal of the run train_argv(tmp_path, ...) started."""
-    [path] = (tmp_path / "run" / tracking.JOURNAL_DIR).glob("*.jsonl")
+    [path] = (tmp_path / "run" / JOURNAL_DIR).glob("*.jsonl")
     return path
 
 

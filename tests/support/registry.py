@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-from vae.registry import build_from_spec, log_model, model_spec, register
-from vae.tracking import ensure_experiment
+from vae.models.spec import build_from_spec, model_spec
+from vae.registry.packaging import log_model
+from vae.registry.versions import register_version
+from vae.tracking.store import ensure_experiment
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = model_spec("mlp", (1, 8, 8), 2, hidden_dim=8)
@@ -30,7 +32,7 @@ def register_two_versions(uri: str) -> tuple[str, dict[int, torch.nn.Module]]:
         modules[version] = build_from_spec(SPEC).eval()
         model_uri = log_model(modules[version], SPEC, run.info.run_id)
         tags = {"val_elbo": repr(-nll - 5), "val_bpd": "1.25", "git_commit": "0123456789abcdef"}
-        if register(model_uri, name, nll, run.info.run_id, tags=tags).version != version:
+        if register_version(model_uri, name, nll, run.info.run_id, tags=tags).version != version:
             raise RuntimeError(f"{name} got another version than {version}: is another test registering it?")
     return name, modules
 

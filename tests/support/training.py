@@ -30,7 +30,7 @@ def in_process(tracking_uri: str, sigterm_at: int | None = None) -> Iterator[pyt
     once (as the signal would arrive from outside, at a known step). Yields the MonkeyPatch for further patches."""
     from accelerate.state import AcceleratorState
 
-    from vae.trainer import Trainer
+    from vae.training.trainer import Trainer
 
     handlers = {}
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -64,7 +64,7 @@ def config(shard_dir: Path | str, out: Path, *overrides: str):
 
 def train(shard_dir: Path | str, out: Path, *overrides: str) -> None:
     """vae.trainer.train on `config(shard_dir, out, *overrides)`; call it inside `in_process`."""
-    from vae.trainer import train as run
+    from vae.training.trainer import train as run
 
     run(config(shard_dir, out, *overrides))
 

@@ -2,7 +2,12 @@
 
 A registry is a plain dict from architecture name to class, with loud failures on unknown or duplicate
 names. Model files are single-device code returning a `VAEOutput`; they import nothing of training,
-tracking, orchestration or the data pipeline (a test guards that).
+tracking, orchestration or the data pipeline (a test guards that). Each model class carries its `Options`, the
+typed section of its constructor's options that the run config uses (vae/models/options.py).
+
+Owns: the architectures, their option sections, the output contract, and the spec a model is rebuilt from
+(vae/models/spec.py). Never imports another vaepipe package: a logged MLflow model carries a copy of this folder
+as its code, and loads where vaepipe is not installed.
 
 The contract, the same for one latent layer or a hierarchy of groups:
 
@@ -25,8 +30,9 @@ import torch
 from torch import nn
 
 from vae.models.heads import Head
+from vae.models.options import SECTIONS, ArchOptions, add_section  # noqa: F401 - SECTIONS: the face the config reads
 
-MODELS: dict[str, type[nn.Module]] = {}
+MODELS: dict[str, type[nn.Module]] = {}  # model.arch -> its class; its options section is in SECTIONS
 
 
 class Gaussian(NamedTuple):
@@ -93,9 +99,16 @@ class VAE(nn.Module):
 
 
 def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a model available as model.arch `name`, with its `Options` section (the typed
+    options its constructor takes, vae/models/options.py); a second model under the same name raises."""
     def add(cls: type[nn.Module]) -> type[nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice ({MODELS[name].__qualname__}, {cls.__qualname__})")
+        options = getattr(cls, "Options", None)
+        if not (isinstance(options, type) and issubclass(options, ArchOptions)):
+            raise ValueError(f"model {name!r} ({cls.__qualname__}) declares no Options section (a subclass of "
+                             "vae.models.options.ArchOptions)")
+        add_section(name, options)
         MODELS[name] = cls
         return cls
 

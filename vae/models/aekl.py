@@ -1,7 +1,7 @@
 """`aekl`: diffusers' `AutoencoderKL` (the VAE under SD, SDXL, SD3 and FLUX pipelines), wrapped, not copied.
 
 The wrapped module is `self.vae`, a plain `diffusers.AutoencoderKL`, so a trained model saves as a diffusers
-folder that `AutoencoderKL.from_pretrained` loads (vae/aekl_export.py). Conventions at the boundary:
+folder that `AutoencoderKL.from_pretrained` loads (vae/registry/diffusers.py). Conventions at the boundary:
 
 - Outside (the project's contract, vae/models/__init__.py): images in [0, 1]; inside diffusers: [-1, 1].
 - The latent is SPATIAL: (B, latent_dim, H / f, W / f) with f = 2 ** (len(channels) - 1) (f4, f8, f16).
@@ -11,12 +11,12 @@ folder that `AutoencoderKL.from_pretrained` loads (vae/aekl_export.py). Conventi
 - `forward(x, samples)` returns a `VAEOutput` whose params are the logits of the pixel means (one per image
   channel), so the bernoulli and gaussian heads' means are exactly diffusers' (out + 1) / 2. Heads that need
   more decoder channels (gaussian_learned, logistic_mixture) are refused: the exported decoder must emit images.
-- `autoencode(x)` is what the aekl objective (vae/aekl_losses.py) trains on: the reconstruction in [-1, 1] and
+- `autoencode(x)` is what the aekl objective (vae/objectives/aekl/losses.py) trains on: the reconstruction in [-1, 1] and
   the posterior, on diffusers' own scale.
 
 `pretrained` is a local diffusers AutoencoderKL folder (config.json + weights): its architecture wins, and a
-section value that disagrees is refused (vae.config.AeklSection fills the section from the folder, so the
-resolved config describes the model). `train_encoder=False` freezes encoder and quant_conv (decoder-only
+section value that disagrees is refused (`with_pretrained` fills the section from the folder where training builds
+the model, so the resolved config describes the model). `train_encoder=False` freezes encoder and quant_conv (decoder-only
 fine-tuning, as the SD VAE ft-MSE / ft-EMA releases did): their weights, hence the latents, stay bit-equal.
 """
 
@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from vae.models import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, register_model, reparameterize
+from vae.models.options import ArchOptions
 
 # diffusers is imported where a model is built, not here: vae.models (and so every logged MLflow model's code)
 # imports this file, and the other architectures should not need diffusers, nor pay its ~2 s import.
@@ -64,14 +66,66 @@ def folder_config(folder: str | Path) -> dict:
     return data
 
 
-FOLDER_FIELDS = {"channels", "layers_per_block", "latent_dim", "norm_groups", "attention"}  # what a folder fixes
-
-
 def section_from_folder(data: dict) -> dict:
-    """The aekl section fields a diffusers config describes (what `AeklSection` fills in from `pretrained`)."""
+    """The aekl section fields a diffusers config describes (what `with_pretrained` fills in)."""
     return {"channels": list(data["block_out_channels"]), "layers_per_block": data["layers_per_block"],
             "latent_dim": data["latent_channels"], "norm_groups": data["norm_num_groups"],
             "attention": data.get("mid_block_add_attention", True)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+class AeklOptions(ArchOptions):
+    """The aekl section (`AEKL.Options`). `pretrained` is resolved by `with_pretrained` where the model is built,
+    never while the config is validated: validating reads no disk."""
+
+    name_prefix = "aekl"  # its versions compete on PSNR, never with the ELBO family's NLL
+    arch: Literal["aekl"] = Field(description="diffusers' AutoencoderKL (the VAE of SD/SDXL/FLUX): spatial latents "
+                                  "(latent_dim, H/f, W/f), exportable as a diffusers folder.")
+    latent_dim: int = Field(4, gt=0, description="Latent channels: 4 (SD, SDXL) or 16 (SD3, FLUX).")
+    channels: tuple[int, ...] = Field(
+        (128, 256, 512, 512), description="Channels per level, full resolution first; 3, 4 or 5 levels give the "
+        "down-sampling factor f4, f8 or f16 (SD's VAE: 128 256 512 512, f8)."
+    )
+    layers_per_block: int = Field(2, gt=0, description="Resnet layers per level (SD's VAE: 2).")
+    norm_groups: int = Field(32, gt=0, description="GroupNorm groups; divides every entry of model.channels.")
+    attention: bool = Field(True, description="Self-attention in the mid block (as SD's VAE).")
+    pretrained: str | None = Field(
+        None, description="A local diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model"
+        ".safetensors) to start from; its architecture fills the fields above (a given one must agree)."
+    )
+    train_encoder: bool = Field(
+        True, description="false: freeze encoder and quant_conv and fine-tune the decoder only; the latents stay "
+        "bit-equal (the SD VAE ft-MSE / ft-EMA recipe)."
+    )
+
+    def resolved(self) -> AeklOptions:
+        return with_pretrained(self)
+
+    @model_validator(mode="after")
+    def _levels(self) -> AeklOptions:
+        if len(self.channels) not in (3, 4, 5):
+            raise ValueError(f"model.channels has {len(self.channels)} levels: give 3, 4 or 5 (f4, f8, f16)")
+        if any(n <= 0 or n % self.norm_groups for n in self.channels):
+            raise ValueError(f"model.norm_groups {self.norm_groups} must divide every entry of model.channels "
+                             f"{list(self.channels)}")
+        return self
+
+
+def with_pretrained(options: AeklOptions) -> AeklOptions:
+    """`options` with the architecture of its `pretrained` folder filled in (the resolved config then describes
+    the model that trains); a field the user set to another value than the folder's is refused, naming both."""
+    if options.pretrained in (None, ""):
+        return options
+    folder = section_from_folder(folder_config(options.pretrained))
+    clash = [f"model.{k} {_plain(getattr(options, k))!r} (the folder has {v!r})" for k, v in folder.items()
+             if k in options.model_fields_set and _plain(getattr(options, k)) != v]
+    if clash:
+        raise ValueError(f"model.pretrained {options.pretrained!r} disagrees with {', '.join(clash)}: leave those "
+                         "fields unset to take the folder's values")
+    return AeklOptions.model_validate({**options.model_dump(), **folder})
 
 
 @register_model("aekl")
@@ -83,6 +137,7 @@ class AEKL(VAE):
     entry of channels), `attention` the mid-block self-attention of SD's VAE.
     """
 
+    Options = AeklOptions
     requirements = ("diffusers",)  # beyond torch: what its logged MLflow model needs installed
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4,
@@ -92,7 +147,7 @@ class AEKL(VAE):
         if likelihood not in IMAGE_HEADS:
             raise ValueError(f"model.arch 'aekl' decodes images (one value per channel, diffusers' convention), so "
                              f"loss.likelihood {likelihood!r} cannot be used: set --loss.likelihood gaussian "
-                             f"(or bernoulli); the aekl objective itself is vae/aekl_losses.py")
+                             f"(or bernoulli); the aekl objective itself is vae/objectives/aekl/losses.py")
         super().__init__(image_shape, latent_dim, likelihood=likelihood, mixtures=mixtures, gaussian_std=gaussian_std)
         c, h, w = self.image_shape
         if c not in (1, 3):

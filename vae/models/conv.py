@@ -1,12 +1,15 @@
 """The classic convolutional VAE (two strided 5x5 convs down, two upsample + 5x5 convs up), any image size."""
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from vae.models import VAE, register_model
+from vae.models.options import ArchOptions
 
 
 @register_model("conv")
@@ -20,6 +23,9 @@ class ConvVAE(VAE):
     sub-pixel form (`subpixel_conv`): 36 multiply-adds per output pixel and channel pair instead of 100, and no
     upsampled tensor. `reference_decode_params` is the literal upsample+conv path (tests, FLOP counts).
     """
+
+    class Options(ArchOptions):
+        arch: Literal["conv"] = Field("conv", description="The classic two-conv network; pads any image size.")
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 2, channels: tuple[int, int] = (64, 128),
                  **head):

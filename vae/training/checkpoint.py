@@ -26,6 +26,7 @@ automatic naming does not restore its counter on `load_state`, and the next save
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from vae.training.errors import TrainingError
 
 META = "meta.json"
 TRAIN_STATE = "train_state.json"
@@ -56,7 +59,7 @@ RESUMABLE_CHANGES = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainingError):
     """A checkpoint cannot be loaded; the message names the file and why."""
 
 
@@ -282,3 +285,52 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{name}: {before.get(name, missing)!r} -> {after.get(name, missing)!r}"
             for name in sorted(before.keys() | after.keys())
             if not _resumable(name) and before.get(name, missing) != after.get(name, missing)]
+
+
+def replace(target: Path, new: Path) -> None:
+    """Rank 0: put the complete checkpoint `new` in place of the complete `target` of the same step."""
+    replaced = target.with_name(f".old-{target.name}")
+    if replaced.exists():  # left by a crash between the two renames below; `target` is the newer
+        shutil.rmtree(replaced)
+    target.rename(replaced)
+    new.rename(target)
+    shutil.rmtree(replaced)
+
+
+def ema_file(name: str) -> str:
+    """The EMA weights of model `name` in a checkpoint: the first model's keep the name readers know."""
+    return EMA_WEIGHTS if name == "model" else f"ema_{name}.safetensors"
+
+
+def refuse_changes(config: dict[str, Any], spec: dict, meta: dict, path: Path, world: int, global_batch: int) -> None:
+    """Raise CheckpointError naming every field in which this run differs from the checkpoint it would resume,
+    except RESUMABLE_CHANGES: a run resumed with another batch size, world size, model or optimiser
+    would silently mix two runs (or die in load_state_dict)."""
+    changes = config_changes(meta.get("config", {}), config)
+    for name, now in (("world size", world), ("global batch", global_batch), ("model spec", spec)):
+        key = name.replace(" ", "_")
+        if key in meta and meta[key] != now:
+            changes.append(f"{name}: {meta[key]!r} -> {now!r}")
+    if changes:
+        raise CheckpointError(
+            f"cannot resume {path} with a changed config ({len(changes)} field(s), checkpoint -> now): "
+            + "; ".join(changes) + ". Resume with the checkpoint's values (its meta.json holds the config), or "
+            "start a new --train.output_dir. Fields that may change on resume: " + ", ".join(
+                c + "*" if c.endswith(".") else c for c in RESUMABLE_CHANGES)
+        )
+
+
+def no_space_error(err: BaseException, output_dir: Path, needed: int) -> CheckpointError | None:
+    """A CheckpointError saying the disk under `output_dir` is full, or None when `err` is something else.
+    torch.save reports a full disk as a RuntimeError ("basic_ios::clear: iostream error", "file write failed")
+    without an errno, so the free space decides there."""
+    root = checkpoint_root(output_dir)
+    free = shutil.disk_usage(root if root.is_dir() else output_dir).free
+    if not ((isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < needed):
+        return None
+    kept = [p.name for p in complete_checkpoints(output_dir)]
+    return CheckpointError(
+        f"no space left on {root}: a checkpoint needs about {needed:,} bytes and {free:,} are free "
+        f"({type(err).__name__}: {err}). The older checkpoints are kept ({', '.join(kept) or 'none'}); free space "
+        "or move --train.output_dir, then continue with --train.resume true"
+    )

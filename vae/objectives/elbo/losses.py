@@ -9,9 +9,10 @@ from typing import NamedTuple
 import torch
 
 from vae.config import LossSection
-from vae.likelihoods import log_likelihood
 from vae.models import Gaussian, VAEOutput
 from vae.models.heads import Head
+from vae.objectives.base import unwrap
+from vae.objectives.elbo.likelihoods import log_likelihood
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -90,13 +91,6 @@ def free_bits_kl(kls: list[torch.Tensor], nats: float, per: str) -> torch.Tensor
     if per == "dim":
         return torch.cat(kls, 1).mean(0).clamp(min=nats).sum()
     return torch.stack([k.sum(1).mean() for k in kls]).clamp(min=nats).sum()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
-    while not hasattr(model, "head"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def training_loss(model: torch.nn.Module, x: torch.Tensor, cfg: LossSection, step: int) -> ELBOTerms:

@@ -1,22 +1,20 @@
 """Export an aekl model as a diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors`.
 
 `AutoencoderKL.from_pretrained(DIR)` loads the folder with no vaepipe installed, and diffusion pipelines take
-it as their `vae`. The latent statistics of the evaluation (vae/aekl_eval.py) go into its config:
+it as their `vae`. The latent statistics of the evaluation (vae/objectives/aekl/evaluation.py) go into its config:
 `scaling_factor` (1 / std of the latents), `shift_factor` (their mean), and per channel `latents_mean` and
 `latents_std`; a pipeline then trains on `(z - shift_factor) * scaling_factor`.
 
-A model spec (vae/registry.py: arch, image_shape, latent_dim, options) may carry those statistics under
+A model spec (vae/models/spec.py: arch, image_shape, latent_dim, options) may carry those statistics under
 `latent_stats` ({"shift_factor", "scaling_factor", "mean", "std"}); `build_model` never reads that key.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import nn
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -24,7 +22,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 def portable_spec(spec: dict) -> dict:
     """The spec without what only the training machine has: a pretrained folder's weights are in the model's
-    own weights by now, and its architecture in the options (vae.config.AeklSection filled them)."""
+    own weights by now, and its architecture in the options (vae.models.aekl.with_pretrained filled them)."""
     options = {k: v for k, v in spec.get("options", {}).items() if k != "pretrained"}
     return {**spec, "options": options}
 
@@ -52,17 +50,3 @@ def export_diffusers(model: nn.Module, out_dir: str | Path, stats: dict[str, Any
         vae.register_to_config(**fields)
     vae.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
-
-
-def export_checkpoint(weights: str | Path, spec: dict, out_dir: str | Path) -> Path:
-    """A trained checkpoint's weights (`model.safetensors` or `ema.safetensors` of a checkpoint directory, the
-    aekl wrapper's state dict) and its model spec -> the diffusers folder, statistics from `spec`."""
-    from vae.registry import build_from_spec
-
-    model = build_from_spec(portable_spec(spec))
-    model.load_state_dict(load_file(weights, device="cpu"))
-    return export_diffusers(model.eval(), out_dir, spec.get("latent_stats"))
-
-
-def read_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())

@@ -1,6 +1,6 @@
 """Non-finite optimiser steps skipped on the device, their count read one step late: no host sync per step.
 
-The synchronous guard (vae.trainer.StepGuard) reads whether the gradient norm is finite before it steps. That
+The synchronous guard (`StepGuard`, below) reads whether the gradient norm is finite before it steps. That
 read is a CPU-GPU sync per optimiser step: it drains the device's queue, so the next step's launches are exposed
 (the product loop ran at 0.82 of the bare loop on an H100 at batch 16,384, bench/LOG.md). Here nothing waits:
 
@@ -17,28 +17,11 @@ skipped steps are counted, and `limit` in a row stop the run with the same error
 moment the host learns of it moves: the error is raised, and a preemption acted on, one step later (that extra
 step is itself skipped if its gradients are not finite, and is checkpointed like any other).
 
-The trainer's call site (vae/trainer.py's step; not wired in yet while that file is being restructured), with
-`guard = DeviceStepGuard(StepGuard(cfg.train.max_nonfinite_steps))` replacing the StepGuard:
-
-    if accelerator.sync_gradients:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-        if fp16_scaler:  # the scaler already skips on the device; keep today's synchronous path for it
-            ...today's code...
-        else:
-            flags = nonfinite_flags(grad_norm, preemption.requested)
-            if world > 1:
-                flags = accelerator.reduce(flags, "sum")  # an all-reduce on the device: no host sync
-            masked_step(optimizer, flags[0])
-            if ema is not None:
-                model_ = accelerator.unwrap_model(model)
-                masked(flags[0], lambda: ema.update_parameters(model_),
-                       lambda: [*ema.parameters(), *ema.buffers()])
-            stop = guard.advance(flags, progress.global_step)  # the previous step's: count, raise, stop
-            progress.global_step += 1
-
-and `stop = guard.flush() or stop` before each checkpoint (save reads guard.state_dict()), before the log that
-reports `train/skipped_steps`, and after the epoch's last batch. The default optimiser on a GPU is fused AdamW
-(vae.optim.step_kernels), which skips in the kernel with no copy.
+The trainer (vae/training/trainer.py) uses `DeviceStepGuard(StepGuard(limit))` where a step needs no host sync
+(`train.deferred_step_check`, on by default on a CUDA device without fp16's scaler): `Trainer.step_on_device`
+steps with `masked_step` / `masked` and calls `advance`; `Trainer.check` calls `flush` before each log and
+checkpoint, so the counts saved and reported include the last step. The default optimiser on a GPU is fused AdamW
+(vae.training.optim.step_kernels), which skips in the kernel with no copy.
 """
 
 from __future__ import annotations
@@ -46,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+
+from vae.training.errors import TrainingError
 
 # torch's optimisers whose fused kernels honour `found_inf` (torch.optim.adam._fused_adam and friends).
 FOUND_INF_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
@@ -156,3 +141,25 @@ class DeviceStepGuard:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._pending = None
         self.guard.load_state_dict(state)
+
+
+class StepGuard:
+    """Counts optimiser steps skipped for non-finite gradients; stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def record(self, skipped: bool, step: int) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        self.total += int(skipped)
+        if self.in_a_row >= self.limit:
+            raise TrainingError(
+                f"{self.in_a_row} optimiser steps in a row had non-finite gradients (the last at step {step}); "
+                "lower optim.lr, set optim.grad_clip, or train in bf16 rather than fp16"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])

@@ -19,17 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vae.likelihoods import bits_per_dim, is_discrete
-from vae.losses import elbo_terms, group_kls, log_weights, unwrap
+from vae.objectives.base import unwrap
+from vae.objectives.elbo.likelihoods import bits_per_dim, is_discrete
+from vae.objectives.elbo.losses import elbo_terms, group_kls, log_weights
+from vae.objectives.inputs import to_unit
 
 # Order of the running sums kept on the device during evaluation.
 _SUMS = ("elbo", "recon", "kl", "recon_mse")
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: a unit is active when Var_x E_q[u] exceeds this
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [0, 1]."""
-    return images.float().div_(255.0)
 
 
 def _batch_terms(model: torch.nn.Module, x: torch.Tensor):

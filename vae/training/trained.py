@@ -1,6 +1,5 @@
-"""What a trained model is: a JSON spec (architecture, image shape, latent size, constructor options), built from
-the run config once, stored in every checkpoint's meta.json, and the model rebuilt from it wherever weights are
-loaded (nanochat's `meta_data`).
+"""The model a run trains and the models its checkpoints hold: the spec (vae/models/spec.py) built from the run
+config once, stored in every checkpoint's meta.json, and the model rebuilt from it wherever weights are loaded.
 
 Only `spec_of` reads the shard index (for the image shape). Everything after training (evaluation, plots,
 registration, `python -m vae.tracking` on another machine) rebuilds from the checkpoint alone, needing neither the
@@ -9,44 +8,39 @@ live config nor the shard directory and its storage options (an S3 bucket behind
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import load_file
 from torch import nn
 
-from vae import checkpoint
-from vae.config import RunConfig, validate
-from vae.data import image_shape
-from vae.errors import TrainingError
-from vae.models import build_model
+from vae.config import ConfigError, RunConfig, validate
+from vae.models.spec import build_from_spec, model_spec
+from vae.training import checkpoint
+from vae.training.data import image_shape
+from vae.training.errors import TrainingError
+
+
+def resolve_model(cfg: RunConfig) -> RunConfig:
+    """`cfg` with what its model section leaves to files filled in (aekl: a pretrained folder's architecture), so
+    the resolved config that training saves describes the model it trains; a disagreement is a ConfigError."""
+    try:
+        model = cfg.model.resolved()
+    except ValueError as err:
+        raise ConfigError(f"invalid config: {err}") from None
+    return cfg if model is cfg.model else validate({**cfg.model_dump(mode="json"),
+                                                    "model": model.model_dump(mode="json")})
 
 
 def model_options(cfg: RunConfig) -> dict:
     """Constructor arguments for cfg.model.arch: its model section's fields (exactly what the constructor
     takes: one config section per architecture), plus the output head chosen by the loss section."""
-    return {**cfg.model.model_dump(exclude={"arch", "latent_dim"}),
+    return {**cfg.model.constructor_options(),
             **cfg.loss.model_dump(include={"likelihood", "mixtures", "gaussian_std"})}
-
-
-def model_spec(arch: str, image_shape: tuple[int, int, int], latent_dim: int, **options: Any) -> dict:
-    """Everything `build_model` needs, as plain JSON data (tuples become lists, as they will after a load)."""
-    if len(image_shape) != 3:
-        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-    spec = {"arch": arch, "image_shape": [int(n) for n in image_shape], "latent_dim": int(latent_dim),
-            "options": options}
-    return json.loads(json.dumps(spec))  # fails here, not at load time, on options JSON cannot hold
 
 
 def spec_of(cfg: RunConfig) -> dict:
     """The spec of the model `cfg` trains; reads the shard index (with cfg.ingest.storage_options)."""
     return model_spec(cfg.model.arch, image_shape(cfg), cfg.model.latent_dim, **model_options(cfg))
-
-
-def build_from_spec(spec: dict) -> nn.Module:
-    """An untrained module for `spec`."""
-    return build_model(spec["arch"], tuple(spec["image_shape"]), spec["latent_dim"], **spec.get("options", {}))
 
 
 def checkpoint_spec(meta: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Launching vae/train.py: the `accelerate launch` command line, and the supervisor that orchestrators signal.
+"""The supervisor that orchestrators signal, around `accelerate launch vae/train.py`.
 
     python -m vae.launch [accelerate launch options] vae/train.py --config PRESET [--section.field VALUE ...]
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,91 +34,14 @@ from pathlib import Path
 
 import psutil
 
-from vae.preemption import PREEMPTED_EXIT, Preemption
+from vae.launch.command import output_dir_of
+from vae.training import checkpoint
+from vae.training.preemption import PREEMPTED_EXIT, Preemption
 
-TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 RANK_GRACE_S = 120  # a preempted step plus its checkpoint; the templates give the pods and jobs as long
 POLL_S = 0.5  # the longest a signal waits before the supervisor passes it on
 LOOK_EVERY_S = 5.0  # between looks for the launcher's children while no signal has come
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def missing_gpu(env: dict[str, str] | None = None) -> str | None:
-    """Why this rank must not train: the launcher was given GPUs (an Accelerate config's gpu_ids, or bf16/fp16)
-    but this machine has none, so it would train silently on the CPU, in bf16 about 7x slower than in fp32.
-    None when there is a GPU, or the launch asked for the CPU (--cpu, use_cpu: true, ACCELERATE_USE_CPU=1)."""
-    env = os.environ if env is None else env
-    if env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or has_gpu():
-        return None
-    asked = []
-    devices = env.get("CUDA_VISIBLE_DEVICES")
-    if devices and env.get("ACCELERATE_USE_CPU") is not None:  # set by the launcher from the config's gpu_ids
-        asked.append(f"GPU {devices}")
-    if env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16"):
-        asked.append(f"{env['ACCELERATE_MIXED_PRECISION']} mixed precision")
-    if not asked:
-        return None
-    return (f"this launch asks for {' and '.join(asked)} (an Accelerate config for GPUs, e.g. "
-            "infra/accelerate/1gpu.yaml) but this machine has no CUDA device; it would train on the CPU. On a CPU "
-            "machine launch without --config_file (`accelerate launch vae/train.py ...`) or add --cpu "
-            "--mixed_precision no")
-
-
-def accelerate_command(
-    config_path: str | os.PathLike,
-    num_processes: int = 1,
-    accelerate_config: str | os.PathLike | None = None,
-    overrides: list[str] | None = None,
-) -> tuple[list[str], dict[str, str]]:
-    """argv and extra environment that run vae/train.py on `num_processes` ranks of this machine, supervised.
-
-    With an Accelerate YAML (infra/accelerate/*.yaml) the hardware topology comes from it; otherwise GPUs are
-    used when present and CPU ranks (gloo) when not. The script is told the world size to expect.
-    """
-    argv = [sys.executable, "-m", "vae.launch"]
-    env: dict[str, str] = {}
-    if accelerate_config is not None:
-        argv += ["--config_file", str(accelerate_config)]
-    else:
-        argv += ["--num_machines", "1", "--num_processes", str(num_processes), "--dynamo_backend", "no"]
-        if num_processes > 1:
-            argv += ["--multi_gpu", "--main_process_port", str(free_port())]
-            if not has_gpu():
-                env["ACCELERATE_USE_CPU"] = "1"
-                argv += ["--mixed_precision", "no"]
-        elif not has_gpu():
-            argv += ["--cpu", "--mixed_precision", "no"]
-    argv += [str(TRAIN_SCRIPT), "--config", str(config_path), "--train.expected_world_size", str(num_processes)]
-    return argv + list(overrides or []), env
-
-
-def output_dir_of(accelerate_args: list[str]) -> Path:
-    """The run's output directory, from the launch arguments parsed as `accelerate launch` and vae/train.py do.
-
-    A bad config stops here with the script's own message (status 2), before any rank starts.
-    """
-    from accelerate.commands.launch import launch_command_parser
-
-    from vae.train import parse
-
-    args = launch_command_parser().parse_args(accelerate_args)
-    if args.module or Path(args.training_script).parts[-2:] != TRAIN_SCRIPT.parts[-2:]:
-        raise SystemExit(f"python -m vae.launch runs {TRAIN_SCRIPT.parent.name}/{TRAIN_SCRIPT.name} only, got "
-                         f"{args.training_script!r}: give the arguments of accelerate launch, e.g. "
-                         "python -m vae.launch --num_processes 2 vae/train.py --config infra/configs/digits.yaml")
-    return Path(parse(args.training_script_args).train.output_dir)
 
 
 def die_with(parent: int) -> None:
@@ -139,7 +61,7 @@ def preempted_since(output_dir: Path, before: Path | None) -> Path | None:
     Saving is collective (every rank writes its state, rank 0 writes meta.json last), so a complete one means
     every rank got there: resuming from it loses nothing.
     """
-    from vae import checkpoint
+    from vae.training import checkpoint
 
     newest = checkpoint.latest(output_dir)
     if newest is None or newest == before:
@@ -198,8 +120,6 @@ class Ranks:
 
 def supervise(accelerate_args: list[str]) -> int:
     """Run `accelerate launch ACCELERATE_ARGS` and return this launch's exit status (see the module docstring)."""
-    from vae import checkpoint
-
     stop = Preemption()  # first: a signal while the launcher starts must not kill this process either
     output_dir = output_dir_of(accelerate_args)
     before = checkpoint.latest(output_dir)
@@ -232,7 +152,3 @@ def supervise(accelerate_args: list[str]) -> int:
               f"with {code})", file=sys.stderr, flush=True)
         return 128 + stop.signum
     return code if code >= 0 else 128 - code
-
-
-if __name__ == "__main__":
-    raise SystemExit(supervise(sys.argv[1:]))

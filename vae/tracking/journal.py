@@ -1,9 +1,6 @@
-"""MLflow plumbing: the embedded default store, attaching to a run, the fixed metric names, and the journal.
+"""The metric journal: what training sends to MLflow survives a tracking server that stops and comes back.
 
-Only rank 0 calls into this module. Values are logged as Python floats: MLflow (and Accelerate's tracker
-on top of it) silently drops tensors.
-
-Training logs through a `MetricJournal`: every metric (and the run's status) is first appended to a JSONL file
+Only rank 0 calls into this module. Training logs through a `MetricJournal`: every metric (and the run's status) is first appended to a JSONL file
 in the run's output directory and fsynced, then sent in batches, one short HTTP attempt at a time. A tracking
 server that is down or hangs costs training at most one timeout per back-off period: what it did not take stays
 in the journal and goes with a later flush, at the end of training, at a resume, or by `sync_journal`. Resending
@@ -11,9 +8,11 @@ is harmless: an entry keeps the timestamp of its first write, and MLflow stores 
 timestamp, value), ignoring an identical one logged again, so a batch whose response was lost adds nothing.
 
 At the end of training the journal also holds a `publish` entry (register the model and evaluation kept in the
-output directory, vae/finalize.py) before the final status, so one command, `python -m vae.tracking JOURNAL
-RUN_ID --uri URI`, sends the metrics, registers the model and marks the run FINISHED, in that order; the model
-is never registered twice from one run, so resending is harmless there too.
+output directory) before the final status, so one command, `python -m vae.tracking JOURNAL RUN_ID --uri URI`,
+sends the metrics, registers the model and marks the run FINISHED, in that order; the model is never registered
+twice from one run, so resending is harmless there too. The journal does not know how to register: whoever opens
+it hands it a `Publisher` (vae/train.py and the sync command pass `vae.registry.publish.publish_run`), so tracking
+never imports the registry.
 
 Why a journal and not MLflow's own asynchronous logging (`log_metrics(..., synchronous=False)`): MLflow's queue
 lives in the training process's memory, so a crash, an out-of-memory kill or a preemption loses what it holds,
@@ -27,118 +26,18 @@ import errno
 import json
 import logging
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pipeline import ShardFormatError
-from vae.config import RunConfig, flatten
+from vae.config import RunConfig
+from vae.tracking import provenance
+from vae.tracking.metrics import checked
+from vae.tracking.store import configure, create_run, resolve_uri
 
-EMBEDDED_DB = "mlflow.db"
-EMBEDDED_ARTIFACTS = "mlartifacts"
-
-# The fixed, slash-separated metric names (DESIGN.md). Anything logged goes through one of these.
-METRICS = (
-    "train/loss", "train/elbo", "train/recon", "train/kl", "train/lr", "train/grad_norm", "train/samples_per_s",
-    "train/skipped_steps", "train/skipped_shards",
-    "val/elbo", "val/recon", "val/kl", "val/nll_iwae", "val/bpd", "val/active_units", "val/recon_mse",
-    "val/skipped_shards",
-    # the aekl objective (vae/objective.py AeklObjective) and its per-epoch validation
-    "train/perceptual", "train/g_loss", "train/d_weight", "train/disc_loss", "train/grad_norm_discriminator",
-    "val/psnr", "val/ssim",
-    # the aekl final evaluation (vae/aekl_eval.py)
-    "val/lpips", "val/rfid", "val/shift_factor", "val/scaling_factor",
-)
-# Fixed families with one member per latent channel: val/latent_mean/0, val/latent_mean/1, ... (aekl).
-PER_CHANNEL = ("val/latent_mean/", "val/latent_std/")
-
-
-def embedded_uri(base: str | os.PathLike | None = None) -> str:
-    """Absolute sqlite URI under `base` (default: the working directory); MLflow 3 refuses the old file store."""
-    return f"sqlite:///{(Path(base or Path.cwd()) / EMBEDDED_DB).resolve()}"
-
-
-def resolve_uri(cfg: RunConfig | None = None) -> str:
-    """The config's URI, else MLFLOW_TRACKING_URI, else the embedded sqlite store."""
-    if cfg is not None and cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
-
-
-def configure(cfg: RunConfig | None = None) -> str:
-    """Point this process's MLflow client at the resolved store; return the URI."""
-    import mlflow
-
-    uri = resolve_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-def ensure_experiment(name: str, uri: str) -> str:
-    """Experiment id for `name`, creating it; with a sqlite store its artifacts go beside the database."""
-    import mlflow
-
-    existing = mlflow.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / EMBEDDED_ARTIFACTS).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
-
-
-def create_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
-    """Create a run for `cfg` with its provenance (vae/provenance.py: MLflow's source tags, this checkout's
-    commit, then `tags`, which may replace them; the training and validation datasets) and params; return the
-    run id (the flow hands it to training).
-
-    Created through the client, not the fluent `mlflow.start_run`: the run outlives this call (the journal,
-    another process) and the fluent API ends a run it started when the process exits."""
-    import mlflow
-
-    from vae import provenance
-
-    uri = configure(cfg)
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(ensure_experiment(cfg.tracking.experiment, uri), run_name=cfg.tracking.run_name,
-                            tags={**provenance.source_tags(), **(tags or {})})
-    log_params(client, run.info.run_id, cfg)
-    try:
-        provenance.log_datasets(client, run.info.run_id, cfg)
-    except ShardFormatError as err:  # lineage is worth a warning, never a failed run (the loader says more)
-        log.warning("run %s has no dataset lineage: %s", run.info.run_id, err)
-    return run.info.run_id
-
-
-def log_params(client, run_id: str, cfg: RunConfig) -> None:
-    """The resolved config as params; MlflowClient.log_batch splits them into requests of at most 100 itself."""
-    from mlflow.entities import Param
-
-    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten(cfg).items()])  # MLflow's value limit
-
-
-def log_metrics(metrics: dict[str, float], step: int, run_id: str | None = None) -> None:
-    """Log floats under the fixed names; an unknown name is a programming error, caught here."""
-    import mlflow
-
-    values = _checked(metrics)
-    if run_id is None:
-        mlflow.log_metrics(values, step=step)
-    else:
-        mlflow.MlflowClient().log_batch(
-            run_id, metrics=[_metric(k, v, step) for k, v in values.items()]
-        )
-
-
-def _metric(key: str, value: float, step: int):
-    import time
-
-    from mlflow.entities import Metric
-
-    return Metric(key, value, int(time.time() * 1000), step)
-
-
-# ---- the journal: metrics survive a tracking server that stops and comes back
+# Registers what a finished run left in an output directory: (output_dir, run_id, tracking uri) -> anything.
+Publisher = Callable[[str, str, str], Any]
 
 JOURNAL_DIR = "mlflow-journal"  # in the run's output directory: <run id>.jsonl and <run id>.sent
 SEND_TIMEOUT_S = 5  # one HTTP attempt (connect and read); MLflow's default is 120 s, times 7 retries
@@ -179,8 +78,8 @@ class MetricJournal:
     see the module docstring), so it is replaced atomically but not fsynced.
     """
 
-    def __init__(self, path: str | os.PathLike, run_id: str, uri: str) -> None:
-        self.path, self.run_id, self.uri = Path(path), run_id, uri
+    def __init__(self, path: str | os.PathLike, run_id: str, uri: str, publisher: Publisher | None = None) -> None:
+        self.path, self.run_id, self.uri, self.publisher = Path(path), run_id, uri, publisher
         self.sent_path = self.path.with_suffix(".sent")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = self.path.read_bytes().split(b"\n") if self.path.exists() else [b""]
@@ -196,7 +95,7 @@ class MetricJournal:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Journal floats under the fixed names at `step`, then send what is pending unless backing off."""
-        self._append({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": _checked(metrics)})
+        self._append({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": checked(metrics)})
         self.flush()
 
     def set_status(self, status: str) -> None:
@@ -208,15 +107,14 @@ class MetricJournal:
         """Stop the system-metrics monitor, if one runs: at the end of training, before the model is registered
         (its figures describe training, not the upload)."""
         if self.monitor is not None:
-            from vae.provenance import STOP_MONITOR_S, stop_system_metrics
-
             # no wait for a server the journal found down: the monitor's last samples are not worth the retry budget
-            stop_system_metrics(self.monitor, 0.0 if self.down_since is not None else STOP_MONITOR_S)
+            provenance.stop_system_metrics(self.monitor, 0.0 if self.down_since is not None else
+                                           provenance.STOP_MONITOR_S)
             self.monitor = None
 
     def publish(self, output_dir: str | os.PathLike) -> None:
-        """Journal the registration of the model and evaluation kept in `output_dir` (vae/finalize.py), then
-        send what is pending unless backing off."""
+        """Journal the registration of the model and evaluation kept in `output_dir` (done by the journal's
+        publisher when the entry is sent), then send what is pending unless backing off."""
         self.stop_monitor()
         self._append({"kind": "publish", "output_dir": str(Path(output_dir).resolve()), "timestamp": _now_ms()})
         self.flush()
@@ -246,7 +144,7 @@ class MetricJournal:
             if self.down_since is None:
                 self.down_since = time.monotonic()
                 log.warning("MLflow at %s did not take run %s's metrics (%s); training goes on, they are kept in "
-                            "%s and sent when it answers", self.uri, self.run_id, _short(err), self.path)
+                            "%s and sent when it answers", self.uri, self.run_id, short(err), self.path)
             return False
         if self.down_since is not None:
             log.warning("MLflow at %s answers again after %.0f s: sent %d held entries", self.uri,
@@ -278,10 +176,11 @@ class MetricJournal:
         while self.pending:
             first = self.pending[0]
             if first["kind"] == "publish":
-                from vae.finalize import publish  # the training stack: imported only when there is one to send
-
+                if self.publisher is None:
+                    raise RuntimeError(f"{self.path} holds a model registration, but this journal was opened without "
+                                       f"a publisher; send it with: {self.sync_command()}")
                 with _http_settings(PUBLISH_RETRIES, PUBLISH_TIMEOUT_S):
-                    publish(first["output_dir"], self.run_id, self.uri)
+                    self.publisher(first["output_dir"], self.run_id, self.uri)
                 self._acknowledge(1)
                 continue
             if first["kind"] == "status":
@@ -323,18 +222,19 @@ class MetricJournal:
             tmp.write_text(str(self.sent))
             os.replace(tmp, self.sent_path)
         except OSError as err:
-            reason = f"no space left on {self.path.parent}" if err.errno == errno.ENOSPC else _short(err)
+            reason = f"no space left on {self.path.parent}" if err.errno == errno.ENOSPC else short(err)
             log.warning("MLflow took %d entries of run %s, but their count could not be recorded in %s (%s); "
                         "a restart sends them again, which is harmless", count, self.run_id, self.sent_path, reason)
 
 
-def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | None = None) -> MetricJournal:
+def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | None = None,
+                 publisher: Publisher | None = None) -> MetricJournal:
     """The journal of the run to log into: `run_id` (a resumed run), else MLFLOW_RUN_ID (set by the flow), else a
     new run, the one case that needs the server now. The run is marked RUNNING through the journal, so a resume
     works while the server is down; entries an earlier process left unsent go first."""
     uri = configure(cfg)
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or create_run(cfg)
-    journal = MetricJournal(Path(output_dir) / JOURNAL_DIR / f"{run_id}.jsonl", run_id, uri)
+    journal = MetricJournal(Path(output_dir) / JOURNAL_DIR / f"{run_id}.jsonl", run_id, uri, publisher)
     journal.set_status("RUNNING")
     if cfg.tracking.system_metrics:
         journal.monitor = _start_monitor(run_id, uri)
@@ -342,64 +242,32 @@ def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | No
 
 
 def _start_monitor(run_id: str, uri: str):
-    """MLflow's system-metrics monitor on the run (vae/provenance.py), or None with a warning when it cannot start:
+    """MLflow's system-metrics monitor on the run (vae/tracking/provenance.py), or None with a warning when it cannot start:
     its figures are worth a warning, never a failed run. Its first request (where a resumed run's system metrics
     stand) gets one short attempt, as the journal's do."""
-    from vae import provenance
-
     try:
         with _one_short_attempt():
             return provenance.start_system_metrics(run_id, uri)
     except Exception as err:  # not swallowed: the warning names it; training goes on without system metrics
-        log.warning("no system metrics for run %s: %s", run_id, _short(err))
+        log.warning("no system metrics for run %s: %s", run_id, short(err))
         return None
 
 
-def sync_journal(path: str | os.PathLike, run_id: str, uri: str | None = None) -> int:
-    """Send what a journal holds unsent to run `run_id` (default store: `resolve_uri()`); return how many entries
-    went. Uses MLflow's own retries and raises when the server still does not answer."""
-    journal = MetricJournal(path, run_id, uri or resolve_uri())
+def sync_journal(path: str | os.PathLike, run_id: str, uri: str | None = None,
+                 publisher: Publisher | None = None) -> int:
+    """Send what a journal holds unsent to run `run_id` (default store: `resolve_uri()`), a registration through
+    `publisher`; return how many entries went. Uses MLflow's own retries and raises when the server still does not
+    answer."""
+    journal = MetricJournal(path, run_id, uri or resolve_uri(), publisher)
     count = len(journal.pending)
     journal.send()
     return count
-
-
-def _checked(metrics: dict[str, float]) -> dict[str, float]:
-    unknown = {k for k in set(metrics) - set(METRICS)
-               if not any(k.startswith(f) and k.removeprefix(f).isdigit() for f in PER_CHANNEL)}
-    if unknown:
-        raise ValueError(f"metric names {sorted(unknown)} are not among the fixed names {METRICS} "
-                         f"nor {', '.join(f + '<channel>' for f in PER_CHANNEL)}")
-    return {k: float(v) for k, v in metrics.items()}
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _short(err: Exception) -> str:
+def short(err: Exception) -> str:
     text = f"{type(err).__name__}: {err}"
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m vae.tracking JOURNAL RUN_ID [--uri URI]: send a journal's unsent entries (metrics, the model's
-    registration when training journaled one, the run's final status)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m vae.tracking", description=main.__doc__)
-    parser.add_argument("journal", type=Path, help=f"<output_dir>/{JOURNAL_DIR}/<run id>.jsonl")
-    parser.add_argument("run_id")
-    parser.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store)")
-    args = parser.parse_args(argv)
-    try:
-        count = sync_journal(args.journal, args.run_id, args.uri)
-    except Exception as err:  # not swallowed: one line naming what failed, and a failing exit status
-        print(f"error: {_short(err)}; nothing is lost, run the same command again once MLflow answers",
-              file=sys.stderr)
-        raise SystemExit(1) from None
-    print(f"sent {count} entries to run {args.run_id}")
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from vae.registry import CHAMPION
+from vae.registry.packaging import DIFFUSERS_ARTIFACT
+from vae.registry.versions import CHAMPION
 
 # shown by `list`; registry and finalize set them (val_psnr, val_ssim: aekl)
 HEADLINE_TAGS = ("val_nll", "val_elbo", "val_bpd", "val_psnr", "val_ssim", "git_commit")
@@ -155,7 +156,7 @@ def pull_diffusers(ref: str, dest_dir: str | os.PathLike, tracking_uri: str) -> 
     Only model.arch aekl versions carry one; another is refused naming why."""
     from mlflow.models import Model
 
-    from vae.registry import DIFFUSERS_ARTIFACT
+
 
     dest = Path(dest_dir)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):

@@ -24,7 +24,7 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.utils import make_grid, save_image
 
-from vae.evaluate import to_unit
+from vae.objectives.inputs import to_unit
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception (the TF port)
 METRICS = ("val/psnr", "val/ssim", "val/lpips", "val/rfid", "val/shift_factor", "val/scaling_factor")

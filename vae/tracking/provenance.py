@@ -1,4 +1,4 @@
-"""What a run was made from, in the fields MLflow's own UI shows: datasets, source tags, system metrics, and the
+"""What a run was made from (mlflow is imported inside the functions that call it: a second to import, rank 0 only), in the fields MLflow's own UI shows: datasets, source tags, system metrics, and the
 model version's description. (The logged model's metrics are MLflow's own link: the model is logged at the
 checkpoint's step, and MLflow attaches the run's metrics of that step, the final evaluation, to it. A system
 metric joins them only where the monitor has taken as many samples as training took steps: steps of 10 s or more.)
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pipeline
@@ -29,6 +31,7 @@ DIGEST_CHARS = 32  # MLflow's store keeps a dataset digest of at most 36 charact
 FLOW_RUN_ID_TAG, FLOW_RUN_URL_TAG = "prefect.flow_run.id", "prefect.flow_run.url"
 SOURCE_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit")
 STOP_MONITOR_S = 10.0  # how long the end of training waits for the monitor's last upload
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout, when vaepipe runs from one
 log = logging.getLogger(__name__)
 
 
@@ -80,13 +83,25 @@ def source_tags() -> dict[str, str]:
     with this checkout's commit where it is known."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    from vae.finalize import git_commit
-
     tags = {k: v for k, v in resolve_tags().items() if k in SOURCE_TAGS}
     commit = git_commit()
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """The commit checked out at `root`, or 'unknown' where that is no git checkout (an installed wheel, a
+    copied tree, no git): provenance is worth a tag, never a failed registration."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    # Inside some other checkout (a virtualenv in a project's tree), git answers with that project's commit.
+    if len(out) != 2 or Path(out[0]).resolve() != Path(root).resolve():
+        return "unknown"
+    return out[1]
 
 
 def log_datasets(client, run_id: str, cfg: RunConfig) -> None:

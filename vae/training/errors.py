@@ -1,7 +1,7 @@
 """The error of a run that cannot start, continue or finish: the message names the problem and the fix.
 
-Its own module, because training (vae/trainer.py), the post-training path (vae/finalize.py) and the model spec
-(vae/spec.py) all raise it and none of them may import the others' stack.
+Its own module, because the trainer, the checkpoint layout, the post-training path and the entry script all raise
+or catch it (vae/training/checkpoint.py's CheckpointError is one).
 """
 
 

@@ -1,23 +1,21 @@
 """Training, decomposed as torchtitan does: a `Trainer` builds everything and knows how to step, validate, save and
 load; `train()` is the loop that calls it, top to bottom: build, resume, then per epoch train, validate,
-checkpoint, and at the end the post-training path (vae/finalize.py).
+checkpoint, and at the end the post-training path (vae/training/finalize.py).
 
-What is minimised is behind one seam, the run's `Objective` (vae/objective.py): it names the models it trains and
+What is minimised is behind one seam, the run's `Objective` (vae/objectives): it names the models it trains and
 backpropagates its losses; the trainer treats every model alike. Accelerate does devices, DDP, mixed precision,
 gradient accumulation and save/load of the models and optimisers. The data loader is ours (pipeline.ShardLoader,
 one slice per rank) and deliberately not passed to `accelerator.prepare()`. Rank 0 alone talks to MLflow, through
-a journal in the output directory (tracking.MetricJournal): a tracking server that stops and comes back costs no
+a journal in the output directory (vae/tracking/journal.py): a tracking server that stops and comes back costs no
 metric and stalls no step. SIGTERM or SIGINT finishes the current step, writes a checkpoint and exits with
 PREEMPTED_EXIT, so an orchestrator can retry with --train.resume true and lose nothing. Corrupt shards stop the
 run or are skipped per data.on_corrupt_shard (see pipeline.loader). The model spec goes into every checkpoint's
-meta.json (vae/spec.py): what comes after training rebuilds the model from there.
+meta.json (vae/training/trained.py): what comes after training rebuilds the model from there.
 """
 
 from __future__ import annotations
 
-import errno
 import math
-import os
 import pickle
 import shutil
 import time
@@ -32,20 +30,23 @@ from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from pipeline import ShardLoader
-from vae import checkpoint, finalize, tracking
 from vae.config import RunConfig, dump
-from vae.data import build_loaders, to_input
-from vae.errors import TrainingError
-from vae.graphs import compile_options
-from vae.objective import build_objective
-from vae.optim import Lamb, MuonAdamW, step_kernels
-from vae.preemption import PREEMPTED_EXIT, Preemption
-from vae.schedule import lr_at, scaled_lr
-from vae.spec import build_from_spec, model_options, spec_of
-from vae.step_guard import DeviceStepGuard, masked, masked_step, nonfinite_flags
-
-__all__ = ["PREEMPTED_EXIT", "Trainer", "TrainingError", "model_options", "train"]
+from vae.models.spec import build_from_spec
+from vae.objectives import build_objective
+from vae.objectives.inputs import to_input
+from vae.tracking.journal import Publisher, open_journal
+from vae.training import checkpoint
+from vae.training.checkpoint import ema_file, no_space_error, refuse_changes
+from vae.training.data import build_loaders
+from vae.training.distributed import param_checksum, resolve_precision, skipped_shards
+from vae.training.errors import TrainingError
+from vae.training.finalize import finalize
+from vae.training.graphs import compile_options
+from vae.training.optim import Lamb, MuonAdamW, step_kernels
+from vae.training.preemption import PREEMPTED_EXIT, Preemption
+from vae.training.schedule import lr_at, scaled_lr
+from vae.training.step_guard import DeviceStepGuard, StepGuard, masked, masked_step, nonfinite_flags
+from vae.training.trained import resolve_model, spec_of
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
 # What loading a damaged or planted checkpoint file raises: our own checks, safetensors, torch.load's zip reader
@@ -54,155 +55,26 @@ LOAD_ERRORS = (checkpoint.CheckpointError, SafetensorError, pickle.UnpicklingErr
                TypeError, RuntimeError)
 
 
-def param_checksum(models: list[torch.nn.Module]) -> torch.Tensor:
-    """Sum of all parameters in float64: equal on every rank iff DDP kept the replicas in step."""
-    return torch.stack([p.detach().double().sum() for m in models for p in m.parameters()]).sum()
-
-
-def resolve_precision(cfg: RunConfig) -> str:
-    """`auto`: what `accelerate launch --mixed_precision` named, else bf16 where the GPU has it, else fp32."""
-    if cfg.train.mixed_precision != "auto":
-        return cfg.train.mixed_precision
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher != "no":
-        return launcher
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def skipped_shards(accelerator: Accelerator, loaders: dict[str, ShardLoader]) -> dict[str, list[str]]:
-    """Per split, the shards any rank skipped as corrupt so far: a rank knows only those it read (one all-reduce)."""
-    mask = [name in loader.skipped_shards for loader in loaders.values() for name in loader.names]
-    hits = accelerator.reduce(torch.tensor(mask, dtype=torch.float32, device=accelerator.device), "sum").tolist()
-    out, first = {}, 0
-    for split, loader in loaders.items():
-        mine = hits[first : first + len(loader.names)]
-        out[split] = [name for name, hit in zip(loader.names, mine, strict=True) if hit]
-        first += len(loader.names)
-    return out
-
-
-def ema_file(name: str) -> str:
-    """The EMA weights of model `name` in a checkpoint: the first model's keep the name readers know."""
-    return checkpoint.EMA_WEIGHTS if name == "model" else f"ema_{name}.safetensors"
-
-
-class StepGuard:
-    """Counts optimiser steps skipped for non-finite gradients; stops the run after `limit` in a row."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.in_a_row, self.total = limit, 0, 0
-
-    def record(self, skipped: bool, step: int) -> None:
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
-        self.total += int(skipped)
-        if self.in_a_row >= self.limit:
-            raise TrainingError(
-                f"{self.in_a_row} optimiser steps in a row had non-finite gradients (the last at step {step}); "
-                "lower optim.lr, set optim.grad_clip, or train in bf16 rather than fp16"
-            )
-
-    def state_dict(self) -> dict[str, int]:
-        return {"in_a_row": self.in_a_row, "total": self.total}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
-
-
-def refuse_changes(cfg: RunConfig, spec: dict, meta: dict, path: Path, world: int, global_batch: int) -> None:
-    """Raise TrainingError naming every field in which this run differs from the checkpoint it would resume,
-    except checkpoint.RESUMABLE_CHANGES: a run resumed with another batch size, world size, model or optimiser
-    would silently mix two runs (or die in load_state_dict)."""
-    changes = checkpoint.config_changes(meta.get("config", {}), cfg.model_dump(mode="json"))
-    for name, now in (("world size", world), ("global batch", global_batch), ("model spec", spec)):
-        key = name.replace(" ", "_")
-        if key in meta and meta[key] != now:
-            changes.append(f"{name}: {meta[key]!r} -> {now!r}")
-    if changes:
-        raise TrainingError(
-            f"cannot resume {path} with a changed config ({len(changes)} field(s), checkpoint -> now): "
-            + "; ".join(changes) + ". Resume with the checkpoint's values (its meta.json holds the config), or "
-            "start a new --train.output_dir. Fields that may change on resume: " + ", ".join(
-                c + "*" if c.endswith(".") else c for c in checkpoint.RESUMABLE_CHANGES)
-        )
-
-
-def no_space_error(err: BaseException, output_dir: Path, needed: int) -> TrainingError | None:
-    """A TrainingError saying the disk under `output_dir` is full, or None when `err` is something else.
-    torch.save reports a full disk as a RuntimeError ("basic_ios::clear: iostream error", "file write failed")
-    without an errno, so the free space decides there."""
-    root = checkpoint.checkpoint_root(output_dir)
-    free = shutil.disk_usage(root if root.is_dir() else output_dir).free
-    if not ((isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < needed):
-        return None
-    kept = [p.name for p in checkpoint.complete_checkpoints(output_dir)]
-    return TrainingError(
-        f"no space left on {root}: a checkpoint needs about {needed:,} bytes and {free:,} are free "
-        f"({type(err).__name__}: {err}). The older checkpoints are kept ({', '.join(kept) or 'none'}); free space "
-        "or move --train.output_dir, then continue with --train.resume true"
-    )
-
 
 class Trainer:
     """One run's models, optimisers, loaders, EMA and progress, and the operations the loop calls on them."""
 
     # ---- build: models, optimisers, loaders, and everything a checkpoint must hold
 
-    def __init__(self, cfg: RunConfig, preemption: Preemption) -> None:
-        self.cfg, self.preemption = cfg, preemption
-        self.accelerator = accelerator = Accelerator(
-            mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.gradient_accumulation_steps
-        )
-        self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        self.main = accelerator.is_main_process
-        self.device = accelerator.device
-        expected = cfg.train.expected_world_size
-        if expected is not None and expected != self.world:
-            raise TrainingError(
-                f"expected {expected} processes but the launcher started {self.world}. On a CPU host, two real ranks "
-                "need ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (--cpu starts only one)"
-            )
-        set_seed(cfg.train.seed)
+    def __init__(self, cfg: RunConfig, preemption: Preemption, publisher: Publisher | None = None) -> None:
+        self.cfg, self.preemption, self.publisher = cfg, preemption, publisher
+        self.accelerator = Accelerator(mixed_precision=resolve_precision(cfg),
+                                       gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.output_dir = Path(cfg.train.output_dir)
-        if not cfg.train.resume and checkpoint.latest(self.output_dir) is not None:
-            raise TrainingError(
-                f"{self.output_dir} already holds checkpoints of an earlier run; pass --train.resume true to continue "
-                "it or choose another --train.output_dir"
-            )
-
+        self.check_launch()
+        set_seed(cfg.train.seed)
         self.spec = spec_of(cfg)  # the one read of the shard index for the model; meta.json keeps it from here on
-        model = build_from_spec(self.spec)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.train.compile:
-            # in place: state_dict keys stay as they are, checkpoints stay portable
-            model.compile(**compile_options(cfg.train.cuda_graphs, self.device, TrainingError))
         self.objective = build_objective(cfg)
-        models = self.objective.models(model)
-        if len(models) > 1 and accelerator.mixed_precision == "fp16":
-            # Accelerate's optimiser wrapper calls scaler.update() after each optimiser's step, which forgets that
-            # the others' gradients were unscaled already: the second would be unscaled twice.
-            raise TrainingError(f"train.mixed_precision fp16 with {len(models)} models ({', '.join(models)}) would "
-                                "unscale the second one's gradients twice; use --train.mixed_precision bf16 (or no)")
-        optimizers = {name: self.objective.optimizer(name, m) or self.build_optimizer(m) for name, m in models.items()}
+        self.build_models(build_from_spec(self.spec))
         self.train_loader, self.val_loader = build_loaders(cfg, self.rank, self.world, device=self.device)
-        prepared = accelerator.prepare(*models.values(), *optimizers.values())
-        self.models = dict(zip(models, prepared[: len(models)], strict=True))
-        self.optimizers = dict(zip(optimizers, prepared[len(models) :], strict=True))
-        self.emas: dict[str, AveragedModel] = {}
-        if cfg.train.ema_decay is not None:
-            self.emas = {name: AveragedModel(accelerator.unwrap_model(m),
-                                             multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
-                         for name, m in self.models.items()}
-        # Not registered with Accelerate, which would pickle them: `save` and `load` keep them in JSON.
-        self.progress, self.guard = checkpoint.TrainProgress(), StepGuard(cfg.train.max_nonfinite_steps)
-        # fp16's scaler skips overflowing steps itself and must see them, so it keeps the synchronous check
-        self.fp16_scaler = accelerator.scaler is not None
-        deferred = cfg.train.deferred_step_check
-        self.deferred = (self.device.type == "cuda" if deferred is None else deferred) and not self.fp16_scaler
-        if self.deferred:  # flags read one step late (vae/step_guard.py): no host sync per optimiser step
-            self.guard = DeviceStepGuard(self.guard)
-        self.stop_requested = False  # a rank was asked to stop (preemption); with `deferred`, known a step late
-
+        self.build_step_check()
         # ---- schedule: pure functions of the optimiser step
         self.accumulation = cfg.train.gradient_accumulation_steps
         self.global_batch = cfg.train.batch_size * self.world * self.accumulation
@@ -212,6 +84,57 @@ class Trainer:
         self.run_id, self.journal = None, None
         self.lr, self.grad_norms = 0.0, {}
         self._reset_running()
+
+    def check_launch(self) -> None:
+        """Refuse a launch with another world size than expected, or a fresh run over an earlier one's checkpoints."""
+        expected = self.cfg.train.expected_world_size
+        if expected is not None and expected != self.world:
+            raise TrainingError(
+                f"expected {expected} processes but the launcher started {self.world}. On a CPU host, two real ranks "
+                "need ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (--cpu starts only one)"
+            )
+        if not self.cfg.train.resume and checkpoint.latest(self.output_dir) is not None:
+            raise TrainingError(
+                f"{self.output_dir} already holds checkpoints of an earlier run; pass --train.resume true to continue "
+                "it or choose another --train.output_dir"
+            )
+
+    def build_models(self, model: torch.nn.Module) -> None:
+        """The objective's models (the architecture's first) with their optimisers, prepared by Accelerate, and
+        their EMAs when kept."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # in place: state_dict keys stay as they are, checkpoints stay portable
+            model.compile(**compile_options(cfg.train.cuda_graphs, self.device, TrainingError))
+        models = self.objective.models(model)
+        if len(models) > 1 and accelerator.mixed_precision == "fp16":
+            # Accelerate's optimiser wrapper calls scaler.update() after each optimiser's step, which forgets that
+            # the others' gradients were unscaled already: the second would be unscaled twice.
+            raise TrainingError(f"train.mixed_precision fp16 with {len(models)} models ({', '.join(models)}) would "
+                                "unscale the second one's gradients twice; use --train.mixed_precision bf16 (or no)")
+        optimizers = {name: self.objective.optimizer(name, m) or self.build_optimizer(m) for name, m in models.items()}
+        prepared = accelerator.prepare(*models.values(), *optimizers.values())
+        self.models = dict(zip(models, prepared[: len(models)], strict=True))
+        self.optimizers = dict(zip(optimizers, prepared[len(models) :], strict=True))
+        self.emas: dict[str, AveragedModel] = {}
+        if cfg.train.ema_decay is not None:
+            self.emas = {name: AveragedModel(accelerator.unwrap_model(m),
+                                             multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+                         for name, m in self.models.items()}
+
+    def build_step_check(self) -> None:
+        """Progress and the non-finite step guard, synchronous or on the device (vae/training/step_guard.py)."""
+        # Not registered with Accelerate, which would pickle them: `save` and `load` keep them in JSON.
+        self.progress, self.guard = checkpoint.TrainProgress(), StepGuard(self.cfg.train.max_nonfinite_steps)
+        # fp16's scaler skips overflowing steps itself and must see them, so it keeps the synchronous check
+        self.fp16_scaler = self.accelerator.scaler is not None
+        deferred = self.cfg.train.deferred_step_check
+        self.deferred = (self.device.type == "cuda" if deferred is None else deferred) and not self.fp16_scaler
+        if self.deferred:  # flags read one step late: no host sync per optimiser step
+            self.guard = DeviceStepGuard(self.guard)
+        self.stop_requested = False  # a rank was asked to stop (preemption); with `deferred`, known a step late
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -239,7 +162,8 @@ class Trainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(dump(cfg))
-            self.journal = tracking.open_journal(cfg, self.output_dir, self.run_id)  # sends what a killed run left
+            # sends what a killed run left; registering goes through the publisher the entry point handed in
+            self.journal = open_journal(cfg, self.output_dir, self.run_id, self.publisher)
             self.run_id = self.journal.run_id
 
     def resume(self, candidates: list[Path]) -> Path:
@@ -252,7 +176,7 @@ class Trainer:
                 meta, error = None, str(err)
             if meta is not None:
                 # another config: refused, never a fallback
-                refuse_changes(self.cfg, self.spec, meta, path, self.world, self.global_batch)
+                refuse_changes(self.cfg.model_dump(mode="json"), self.spec, meta, path, self.world, self.global_batch)
                 try:
                     self.load(path, meta)
                     error = None
@@ -435,63 +359,72 @@ class Trainer:
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
     def save(self, reason: str, val: dict[str, float] | None = None) -> Path:
-        accelerator, main, output_dir, progress = self.accelerator, self.main, self.output_dir, self.progress
+        """Write the checkpoint of this step (every rank), meta.json last, then prune the older ones."""
         self.check()  # a deferred last step is counted before the guard's state is written
-        checksums = accelerator.gather(param_checksum(list(self.models.values())).reshape(1)).tolist()
+        checksums = self.accelerator.gather(param_checksum(list(self.models.values())).reshape(1)).tolist()
         if len(set(checksums)) != 1:
-            raise TrainingError(f"the ranks' weights diverged by step {progress.global_step}: checksums {checksums}")
-        target = checkpoint.step_dir(output_dir, progress.global_step)
-        previous = checkpoint.latest(output_dir)
-        # A complete checkpoint at this step (a preemption at the epoch's last batch, resumed) is replaced only once
-        # the new one is complete: it is written beside it first. An incomplete one is our own failed save's.
-        path = target.with_name(f".new-{target.name}") if (target / checkpoint.META).is_file() else target
-        accelerator.wait_for_everyone()  # every rank has chosen `path` before rank 0 clears it
-        if main and path.exists():
-            shutil.rmtree(path)
-        accelerator.wait_for_everyone()
+            raise TrainingError(f"the ranks' weights diverged by step {self.progress.global_step}: checksums "
+                                f"{checksums}")
+        target = checkpoint.step_dir(self.output_dir, self.progress.global_step)
+        previous = checkpoint.latest(self.output_dir)
+        path = self.empty_dir_for(target)
         try:
-            accelerator.save_state(str(path))  # models (safetensors), optimisers and fp16 scaler (torch.save)
-            # Accelerate always pickles the RNG states too: we keep them in JSON, so that no checkpoint holds a pickle
-            (path / f"random_states_{self.rank}.pkl").unlink()
-            checkpoint.write_json(path / f"rng-{self.rank}.json", checkpoint.rng_state())
-            if main:
-                for name, ema in self.emas.items():
-                    save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
-                              path / ema_file(name))
-                counts = {name: int(ema.n_averaged) for name, ema in self.emas.items()}
-                checkpoint.write_json(path / checkpoint.TRAIN_STATE, {
-                    "progress": progress.state_dict(), "loader": self.train_loader.state_dict(),
-                    "step_guard": self.guard.state_dict(), "accelerator_step": accelerator.step,
-                    "ema_n_averaged": counts.get("model", 0), "ema_n_averaged_by_model": counts,
-                })
-            accelerator.wait_for_everyone()  # every rank's files are in place before rank 0 marks it complete
-            if main:
-                checkpoint.write_meta(path, {
-                    **progress.state_dict(), "reason": reason, "loader": self.train_loader.state_dict(),
-                    "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
-                    "global_batch": self.global_batch, "rank_param_checksums": checksums,
-                    "skipped_steps": self.guard.total, "mlflow_run_id": self.run_id, "val": val,
-                    "model_spec": self.spec, "models": list(self.models), "config": self.cfg.model_dump(mode="json"),
-                })
+            self.write_state(path)
+            self.accelerator.wait_for_everyone()  # every rank's files are in place before rank 0 marks it complete
+            if self.main:
+                checkpoint.write_meta(path, self.meta(reason, val, checksums))
         except (OSError, RuntimeError, SafetensorError) as err:
             needed = checkpoint.size(previous) if previous is not None else self.state_bytes()
-            full = no_space_error(err, output_dir, needed)
-            if main and not (path / checkpoint.META).is_file():
+            full = no_space_error(err, self.output_dir, needed)
+            if self.main and not (path / checkpoint.META).is_file():
                 shutil.rmtree(path, ignore_errors=True)  # our incomplete write: its space goes back to the disk
             if full is not None:
                 raise full from err
             raise
-        if main:
+        if self.main:
             if path != target:
-                replaced = target.with_name(f".old-{target.name}")
-                if replaced.exists():  # left by a crash between the two renames below; `target` is the newer
-                    shutil.rmtree(replaced)
-                target.rename(replaced)
-                path.rename(target)
-                shutil.rmtree(replaced)
-            checkpoint.prune(output_dir, self.cfg.train.keep_checkpoints)  # only now that the new one is complete
-        accelerator.wait_for_everyone()
+                checkpoint.replace(target, path)
+            checkpoint.prune(self.output_dir, self.cfg.train.keep_checkpoints)  # only now that the new one is complete
+        self.accelerator.wait_for_everyone()
         return target
+
+    def empty_dir_for(self, target: Path) -> Path:
+        """Where this save writes, emptied by rank 0 once every rank has chosen it. A complete checkpoint at this
+        step (a preemption at the epoch's last batch, resumed) is replaced only once the new one is complete: it
+        is written beside it first. An incomplete one is our own failed save's."""
+        path = target.with_name(f".new-{target.name}") if (target / checkpoint.META).is_file() else target
+        self.accelerator.wait_for_everyone()
+        if self.main and path.exists():
+            shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def write_state(self, path: Path) -> None:
+        """Every rank: its models, optimisers (Accelerate) and RNG states (JSON); rank 0: EMA weights and progress."""
+        self.accelerator.save_state(str(path))  # models (safetensors), optimisers and fp16 scaler (torch.save)
+        # Accelerate always pickles the RNG states too: we keep them in JSON, so that no checkpoint holds a pickle
+        (path / f"random_states_{self.rank}.pkl").unlink()
+        checkpoint.write_json(path / f"rng-{self.rank}.json", checkpoint.rng_state())
+        if not self.main:
+            return
+        for name, ema in self.emas.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                      path / ema_file(name))
+        counts = {name: int(ema.n_averaged) for name, ema in self.emas.items()}
+        checkpoint.write_json(path / checkpoint.TRAIN_STATE, {
+            "progress": self.progress.state_dict(), "loader": self.train_loader.state_dict(),
+            "step_guard": self.guard.state_dict(), "accelerator_step": self.accelerator.step,
+            "ema_n_averaged": counts.get("model", 0), "ema_n_averaged_by_model": counts,
+        })
+
+    def meta(self, reason: str, val: dict[str, float] | None, checksums: list[float]) -> dict:
+        """meta.json: progress, why it was written, the run's shape and the resolved config and model spec."""
+        return {
+            **self.progress.state_dict(), "reason": reason, "loader": self.train_loader.state_dict(),
+            "steps_per_epoch": self.steps_per_epoch, "world_size": self.world, "global_batch": self.global_batch,
+            "rank_param_checksums": checksums, "skipped_steps": self.guard.total, "mlflow_run_id": self.run_id,
+            "val": val, "model_spec": self.spec, "models": list(self.models), "config": self.cfg.model_dump(mode="json"),
+        }
 
     # ---- stop: preempted mid-epoch, or finished
 
@@ -506,8 +439,8 @@ class Trainer:
     def finish(self) -> None:
         """The post-training path (evaluate on these devices, plot, log, register per tracking.finalize), then
         the run's final status; a registration MLflow did not take stops with the command that completes it."""
-        finalize.finish(self.cfg, self.accelerator, self.model, self.val_loader, self.journal,
-                        self.progress.global_step, self.objective)
+        finalize(self.cfg, self.accelerator, self.model, self.val_loader, self.journal, self.progress.global_step,
+                 self.objective)
         published = True
         if self.main:
             published = self.journal.close("FINISHED") or not self.journal.publish_pending
@@ -521,10 +454,11 @@ class Trainer:
             )
 
 
-def train(cfg: RunConfig) -> None:
-    """Build, resume, train epoch by epoch (validate and checkpoint after each), then the post-training path."""
+def train(cfg: RunConfig, publisher: Publisher | None = None) -> None:
+    """Build, resume, train epoch by epoch (validate and checkpoint after each), then the post-training path;
+    with tracking.finalize "register", `publisher` registers the model (vae/train.py passes the registry's)."""
     preemption = Preemption()  # first: a signal during start-up must not kill the process half-way either
-    trainer = Trainer(cfg, preemption)
+    trainer = Trainer(resolve_model(cfg), preemption, publisher)
     trainer.start()
     for epoch in range(trainer.progress.epoch, cfg.train.epochs):
         for x in trainer.batches(epoch):

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, run
-from safetensors.torch import save_file
 from support.reconstruct import reconstruct_elsewhere
 
 from vae.models.spec import build_from_spec, model_spec
-from vae.registry.diffusers import export_checkpoint, export_diffusers
+from vae.registry.diffusers import export_diffusers
 from vae.registry.packaging import log_model
 from vae.registry.versions import register_version
 from vae.tracking.store import ensure_experiment
@@ -50,19 +49,21 @@ def test_export_then_from_pretrained_in_another_process_reconstructs_equally(tmp
         export_diffusers(model, folder)
 
 
-def test_export_from_a_checkpoint_and_fine_tune_from_the_folder(tmp_path):
-    """A checkpoint's safetensors -> diffusers folder -> `model.pretrained` of a new run, same latents."""
+def test_an_exported_folder_is_a_pretrained_start_with_the_same_latents(tmp_path):
+    """diffusers folder -> `model.pretrained` of a new run: its architecture fills the section where the model is
+    built (validation reads no disk), and the encoder, frozen, gives bit-equal latents."""
     model = trained(1)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
-    spec = {**SPEC, "options": {**SPEC["options"], "pretrained": "/gone/on/this/machine"}, "latent_stats": STATS}
-    folder = export_checkpoint(tmp_path / "model.safetensors", spec, tmp_path / "vae")
+    folder = export_diffusers(model, tmp_path / "vae", STATS)
     assert json.loads((folder / "config.json").read_text())["scaling_factor"] == 1.5
     from vae.config import validate
     from vae.models import build_model
+    from vae.training.trained import resolve_model
 
     cfg = validate({"model": {"arch": "aekl", "pretrained": str(folder), "train_encoder": False}})
-    again = build_model("aekl", (3, 32, 24), cfg.model.latent_dim, **cfg.model.model_dump(exclude={"arch",
-                                                                                                   "latent_dim"}))
+    assert cfg.model.channels == (128, 256, 512, 512)  # validated only: the folder is not read yet
+    cfg = resolve_model(cfg)
+    assert list(cfg.model.channels) == SPEC["options"]["channels"]
+    again = build_model("aekl", (3, 32, 24), cfg.model.latent_dim, **cfg.model.constructor_options())
     x = torch.rand(2, 3, 32, 24)
     with torch.no_grad():
         assert torch.equal(again.eval().encode_latents(x), model.encode_latents(x))

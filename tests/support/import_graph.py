@@ -71,7 +71,8 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[Import]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                    parts = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
                 for alias in child.names:
                     add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base, child, function)
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -2,11 +2,12 @@
 
 The plain loop is diffusers' `examples/research_projects/autoencoderkl/train_autoencoderkl.py` reduced to its
 core: a torchvision `ImageFolder` + `DataLoader`, random flips, fp32, Adam, one `AutoencoderKL`, the loss
-L1 + kl_weight * KL (+ LPIPS and the PatchGAN when asked), here computed by vae/aekl_losses.py for both arms so
+L1 + kl_weight * KL (+ LPIPS and the PatchGAN when asked), here computed by vae/objectives/aekl/losses.py for both
+arms so
 only the machinery differs. Data: real photos (scikit-learn's two and scikit-image's colour photographs) cut
 into `--side` px crops at random places and scales: train crops and held-out test crops. Each arm runs in its
 own process (peak memory is that process's maximum resident set on CPU, or torch's peak allocation on CUDA).
-Quality: PSNR and SSIM of the posterior-mean reconstructions of the test crops (vae/aekl_eval.py).
+Quality: PSNR and SSIM of the posterior-mean reconstructions of the test crops (vae/objectives/aekl/evaluation.py).
 
 The vaepipe arm ingests the same tree into shards and runs `vae/train.py --model.arch aekl` (the trainer's
 AeklObjective) in a child process. Its images/s is the trainer's own per-step `train/samples_per_s` (logged every

@@ -213,7 +213,8 @@ class OneProcess:
 
 
 def final_evaluation(tmp_path, images: np.ndarray, model):
-    """AeklObjective.final_evaluation as training ends with it (vae/finalize.py): `model` over the validation loader
+    """AeklObjective.final_evaluation as training ends with it (vae/training/finalize.py): `model` over the
+    validation loader
     the trainer builds, in batches of 4, from shards of `images` (N, H, W[, C]) uint8. (the result, the config)."""
     np.save(tmp_path / "images.npy", images)
     files = {"train": str(tmp_path / "images.npy"), "test": str(tmp_path / "images.npy")}

@@ -1,4 +1,5 @@
-"""MLflow down when training ends (vae/finalize.py, vae/tracking.py): the trained model and its evaluation stay in
+"""MLflow down when training ends (vae/training/finalize.py, vae/tracking/journal.py): the trained model and its
+evaluation stay in
 output_dir, the run exits 1 after a short retry budget printing one command, and that command, once MLflow is back,
 registers the model and finishes the run."""
 

@@ -1,5 +1,5 @@
 """What a run tells a team in MLflow, read back through MlflowClient: datasets, source tags, system metrics, the
-logged model's metrics and the model version's description (vae/provenance.py)."""
+logged model's metrics and the model version's description (vae/tracking/provenance.py)."""
 
 import json
 import subprocess

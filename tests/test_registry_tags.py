@@ -1,4 +1,5 @@
-"""The provenance a registered version carries (vae/finalize.py): shard index hash, code commit, config hash."""
+"""The provenance a registered version carries (vae/training/finalize.py): shard index hash, code commit, config
+hash."""
 
 from __future__ import annotations
 

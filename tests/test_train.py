@@ -309,7 +309,8 @@ SIGTERM_AT = 8  # an optimiser step in the middle of the epoch: 320 // 16 = 20 s
 @pytest.mark.parametrize("optimizer", ["adam", "lamb", "muon", "adam+deferred"])
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, few_digits, tracking_uri, capsys,
                                                            optimizer):
-    # "+deferred": the step checks on the device, flags (the preemption too) read one step late (vae/step_guard.py)
+    # "+deferred": the step checks on the device, flags (the preemption too) read one step late
+    # (vae/training/step_guard.py)
     name, _, deferred = optimizer.partition("+")
     args = ["--train.epochs", "1", "--train.batch_size", "16", "--train.ema_decay", "0.9",
             "--optim.warmup_steps", "10", "--optim.schedule", "cosine", "--optim.name", name,

@@ -1,4 +1,4 @@
-"""`aekl` through the trainer (vae/objective.py AeklObjective): every loss on (L1, KL, LPIPS with random backbone
+"""`aekl` through the trainer (vae/objectives/aekl/objective.py): every loss on (L1, KL, LPIPS with random backbone
 weights, the PatchGAN discriminator from step 1 with the adaptive weight), both optimisers and EMAs in the
 checkpoints, and exact resume after SIGTERM; the post-training path (aekl evaluation, registration on PSNR, the
 diffusers folder pulled and loaded by diffusers alone); decoder-only fine-tuning from a diffusers folder. A tiny

@@ -1,5 +1,6 @@
 """The trainer's seams (vae/training/trainer.py, vae/objectives, vae/training/trained.py,
-vae/training/finalize.py): an objective with a second model and optimiser (a critic, as an adversarial objective has) trains, checkpoints and resumes exactly after a
+vae/training/finalize.py): an objective with a second model and optimiser (a critic, as an adversarial objective
+has) trains, checkpoints and resumes exactly after a
 SIGTERM; the model is rebuilt from the checkpoint's meta.json, not from the shard directory; imports point one way."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A training run in one process and its metric journal (vae/tracking.py), as the tests of a tracking server that
+"""A training run in one process and its metric journal (vae/tracking/journal.py), as the tests of a tracking server
+that
 goes away drive and read them."""
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ from vae.config.sections import (
 )
 
 __all__ = [
-    "DEFAULT_ARCH", "FLAT_MODEL_DEFAULTS", "MODEL_SECTIONS", "AeklLossSection", "ConfigError", "DataSection", "IngestSection", "LossSection",
+    "DEFAULT_ARCH", "FLAT_MODEL_DEFAULTS", "MODEL_SECTIONS", "AeklLossSection", "ConfigError", "DataSection",
+    "IngestSection", "LossSection",
     "ModelSection", "OptimSection", "RunConfig", "Section", "SourceSection", "TrackingSection", "TrainSection",
     "check_finite", "config_sha256", "dump", "field_help", "flatten", "load_config", "merge", "parse_args",
     "parse_overrides", "upgrade_flat_model", "validate", "with_overrides",

@@ -77,7 +77,8 @@ class RunConfig(Section):
     source: SourceSection = Field(default_factory=SourceSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
     data: DataSection = Field(default_factory=DataSection)
-    model: ModelSection = Field(default_factory=MODEL_SECTIONS[DEFAULT_ARCH], description="The architecture and its options; "
+    model: ModelSection = Field(default_factory=MODEL_SECTIONS[DEFAULT_ARCH],
+                                description="The architecture and its options; "
                                 "one section per model.arch, each with its own fields.")
     loss: LossSection = Field(default_factory=LossSection)
     optim: OptimSection = Field(default_factory=OptimSection)

@@ -176,7 +176,8 @@ class DataSection(Section):
 
 
 class AeklLossSection(Section):
-    """The aekl objective (vae/aekl_losses.py): reconstruction + kl_weight * KL + perceptual + adversarial."""
+    """The aekl objective (vae/objectives/aekl/losses.py): reconstruction + kl_weight * KL + perceptual +
+    adversarial."""
 
     recon: Literal["l1", "l2"] = Field("l1", description="Pixel reconstruction loss on the [-1, 1] scale.")
     kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL to N(0, I) (LDM's KL-f8: 1e-6).")
@@ -218,7 +219,8 @@ class LossSection(Section):
                                   "(model.arch aekl only).")
     eval_memory_mb: int = Field(
         1024, gt=0, description="Memory budget per process of the final evaluation's forwards: images and importance "
-        "samples go in chunks that fit (vae/evaluate.py rows_within); smaller is slower, not different."
+        "samples go in chunks that fit (vae/objectives/elbo/evaluation.py rows_within); smaller is slower, not "
+        "different."
     )
 
 

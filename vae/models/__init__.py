@@ -68,7 +68,8 @@ class VAE(nn.Module):
     """Base of the single-latent-layer models (prior N(0, I)): subclasses define `encode` and `decode_params`.
 
     `likelihood` (and `mixtures`, `gaussian_std`) choose the output head: how many parameters per pixel the
-    decoder emits and which pixel mean they imply (vae/models/heads.py); densities live in vae/likelihoods.py.
+    decoder emits and which pixel mean they imply (vae/models/heads.py); densities live in
+    vae/objectives/elbo/likelihoods.py.
     """
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, likelihood: str = "bernoulli",

@@ -11,12 +11,13 @@ folder that `AutoencoderKL.from_pretrained` loads (vae/registry/diffusers.py). C
 - `forward(x, samples)` returns a `VAEOutput` whose params are the logits of the pixel means (one per image
   channel), so the bernoulli and gaussian heads' means are exactly diffusers' (out + 1) / 2. Heads that need
   more decoder channels (gaussian_learned, logistic_mixture) are refused: the exported decoder must emit images.
-- `autoencode(x)` is what the aekl objective (vae/objectives/aekl/losses.py) trains on: the reconstruction in [-1, 1] and
+- `autoencode(x)` is what the aekl objective (vae/objectives/aekl/) trains on: the reconstruction in [-1, 1] and
   the posterior, on diffusers' own scale.
 
 `pretrained` is a local diffusers AutoencoderKL folder (config.json + weights): its architecture wins, and a
 section value that disagrees is refused (`with_pretrained` fills the section from the folder where training builds
-the model, so the resolved config describes the model). `train_encoder=False` freezes encoder and quant_conv (decoder-only
+the model, so the resolved config describes the model). `train_encoder=False` freezes encoder and quant_conv
+(decoder-only
 fine-tuning, as the SD VAE ft-MSE / ft-EMA releases did): their weights, hence the latents, stay bit-equal.
 """
 

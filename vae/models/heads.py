@@ -1,7 +1,8 @@
 """Output heads: how many parameters per pixel a decoder emits for a likelihood, and the pixel mean they imply.
 
 This is the part of a likelihood the model itself needs (its output width, and `decode` -> pixel means for the
-MLflow model and the plots); the densities are in vae/likelihoods.py, which reads the same layout from here.
+MLflow model and the plots); the densities are in vae/objectives/elbo/likelihoods.py, which reads the same layout
+from here.
 
 Layouts, for C image channels, along dim 1 of the decoder output (B, channels, H, W):
 - `bernoulli`: C logits; mean sigmoid(logits).

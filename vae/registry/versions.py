@@ -87,7 +87,7 @@ def register_version(model_uri: str, name: str, score: float, run_id: str, tags:
     """
     score = float(score)
     client = mlflow.MlflowClient()
-    aliases, scores = _contest(client, name, criterion)  # read first: a champion without its tag fails before registering
+    aliases, scores = _contest(client, name, criterion)  # first: a champion without its tag fails before registering
     previous = scores.get(aliases[CHAMPION]) if CHAMPION in aliases else None
     if not math.isfinite(score):
         why = nonfinite_reason or f"{criterion.metric} is {score}"

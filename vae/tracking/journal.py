@@ -1,6 +1,7 @@
 """The metric journal: what training sends to MLflow survives a tracking server that stops and comes back.
 
-Only rank 0 calls into this module. Training logs through a `MetricJournal`: every metric (and the run's status) is first appended to a JSONL file
+Only rank 0 calls into this module. Training logs through a `MetricJournal`: every metric (and the run's status)
+is first appended to a JSONL file
 in the run's output directory and fsynced, then sent in batches, one short HTTP attempt at a time. A tracking
 server that is down or hangs costs training at most one timeout per back-off period: what it did not take stays
 in the journal and goes with a later flush, at the end of training, at a resume, or by `sync_journal`. Resending
@@ -242,7 +243,7 @@ def open_journal(cfg: RunConfig, output_dir: str | os.PathLike, run_id: str | No
 
 
 def _start_monitor(run_id: str, uri: str):
-    """MLflow's system-metrics monitor on the run (vae/tracking/provenance.py), or None with a warning when it cannot start:
+    """MLflow's system-metrics monitor on the run (provenance.py), or None with a warning when it cannot start:
     its figures are worth a warning, never a failed run. Its first request (where a resumed run's system metrics
     stand) gets one short attempt, as the journal's do."""
     try:

@@ -10,10 +10,10 @@ METRICS = (
     "train/skipped_steps", "train/skipped_shards",
     "val/elbo", "val/recon", "val/kl", "val/nll_iwae", "val/bpd", "val/active_units", "val/recon_mse",
     "val/skipped_shards",
-    # the aekl objective (vae/objective.py AeklObjective) and its per-epoch validation
+    # the aekl objective (vae/objectives/aekl/objective.py) and its per-epoch validation
     "train/perceptual", "train/g_loss", "train/d_weight", "train/disc_loss", "train/grad_norm_discriminator",
     "val/psnr", "val/ssim",
-    # the aekl final evaluation (vae/aekl_eval.py)
+    # the aekl final evaluation (vae/objectives/aekl/evaluation.py)
     "val/lpips", "val/rfid", "val/shift_factor", "val/scaling_factor",
 )
 # Fixed families with one member per latent channel: val/latent_mean/0, val/latent_mean/1, ... (aekl).

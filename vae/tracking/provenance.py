@@ -1,4 +1,5 @@
-"""What a run was made from (mlflow is imported inside the functions that call it: a second to import, rank 0 only), in the fields MLflow's own UI shows: datasets, source tags, system metrics, and the
+"""What a run was made from, in the fields MLflow's own UI shows (mlflow is imported inside the functions that
+call it: a second to import, rank 0 only): datasets, source tags, system metrics, and the
 model version's description. (The logged model's metrics are MLflow's own link: the model is logged at the
 checkpoint's step, and MLflow attaches the run's metrics of that step, the final evaluation, to it. A system
 metric joins them only where the monitor has taken as many samples as training took steps: steps of 10 s or more.)

@@ -58,7 +58,7 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 
 def create_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> str:
-    """Create a run for `cfg` with its provenance (vae/provenance.py: MLflow's source tags, this checkout's
+    """Create a run for `cfg` with its provenance (vae/tracking/provenance.py: MLflow's source tags, this checkout's
     commit, then `tags`, which may replace them; the training and validation datasets) and params; return the
     run id (the flow hands it to training).
 

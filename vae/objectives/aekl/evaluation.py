@@ -1,6 +1,6 @@
 """Evaluation of an aekl model on the validation split at full resolution, under fixed metric names.
 
-Metrics (vae/finalize.py logs them like the ELBO family):
+Metrics (vae/training/finalize.py logs them like the ELBO family):
 - `val/psnr` (dB) and `val/ssim`: per image (torchmetrics, data range 1), averaged over images;
 - `val/lpips` (VGG) and `val/rfid` (Inception, torch-fidelity's FID weights): only when their weights are on
   this machine; otherwise they are left out of the metrics and `absent` says why (never a made-up number);
@@ -9,7 +9,8 @@ Metrics (vae/finalize.py logs them like the ELBO family):
   `val/scaling_factor` (1 / std): what a diffusion model multiplies latents by, `(z - shift) * scale`, to
   train on unit-variance latents (SD's 0.18215 was computed this way); the export writes them into config.json.
 
-As in vae/evaluate.py the per-image figures are running float64 sums (`aekl_sums`), so ranks can all-reduce one
+As in vae/objectives/elbo/evaluation.py the per-image figures are running float64 sums (`aekl_sums`), so ranks can
+all-reduce one
 tensor and `aekl_metrics` turns the totals into the figures.
 """
 

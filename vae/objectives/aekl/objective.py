@@ -34,7 +34,7 @@ from vae.objectives.inputs import to_input
 
 @register_objective("aekl", archs=("aekl",))
 class AeklObjective(Objective):
-    """diffusers' AutoencoderKL on LDM's loss (vae/objectives/aekl/losses.py): per micro-batch the autoencoder's loss (pixel
+    """diffusers' AutoencoderKL on LDM's loss (aekl/losses.py): per micro-batch the autoencoder's loss (pixel
     L1/L2 + perceptual + kl_weight * KL + the adaptive-weighted GAN term from loss.aekl.disc_start), then the
     PatchGAN discriminator's on the detached reconstructions, with its own optimiser (loss.aekl.disc_lr)."""
 
@@ -86,7 +86,7 @@ class AeklObjective(Objective):
     def final_evaluation(self, accelerator, model: nn.Module, val_loader) -> FinalEvaluation:
         """PSNR and SSIM at full resolution, LPIPS with the objective's LPIPS (or local VGG weights), rFID when
         torch-fidelity's Inception weights are in the torch hub cache; the per-channel latent statistics and
-        from them the scaling and shift factors (vae/objectives/aekl/evaluation.py). A metric without weights is `absent`."""
+        from them the scaling and shift factors (aekl/evaluation.py). A metric without weights is `absent`."""
         model = unwrap(model).eval()
         device = accelerator.device
         lpips = self.lpips if self.lpips is not None else self.evaluation_lpips()

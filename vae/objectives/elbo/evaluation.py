@@ -4,7 +4,7 @@
   the device so ranks can all-reduce them.
 - `evaluate`: everything people compare models by, once at the end: the IWAE-k NLL (k up to thousands, chunked
   over images and samples so memory stays within a budget), bits/dim, active units, KL per dimension and per
-  group. It is `evaluation_totals` (per rank, all-reducible sums) then `summarize`; vae/finalize.py runs the
+  group. It is `evaluation_totals` (per rank, all-reducible sums) then `summarize`; vae/training/finalize.py runs the
   same two on every training rank.
 - `mutual_information_gap`: disentanglement (MIG, Chen et al. 2018) from latents and known factors.
 """

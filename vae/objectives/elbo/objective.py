@@ -20,7 +20,7 @@ from vae.objectives.inputs import to_input
 
 @register_objective("elbo")
 class ELBOObjective(Objective):
-    """The VAEs of vae/models trained on the ELBO (or the IWAE-k bound: loss.objective); see vae/objectives/elbo/losses.py."""
+    """The VAEs of vae/models trained on the ELBO (or the IWAE-k bound: loss.objective); see elbo/losses.py."""
 
     metrics = ("loss", "elbo", "recon", "kl")
     champion = NLL
@@ -42,7 +42,7 @@ class ELBOObjective(Objective):
                 f"recon MSE {val['val/recon_mse']:.4f}")
 
     def final_evaluation(self, accelerator, model: nn.Module, val_loader) -> FinalEvaluation:
-        """ELBO, IWAE NLL (loss.eval_iwae_k), bits/dim, KL per dimension and active units (vae/objectives/elbo/evaluation.py)."""
+        """ELBO, IWAE NLL (loss.eval_iwae_k), bits/dim, KL per dimension and active units (elbo/evaluation.py)."""
         cfg = self.cfg
         model = unwrap(model).eval()
         max_rows = rows_within(model, cfg.loss.eval_memory_mb << 20)

@@ -55,8 +55,10 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[Import]:
         while target and target not in known:
             target = target.rpartition(".")[0]
         if target and target != name:
-            line = lines[node.lineno - 1]
-            comment = line.split("#", 1)[1].strip() if "#" in line else ""
+            line, above = lines[node.lineno - 1], lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+            # the import line's own comment, else a comment line just above it
+            own = line.split("#", 1)[1].strip() if "#" in line else ""
+            comment = own or (above.lstrip("# ") if above.startswith("#") else "")
             found.append(Import(name, target, node.lineno, function, comment))
 
     def visit(node: ast.AST, function: str | None) -> None:

@@ -61,8 +61,6 @@ def preempted_since(output_dir: Path, before: Path | None) -> Path | None:
     Saving is collective (every rank writes its state, rank 0 writes meta.json last), so a complete one means
     every rank got there: resuming from it loses nothing.
     """
-    from vae.training import checkpoint
-
     newest = checkpoint.latest(output_dir)
     if newest is None or newest == before:
         return None

@@ -16,7 +16,7 @@ from pipeline.ingest import (
     prepare_dir,
     write_group,
 )
-from pipeline.loader import Batch, ShardLoader, read_split
+from pipeline.loader import Batch, ShardLoader, open_loader, read_split
 from pipeline.lock import DirectoryLockedError, DirLock
 from pipeline.preflight import check_ingest
 from pipeline.records import Record, Rejected
@@ -50,6 +50,7 @@ __all__ = [
     "ingest",
     "is_url",
     "is_complete",
+    "open_loader",
     "plan_ingest",
     "prepare_dir",
     "read_index",

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from pipeline.layouts import Layout, ShardTable, decode_tensor, load_decoders
-from pipeline.loader.base import CORRUPTION
+from pipeline.loader.corrupt import CORRUPTION
 from pipeline.storage import Location
 
 

@@ -36,6 +36,8 @@ def gather_for(device: torch.device) -> Gather:
 
 
 class ResidentLoader(ShardLoader):
+    """Decodes the split once onto the device and cuts each epoch from it (see the module docstring)."""
+
     resident = True
     _data: Tensors | None = None
 

@@ -23,6 +23,8 @@ PREFETCH = 4  # batches each worker works ahead of the consumer
 
 
 class StreamedLoader(ShardLoader):
+    """Reads the rank's slice of the shards again each epoch (see the module docstring)."""
+
     _pool: BatchPool | None = None  # decoded batches' buffers, reused across epochs
 
     def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:

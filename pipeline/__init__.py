@@ -20,12 +20,14 @@ from pipeline.loader import Batch, ShardLoader, open_loader, read_split
 from pipeline.lock import DirectoryLockedError, DirLock
 from pipeline.preflight import check_ingest
 from pipeline.records import Record, Rejected
+from pipeline.settings import SHARD_FIELDS, IngestSection, SourceSection
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
 from pipeline.storage import DestinationError, is_url
 
 __all__ = [
     "INDEX_NAME",
+    "SHARD_FIELDS",
     "REPORT_NAME",
     "Batch",
     "DestinationError",
@@ -35,12 +37,14 @@ __all__ = [
     "GroupTask",
     "IngestOptions",
     "IngestPlan",
+    "IngestSection",
     "Record",
     "Rejected",
     "ShardFormatError",
     "ShardIndex",
     "ShardLoader",
     "SourceError",
+    "SourceSection",
     "available_sources",
     "build_source",
     "check_ingest",

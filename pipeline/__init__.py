@@ -7,7 +7,6 @@ from pipeline.errors import ShardFormatError, SourceError
 from pipeline.ingest import (
     GroupResult,
     GroupTask,
-    IngestOptions,
     IngestPlan,
     finalize_ingest,
     ingest,
@@ -35,7 +34,6 @@ __all__ = [
     "DirectoryLockedError",
     "GroupResult",
     "GroupTask",
-    "IngestOptions",
     "IngestPlan",
     "IngestSection",
     "Record",

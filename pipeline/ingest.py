@@ -27,43 +27,25 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from pipeline import ownership, shards
-from pipeline.conform import ChannelRule, SizeRule, conform, encode_image
+from pipeline.conform import conform, encode_image
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.layouts import LayoutChoice, get_layout
+from pipeline.layouts import get_layout
 from pipeline.lock import DirLock
 from pipeline.records import Record, Rejected
+from pipeline.settings import SHARD_FIELDS, IngestSection
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, ShardInfo, ShardPlan, SplitInfo, read_index
 from pipeline.sources import build_source, get_source_class, validate_options
 from pipeline.storage import DestinationError, Location
 
 MARKERS = ownership.MARKERS  # per-group completion markers, beside the shards
 log = logging.getLogger(__name__)
-
-
-class IngestOptions(BaseModel, frozen=True):
-    """The ingest settings `pipeline` needs (vae.config.IngestSection documents each for users)."""
-
-    samples_per_shard: int = 8192
-    block_size: int = 1024
-    layout: LayoutChoice = "auto"
-    image_format: Literal["jpeg", "png", "webp"] = "jpeg"
-    quality: int = 95
-    shards_per_task: int = 1
-    on_error: Literal["skip", "fail"] = "skip"
-    size_rule: SizeRule = "reject"
-    channel_rule: ChannelRule = "reject"
-    image_size: tuple[int, int] | None = None
-    channels: Literal[1, 3, 4] | None = None
-    max_skip_fraction: float = Field(0.01, ge=0, le=1)
-    shard_bytes: int = Field(256 << 20, gt=0)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class GroupTask(BaseModel, frozen=True):
@@ -77,7 +59,7 @@ class GroupTask(BaseModel, frozen=True):
 class IngestPlan(BaseModel, frozen=True):
     source: dict[str, Any]  # {'name', 'config'} as index.json stores it
     out: str  # local path or fsspec URL
-    options: IngestOptions
+    options: IngestSection
     shard: ShardPlan
     splits: list[str]
     factor_names: list[str] | None
@@ -176,7 +158,7 @@ def _first_image(source, splits: list[str]) -> Record:
     )
 
 
-def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, opts: IngestOptions) -> IngestPlan:
+def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, opts: IngestSection) -> IngestPlan:
     """Splits, target shape, layout and shard groups (see the module docstring)."""
     source = build_source(name, options)
     splits = source.splits()
@@ -218,7 +200,7 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
     )
 
 
-def _shard_sizes(source, splits: list[str], opts: IngestOptions, shape: tuple[int, int, int],
+def _shard_sizes(source, splits: list[str], opts: IngestSection, shape: tuple[int, int, int],
                  layout: str) -> tuple[int, int]:
     """(samples per shard, images per block). ingest.samples_per_shard, lowered so that a shard stays under
     ingest.shard_bytes: exactly for packed pixels, and for encoded images from the stored size of the first few
@@ -258,7 +240,7 @@ TAR_FRAMING = 2048  # a sample's tar headers and padding: about 3 members of 512
 TAR_RECORD = 10240  # tar's record: a file's size is a multiple of it
 
 
-def _target_shape(source, splits: list[str], opts: IngestOptions) -> tuple[int, int, int]:
+def _target_shape(source, splits: list[str], opts: IngestSection) -> tuple[int, int, int]:
     """The dataset's (H, W, C): the configured size and channels, else the most common ones among the inputs.
 
     A source that can survey its files' headers (`Source.shapes`) gives the most common size and channel count;
@@ -295,7 +277,7 @@ def _target_shape(source, splits: list[str], opts: IngestOptions) -> tuple[int, 
 
 def _fingerprint(plan: IngestPlan, task: GroupTask) -> str:
     """What a group's shards depend on; a marker with another fingerprint is stale."""
-    settings = plan.options.model_dump(mode="json", exclude={"storage_options", "max_skip_fraction"})
+    settings = plan.options.model_dump(mode="json", include=SHARD_FIELDS)
     data = {"source": plan.source, "options": settings, "shard": plan.shard.model_dump(mode="json"),
             "task": task.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -474,12 +456,13 @@ def ingest(
 ) -> ShardIndex:
     """Ingest every split of source `name` into `out_dir` in this process; reuse the directory when complete.
 
-    `settings` are the other `IngestOptions` fields (layout, on_error, size_rule, storage_options, ...).
+    `settings` are the other `IngestSection` fields that shape the shards (layout, on_error, size_rule,
+    storage_options, ...); they are validated as a run config's are.
     """
     options = options or {}
-    opts = IngestOptions(samples_per_shard=samples_per_shard, block_size=block_size, **settings)
+    opts = IngestSection(samples_per_shard=samples_per_shard, block_size=block_size, overwrite=overwrite, **settings)
     with DirLock(Location(out_dir, opts.storage_options)):
-        existing = prepare_dir(name, options, out_dir, overwrite, opts.storage_options)
+        existing = prepare_dir(name, options, out_dir, opts.overwrite, opts.storage_options)
         if existing is not None:
             return existing
         plan = plan_ingest(name, options, out_dir, opts)

@@ -413,17 +413,15 @@ def test_an_unknown_layout_is_refused_listing_the_known_ones(photos, tmp_path):
 
 
 def test_the_layout_choices_are_the_registry_and_auto_everywhere_they_are_offered():
-    """ingest.layout is spelled out as a Literal (pydantic validates and documents it) in the pipeline and in the
-    run config, which imports no torch; both must offer exactly the registered layouts and 'auto'."""
+    """ingest.layout is spelled out as a Literal (pydantic validates and documents it) in the one ingest schema,
+    pipeline.settings, which imports no torch; it must offer exactly the registered layouts and 'auto'."""
     from typing import get_args
 
-    from pipeline.ingest import IngestOptions
     from pipeline.layouts import LAYOUTS, LayoutChoice
-    from vae.config import IngestSection
+    from pipeline.settings import IngestSection
 
     assert set(get_args(LayoutChoice)) == {"auto", *LAYOUTS}
-    for model in (IngestOptions, IngestSection):
-        assert set(get_args(model.model_fields["layout"].annotation)) == set(get_args(LayoutChoice)), model
+    assert set(get_args(IngestSection.model_fields["layout"].annotation)) == set(get_args(LayoutChoice))
 
 
 @pytest.mark.slow

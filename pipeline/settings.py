@@ -132,11 +132,11 @@ class IngestSection(Section):
         return data
 
     # samples_per_shard must be a multiple of block_size only for packed shards, which the layout decides once the
-    # image size is known: the ingest's plan checks it (pipeline.ingest._shard_sizes), before any shard is written
+    # image size is known: the ingest's plan checks it (pipeline.ingest.plan), before any shard is written
 
 
 # The ingest settings a shard group's files are a function of: a finished group is kept by a re-run only when they
-# are unchanged (`pipeline.ingest`). The other fields say where the shards go (shard_dir, storage_options),
+# are unchanged (`pipeline.ingest.group`). The other fields say where the shards go (shard_dir, storage_options),
 # whether to start over (overwrite), when to give up (max_skip_fraction), and how the flow schedules the groups.
 SHARD_FIELDS = frozenset({
     "samples_per_shard", "shard_bytes", "block_size", "layout", "image_format", "quality", "shards_per_task",

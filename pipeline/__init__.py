@@ -1,6 +1,12 @@
-"""Data side of vaepipe: source plugins, the version-1 shard format, and the per-rank loader.
+"""Data side of vaepipe: source plugins, the ingest and its settings, the version-1 shard format, and the per-rank
+loader.
 
-This module is the public API that `vae` and `flows` import; the submodules are internal.
+This module is the public API that `vae` and `flows` import; the submodules are internal. The packages:
+`sources` (plugins that read inputs as records), `ingest` (records -> a shard directory, step by step) and
+`loader` (a shard directory -> batches for one rank); `settings` is the schema of the source and ingest sections.
+Between them lie the shard format (`shards`, `layouts`, `npy`), image conforming (`conform`, `augment`), storage
+(`storage`, `lock`, `ownership`) and `errors`. Nothing in pipeline imports `vae` or `flows`, the ingest and the
+loader never import each other, and no two modules import each other.
 """
 
 from pipeline.errors import ShardFormatError, SourceError

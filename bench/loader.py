@@ -72,11 +72,11 @@ def main() -> None:
         n = len(images)
         full = n - n % BATCH
         urls = per_member_shards(images, labels, tmp)
-        streamed = pipeline.ShardLoader(tmp / "packed", "train", batch_size=BATCH, resident="off")
-        resident = pipeline.ShardLoader(tmp / "packed", "train", batch_size=BATCH, resident="on")
+        streamed = pipeline.open_loader(tmp / "packed", "train", batch_size=BATCH, resident="off")
+        resident = pipeline.open_loader(tmp / "packed", "train", batch_size=BATCH, resident="on")
         next(iter(resident))  # decode once (timed separately below)
         start = time.perf_counter()
-        pipeline.ShardLoader(tmp / "packed", "train", batch_size=BATCH, resident="on").load()
+        pipeline.open_loader(tmp / "packed", "train", batch_size=BATCH, resident="on").load()
         resident_load_s = time.perf_counter() - start
 
         def packed() -> int:

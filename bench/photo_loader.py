@@ -106,7 +106,7 @@ def ours(out: Path, workers: int, reuse: bool = True, batch: int = BATCH) -> cal
     import pipeline
     from pipeline.loader.read import BatchPool
 
-    loader = pipeline.ShardLoader(out, "train", batch_size=batch, workers=workers, resident="off", drop_last=False)
+    loader = pipeline.open_loader(out, "train", batch_size=batch, workers=workers, resident="off", drop_last=False)
     if not reuse:
         loader._batch_pool = lambda: BatchPool(0, 0)  # keeps no buffer: each batch is a new allocation
     return lambda: sum(len(b.images) for b in loader)
@@ -118,7 +118,7 @@ def steady_rate(out: Path, workers: int, batch: int, epochs: int) -> float:
     overlap), which a 3,000-photo epoch of a dozen batches counts in full."""
     import pipeline
 
-    loader = pipeline.ShardLoader(out, "train", batch_size=batch, workers=workers, resident="off", drop_last=False)
+    loader = pipeline.open_loader(out, "train", batch_size=batch, workers=workers, resident="off", drop_last=False)
     best = 0.0
     for _ in range(epochs):
         stamps, sizes = [], []

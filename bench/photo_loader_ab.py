@@ -37,7 +37,7 @@ if what == "torchvision":
     fn, n = (lambda: pl.torchvision_loop(files)), len(files)
 else:
     import pipeline
-    loader = pipeline.ShardLoader(target, "train", batch_size=pl.BATCH, workers=int(sys.argv[3]), resident="off",
+    loader = pipeline.open_loader(target, "train", batch_size=pl.BATCH, workers=int(sys.argv[3]), resident="off",
                                   drop_last=False)
     fn, n = (lambda: sum(len(b.images) for b in loader)), loader.num_samples
 fn()  # warm: page cache, imports

@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tt.make_shards(Path(tmp), 60_000)
         for batch in args.batch:
-            loader = pipeline.ShardLoader(Path(tmp) / "shards", "train", batch_size=batch, resident="on",
+            loader = pipeline.open_loader(Path(tmp) / "shards", "train", batch_size=batch, resident="on",
                                           device=args.device)
             loader.load()
             rates = {"per_batch": [], "blocks": []}

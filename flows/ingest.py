@@ -240,10 +240,6 @@ def _location(source: SourceSection, ingest: IngestSection) -> str:
     return shard_dir if isinstance(shard_dir, str) else str(shard_dir.resolve())
 
 
-def _options(ingest: IngestSection) -> pipeline.IngestOptions:
-    return pipeline.IngestOptions(**ingest.model_dump(include=set(pipeline.IngestOptions.model_fields)))
-
-
 def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str | None:
     """The cache key of a complete shard directory, or None (no cache read, nothing recorded) when there is none.
 
@@ -266,7 +262,8 @@ def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str
         for shard in split.shards:
             if not location.isfile(shard.name) or location.size(shard.name) != shard.bytes:
                 return None
-    settings = _options(ingest).model_dump(mode="json", exclude={"storage_options"})
+    # the fields of the former pipeline.IngestOptions less storage_options, so that existing keys still match
+    settings = ingest.model_dump(mode="json", include=pipeline.SHARD_FIELDS | {"max_skip_fraction"})
     data = {"version": CACHE_KEY_VERSION, "source": source_record, "options": settings, "location": str(location),
             "index_sha256": index_sha256}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -342,7 +339,7 @@ def _ingest_locked(source: SourceSection, ingest: IngestSection, out: str) -> st
         update_progress_artifact(progress_id, 100.0)
         remember(source, ingest, out)
         return out
-    plan = pipeline.plan_ingest(name, options, out, _options(ingest))
+    plan = pipeline.plan_ingest(name, options, out, ingest)
     for warning in plan.warnings:
         say(loggers, logging.WARNING, warning)
     runner = task_runner(ingest)

@@ -1,13 +1,18 @@
-"""Data side of vaepipe: source plugins, the version-1 shard format, and the per-rank loader.
+"""Data side of vaepipe: source plugins, the ingest and its settings, the version-1 shard format, and the per-rank
+loader.
 
-This module is the public API that `vae` and `flows` import; the submodules are internal.
+This module is the public API that `vae` and `flows` import; the submodules are internal. The packages:
+`sources` (plugins that read inputs as records), `ingest` (records -> a shard directory, step by step) and
+`loader` (a shard directory -> batches for one rank); `settings` is the schema of the source and ingest sections.
+Between them lie the shard format (`shards`, `layouts`, `npy`), image conforming (`conform`, `augment`), storage
+(`storage`, `lock`, `ownership`) and `errors`. Nothing in pipeline imports `vae` or `flows`, the ingest and the
+loader never import each other, and no two modules import each other.
 """
 
 from pipeline.errors import ShardFormatError, SourceError
 from pipeline.ingest import (
     GroupResult,
     GroupTask,
-    IngestOptions,
     IngestPlan,
     finalize_ingest,
     ingest,
@@ -16,16 +21,18 @@ from pipeline.ingest import (
     prepare_dir,
     write_group,
 )
-from pipeline.loader import Batch, ShardLoader, read_split
+from pipeline.loader import Batch, ShardLoader, open_loader, read_split
 from pipeline.lock import DirectoryLockedError, DirLock
 from pipeline.preflight import check_ingest
 from pipeline.records import Record, Rejected
+from pipeline.settings import SHARD_FIELDS, IngestSection, SourceSection
 from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify
 from pipeline.sources import available_sources, build_source, get_source_class
 from pipeline.storage import DestinationError, is_url
 
 __all__ = [
     "INDEX_NAME",
+    "SHARD_FIELDS",
     "REPORT_NAME",
     "Batch",
     "DestinationError",
@@ -33,14 +40,15 @@ __all__ = [
     "DirectoryLockedError",
     "GroupResult",
     "GroupTask",
-    "IngestOptions",
     "IngestPlan",
+    "IngestSection",
     "Record",
     "Rejected",
     "ShardFormatError",
     "ShardIndex",
     "ShardLoader",
     "SourceError",
+    "SourceSection",
     "available_sources",
     "build_source",
     "check_ingest",
@@ -50,6 +58,7 @@ __all__ = [
     "ingest",
     "is_url",
     "is_complete",
+    "open_loader",
     "plan_ingest",
     "prepare_dir",
     "read_index",

@@ -26,7 +26,7 @@ import webdataset as wds
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.layouts import LayoutChoice, WriteOptions, get_layout
+from pipeline.layouts import LAYOUTS, LayoutChoice, WriteOptions, get_layout
 from pipeline.records import Record
 from pipeline.storage import Location
 
@@ -88,8 +88,6 @@ class ShardIndex(BaseModel):
     @field_validator("layout")
     @classmethod
     def _known_layout(cls, layout: str) -> str:
-        from pipeline.layouts import LAYOUTS
-
         if layout not in LAYOUTS:
             raise ValueError(f"unknown shard layout {layout!r}; this vaepipe reads {sorted(LAYOUTS)}")
         return layout

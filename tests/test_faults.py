@@ -24,7 +24,7 @@ from support.journal import PRESET, entries, journal_of, sent, train_argv
 from support.servers import MlflowServer, kill_group
 from support.training import in_process
 
-from pipeline import ShardFormatError, ShardLoader, read_split
+from pipeline import ShardFormatError, ShardLoader, open_loader, read_split
 from pipeline.loader import CorruptShardError
 from vae.tracking import journal as journal_module
 from vae.tracking.journal import JOURNAL_DIR, MetricJournal, sync_journal
@@ -78,7 +78,7 @@ def labels_of(loader: ShardLoader, epoch: int = 0) -> list[int]:
 @pytest.mark.parametrize("how", KINDS)
 def test_fail_policy_stops_naming_the_shard_and_the_fix(numbered, how, resident):
     corrupt(numbered / BAD, how)
-    loader = ShardLoader(numbered, "train", batch_size=4, shuffle_buffer=8, resident=resident,
+    loader = open_loader(numbered, "train", batch_size=4, shuffle_buffer=8, resident=resident,
                          verify=how == "flipped_pixel")
     fix = rf"(?s){BAD} .*the shard is corrupt.*vaepipe verify .*re-run the ingest"
     with pytest.raises(CorruptShardError, match=fix):
@@ -89,7 +89,7 @@ def test_fail_policy_stops_naming_the_shard_and_the_fix(numbered, how, resident)
 @pytest.mark.parametrize("how", KINDS)
 def test_skip_policy_reads_exactly_the_other_shards(numbered, how, resident, caplog):
     corrupt(numbered / BAD, how)
-    loader = ShardLoader(numbered, "train", batch_size=4, shuffle_buffer=8, resident=resident,
+    loader = open_loader(numbered, "train", batch_size=4, shuffle_buffer=8, resident=resident,
                          verify=how == "flipped_pixel", on_corrupt="skip")
     with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
         epochs = [labels_of(loader, epoch) for epoch in (0, 1)]
@@ -107,7 +107,7 @@ def test_skipping_keeps_ranks_in_step(numbered, resident):
     """Two ranks: only rank 0's slice holds the corrupt shard (shuffle off), yet both yield the same number of
     batches (DDP would hang otherwise), and together they cover every other sample."""
     corrupt(numbered / BAD, "truncated")
-    ranks = [ShardLoader(numbered, "train", batch_size=4, rank=r, world_size=2, shuffle=False, resident=resident,
+    ranks = [open_loader(numbered, "train", batch_size=4, rank=r, world_size=2, shuffle=False, resident=resident,
                          on_corrupt="skip") for r in (0, 1)]
     seen = [labels_of(loader) for loader in ranks]
     assert [len(s) for s in seen] == [32, 32] and len(ranks[0]) == len(ranks[1]) == 8
@@ -132,7 +132,7 @@ def test_all_shards_corrupt_is_an_error_not_an_endless_pad(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, [8, 8], block_size=4)
     for shard in shard_dir.glob("*.tar"):
         corrupt(shard, "truncated")
-    loader = ShardLoader(shard_dir, "train", batch_size=4, on_corrupt="skip", resident="off")
+    loader = open_loader(shard_dir, "train", batch_size=4, on_corrupt="skip", resident="off")
     with pytest.raises(ShardFormatError, match="no readable shard is left"):
         labels_of(loader)
 

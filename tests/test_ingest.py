@@ -12,7 +12,7 @@ from conftest import BIN, run
 from PIL import Image
 
 import pipeline
-from pipeline import ShardFormatError, ShardLoader, SourceError
+from pipeline import ShardFormatError, SourceError, open_loader
 from pipeline.conform import resize
 
 
@@ -150,7 +150,7 @@ def test_verify_names_a_corrupt_shard_and_a_rerun_rewrites_only_its_group(digits
     assert result.returncode == 1 and "BAD train-000001.tar: sha256" in result.stdout
     assert "re-run the ingest" in result.stderr
     with pytest.raises(ShardFormatError, match="train-000001.tar: sha256 .* does not match"):
-        list(ShardLoader(out, "train", batch_size=64, shuffle=False, verify=True))
+        list(open_loader(out, "train", batch_size=64, shuffle=False, verify=True))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     (out / "index.json").unlink()
     pipeline.ingest("digits", {}, out, 512, 128, progress=False)
@@ -190,12 +190,12 @@ def test_s3_destination_round_trip(s3_server, tmp_path):
         for a, b in zip(pipeline.read_split(url, split, storage), pipeline.read_split(tmp_path / "local", split),
                         strict=True):
             np.testing.assert_array_equal(a, b)
-    loader = ShardLoader(url, "train", batch_size=100, storage_options=storage, resident="off", verify=True)
+    loader = open_loader(url, "train", batch_size=100, storage_options=storage, resident="off", verify=True)
     assert sum(len(b.images) for b in loader) == len(loader) * 100
     assert pipeline.ingest("digits", {}, url, 512, 128, storage_options=storage).created == index.created  # reused
     fs.rm_file("shards/digits/index.json")
     with pytest.raises(ShardFormatError, match="no index.json, so an ingest was interrupted"):
-        ShardLoader(url, "train", batch_size=8, storage_options=storage)
+        open_loader(url, "train", batch_size=8, storage_options=storage)
 
 
 @pytest.mark.parametrize("landscape", [True, False])

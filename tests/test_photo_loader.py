@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 import pipeline
-from pipeline import ShardFormatError, ShardLoader
+from pipeline import ShardFormatError, open_loader
 from pipeline.augment import crop_flip
 from pipeline.layouts import get_layout
 from pipeline.loader import CorruptShardError
@@ -109,7 +109,7 @@ def test_photo_ingests_store_blocks_of_encoded_files_by_default(tree, tmp_path):
             assert block["encoded.bin"][ends[i] : ends[i + 1]] == (tree / "train" / key).read_bytes()
             assert formats[i] == "jpg" and classes[labels[i]] == key.split("/")[0]
     streamed, labels = pipeline.read_split(out, "train")
-    resident = ShardLoader(out, "train", batch_size=48, resident="on", shuffle=False, drop_last=False, pad=False)
+    resident = open_loader(out, "train", batch_size=48, resident="on", shuffle=False, drop_last=False, pad=False)
     assert torch.equal(resident.load()[0].permute(0, 2, 3, 1), torch.as_tensor(streamed))
 
 
@@ -131,7 +131,7 @@ def test_ranks_get_equal_batch_counts_on_uneven_shards_with_workers(photos, worl
     seen = []
     counts = set()
     for rank in range(world):
-        loader = ShardLoader(out, "train", batch_size=3, rank=rank, world_size=world, seed=4, workers=2)
+        loader = open_loader(out, "train", batch_size=3, rank=rank, world_size=world, seed=4, workers=2)
         batches = list(loader)
         counts.add(len(batches))
         assert len(batches) == len(loader)
@@ -141,7 +141,7 @@ def test_ranks_get_equal_batch_counts_on_uneven_shards_with_workers(photos, worl
 
 def test_workers_do_not_change_a_single_batch(photos):
     _, out = photos
-    make = lambda workers: ShardLoader(out, "train", batch_size=4, seed=2, workers=workers, crop_size=(48, 48),  # noqa: E731
+    make = lambda workers: open_loader(out, "train", batch_size=4, seed=2, workers=workers, crop_size=(48, 48),  # noqa: E731
                                        flip=True)
     reference = _all(make(0))
     for workers in (1, 2):
@@ -155,7 +155,7 @@ def test_in_process_batches_the_consumer_keeps_are_never_refilled(photos):
     """In process, batches are filled into reused buffers; a batch (or a view of one) still held must not be
     one of them, however many the consumer keeps."""
     _, out = photos
-    make = lambda workers: ShardLoader(out, "train", batch_size=4, seed=5, workers=workers, crop_size=(48, 48),  # noqa: E731
+    make = lambda workers: open_loader(out, "train", batch_size=4, seed=5, workers=workers, crop_size=(48, 48),  # noqa: E731
                                        flip=True)
     loader = make(0)
     kept = [b.images for b in loader]  # no copies: every batch stays alive
@@ -196,7 +196,7 @@ def test_workers_decode_into_the_consumers_reused_shared_buffers(photos):
     on arrival (no fresh shared memory per batch, no page faults after the first epoch); batches the consumer
     keeps are never refilled, and an epoch broken off gives its buffers back once its workers are gone."""
     _, out = photos
-    make = lambda workers: ShardLoader(out, "train", batch_size=4, seed=3, workers=workers, crop_size=(48, 48),  # noqa: E731
+    make = lambda workers: open_loader(out, "train", batch_size=4, seed=3, workers=workers, crop_size=(48, 48),  # noqa: E731
                                        flip=True)
     expected = {epoch: None for epoch in (0, 1)}
     for epoch in expected:
@@ -236,7 +236,7 @@ class Spy(importlib.abc.MetaPathFinder):  # notes each process that imports the 
 
 sys.meta_path.insert(0, Spy())
 import pipeline
-loader = pipeline.ShardLoader(sys.argv[1], "train", batch_size=4, workers=2)
+loader = pipeline.open_loader(sys.argv[1], "train", batch_size=4, workers=2)
 for epoch in range(2):
     loader.set_epoch(epoch)
     assert sum(len(b.images) for b in loader) == 48
@@ -269,7 +269,7 @@ def test_batches_hold_the_decoded_pixels_channels_last(photos):
     truth = torch.stack([decode_jpeg(torch.frombuffer(bytearray(f), dtype=torch.uint8), mode=ImageReadMode.RGB)
                          for f in files])
     for options in ({"workers": 0}, {"workers": 2}, {"resident": "on"}, {"resident": "on", "workers": 2}):
-        loader = ShardLoader(out, "train", batch_size=5, shuffle=False, drop_last=False, pad=False, **options)
+        loader = open_loader(out, "train", batch_size=5, shuffle=False, drop_last=False, pad=False, **options)
         batches = [b.images for b in loader]
         assert all(b.permute(0, 2, 3, 1).is_contiguous() for b in batches), options
         assert torch.equal(torch.cat(batches), truth), options
@@ -279,15 +279,15 @@ def test_gpu_style_batched_decode_equals_worker_decode(photos):
     """decode_device 'device' decodes whole batches with torchvision's batched decode_jpeg on the loader's
     device (nvJPEG on a GPU); on this CPU it runs the same code path and must give the same batches."""
     _, out = photos
-    workers = _all(ShardLoader(out, "train", batch_size=4, seed=1, workers=2, crop_size=(40, 40), flip=True))
-    batched = _all(ShardLoader(out, "train", batch_size=4, seed=1, decode_device="device", crop_size=(40, 40),
+    workers = _all(open_loader(out, "train", batch_size=4, seed=1, workers=2, crop_size=(40, 40), flip=True))
+    batched = _all(open_loader(out, "train", batch_size=4, seed=1, decode_device="device", crop_size=(40, 40),
                                flip=True))
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(workers, batched, strict=True))
 
 
 def test_mid_epoch_resume_with_workers_is_exact(photos):
     _, out = photos
-    make = lambda: ShardLoader(out, "train", batch_size=3, seed=7, workers=2, crop_size=(64, 64), flip=True)  # noqa: E731
+    make = lambda: open_loader(out, "train", batch_size=3, seed=7, workers=2, crop_size=(64, 64), flip=True)  # noqa: E731
     full = make()
     full.set_epoch(1)
     expected = _all(full)
@@ -328,8 +328,8 @@ def test_an_undecodable_image_follows_the_corrupt_shard_policy(photos, tmp_path)
     bad = pipeline.read_index(out).splits["train"].shards[2].name
     _corrupt_one_image(out, bad)
     with pytest.raises(CorruptShardError, match=rf"{bad} could not be read at sample 0.*data.on_corrupt_shard skip"):
-        list(ShardLoader(out, "train", batch_size=4, workers=2, shuffle=False))
-    skipping = ShardLoader(out, "train", batch_size=4, workers=2, on_corrupt="skip")
+        list(open_loader(out, "train", batch_size=4, workers=2, shuffle=False))
+    skipping = open_loader(out, "train", batch_size=4, workers=2, on_corrupt="skip")
     assert len(list(skipping)) == len(skipping) and list(skipping.skipped_shards) == [bad]
 
 
@@ -342,8 +342,8 @@ def test_a_truncated_shard_is_skipped_with_workers_and_counts_stay_equal(photos,
     bad = pipeline.read_index(out).splits["train"].shards[1].name
     (out / bad).write_bytes((out / bad).read_bytes()[:3000])
     with pytest.raises(CorruptShardError, match=bad):
-        list(ShardLoader(out, "train", batch_size=4, workers=2))
-    ranks = [ShardLoader(out, "train", batch_size=4, rank=r, world_size=2, workers=2, on_corrupt="skip")
+        list(open_loader(out, "train", batch_size=4, workers=2))
+    ranks = [open_loader(out, "train", batch_size=4, rank=r, world_size=2, workers=2, on_corrupt="skip")
              for r in range(2)]
     assert [len(list(r)) for r in ranks] == [len(ranks[0])] * 2
 
@@ -362,8 +362,8 @@ def test_a_block_whose_offsets_do_not_cut_its_bytes_is_a_corrupt_shard(tree, tmp
     (out / bad).write_bytes(bytes(data))
     for resident in ("off", "on"):
         with pytest.raises(CorruptShardError, match=rf"{bad} holds a block .*\(corrupt offsets\.npy\)"):
-            list(ShardLoader(out, "train", batch_size=4, workers=2, resident=resident))
-    ranks = [ShardLoader(out, "train", batch_size=4, rank=r, world_size=2, workers=2, on_corrupt="skip")
+            list(open_loader(out, "train", batch_size=4, workers=2, resident=resident))
+    ranks = [open_loader(out, "train", batch_size=4, rank=r, world_size=2, workers=2, on_corrupt="skip")
              for r in range(2)]
     assert [len(list(r)) for r in ranks] == [len(ranks[0])] * 2
     assert all(list(r.skipped_shards) == [bad] for r in ranks if r.skipped_shards)
@@ -371,7 +371,7 @@ def test_a_block_whose_offsets_do_not_cut_its_bytes_is_a_corrupt_shard(tree, tmp
 
 def test_resident_photos_are_decoded_once_and_cropped_on_the_device(photos):
     _, out = photos
-    loader = ShardLoader(out, "train", batch_size=4, resident="on", workers=2, crop_size=(32, 48), flip=True)
+    loader = open_loader(out, "train", batch_size=4, resident="on", workers=2, crop_size=(32, 48), flip=True)
     batch = next(iter(loader))
     assert batch.images.shape == (4, 3, 32, 48) and loader.resident
     assert loader.load()[0].shape == (48, 3, SIDE, SIDE)
@@ -379,14 +379,14 @@ def test_resident_photos_are_decoded_once_and_cropped_on_the_device(photos):
 
 def test_crops_and_flips_are_seeded_by_epoch_and_validation_is_centred(photos):
     _, out = photos
-    make = lambda: ShardLoader(out, "train", batch_size=4, seed=3, crop_size=(32, 32), flip=True, shuffle=False)  # noqa: E731
+    make = lambda: open_loader(out, "train", batch_size=4, seed=3, crop_size=(32, 32), flip=True, shuffle=False)  # noqa: E731
     a, b = make(), make()
     assert torch.equal(next(iter(a)).images, next(iter(b)).images)
     b.set_epoch(1)
     assert not torch.equal(next(iter(make())).images, next(iter(b)).images)  # new crops each epoch
-    val = ShardLoader(out, "test", batch_size=4, crop_size=(32, 32), crop="centre", shuffle=False, drop_last=False,
+    val = open_loader(out, "test", batch_size=4, crop_size=(32, 32), crop="centre", shuffle=False, drop_last=False,
                       pad=False)
-    full = ShardLoader(out, "test", batch_size=4, shuffle=False, drop_last=False, pad=False)
+    full = open_loader(out, "test", batch_size=4, shuffle=False, drop_last=False, pad=False)
     top = (SIDE - 32) // 2
     assert torch.equal(next(iter(val)).images, next(iter(full)).images[:, :, top : top + 32, top : top + 32])
 
@@ -409,21 +409,19 @@ def test_an_unknown_layout_is_refused_listing_the_known_ones(photos, tmp_path):
     (out / "index.json").write_text(json.dumps(index))
     known = r"unknown shard layout 'zipped'; this vaepipe reads \['encoded', 'encoded-blocks', 'packed'\]"
     with pytest.raises(ShardFormatError, match=known):
-        ShardLoader(out, "train", batch_size=4)
+        open_loader(out, "train", batch_size=4)
 
 
 def test_the_layout_choices_are_the_registry_and_auto_everywhere_they_are_offered():
-    """ingest.layout is spelled out as a Literal (pydantic validates and documents it) in the pipeline and in the
-    run config, which imports no torch; both must offer exactly the registered layouts and 'auto'."""
+    """ingest.layout is spelled out as a Literal (pydantic validates and documents it) in the one ingest schema,
+    pipeline.settings, which imports no torch; it must offer exactly the registered layouts and 'auto'."""
     from typing import get_args
 
-    from pipeline.ingest import IngestOptions
     from pipeline.layouts import LAYOUTS, LayoutChoice
-    from vae.config import IngestSection
+    from pipeline.settings import IngestSection
 
     assert set(get_args(LayoutChoice)) == {"auto", *LAYOUTS}
-    for model in (IngestOptions, IngestSection):
-        assert set(get_args(model.model_fields["layout"].annotation)) == set(get_args(LayoutChoice)), model
+    assert set(get_args(IngestSection.model_fields["layout"].annotation)) == set(get_args(LayoutChoice))
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from conftest import shared_dataset, write_numbered_shards
 from support.data import write_idx
 
 import pipeline
-from pipeline import ShardFormatError, ShardLoader, SourceError
+from pipeline import ShardFormatError, ShardLoader, SourceError, open_loader
+from pipeline.loader import ResidentLoader, StreamedLoader
 from pipeline.sources.idx import read_idx
 
 
@@ -53,7 +54,7 @@ def test_missing_index_is_refused(digits_shards, tmp_path):
     partial.mkdir()
     (partial / "train-000000.tar").write_bytes((digits_shards / "train-000000.tar").read_bytes())
     with pytest.raises(ShardFormatError, match="no index.json, so an ingest was interrupted.*Re-run the ingest"):
-        ShardLoader(partial, "train", batch_size=8)
+        open_loader(partial, "train", batch_size=8)
     assert not pipeline.is_complete(partial)
 
 
@@ -115,7 +116,7 @@ def test_ranks_read_disjoint_data_with_equal_batches_on_uneven_shards(tmp_path, 
     for epoch in (0, 1):
         per_rank, lengths = [], []
         for rank in range(world):
-            loader = ShardLoader(shard_dir, "train", batch_size=4, rank=rank, world_size=world, seed=5,
+            loader = open_loader(shard_dir, "train", batch_size=4, rank=rank, world_size=world, seed=5,
                                  drop_last=False, shuffle_buffer=8, resident=resident)
             loader.set_epoch(epoch)
             batches = list(loader)
@@ -137,7 +138,7 @@ def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path, resident):
     shard_dir = write_numbered_shards(tmp_path, [16, 16, 16])
 
     def order(seed, epoch):
-        loader = ShardLoader(shard_dir, "train", batch_size=4, seed=seed, shuffle_buffer=8, resident=resident)
+        loader = open_loader(shard_dir, "train", batch_size=4, seed=seed, shuffle_buffer=8, resident=resident)
         loader.set_epoch(epoch)
         return [int(i) for b in loader for i in b.labels]
 
@@ -149,7 +150,7 @@ def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path, resident):
 def test_too_small_split_for_one_batch_per_rank(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, [5])
     with pytest.raises(ShardFormatError, match="fewer than one batch of 4 for each of 2 rank"):
-        ShardLoader(shard_dir, "train", batch_size=4, world_size=2, rank=0)
+        open_loader(shard_dir, "train", batch_size=4, world_size=2, rank=0)
 
 
 def test_truncated_shard_is_reported(tmp_path):
@@ -162,7 +163,7 @@ def test_truncated_shard_is_reported(tmp_path):
             import io
 
             tar.addfile(member, io.BytesIO(data))
-    loader = ShardLoader(shard_dir, "train", batch_size=4, shuffle=False)
+    loader = open_loader(shard_dir, "train", batch_size=4, shuffle=False)
     with pytest.raises(ShardFormatError, match="train-000001.tar holds 8 samples but index.json says"):
         list(loader)
 
@@ -223,7 +224,7 @@ def test_real_mnist_ingest(tmp_path):
 @pytest.mark.parametrize("resident", ["off", "on"])
 def test_position_resumes_mid_epoch_without_repeats_or_gaps(tmp_path, resident):
     shard_dir = write_numbered_shards(tmp_path, [13, 20, 9])
-    make = lambda: ShardLoader(shard_dir, "train", batch_size=4, rank=1, world_size=2, seed=3,  # noqa: E731
+    make = lambda: open_loader(shard_dir, "train", batch_size=4, rank=1, world_size=2, seed=3,  # noqa: E731
                                shuffle_buffer=8, resident=resident)
     full = make()
     full.set_epoch(2)
@@ -248,9 +249,17 @@ def test_position_resumes_mid_epoch_without_repeats_or_gaps(tmp_path, resident):
 
 def test_resident_mode_is_chosen_by_the_memory_budget(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, [16, 16])  # 32 images of 4x4x1: 512 bytes
-    assert ShardLoader(shard_dir, "train", batch_size=4, resident="auto", memory_budget=512).resident
-    assert not ShardLoader(shard_dir, "train", batch_size=4, resident="auto", memory_budget=511).resident
-    loader = ShardLoader(shard_dir, "train", batch_size=4, resident="on", shuffle=False)
+    fits = open_loader(shard_dir, "train", batch_size=4, resident="auto", memory_budget=512)
+    too_big = open_loader(shard_dir, "train", batch_size=4, resident="auto", memory_budget=511)
+    assert isinstance(fits, ResidentLoader) and fits.resident
+    assert isinstance(too_big, StreamedLoader) and not too_big.resident
+    assert isinstance(open_loader(shard_dir, "train", batch_size=4, resident="on", memory_budget=0), ResidentLoader)
+    assert isinstance(open_loader(shard_dir, "train", batch_size=4), StreamedLoader)  # 'off' is the default
+    with pytest.raises(ValueError, match="resident must be 'auto', 'on' or 'off', got 'always'"):
+        open_loader(shard_dir, "train", batch_size=4, resident="always")
+    with pytest.raises(TypeError, match="abstract"):  # the common type only; open_loader builds one
+        ShardLoader(shard_dir, "train", batch_size=4)
+    loader = open_loader(shard_dir, "train", batch_size=4, resident="on", shuffle=False)
     batch = next(iter(loader))
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 1, 4, 4)
     assert batch.labels.tolist() == [0, 1, 2, 3] and (batch.images[:, 0, 0, 0] == batch.labels).all()
@@ -260,7 +269,7 @@ def test_resident_mode_is_chosen_by_the_memory_budget(tmp_path):
 def test_streamed_batches_gather_rgb_as_channels_first(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, [10, 6], shape=(3, 5, 3))
     for resident in ("off", "on"):
-        batches = list(ShardLoader(shard_dir, "train", batch_size=4, resident=resident))
+        batches = list(open_loader(shard_dir, "train", batch_size=4, resident=resident))
         assert len(batches) == 4 and all(b.images.shape == (4, 3, 3, 5) for b in batches)
         assert all(b.images.permute(0, 2, 3, 1).is_contiguous() for b in batches)  # channels-last memory (Batch)
         for b in batches:

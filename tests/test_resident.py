@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import write_numbered_shards
 
-from pipeline import ShardLoader
+from pipeline import open_loader
 from pipeline.loader import resident
 from pipeline.loader.base import generator
 
@@ -47,7 +47,7 @@ GATHERS = pytest.mark.parametrize("gather", ["batch", "block"])
 def test_batches_are_those_of_the_per_batch_gather(tmp_path, monkeypatch, gather, batches_per_gather, rank, world,
                                                    shuffle, drop_last):
     shard_dir = write_numbered_shards(tmp_path, [13, 20, 9])
-    loader = ShardLoader(shard_dir, "train", batch_size=4, rank=rank, world_size=world, seed=5, shuffle=shuffle,
+    loader = open_loader(shard_dir, "train", batch_size=4, rank=rank, world_size=world, seed=5, shuffle=shuffle,
                          drop_last=drop_last, resident="on")
     loader.gather = gather
     monkeypatch.setattr(resident, "GATHER_BYTES", batches_per_gather * 4 * 16)  # 16 bytes per 4x4 image
@@ -61,7 +61,7 @@ def test_batches_are_those_of_the_per_batch_gather(tmp_path, monkeypatch, gather
 def test_resume_inside_a_gathered_block_is_exact(tmp_path, monkeypatch, gather, stop_after):
     monkeypatch.setattr(resident, "GATHER_BYTES", 3 * 4 * 16)  # three batches per gather: resume lands inside one
     shard_dir = write_numbered_shards(tmp_path, [13, 20, 9])
-    make = lambda: ShardLoader(shard_dir, "train", batch_size=4, seed=3, resident="on")  # noqa: E731
+    make = lambda: open_loader(shard_dir, "train", batch_size=4, seed=3, resident="on")  # noqa: E731
     first = make()
     first.gather = gather
     first.set_epoch(1)
@@ -78,7 +78,7 @@ def test_resume_inside_a_gathered_block_is_exact(tmp_path, monkeypatch, gather, 
 @GATHERS
 def test_crops_and_flips_follow_the_batch_number(digits_shards, monkeypatch, gather):
     monkeypatch.setattr(resident, "GATHER_BYTES", 2 * 32 * 64)  # 8x8 digits, two batches of 32 per gather
-    loader = ShardLoader(digits_shards, "train", batch_size=32, seed=1, resident="on", crop_size=(6, 6), flip=True)
+    loader = open_loader(digits_shards, "train", batch_size=32, seed=1, resident="on", crop_size=(6, 6), flip=True)
     loader.gather = gather
     loader.set_epoch(2)
     batches = list(loader)
@@ -88,7 +88,7 @@ def test_crops_and_flips_follow_the_batch_number(digits_shards, monkeypatch, gat
 
 def test_the_epoch_order_is_drawn_once_on_the_loaders_device(tmp_path):
     shard_dir = write_numbered_shards(tmp_path, [10, 10])
-    loader = ShardLoader(shard_dir, "train", batch_size=4, seed=2, resident="on")
+    loader = open_loader(shard_dir, "train", batch_size=4, seed=2, resident="on")
     order = loader.epoch_order()
     assert order.device == loader.device and sorted(order.tolist()) == list(range(20))
     loader.set_epoch(1)
@@ -100,7 +100,7 @@ def test_each_device_gets_its_gather_and_both_give_the_same_batches(tmp_path, mo
     is only built here, never iterated, so no GPU is needed."""
     monkeypatch.setattr(resident, "GATHER_BYTES", 2 * 4 * 16)  # two batches per block: blocks and views both run
     shard_dir = write_numbered_shards(tmp_path, [13, 20, 9])
-    make = lambda device: ShardLoader(shard_dir, "train", batch_size=4, seed=7, drop_last=False, resident="on",  # noqa: E731
+    make = lambda device: open_loader(shard_dir, "train", batch_size=4, seed=7, drop_last=False, resident="on",  # noqa: E731
                                       device=device)
     assert resident.gather_for(torch.device("cpu")) == "batch" and resident.gather_for(torch.device("cuda")) == "block"
     assert make("cpu").gather == "batch" and make("cuda").gather == "block"

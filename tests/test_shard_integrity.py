@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline import ShardFormatError, ShardLoader
+from pipeline import ShardFormatError, ShardLoader, open_loader
 from pipeline.loader import CorruptShardError
 
 
@@ -67,7 +67,7 @@ def _rewrite_shard(out: Path, name: str, members: list[tuple[str, bytes]]) -> No
 
 
 def _read_all(out: Path, resident: str, on_corrupt: str = "fail") -> ShardLoader:
-    loader = ShardLoader(out, "train", batch_size=32, resident=resident, on_corrupt=on_corrupt, shuffle=False)
+    loader = open_loader(out, "train", batch_size=32, resident=resident, on_corrupt=on_corrupt, shuffle=False)
     for _ in loader:
         pass
     return loader
@@ -130,7 +130,7 @@ def test_shard_names_outside_the_directory_are_refused(shards, name):
     index["splits"]["train"]["shards"][0]["name"] = name
     _write_index(shards, index)
     with pytest.raises(ShardFormatError, match=r"shard name .* must be a plain file name"):
-        ShardLoader(shards, "train", batch_size=8)
+        open_loader(shards, "train", batch_size=8)
 
 
 def test_encoded_image_of_another_shape_is_a_corrupt_shard(tmp_path):
@@ -146,7 +146,7 @@ def test_encoded_image_of_another_shape_is_a_corrupt_shard(tmp_path):
                                                                           num_classes=1)})
     write_index(tmp_path, index)
     with pytest.raises(CorruptShardError, match=r"train-000000\.tar.*\(6, 6, 3\).*\(3, 12, 3\)"):
-        ShardLoader(tmp_path, "train", batch_size=4, shuffle=False).__iter__().__next__()
+        open_loader(tmp_path, "train", batch_size=4, shuffle=False).__iter__().__next__()
 
 
 @pytest.mark.parametrize("resident", MODES)

@@ -298,7 +298,7 @@ def test_shapes_factors_are_stored_per_sample_in_the_shards(tmp_path):
     assert index.splits["train"].num_factors == 5
     block = next(iter(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False).decode()))
     assert block["factors.npy"].shape == (4, 5) and block["images.npy"].shape == (4, 64, 64, 1)
-    batch = next(iter(pipeline.ShardLoader(tmp_path, "train", batch_size=5, shuffle=False)))
+    batch = next(iter(pipeline.open_loader(tmp_path, "train", batch_size=5, shuffle=False)))
     expected = pipeline.build_source("shapes", {"train_samples": 10, "test_samples": 0}).factors("train")[:5]
     np.testing.assert_allclose(batch.factors.numpy(), expected)
     assert batch.labels.tolist() == expected[:, 0].astype(int).tolist()

@@ -23,42 +23,21 @@ instead of losing a step on one rank, which would hang DDP. An image that fails 
 replaced by another image of its batch. Evaluation (pad=False) does not pad.
 
 The loader never goes through `accelerator.prepare()`: that would make rank 0 read every batch and scatter it.
+
+Which loader a split gets is `open_loader`'s choice (`factory.py`): resident when `resident` is 'on', or 'auto'
+and the split fits `memory_budget`; `ShardLoader` is the type both share.
+
+This package owns reading shard directories for training and evaluation. It imports the shard format
+(`pipeline.shards`, `pipeline.layouts`), `pipeline.augment` and storage; never the ingest (`pipeline.ingest`), the
+sources, `pipeline.settings`, `vae` or `flows`. Inside it, imports point one way: `factory` imports `resident` and
+`streamed`, they import `base` and `read`, and those two the leaf `corrupt`; `base` knows none of its subclasses.
 """
 
-from __future__ import annotations
-
-import os
-
-from pipeline.loader.base import CORRUPTION, Batch, CorruptShardError, OnCorrupt, Resident, ShardLoader
-from pipeline.loader.resident import ResidentLoader, read_whole
+from pipeline.loader.base import Batch, ShardLoader
+from pipeline.loader.corrupt import CORRUPTION, CorruptShardError, OnCorrupt
+from pipeline.loader.factory import Resident, open_loader, read_split
+from pipeline.loader.resident import ResidentLoader
 from pipeline.loader.streamed import StreamedLoader
 
 __all__ = ["CORRUPTION", "Batch", "CorruptShardError", "OnCorrupt", "Resident", "ResidentLoader", "ShardLoader",
-           "StreamedLoader", "read_split"]
-
-
-def read_split(
-    shard_dir: str | os.PathLike,
-    split: str,
-    storage_options: dict | None = None,
-    with_factors: bool = False,
-    verify: bool = False,
-    on_corrupt: OnCorrupt = "fail",
-    workers: int = 0,
-    crop_size: tuple[int, int] | None = None,
-) -> tuple:
-    """A whole split in file order: uint8 images (N, H, W, C) and labels (N,) or None. For evaluation and plots.
-
-    with_factors=True adds the factors (N, K) float32, or None, as a third element. on_corrupt='skip' leaves
-    corrupt shards out, with a warning naming each. crop_size: the centre (H, W) crop of each image.
-    """
-    loader = StreamedLoader(shard_dir, split, batch_size=1, shuffle=False, drop_last=False, pad=False,
-                            storage_options=storage_options, verify=verify, on_corrupt=on_corrupt, workers=workers,
-                            crop_size=crop_size, crop="centre")
-    images, labels, factors = read_whole(loader)
-    if crop_size is not None:  # the centre crop evaluation uses
-        images = loader._augment(images, loader._crop_params(0, len(images)))
-    images = images.permute(0, 2, 3, 1).contiguous().numpy()
-    labels = None if labels is None else labels.numpy()
-    factors = None if factors is None else factors.numpy()
-    return (images, labels, factors) if with_factors else (images, labels)
+           "StreamedLoader", "open_loader", "read_split"]

@@ -2,7 +2,8 @@
 
 The plan of an epoch is a pure function of (seed, epoch, rank) and of which shards are readable: the rank's
 samples as (shard, sample) pairs in stream order, and the order in which they are batched. How the samples are
-then read (in this process or in worker processes, on the CPU or the GPU) cannot change a batch.
+then read (in this process or in worker processes, on the CPU or the GPU) cannot change a batch. The subclasses
+(`resident.py`, `streamed.py`) say how; this module knows neither of them (`factory.py` picks one).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -21,20 +22,13 @@ import torch
 from pipeline import augment
 from pipeline.errors import ShardFormatError
 from pipeline.layouts import ShardTable, get_layout
+from pipeline.loader.corrupt import CORRUPTION, CorruptShardError, OnCorrupt
 from pipeline.shards import check_shard, read_index
 from pipeline.storage import Location
 
-Resident = Literal["auto", "on", "off"]
-OnCorrupt = Literal["fail", "skip"]
 Crop = Literal["random", "centre"]
-# What reading a damaged shard raises: our own format checks, tarfile, numpy's .npy header parser (ValueError),
-# image decoders (OSError, ValueError, RuntimeError), a truncated stream (EOFError), and storage errors (OSError).
-CORRUPTION = (ShardFormatError, tarfile.TarError, ValueError, OSError, EOFError, RuntimeError)
+DecodeDevice = Literal["cpu", "device"]
 log = logging.getLogger("pipeline.loader")
-
-
-class CorruptShardError(ShardFormatError):
-    """A shard could not be read, and the policy is to stop; the message names the shard and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +67,31 @@ def generator(*seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng(list(seed)).integers(1 << 62)))
 
 
-class ShardLoader:
+def rank_slice(num_samples: int, rank: int, world_size: int, pad: bool) -> tuple[int, int]:
+    """[start, stop) of the rank's samples in the epoch's stream. pad=True: ceil(N / world) each, the last slice
+    running past N (the stream wraps); pad=False: exactly [r * N // world, (r + 1) * N // world)."""
+    if pad:
+        per_rank = math.ceil(num_samples / world_size)
+        return rank * per_rank, (rank + 1) * per_rank
+    return rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+
+
+def _check_arguments(batch_size: int, rank: int, world_size: int, on_corrupt: str, workers: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if on_corrupt not in ("fail", "skip"):
+        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 or more, got {workers}")
+
+
+class ShardLoader(ABC):
     """Iterates one split of a shard directory for one rank, yielding `Batch`es.
 
-    `ShardLoader(...)` returns a `ResidentLoader` (the split decoded once onto `device`) or a `StreamedLoader`
-    (read shard by shard each epoch), as `resident` and `memory_budget` decide; both behave the same.
+    The common type of `ResidentLoader` (the split decoded once onto `device`) and `StreamedLoader` (read shard
+    by shard each epoch), which behave the same; `open_loader` builds the one that fits.
 
     pad=True (training): every rank reads ceil(N / world) samples, so batch counts are equal.
     pad=False (evaluation): rank r reads exactly [r * N // world, (r + 1) * N // world).
@@ -90,88 +104,47 @@ class ShardLoader:
     place, mirrored at random when `flip`; seeded by (seed, epoch, rank, batch), so resume stays exact.
     """
 
-    def __new__(cls, *args, **kwargs):
-        if cls is ShardLoader:
-            from pipeline.loader.resident import ResidentLoader
-            from pipeline.loader.streamed import StreamedLoader
-
-            cls = ResidentLoader if _fits(*args, **kwargs) else StreamedLoader
-        return super().__new__(cls)
-
     def __init__(
-        self,
-        shard_dir: str | os.PathLike,
-        split: str,
-        batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_last: bool = True,
-        pad: bool = True,
-        shuffle_buffer: int = 65536,
-        resident: Resident = "off",
-        memory_budget: int = 2 << 30,
-        device: torch.device | str | None = None,
-        verify: bool = False,
-        storage_options: dict | None = None,
-        on_corrupt: OnCorrupt = "fail",
-        workers: int = 0,
-        decode_device: Literal["cpu", "device"] = "cpu",
-        crop_size: tuple[int, int] | None = None,
-        crop: Crop = "random",
-        flip: bool = False,
+        self, shard_dir: str | os.PathLike, split: str, batch_size: int, *,
+        rank: int = 0, world_size: int = 1, seed: int = 0,
+        shuffle: bool = True, drop_last: bool = True, pad: bool = True, shuffle_buffer: int = 65536,
+        device: torch.device | str | None = None, storage_options: dict | None = None,
+        verify: bool = False, on_corrupt: OnCorrupt = "fail", workers: int = 0, decode_device: DecodeDevice = "cpu",
+        crop_size: tuple[int, int] | None = None, crop: Crop = "random", flip: bool = False,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if on_corrupt not in ("fail", "skip"):
-            raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
-        if resident not in ("auto", "on", "off"):
-            raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
-        if workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {workers}")
-        self.location = Location(shard_dir, storage_options)
-        self.shard_dir = shard_dir
+        _check_arguments(batch_size, rank, world_size, on_corrupt, workers)
+        self.location, self.shard_dir = Location(shard_dir, storage_options), shard_dir
         self.index = read_index(self.location)
         self.layout = get_layout(self.index.layout)
-        info = self.index.split(split)
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.pad = seed, shuffle, drop_last, pad
         self.shuffle_buffer = max(shuffle_buffer, batch_size)
-        self.names = [s.name for s in info.shards]
-        self.infos = info.shards
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.verify, self.on_corrupt, self.workers, self.decode_device = verify, on_corrupt, workers, decode_device
+        self.crop_size, self.crop, self.flip = self._checked_crop(crop_size), crop, flip
+        info = self.index.split(split)
+        self.names, self.infos = [s.name for s in info.shards], info.shards
         self.counts = np.array([s.num_samples for s in info.shards], dtype=np.int64)
         self.num_samples = int(self.counts.sum())
-        self.has_labels = info.num_classes is not None
-        self.has_factors = info.num_factors is not None
-        self.verify, self.on_corrupt = verify, on_corrupt
-        self.workers, self.decode_device = workers, decode_device
-        self.skipped_shards: dict[str, str] = {}  # shard name -> why it was skipped (on_corrupt='skip')
-        self._tables: dict[int, ShardTable | None] = {}
-        h, w, _ = self.index.image_shape
-        self.crop_size = None if crop_size is None else tuple(crop_size)
-        if self.crop_size is not None and (self.crop_size[0] > h or self.crop_size[1] > w):
-            raise ValueError(f"crop size {self.crop_size} is larger than the images ({h}, {w}); lower data.crop_size")
-        self.crop, self.flip = crop, flip
-        self.nbytes = self.num_samples * int(np.prod(self.index.image_shape))
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        if pad:
-            per_rank = math.ceil(self.num_samples / world_size)
-            self.start, self.stop = rank * per_rank, (rank + 1) * per_rank
-        else:
-            self.start = rank * self.num_samples // world_size
-            self.stop = (rank + 1) * self.num_samples // world_size
+        self.has_labels, self.has_factors = info.num_classes is not None, info.num_factors is not None
+        self.start, self.stop = rank_slice(self.num_samples, rank, world_size, pad)
         if drop_last and self.stop - self.start < batch_size:
             raise ShardFormatError(
                 f"split {split!r} has {self.num_samples} samples: fewer than one batch of {batch_size} for each of "
                 f"{world_size} rank(s); lower the batch size or add data"
             )
+        self.skipped_shards: dict[str, str] = {}  # shard name -> why it was skipped (on_corrupt='skip')
+        self._tables: dict[int, ShardTable | None] = {}
         self.epoch = 0
         self.position = 0  # batches of this epoch already handed out
         self._skip = 0  # batches to pass over at the next iteration (a resumed mid-epoch position)
+
+    def _checked_crop(self, crop_size: tuple[int, int] | None) -> tuple[int, int] | None:
+        h, w, _ = self.index.image_shape
+        if crop_size is not None and (crop_size[0] > h or crop_size[1] > w):
+            raise ValueError(f"crop size {tuple(crop_size)} is larger than the images ({h}, {w}); lower "
+                             "data.crop_size")
+        return None if crop_size is None else tuple(crop_size)
 
     resident = False  # ResidentLoader says True
 
@@ -194,6 +167,11 @@ class ShardLoader:
         self.position = self._skip
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the split's decoded images (uint8)."""
+        return self.num_samples * int(np.prod(self.index.image_shape))
+
+    @property
     def samples_per_rank(self) -> int:
         return self.stop - self.start
 
@@ -214,8 +192,9 @@ class ShardLoader:
             self.position = index + 1  # counted when handed out: a checkpoint taken now must not repeat it
             yield batch
 
+    @abstractmethod
     def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:
-        raise NotImplementedError
+        """(batch number, batch) of this epoch from batch `skip` on."""
 
     # ---- augmentation
 
@@ -363,11 +342,3 @@ class ShardLoader:
 
         return gather("labels", self.has_labels, np.int64), gather("factors", self.has_factors, np.float32)
 
-
-def _fits(shard_dir, split, batch_size, *, resident: Resident = "off", memory_budget: int = 2 << 30,
-          storage_options: dict | None = None, **_) -> bool:
-    """Whether `ShardLoader` keeps the split resident: 'on', or 'auto' and its decoded size fits the budget."""
-    if resident != "auto":
-        return resident == "on"
-    index = read_index(shard_dir, storage_options)
-    return index.split(split).num_samples * int(np.prod(index.image_shape)) <= memory_budget

@@ -2,12 +2,14 @@
 
 `Reader` holds what a worker needs (the shard tables, the layout, the location) and keeps its own open files,
 so each worker opens the shards it reads after the fork. `BatchJobs` is the map-style dataset torch's
-`DataLoader` runs in its workers: item i is batch i of the epoch's plan, decoded (and cropped) in the worker.
+`DataLoader` runs in its workers: item i is batch i of the epoch's plan, decoded (and cropped) in the worker, and
+its answer a `BatchResult`.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from pipeline.layouts import Layout, ShardTable, decode_tensor, load_decoders
-from pipeline.loader.base import CORRUPTION
+from pipeline.loader.corrupt import CORRUPTION
 from pipeline.storage import Location
 
 
@@ -131,6 +133,32 @@ class BatchPool:
         return torch.empty(shape, dtype=torch.uint8) if slot is None else self.wrap(slot, shape)
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """A worker's answer for batch `index` of the epoch: its images in one of three forms, or a failure.
+
+    The images come as `images` (a tensor of their own, in shared memory from a worker), as `slot` and `shape`
+    (the consumer's pool buffer that the worker filled: only its number travels back), or as `raw` (the encoded
+    bytes, which the consumer decodes on its device). `unreadable` names the shards of samples that could not
+    be read, with why; `failed` means the batch has no images: the policy is 'fail', or no image of the batch
+    was left to stand in for the unreadable ones. A `slot` without a `shape` was reserved but not filled.
+    """
+
+    index: int
+    unreadable: dict[str, str] = field(default_factory=dict)  # shard name -> why a sample of it was not read
+    failed: bool = False
+    images: torch.Tensor | None = None  # uint8 (B, C, h, w), channels-last in memory
+    slot: int | None = None  # the pool buffer reserved for this batch
+    shape: tuple[int, ...] | None = None  # (B, h, w, C) of the images in buffer `slot`, once filled
+    raw: list[torch.Tensor] | None = None  # uint8 encoded bytes, one tensor per image
+
+    def pin_memory(self) -> BatchResult:
+        """Page-locked copies of the tensors, so their copy to the GPU is asynchronous: the hook DataLoader's
+        pin_memory=True calls on a batch of a custom type."""
+        return replace(self, images=None if self.images is None else self.images.pin_memory(),
+                       raw=None if self.raw is None else [t.pin_memory() for t in self.raw])
+
+
 class BatchJobs(Dataset):
     """Batch i of an epoch: its samples read and decoded, then cropped/flipped (a DataLoader worker's work).
 
@@ -138,7 +166,7 @@ class BatchJobs(Dataset):
     for it, which the worker fills and names in its result instead of sending pixels (None: allocate one).
     A sample that cannot be read is reported back instead of raised (a worker's exception would reach the
     training process wrapped in a traceback dump): under 'skip' it is replaced by another image of the same
-    batch, so the batch keeps its size and every rank its batch count; under 'fail' the batch carries the error.
+    batch, so the batch keeps its size and every rank its batch count; under 'fail' the batch fails.
     """
 
     def __init__(self, reader: Reader, batches: list[tuple[np.ndarray, np.ndarray]], params: list,
@@ -150,8 +178,27 @@ class BatchJobs(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, item: int | tuple[int, int | None]) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int | None]) -> BatchResult:
         i, slot = item if isinstance(item, tuple) else (item, None)
+        images, bad = self._read(i)
+        good = [image for image in images if image is not None]
+        if bad and (not self.skip or not good):
+            return BatchResult(i, bad, failed=True, slot=slot)
+        images = [good[0] if image is None else image for image in images]
+        if self.raw:  # decoded on the training device by the loader (nvJPEG on a GPU)
+            raw = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images]
+            return BatchResult(i, bad, raw=raw, slot=slot)
+        c, height, width = images[0].shape
+        shape = (len(images), *(self.crop_size or (height, width)), c)  # (B, h, w, C)
+        if slot is not None:  # the consumer's buffer: only its number travels back
+            self._fill(images, self.params[i], self.pool.view(slot, shape))
+            return BatchResult(i, bad, slot=slot, shape=shape)
+        batch = self._empty(shape)
+        self._fill(images, self.params[i], batch)
+        return BatchResult(i, bad, images=batch.permute(0, 3, 1, 2))
+
+    def _read(self, i: int) -> tuple[list, dict[str, str]]:
+        """Batch i's images (encoded bytes when `raw`), None for each that failed, and shard name -> why."""
         shards, samples = self.batches[i]
         images, bad = [], {}
         for shard, sample in zip(shards.tolist(), samples.tolist(), strict=True):
@@ -161,26 +208,15 @@ class BatchJobs(Dataset):
                 reason = f"could not be read at sample {sample} ({type(err).__name__}: {err})"
                 bad.setdefault(self.reader.names[shard], reason)
                 images.append(None)
-        good = [image for image in images if image is not None]
-        if bad and (not self.skip or not good):
-            return {"error": bad, "index": i, "slot": slot}
-        images = [good[0] if image is None else image for image in images]
-        if self.raw:  # decoded on the training device by the loader (nvJPEG on a GPU)
-            return {"raw": [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images], "skipped": bad,
-                    "index": i, "slot": slot}
-        c, height, width = images[0].shape
-        shape = (len(images), *(self.crop_size or (height, width)), c)  # (B, h, w, C)
-        if slot is not None:  # the consumer's buffer: only its number travels back
-            self._fill(images, self.params[i], self.pool.view(slot, shape))
-            return {"slot": slot, "shape": shape, "skipped": bad, "index": i}
+        return images, bad
+
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Memory for a batch the consumer gave no buffer for."""
         if get_worker_info() is not None:  # in shared memory, so that it travels as a handle, not a copy
-            batch = torch.empty(shape, dtype=torch.uint8).share_memory_()
-        elif self.pool is not None:
-            batch = self.pool.take(shape)
-        else:
-            batch = torch.empty(shape, dtype=torch.uint8)
-        self._fill(images, self.params[i], batch)
-        return {"images": batch.permute(0, 3, 1, 2), "skipped": bad, "index": i}
+            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+        if self.pool is not None:
+            return self.pool.take(shape)
+        return torch.empty(shape, dtype=torch.uint8)
 
     def _fill(self, images: list[torch.Tensor], params: np.ndarray | None, batch: torch.Tensor) -> None:
         """Each image cropped and mirrored (`augment.crop_flip`'s rule) straight into the (B, h, w, C) batch.

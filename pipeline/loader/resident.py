@@ -36,6 +36,8 @@ def gather_for(device: torch.device) -> Gather:
 
 
 class ResidentLoader(ShardLoader):
+    """Decodes the split once onto the device and cuts each epoch from it (see the module docstring)."""
+
     resident = True
     _data: Tensors | None = None
 
@@ -136,6 +138,7 @@ def read_whole(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 
 def _decoded(loader: ShardLoader, reader: Reader, shards: np.ndarray, samples: np.ndarray) -> torch.Tensor:
+    """The samples decoded in chunks of DECODE_CHUNK (by the loader's workers, when it has them), in order."""
     chunks = [(shards[i : i + DECODE_CHUNK], samples[i : i + DECODE_CHUNK]) for i in range(0, len(shards),
                                                                                            DECODE_CHUNK)]
     jobs = BatchJobs(reader, chunks, [None] * len(chunks), None, skip=False)
@@ -143,10 +146,10 @@ def _decoded(loader: ShardLoader, reader: Reader, shards: np.ndarray, samples: n
                else (jobs[i] for i in range(len(jobs))))
     out = []
     for result in results:
-        for name, reason in result.get("error", {}).items():
+        for name, reason in result.unreadable.items():
             loader.corrupt(name, reason)  # raises under 'fail'
-        if "error" in result:  # under 'skip' a whole shard's samples would have to go; refuse rather than guess
-            raise ShardFormatError(f"{loader.location}: images of {sorted(result['error'])} cannot be decoded; "
+        if result.failed:  # under 'skip' a whole shard's samples would have to go; refuse rather than guess
+            raise ShardFormatError(f"{loader.location}: images of {sorted(result.unreadable)} cannot be decoded; "
                                    "re-run the ingest, or train streamed (data.resident off) to skip them")
-        out.append(result["images"])
+        out.append(result.images)
     return torch.cat([images.permute(0, 2, 3, 1) for images in out]).permute(0, 3, 1, 2)  # stays channels-last

@@ -17,12 +17,14 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import ShardFormatError
 from pipeline.loader.base import Batch, Plan, ShardLoader
-from pipeline.loader.read import BatchJobs, BatchPool, Reader, decode_batch
+from pipeline.loader.read import BatchJobs, BatchPool, BatchResult, Reader, decode_batch
 
 PREFETCH = 4  # batches each worker works ahead of the consumer
 
 
 class StreamedLoader(ShardLoader):
+    """Reads the rank's slice of the shards again each epoch (see the module docstring)."""
+
     _pool: BatchPool | None = None  # decoded batches' buffers, reused across epochs
 
     def _batches(self, skip: int) -> Iterator[tuple[int, Batch]]:
@@ -62,6 +64,9 @@ class StreamedLoader(ShardLoader):
         return Batch(self._augment(images, self._crop_params(b, len(images))), labels, factors)
 
     def _decoded(self, plan: Plan, count: int, skip: int, reader: Reader) -> Iterator[tuple[int, Batch]]:
+        """Layouts that decode: batch b of the plan read and decoded by `BatchJobs`, in `workers` processes (or
+        here, without), into buffers of the pool; under decode_device 'device' the workers only read, and the
+        batch is decoded here on the device."""
         positions = [plan.order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(count)]
         raw = self.decode_device == "device"
         # Workers feeding a GPU send fresh shared memory, which DataLoader's pin thread copies into pinned memory
@@ -74,49 +79,44 @@ class StreamedLoader(ShardLoader):
             self.crop_size, skip=self.on_corrupt == "skip", raw=raw, pool=pool,
         )
         reserved: set[int] = set()  # buffers dispatched with this epoch's batches and not yet handed out
-
-        def dispatch() -> Iterator[tuple[int, int | None]]:
-            # drawn lazily by the DataLoader as it sends work (prefetch_factor per worker ahead of the consumer),
-            # so a buffer is reserved when its batch is dispatched, from those the consumer has dropped by then
-            for b in range(skip, count):
-                slot = None if pool is None else pool.reserve(pool.nbytes)  # room for a whole batch
-                if slot is not None:
-                    reserved.add(slot)
-                yield b, slot
-
-        if self.workers:
-            results = iter(DataLoader(jobs, batch_size=None, sampler=dispatch(), num_workers=self.workers,
-                                      pin_memory=self.device.type == "cuda", prefetch_factor=PREFETCH))
-        else:
-            results = (jobs[b] for b in range(skip, count))
+        results = self._results(jobs, range(skip, count), pool, reserved)
         try:
             for result in results:
-                b = result["index"]
-                slot = result.get("slot")
-                images = None if "shape" not in result else pool.wrap(slot, result["shape"]).permute(0, 3, 1, 2)
-                if slot is not None and images is None:
-                    pool.release(slot)
-                reserved.discard(slot)
-                for name, reason in result.get("error", {}).items():
-                    self.corrupt(name, reason)  # raises under 'fail'
-                if "error" in result:
-                    raise ShardFormatError(f"{self.location}: no image of batch {b} could be read "
-                                           f"({sorted(result['error'])}); re-run the ingest")
-                for name, reason in result.get("skipped", {}).items():
-                    self.corrupt(name, reason)
-                if raw:
-                    images = decode_batch(result["raw"], self.index.image_shape[2], self.device)
-                    images = self._augment(images, self._crop_params(b, len(images)))
-                elif images is None:
-                    images = result["images"]
-                labels, factors = self.extras(plan.shards[positions[b]], plan.samples[positions[b]])
-                yield b, Batch(images, labels, factors)
+                images = self._images(result, pool)
+                reserved.discard(result.slot)
+                mine = positions[result.index]
+                yield result.index, Batch(images, *self.extras(plan.shards[mine], plan.samples[mine]))
         finally:
             # an epoch stopped early (an error, a consumer that breaks off): its workers are shut down with the
             # DataLoader's iterator, and only then are the buffers they might still write into given back
             del results
             for slot in reserved:
                 pool.release(slot)
+
+    def _results(self, jobs: BatchJobs, batches: range, pool: BatchPool | None,
+                 reserved: set[int]) -> Iterator[BatchResult]:
+        """The jobs' results for `batches`, in order: from the workers, or computed here when there are none."""
+        if not self.workers:
+            return (jobs[b] for b in batches)
+        return iter(DataLoader(jobs, batch_size=None, sampler=_dispatch(batches, pool, reserved),
+                               num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                               prefetch_factor=PREFETCH))
+
+    def _images(self, result: BatchResult, pool: BatchPool | None) -> torch.Tensor:
+        """The batch's images, uint8 (B, C, h, w), once the on_corrupt policy has seen its unreadable samples."""
+        if result.slot is not None and result.shape is None:  # reserved for the batch, but not filled
+            pool.release(result.slot)
+        for name, reason in result.unreadable.items():
+            self.corrupt(name, reason)  # raises under 'fail'
+        if result.failed:
+            raise ShardFormatError(f"{self.location}: no image of batch {result.index} could be read "
+                                   f"({sorted(result.unreadable)}); re-run the ingest")
+        if result.raw is not None:
+            images = decode_batch(result.raw, self.index.image_shape[2], self.device)
+            return self._augment(images, self._crop_params(result.index, len(images)))
+        if result.shape is not None:
+            return pool.wrap(result.slot, result.shape).permute(0, 3, 1, 2)
+        return result.images
 
     def _batch_pool(self) -> BatchPool:
         """The decoded batches' buffers, kept across epochs (paged in once): in shared memory for workers, as
@@ -127,6 +127,17 @@ class StreamedLoader(ShardLoader):
         if self._pool is None or (len(self._pool.buffers), self._pool.nbytes) != (size, nbytes):
             self._pool = BatchPool(size, nbytes, shared=self.workers > 0)
         return self._pool
+
+
+def _dispatch(batches: range, pool: BatchPool | None, reserved: set[int]) -> Iterator[tuple[int, int | None]]:
+    """The DataLoader's sampler: (batch, buffer) pairs, drawn lazily as it sends work (prefetch_factor per worker
+    ahead of the consumer), so a buffer is reserved when its batch is dispatched, from those the consumer has
+    dropped by then; each is added to `reserved` until its batch is handed out."""
+    for b in batches:
+        slot = None if pool is None else pool.reserve(pool.nbytes)  # room for a whole batch
+        if slot is not None:
+            reserved.add(slot)
+        yield b, slot
 
 
 def _chw(images: np.ndarray) -> torch.Tensor:

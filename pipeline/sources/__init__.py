@@ -3,6 +3,10 @@
 The built-ins are declared in pyproject.toml exactly as a third-party package would declare its own, so
 adding a source never means touching this repository. The registry is a plain dict built once per process;
 unknown and duplicate names fail loudly and list what is there.
+
+This package owns reading inputs as `Record`s: the plugins, their configs and the registry. A plugin imports
+this face, `pipeline.records`, `pipeline.errors` and `pipeline.conform` (decoding images) only: never the shard
+format, the ingest, the loader, `pipeline.settings` (which validates through this registry), `vae` or `flows`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from pipeline import ShardFormatError, ShardLoader, read_index
+from pipeline import ShardFormatError, ShardLoader, open_loader, read_index
 from vae.config import RunConfig
 
 
@@ -39,9 +39,9 @@ def build_loaders(
     if cfg.data.decode_device == "cuda" and torch.device(common["device"]).type != "cuda":
         raise ShardFormatError("data.decode_device cuda decodes JPEG batches on the training GPU, but this run "
                                f"trains on {common['device']}; use --data.decode_device cpu")
-    train = ShardLoader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer,
+    train = open_loader(cfg.shard_dir, cfg.data.train_split, shuffle_buffer=cfg.data.shuffle_buffer,
                         flip=cfg.data.flip, **common)
-    val = ShardLoader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, crop="centre",
+    val = open_loader(cfg.shard_dir, cfg.data.val_split, shuffle=False, drop_last=False, pad=False, crop="centre",
                       **common)
     return train, val
 

@@ -1,0 +1,140 @@
+"""Step 2 of an ingest, one task per shard group, on any worker: `write_group` turns its records into conformed
+images and its shards, then writes a small marker `.ingest/{split}-{group}.json` listing them with their sha256.
+
+A re-run keeps a group whose marker matches this plan (the same source and `SHARD_FIELDS`) and whose shards still
+match their checksums; every other group is written again. So a killed ingest resumes where it stopped, and a
+corrupt shard costs only its group. Before writing, a group claims its shard numbers
+(`.ingest/{split}-{group}.claim`), so that the partial shards of an interrupted group are known to be ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from pipeline import ownership, shards
+from pipeline.conform import conform
+from pipeline.errors import SourceError
+from pipeline.ingest.plan import GroupTask, IngestPlan
+from pipeline.ownership import MARKERS
+from pipeline.records import Record, Rejected
+from pipeline.settings import SHARD_FIELDS
+from pipeline.shards import ShardInfo
+from pipeline.sources import build_source
+from pipeline.storage import DestinationError, Location
+
+
+class Skip(BaseModel):
+    """An input left out, and why: a line of skipped.jsonl."""
+
+    split: str
+    key: str
+    kind: str
+    reason: str
+
+
+class GroupResult(BaseModel):
+    """What a group wrote, or kept from a previous run: stored as its marker, merged by `finalize_ingest`."""
+
+    task: GroupTask
+    fingerprint: str
+    shards: list[ShardInfo]
+    skipped: list[Skip]
+    max_label: int
+    has_labels: bool | None
+    num_factors: int | None
+    reused: bool = False
+
+
+def _fingerprint(plan: IngestPlan, task: GroupTask) -> str:
+    """What a group's shards depend on; a marker with another fingerprint is stale."""
+    settings = plan.options.model_dump(mode="json", include=SHARD_FIELDS)
+    data = {"source": plan.source, "options": settings, "shard": plan.shard.model_dump(mode="json"),
+            "task": task.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def marker_name(task: GroupTask) -> str:
+    """Where the group's completion marker lives."""
+    return f"{MARKERS}/{task.split}-{task.group:06d}.json"
+
+
+def _reusable(location: Location, task: GroupTask, fingerprint: str) -> GroupResult | None:
+    """The stored result of a finished group, when it belongs to this plan and its shards are intact."""
+    if not location.isfile(marker_name(task)):
+        return None
+    try:
+        result = GroupResult.model_validate_json(location.read_text(marker_name(task)))
+    except ValueError:
+        return None
+    if result.fingerprint != fingerprint or any(shards.check_shard(location, s) for s in result.shards):
+        return None
+    return result.model_copy(update={"reused": True})
+
+
+def _conformed(
+    items: Iterator[Record | Rejected], plan: IngestPlan, split: str, skipped: list[Skip]
+) -> Iterator[Record]:
+    """The records at the plan's shape; rejected inputs are listed in `skipped` or, under 'fail', stop the run."""
+    opts = plan.options
+    for item in items:
+        if isinstance(item, Record):
+            item = conform(item, plan.shard.image_shape, opts.size_rule, opts.channel_rule)
+        if isinstance(item, Rejected):
+            if opts.on_error == "fail":
+                raise SourceError(
+                    f"input {item.key!r} of split {split!r} was rejected ({item.kind}): {item.reason}. Fix or remove "
+                    "it, or set ingest.on_error=skip to skip such inputs and list them in skipped.jsonl"
+                )
+            skipped.append(Skip(split=split, key=item.key, kind=item.kind, reason=item.reason))
+            continue
+        yield item
+
+
+def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> GroupResult:
+    """Write one shard group (or keep it, when a previous run finished it intact)."""
+    location = plan.location()
+    fingerprint = _fingerprint(plan, task)
+    reused = _reusable(location, task, fingerprint)
+    if reused is not None:
+        return reused
+    location.remove(marker_name(task))
+    _clear_range(location, task, plan.options.shards_per_task)
+    source = build_source(plan.source["name"], plan.source["config"])
+    items = source.records(task.split, task.start, task.stop)
+    total = None if task.stop is None else task.stop - task.start
+    items = tqdm(items, desc=f"ingest {task.split}/{task.group}", unit="img", total=total, disable=not progress)
+    skipped: list[Skip] = []
+    written = shards.write_shards(_conformed(items, plan, task.split, skipped), location, task.split,
+                                  task.first_shard, plan.shard)
+    result = GroupResult(task=task, fingerprint=fingerprint, shards=written.shards, skipped=skipped,
+                         max_label=written.max_label, has_labels=written.has_labels, num_factors=written.num_factors)
+    location.write_text(marker_name(task), result.model_dump_json())
+    location.remove(ownership.claim_name(task.split, task.group))  # the marker lists the shards from now on
+    return result
+
+
+def shard_range(task: GroupTask, shards_per_task: int) -> tuple[int, int | None]:
+    """The shard numbers a group may write: `shards_per_task` of them, or any from its first (an uncounted
+    split's one group writes as many as its inputs fill)."""
+    return task.first_shard, None if task.stop is None else task.first_shard + shards_per_task
+
+
+def _clear_range(location: Location, task: GroupTask, shards_per_task: int) -> None:
+    """Claim the group's shard numbers, and remove the shards there of an earlier or interrupted run (only ours)."""
+    previous = ownership.read_claim(location, task.split, task.group)  # an interrupted attempt's range
+    owned = ownership.read_owned(location)
+    claim = ownership.write_claim(location, task.split, task.group, *shard_range(task, shards_per_task))
+    for name in location.glob(f"{task.split}-*.tar"):
+        if not ownership.claimed(claim, name):
+            continue
+        if name not in owned and not ownership.claimed(previous, name):
+            raise DestinationError(
+                f"{location.display(name)} appeared after this ingest started and no vaepipe index or marker lists "
+                "it; move it elsewhere and re-run the ingest"
+            )
+        location.remove(name)

@@ -1,0 +1,66 @@
+"""How a caller gets at a split: `open_loader` builds the loader that fits it (resident or streamed), and
+`read_split` reads all of it at once, for evaluation and plots."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.loader.base import ShardLoader
+from pipeline.loader.corrupt import OnCorrupt
+from pipeline.loader.resident import ResidentLoader, read_whole
+from pipeline.loader.streamed import StreamedLoader
+from pipeline.shards import read_index
+
+Resident = Literal["auto", "on", "off"]
+
+
+def open_loader(
+    shard_dir: str | os.PathLike, split: str, batch_size: int, *, resident: Resident = "off",
+    memory_budget: int = 2 << 30, storage_options: dict | None = None, **options: Any,
+) -> ShardLoader:
+    """The loader of one split for one rank: a `ResidentLoader` (the split decoded once onto `device`) when
+    `resident` is 'on', or 'auto' and the decoded split fits `memory_budget` bytes; else a `StreamedLoader` (read
+    shard by shard each epoch). Both yield the same batches. `options` are `ShardLoader`'s other keyword
+    arguments (rank, world_size, seed, device, workers, ...)."""
+    if resident not in ("auto", "on", "off"):
+        raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
+    fits = resident == "on" or (
+        resident == "auto" and decoded_bytes(shard_dir, split, storage_options) <= memory_budget)
+    kind = ResidentLoader if fits else StreamedLoader
+    return kind(shard_dir, split, batch_size, storage_options=storage_options, **options)
+
+
+def decoded_bytes(shard_dir: str | os.PathLike, split: str, storage_options: dict | None = None) -> int:
+    """Bytes of the split's images decoded (uint8), from index.json alone."""
+    index = read_index(shard_dir, storage_options)
+    return index.split(split).num_samples * int(np.prod(index.image_shape))
+
+
+def read_split(
+    shard_dir: str | os.PathLike,
+    split: str,
+    storage_options: dict | None = None,
+    with_factors: bool = False,
+    verify: bool = False,
+    on_corrupt: OnCorrupt = "fail",
+    workers: int = 0,
+    crop_size: tuple[int, int] | None = None,
+) -> tuple:
+    """A whole split in file order: uint8 images (N, H, W, C) and labels (N,) or None. For evaluation and plots.
+
+    with_factors=True adds the factors (N, K) float32, or None, as a third element. on_corrupt='skip' leaves
+    corrupt shards out, with a warning naming each. crop_size: the centre (H, W) crop of each image.
+    """
+    loader = StreamedLoader(shard_dir, split, batch_size=1, shuffle=False, drop_last=False, pad=False,
+                            storage_options=storage_options, verify=verify, on_corrupt=on_corrupt, workers=workers,
+                            crop_size=crop_size, crop="centre")
+    images, labels, factors = read_whole(loader)
+    if crop_size is not None:  # the centre crop evaluation uses
+        images = loader._augment(images, loader._crop_params(0, len(images)))
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = None if labels is None else labels.numpy()
+    factors = None if factors is None else factors.numpy()
+    return (images, labels, factors) if with_factors else (images, labels)

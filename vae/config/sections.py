@@ -1,136 +1,19 @@
-"""The run config's sections other than the model's: data, loss, optim, train, tracking (and, until pipeline
-owns them, source and ingest). Each field has its type, default and a description, which `--help` prints.
+"""The run config's sections other than the model's: data, loss, optim, train, tracking. Each field has its type,
+default and a description, which `--help` prints. The source and ingest sections are pipeline's own
+(pipeline/settings.py, torch-free), used as they are by the ingest and here: one schema.
 
-Owns: the section classes and their own validators. Imports pydantic and `pipeline`'s public API only; reads no
-disk and builds no model.
+Owns: the section classes and their own validators. Imports pydantic and `pipeline.settings` only; reads no disk
+and builds no model.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline import is_url
-from pipeline.sources import validate_options
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: a float field refuses inf and nan ("Input should be a finite number"); pydantic
-    # accepts both by default, and an infinite lr or beta trains nothing but NaNs.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def check_finite(value: Any, path: str) -> Any:
-    """Refuse inf and nan anywhere in free-form data (plugin options, fsspec options), naming the key."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path} must be a finite number, got {value}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            check_finite(item, f"{path}.{key}")
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            check_finite(item, f"{path}[{i}]")
-    return value
-
-
-class SourceSection(Section):
-    name: str = Field("digits", description="Source plugin (entry point in group 'vaepipe.sources').")
-    options: dict[str, Any] = Field(default_factory=dict, description="The plugin's own config fields.")
-
-    @field_validator("options")
-    @classmethod
-    def _finite_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return check_finite(options, "source.options")
-
-    @model_validator(mode="after")
-    def _check_plugin(self) -> SourceSection:
-        validate_options(self.name, self.options, complete=False)  # required ones are the ingest's to check
-        return self
-
-
-class IngestSection(Section):
-    shard_dir: Path | str | None = Field(
-        None, description="Where shards go: a local path or an fsspec URL (s3://bucket/prefix); "
-        "default data/shards/<source name>."
-    )
-    samples_per_shard: int = Field(8192, gt=0, description="Images per tar shard (a multiple of block_size, packed).")
-    shard_bytes: int = Field(
-        256 << 20, gt=0, description="Largest shard in bytes: samples_per_shard is lowered to stay under it (from "
-        "the stored size of the first images, for encoded photos)."
-    )
-    block_size: int = Field(1024, gt=0, description="Images packed into one tar member (packed); the most "
-                            "encoded images in one block (encoded-blocks, which holds about 1 MB per block).")
-    overwrite: bool = Field(False, description="Re-ingest even when a complete shard directory exists.")
-    layout: Literal["auto", "packed", "encoded", "encoded-blocks"] = Field(
-        "auto", description="packed: blocks of images per tar member; encoded: one PNG/JPEG per sample; "
-        "encoded-blocks: blocks of encoded images (~1 MB) per tar sample, ~1% tar framing instead of ~28% at "
-        "256 px; auto: packed up to 16 kB per image (64x64x3), encoded-blocks above."
-    )
-    image_format: Literal["jpeg", "png", "webp"] = Field(
-        "jpeg", description="Encoding of images the encoded layout has to encode (resized, cropped or converted "
-        "ones); an image that needs no change keeps its source bytes (JPEG, PNG or WebP) untouched. png: lossless."
-    )
-    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality of encoded images.")
-    shards_per_task: int = Field(1, gt=0, description="Shards written by one ingest task (a shard group).")
-    on_error: Literal["skip", "fail"] = Field(
-        "skip", description="Unusable inputs (corrupt, unreadable, rejected by the rules below): skip and list "
-        "them in skipped.jsonl, or stop the ingest."
-    )
-    size_rule: Literal["reject", "resize", "crop"] = Field(
-        "reject", description="Images of another size than the dataset's: reject, resize (stretch), or crop "
-        "(scale the shorter side, centre-crop)."
-    )
-    channel_rule: Literal["reject", "convert"] = Field(
-        "reject", description="Images with another channel count (L/RGB/RGBA): reject, or convert."
-    )
-    image_size: tuple[int, int] | None = Field(
-        None, description="Target (H, W); default: the most common size among the inputs (imagefolder reads every "
-        "file's header to find it; other sources: the first image's)."
-    )
-    channels: Literal[1, 3, 4] | None = Field(
-        None, description="Target channels; default: the most common channel count (as image_size)."
-    )
-    max_skip_fraction: float = Field(
-        0.01, ge=0, le=1, description="The ingest fails, naming the reasons and skipped.jsonl, when more than this "
-        "fraction of the inputs was skipped; with size_rule reject and mixed sizes it refuses before writing."
-    )
-    runner: Literal["threads", "processes"] = Field(
-        "threads", description="Local task runner of the ingest flow (processes: true parallelism, slower start)."
-    )
-    workers: int | None = Field(
-        None, gt=0, description="Local workers, the shard groups written at once; default: Prefect's "
-        "PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS (PROCESS_POOL with processes) when set, else the CPU count."
-    )
-    dask_address: str | None = Field(
-        None, description="Dask scheduler address (tcp://host:8786): run the shard groups on that cluster."
-    )
-    retries: int = Field(3, ge=0, description="Retries of a failed shard-group task (a flaky disk, network or store).")
-    retry_delay_s: float = Field(
-        2.0, ge=0, description="First retry delay in seconds; doubled per retry, with jitter (Prefect's back-off)."
-    )
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for a URL shard_dir (e.g. {endpoint_url: ...} for S3)."
-    )
-
-    @field_validator("storage_options")
-    @classmethod
-    def _finite_storage_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return check_finite(options, "ingest.storage_options")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _path_or_url(cls, data: Any) -> Any:
-        """shard_dir: a URL stays a string (Path would fold its '//'); anything else is a local Path."""
-        value = data.get("shard_dir") if isinstance(data, dict) else None
-        if value is not None and not isinstance(value, Path) and not is_url(value):
-            data = {**data, "shard_dir": Path(value)}
-        return data
-
-    # samples_per_shard must be a multiple of block_size only for packed shards, which the layout decides once the
-    # image size is known: the ingest's plan checks it (pipeline.ingest._shard_sizes), before any shard is written
+from pipeline.settings import IngestSection, Section, SourceSection, check_finite  # noqa: F401 - one schema, re-exported
 
 
 class DataSection(Section):

@@ -192,6 +192,8 @@ def test_urls_that_name_no_shard_say_what_is_there(tmp_path, i2d):
     for bad in ([], "", {"train": []}):
         with pytest.raises(SourceError, match="source.options.urls: .*names no shards"):
             splits(bad)
+    with pytest.raises(SourceError, match="source.options.image_keys: .*at least 1 item"):
+        pipeline.build_source("webdataset", {"urls": str(src), "image_keys": []})
     with pytest.raises(SourceError, match="source.options.storage_options: .*client_kwargs.aws_secret_access_key "
                                           "would be written into index.json"):
         pipeline.build_source("webdataset", {"urls": str(src), "storage_options": {
@@ -241,7 +243,7 @@ def test_shards_in_an_s3_bucket(s3_server, i2d, tmp_path):
     storage = {"endpoint_url": s3_server}
     fs = fsspec.filesystem("s3", **storage)
     fs.put(f"{src}/", "shards/i2d/", recursive=True)
-    for urls in ("s3://shards/i2d/{00000..00002}.tar", "s3://shards/i2d"):
+    for urls in ("s3://shards/i2d/{00000..00002}.tar", "s3://shards/i2d", "s3://shards/i2d/"):
         source = pipeline.build_source("webdataset", {"urls": urls, "storage_options": storage})
         assert source.num_records("train") == N  # the stats files read from the bucket
     options = {"urls": "s3://shards/i2d/{00000..00002}.tar", "storage_options": storage}

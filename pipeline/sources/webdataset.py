@@ -63,7 +63,7 @@ class WebDatasetConfig(SourceConfig):
         "no credentials (they would be stored in index.json): use the environment or a profile."
     )
     image_keys: tuple[str, ...] = Field(
-        ("jpg", "jpeg", "png", "webp"), description="Member suffixes tried in order for a sample's image."
+        ("jpg", "jpeg", "png", "webp"), min_length=1, description="Member suffixes tried in order for a sample's image."
     )
     label_key: str | None = Field(None, description="Member suffix holding a class index (webdataset's 'cls').")
     use_stats: bool = Field(

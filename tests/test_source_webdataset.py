@@ -174,6 +174,20 @@ def test_a_tar_cut_between_samples_is_caught_by_its_stats(tmp_path, images):
                     .records("train"))) == N - 4
 
 
+def test_stats_that_disagree_with_their_shard_or_do_not_parse_are_named(tmp_path, images):
+    src = tmp_path / "i2d"
+    write_img2dataset(src, images)
+    stats = src / "00000_stats.json"
+    stats.write_text(json.dumps({**json.loads(stats.read_text()), "successes": 5}))
+    source = pipeline.build_source("webdataset", {"urls": str(src)})
+    assert source.num_records("train") == N - 2
+    with pytest.raises(SourceError, match=f"{src / '00000.tar'} holds more than the 5 samples its _stats.json gives"):
+        list(source.records("train", 0, 5))  # a range that ends with the shard reads it to its end
+    stats.write_text("{truncated")  # read again: a replaced stats file is seen by the next source object
+    with pytest.raises(SourceError, match=f"{stats} is not an img2dataset stats file .*use_stats=false"):
+        pipeline.build_source("webdataset", {"urls": str(src)}).splits()
+
+
 def test_urls_that_name_no_shard_say_what_is_there(tmp_path, i2d):
     src, _ = i2d
 

@@ -119,20 +119,26 @@ def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 class _Listings:
-    """Directory listings, each made once (one LIST on an object store, not one HEAD per shard or stats file)."""
+    """Directory listings, each made once per resolution (one LIST on an object store, not one HEAD per shard or
+    stats file)."""
 
     def __init__(self) -> None:
-        self.dirs: dict[tuple[fsspec.AbstractFileSystem, str], dict[str, str] | None] = {}
+        self.dirs: dict[tuple[fsspec.AbstractFileSystem, str], dict[str, dict[str, Any]] | None] = {}
 
-    def __call__(self, fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, str] | None:
-        """Path -> 'file' or 'directory' for the entries of `directory`; None when it does not exist."""
+    def __call__(self, fs: fsspec.AbstractFileSystem, directory: str) -> dict[str, dict[str, Any]] | None:
+        """Path -> fsspec's info (type, size, mtime or ETag) for the entries of `directory`; None when it does
+        not exist."""
         if (fs, directory) not in self.dirs:
             try:
-                entries = {e["name"].rstrip("/"): e["type"] for e in fs.ls(directory, detail=True)}
+                entries = {e["name"].rstrip("/"): e for e in fs.ls(directory, detail=True)}
             except (FileNotFoundError, NotADirectoryError):
                 entries = None
             self.dirs[fs, directory] = entries
         return self.dirs[fs, directory]
+
+
+def _tars(entries: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted(p for p, e in entries.items() if e["type"] == "file" and p.endswith(".tar"))
 
 
 def _expand(spec: str, storage_options: dict[str, Any], listing: _Listings) -> list[Shard]:
@@ -147,13 +153,10 @@ def _expand(spec: str, storage_options: dict[str, Any], listing: _Listings) -> l
             paths = sorted(fs.glob(path))
         else:
             entries = listing(fs, posixpath.dirname(path))
-            kind = None if entries is None else entries.get(path.rstrip("/"))
-            if kind is None:
+            info = None if entries is None else entries.get(path.rstrip("/"))
+            if info is None:
                 raise _missing(spec, url, fs, path, entries)
-            if kind == "directory":
-                paths = sorted(p for p, k in (listing(fs, path) or {}).items() if k == "file" and p.endswith(".tar"))
-            else:
-                paths = [path]
+            paths = _tars(listing(fs, path) or {}) if info["type"] == "directory" else [path]
         if not paths:
             raise SourceError(f"webdataset source: no .tar file matches {url!r} (from {spec!r}); check "
                               "source.options.urls")
@@ -161,12 +164,12 @@ def _expand(spec: str, storage_options: dict[str, Any], listing: _Listings) -> l
     return found
 
 
-def _missing(spec: str, url: str, fs, path: str, entries: dict[str, str] | None) -> SourceError:
+def _missing(spec: str, url: str, fs, path: str, entries: dict[str, dict[str, Any]] | None) -> SourceError:
     directory = _display(fs, posixpath.dirname(path))
     if entries is None:
         return SourceError(f"webdataset source: {url} names a directory {directory} that does not exist (from "
                            f"source.options.urls {spec!r})")
-    tars = sorted(posixpath.basename(p) for p, k in entries.items() if k == "file" and p.endswith(".tar"))
+    tars = [posixpath.basename(p) for p in _tars(entries)]
     holds = f"{len(tars)} .tar files ({tars[0]} .. {tars[-1]})" if tars else "no .tar files"
     return SourceError(f"webdataset source: {url} does not exist; {directory} holds {holds}. Fix source.options.urls "
                        f"({spec!r})")
@@ -179,19 +182,33 @@ def _stats_path(path: str) -> str | None:
 def _counted(split: str, shards: list[Shard], listing: _Listings) -> list[Shard]:
     """The shards with their img2dataset counts, when every one has a stats file; else as they are."""
     stats = [_stats_path(s.path) if s.fs is not None else None for s in shards]
-    have = [p is not None and p in (listing(s.fs, posixpath.dirname(p)) or {})
-            for s, p in zip(shards, stats, strict=True)]
-    if not all(have):
-        lacking = len(have) - sum(have)
+    infos = [None if p is None else (listing(s.fs, posixpath.dirname(p)) or {}).get(p)
+             for s, p in zip(shards, stats, strict=True)]
+    if None in infos:
         log.info("webdataset: %d of %d shards of split %r have no img2dataset %s beside them (e.g. %s), so its size "
-                 "is unknown and the ingest reads it in one task", lacking, len(shards), split, STATS_SUFFIX,
-                 next(s.url for s, h in zip(shards, have, strict=True) if not h))
+                 "is unknown and the ingest reads it in one task", infos.count(None), len(shards), split, STATS_SUFFIX,
+                 shards[infos.index(None)].url)
         return shards
-    fs = shards[0].fs
-    same_fs = all(s.fs is fs for s in shards)
-    texts = fs.cat(stats) if same_fs else {p: s.fs.cat_file(p) for s, p in zip(shards, stats, strict=True)}
-    return [Shard(s.url, s.fs, s.path, _successes(_display(s.fs, p), texts[p]))
-            for s, p in zip(shards, stats, strict=True)]
+    keys = [(s.fs, p, _version(info)) for s, p, info in zip(shards, stats, infos, strict=True)]
+    unread: dict[fsspec.AbstractFileSystem, dict[str, str]] = {}  # fs -> {path: version}
+    for fs, path, version in keys:
+        if (fs, path, version) not in _COUNTS:
+            unread.setdefault(fs, {})[path] = version
+    for fs, versions in unread.items():
+        texts = fs.cat(list(versions))  # {path: bytes}; concurrent GETs on an object store
+        for path, version in versions.items():
+            _COUNTS[fs, path, version] = _successes(_display(fs, path), texts[path])
+    return [Shard(s.url, s.fs, s.path, _COUNTS[key]) for s, key in zip(shards, keys, strict=True)]
+
+
+# (filesystem, stats path, its size and modification) -> successes: each group of an ingest resolves the shards
+# again (a fresh listing, so added or replaced files are seen), but reads a stats file only once while it is unchanged
+_COUNTS: dict[tuple[fsspec.AbstractFileSystem, str, str], int] = {}
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when a file is replaced: its size and, as the filesystem gives it, mtime or ETag."""
+    return repr([info.get(k) for k in ("size", "mtime", "LastModified", "ETag")])
 
 
 def _successes(name: str, text: bytes) -> int:
@@ -208,11 +225,9 @@ def _successes(name: str, text: bytes) -> int:
     return count
 
 
-@functools.lru_cache(maxsize=8)
-def _resolve(urls_json: str, options_json: str, use_stats: bool) -> dict[str, tuple[Shard, ...]]:
-    """Split -> its shards; cached per process, since every shard group of an ingest builds its own source and
-    asks (arguments are JSON so that they hash)."""
-    urls, storage_options = json.loads(urls_json), json.loads(options_json)
+def _resolve(config: WebDatasetConfig) -> dict[str, tuple[Shard, ...]]:
+    """Split -> its shards, each checked to exist, with their counts when the stats give them."""
+    urls, storage_options = config.urls, config.storage_options
     specs = urls if isinstance(urls, dict) else {"train": urls}
     splits, seen, listing = {}, {}, _Listings()
     for split, spec in specs.items():
@@ -225,7 +240,7 @@ def _resolve(urls_json: str, options_json: str, use_stats: bool) -> dict[str, tu
                 raise SourceError(f"webdataset source: {shard.url} is named twice ({where}); each shard may feed one "
                                   "split once. Fix source.options.urls")
             seen[shard.url] = split
-        splits[split] = tuple(_counted(split, shards, listing) if use_stats else shards)
+        splits[split] = tuple(_counted(split, shards, listing) if config.use_stats else shards)
     return splits
 
 
@@ -233,16 +248,17 @@ class WebDatasetSource(Source):
     name = "webdataset"
     Config = WebDatasetConfig
 
+    @functools.cached_property
     def _shards(self) -> dict[str, tuple[Shard, ...]]:
-        cfg = self.config
-        return _resolve(json.dumps(cfg.urls), json.dumps(cfg.storage_options, sort_keys=True), cfg.use_stats)
+        """Listed once per source object: the ingest builds one to plan and one per shard group."""
+        return _resolve(self.config)
 
     def splits(self) -> list[str]:
-        return list(self._shards())
+        return list(self._shards)
 
     def num_records(self, split: str) -> int | None:
         self._check_split(split)
-        counts = [s.count for s in self._shards()[split]]
+        counts = [s.count for s in self._shards[split]]
         return None if None in counts else sum(counts)
 
     def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record | Rejected]:
@@ -250,7 +266,7 @@ class WebDatasetSource(Source):
         not opened, and a shard the range reaches the end of is read to its end, so that its count is checked."""
         self._check_split(split)
         index = 0  # the split's number of the next sample
-        for shard in self._shards()[split]:
+        for shard in self._shards[split]:
             if stop is not None and index >= stop:
                 return
             if shard.count is not None and index + shard.count <= start:
@@ -295,7 +311,7 @@ def _samples(shard: Shard) -> Iterator[dict[str, Any]]:
         for sample in group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])):
             n += 1
             if shard.count is not None and n > shard.count:
-                raise _count_error(shard, "more than")
+                raise _count_error(shard, "more than", "stats from another run?")
             yield sample
     except (tarfile.TarError, EOFError) as err:
         reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__  # webdataset appends " @ stream"
@@ -306,12 +322,12 @@ def _samples(shard: Shard) -> Iterator[dict[str, Any]]:
     finally:
         stream.close()
     if shard.count is not None and n != shard.count:
-        raise _count_error(shard, f"only {n}, fewer than")
+        raise _count_error(shard, f"only {n}, fewer than", "a tar cut between two members reads as complete")
 
 
-def _count_error(shard: Shard, how: str) -> SourceError:
+def _count_error(shard: Shard, how: str, cause: str) -> SourceError:
     return SourceError(
-        f"webdataset source: {shard.url} holds {how} the {shard.count} samples its {STATS_SUFFIX} gives (a shard "
-        "cut at a member boundary, or stats from another run); download it again, or set "
-        "source.options.use_stats=false to ignore the stats (the split is then read by one task)"
+        f"webdataset source: {shard.url} holds {how} the {shard.count} samples its {STATS_SUFFIX} gives ({cause}); "
+        "download it again, or set source.options.use_stats=false to ignore the stats (the split is then read by "
+        "one task)"
     )

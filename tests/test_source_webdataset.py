@@ -18,7 +18,7 @@ from PIL import Image
 from support.img2dataset import jpeg, photos, write_img2dataset
 
 import pipeline
-from pipeline import IngestOptions, SourceError
+from pipeline import IngestSection, SourceError
 from pipeline.sources import available_sources, get_source_class
 from pipeline.sources.webdataset import Shard, WebDatasetSource
 
@@ -94,7 +94,7 @@ def test_img2dataset_shards_ingest_with_defaults_keeping_keys_and_jpeg_bytes(i2d
 def test_stats_give_counts_so_groups_run_in_parallel_and_read_only_their_shards(i2d, tmp_path, monkeypatch):
     src, written = i2d
     options = {"urls": f"{src}/{{00000..00002}}.tar"}
-    plan = pipeline.plan_ingest("webdataset", options, tmp_path / "shards", IngestOptions(samples_per_shard=4))
+    plan = pipeline.plan_ingest("webdataset", options, tmp_path / "shards", IngestSection(samples_per_shard=4))
     assert [(g.start, g.stop) for g in plan.groups] == [(a, min(a + 4, N)) for a in range(0, N, 4)]
     source = pipeline.build_source("webdataset", options)
     everything = [r.key for r in source.records("train")]
@@ -118,7 +118,7 @@ def test_without_stats_the_split_is_one_task(tmp_path, images, caplog):
         assert source.num_records("train") is None
     assert "have no img2dataset _stats.json" in caplog.text
     options = {"urls": str(src)}
-    plan = pipeline.plan_ingest("webdataset", options, tmp_path / "shards", IngestOptions(samples_per_shard=4))
+    plan = pipeline.plan_ingest("webdataset", options, tmp_path / "shards", IngestSection(samples_per_shard=4))
     assert [(g.start, g.stop) for g in plan.groups] == [(0, None)]
     pipeline.ingest("webdataset", options, tmp_path / "shards", samples_per_shard=4, progress=False)
     assert _stored_keys(tmp_path / "shards") == [w.key for w in written]

@@ -12,6 +12,7 @@ import webdataset as wds
 from conftest import shared_dataset
 from PIL import Image
 from support.data import rng_images, write_cifar10_bin, write_idx
+from support.img2dataset import photos, write_img2dataset
 
 import pipeline
 from pipeline import SourceError
@@ -68,6 +69,11 @@ def build_hf(tmp_path):
 
 def build_shapes(tmp_path):
     return {"train_samples": 20, "test_samples": 6, "size": 32}
+
+
+def build_webdataset(tmp_path):
+    write_img2dataset(tmp_path, photos(9, size=32))
+    return {"urls": str(tmp_path)}
 
 
 BUILDERS = {name[len("build_"):]: f for name, f in globals().items() if name.startswith("build_")}

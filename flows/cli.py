@@ -4,6 +4,10 @@ Config fields are overridden as `--section.field VALUE` after the command (`vaep
 an invalid config stops with the field and the allowed values, exit status 2. `vaepipe ingest` also stops with
 status 2 and one line, before Prefect starts, when the source cannot list its splits (a wrong root) or the
 shard directory is a file, not writable, holds files vaepipe did not write, or is locked by a running ingest.
+
+The modules that pull in torch, Prefect or MLflow (`pipeline`, `flows.train`, `flows.ingest`, `vae.tracking`,
+`vae.registry.store`) are imported inside the command that needs them, for speed alone: `vaepipe --help`, `status`
+and `train` take 0.2 s; with those imports at the top, 5.1 s (median wall time on the 2-core dev box).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-from vae.registry.store import ModelStoreError, format_table, list_models, pull_diffusers, pull_model
-from vae.tracking.store import embedded_uri
+from flows import serve, temporary_server
+from vae.config import ConfigError, RunConfig, field_help, load_config
 
 DEFAULT_PRESET = Path("infra/configs/digits.yaml")
 
@@ -41,12 +47,25 @@ The whole pipeline (ingest, train, evaluate, register) is `vaepipe demo`, or the
 
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The root parser and the config-taking subcommands' parsers (their `error` exits with status 2)."""
-    from vae.config import field_help
-
     root = argparse.ArgumentParser(
         prog="vaepipe", description="Train VAEs: Prefect ingestion to WebDataset shards, Accelerate, MLflow."
     )
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    with_config = add_flow_commands(commands)
+    add_serve_commands(commands)
+    commands.add_parser("train", help="how to train directly with accelerate launch")
+    check = commands.add_parser(
+        "verify", help="check a shard directory's shards against the sha256 in its index.json",
+        description="Check every shard of a shard directory (local path or fsspec URL) against index.json; "
+        "name each bad shard. Exit status 0 when all match, 1 otherwise.",
+    )
+    check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
+    add_models_command(commands)
+    return root, with_config
+
+
+def add_flow_commands(commands) -> dict[str, argparse.ArgumentParser]:
+    """`demo` and `ingest`: a preset, config overrides listed in the epilog."""
     config_epilog = "config fields (override as --section.field VALUE):\n" + field_help()
     with_config = {}
     for name, text in (
@@ -59,33 +78,34 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", type=Path, help=f"YAML preset (default {DEFAULT_PRESET} when present)")
-    from flows.serve import STATUS_NOT_RUNNING, positive_int
+    return with_config
 
-    serve = commands.add_parser(
+
+def add_serve_commands(commands) -> None:
+    """`serve` (or `serve --stop`) and `status`."""
+    start = commands.add_parser(
         "serve", help="start Prefect and MLflow servers and serve the deployments (Ctrl-C stops all)",
         description="Start a Prefect server, an MLflow server (sqlite, artifacts proxied) and a runner serving "
         "train-vae/train-vae and ingest-dataset/ingest-dataset, whose runs log to that MLflow; state in "
         ".vaepipe/ under the working directory.",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=4200, help="Prefect server (API and UI) port (default 4200)")
-    serve.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
-    serve.add_argument("--runner-port", type=int, default=4201, help="the runner's /health port (default 4201)")
-    serve.add_argument("--train-concurrency", type=positive_int, default=1, metavar="N",
+    start.add_argument("--host", default="127.0.0.1")
+    start.add_argument("--port", type=int, default=4200, help="Prefect server (API and UI) port (default 4200)")
+    start.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port (default 5000)")
+    start.add_argument("--runner-port", type=int, default=4201, help="the runner's /health port (default 4201)")
+    start.add_argument("--train-concurrency", type=serve.positive_int, default=1, metavar="N",
                        help="at most N train-vae runs at once; later runs wait for a slot (default 1)")
-    serve.add_argument("--stop", action="store_true", help="stop the servers and runner started from this directory")
+    start.add_argument("--stop", action="store_true", help="stop the servers and runner started from this directory")
     commands.add_parser(
         "status", help="whether the Prefect server, MLflow server and runner of `vaepipe serve` here are running",
         description="One line per process of `vaepipe serve` in this directory: running (pid alive and its URL "
-        f"answering) or not, with its URL. Exit status 0 when all three run, {STATUS_NOT_RUNNING} when any does not.",
+        f"answering) or not, with its URL. Exit status 0 when all three run, {serve.STATUS_NOT_RUNNING} when any "
+        "does not.",
     )
-    commands.add_parser("train", help="how to train directly with accelerate launch")
-    check = commands.add_parser(
-        "verify", help="check a shard directory's shards against the sha256 in its index.json",
-        description="Check every shard of a shard directory (local path or fsspec URL) against index.json; "
-        "name each bad shard. Exit status 0 when all match, 1 otherwise.",
-    )
-    check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
+
+
+def add_models_command(commands) -> None:
+    """`models list` and `models pull`, each taking --tracking-uri after the action's name."""
     models = commands.add_parser(
         "models", help="list the registered models, or pull one's files into a directory",
         description="The MLflow model registry at --tracking-uri (default: MLFLOW_TRACKING_URI, else the MLflow "
@@ -110,13 +130,10 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     pull.add_argument("--format", choices=("mlflow", "diffusers"), default="mlflow",
                       help="mlflow: the whole MLflow model; diffusers: only an aekl model's diffusers folder "
                       "(config.json + diffusion_pytorch_model.safetensors), for AutoencoderKL.from_pretrained(DIR)")
-    return root, with_config
 
 
-def load(sub: argparse.ArgumentParser, path: Path | None, overrides: list[str]):
+def load(sub: argparse.ArgumentParser, path: Path | None, overrides: list[str]) -> RunConfig:
     """The run config from a preset and overrides; a ConfigError ends the command with status 2."""
-    from vae.config import ConfigError, load_config
-
     if path is None and DEFAULT_PRESET.is_file():
         path = DEFAULT_PRESET
     try:
@@ -125,10 +142,10 @@ def load(sub: argparse.ArgumentParser, path: Path | None, overrides: list[str]):
         sub.error(str(err))  # prints usage and the message, exits 2
 
 
-def tracking_store(cfg) -> str:
-    """The demo's MLflow store, said on the first line: --tracking.tracking_uri, else MLFLOW_TRACKING_URI (as the
-    training entry point and the flow honour it), else the embedded sqlite store in this directory."""
-    
+def choose_tracking_store(cfg: RunConfig) -> None:
+    """Set the demo's MLflow store and say it on the first line: --tracking.tracking_uri, else MLFLOW_TRACKING_URI
+    (as the training entry point and the flow honour it), else the embedded sqlite store in this directory."""
+    from vae.tracking.store import embedded_uri  # deferred: MLflow, ~1.8 s (module docstring)
 
     if cfg.tracking.tracking_uri is not None:
         where = f"MLflow: {cfg.tracking.tracking_uri} (--tracking.tracking_uri)"
@@ -140,11 +157,11 @@ def tracking_store(cfg) -> str:
         where = (f"MLflow: the embedded store {cfg.tracking.tracking_uri} (set MLFLOW_TRACKING_URI to log to a "
                  "server instead)")
     print(where, flush=True)
-    return cfg.tracking.tracking_uri
 
 
-def demo(cfg) -> int:
-    from flows.train import train_vae
+def demo(cfg: RunConfig) -> int:
+    """Run the train-vae flow and print the registered model; 1 when the flow fails."""
+    from flows.train import train_vae  # deferred: torch, Prefect and MLflow, ~3.3 s (module docstring)
 
     try:
         summary = train_vae(cfg)
@@ -162,10 +179,10 @@ MLflow UI          {ui}""")
     return 0
 
 
-def preflight(cfg) -> int | None:
+def preflight(cfg: RunConfig) -> int | None:
     """Check the ingest's source and destination before any Prefect machinery starts: one line and status 2
     when either is unusable, else None."""
-    import pipeline
+    import pipeline  # deferred: torch, ~2 s (module docstring)
 
     try:
         pipeline.check_ingest(cfg.source.name, cfg.source.options, cfg.shard_dir, cfg.ingest.storage_options)
@@ -175,9 +192,9 @@ def preflight(cfg) -> int | None:
     return None
 
 
-def ingest(cfg) -> int:
+def ingest(cfg: RunConfig) -> int:
     """Run the ingest-dataset flow (a progress bar on a terminal); 1 when the flow fails. `preflight` first."""
-    from flows.ingest import ingest_dataset
+    from flows.ingest import ingest_dataset  # deferred: torch and Prefect, ~3 s (module docstring)
 
     try:
         print(ingest_dataset(cfg.source, cfg.ingest))
@@ -189,13 +206,14 @@ def ingest(cfg) -> int:
 
 def models(args: argparse.Namespace) -> int:
     """`vaepipe models list|pull`: 0 on success, 1 with one line naming what exists instead."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # deferred, as the two below: MLflow, ~1.4 s
 
-    from flows.serve import served_mlflow_url
-    
+    # deferred: MLflow and torch, ~3.2 s (module docstring)
+    from vae.registry.store import ModelStoreError, format_table, list_models, pull_diffusers, pull_model
+    from vae.tracking.store import embedded_uri  # deferred: MLflow, ~1.8 s
 
     # a server `vaepipe serve` runs from here holds what its flow runs registered; ./mlflow.db is the demo's
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or served_mlflow_url() or embedded_uri()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or serve.served_mlflow_url() or embedded_uri()
     try:
         if args.models_command == "list":
             print(format_table(list_models(uri)) or f"no registered models at {uri}")
@@ -215,7 +233,7 @@ def models(args: argparse.Namespace) -> int:
 
 def verify(shard_dir: str) -> int:
     """Print one line per bad shard (or that all are intact); 1 when any is bad or the directory is incomplete."""
-    import pipeline
+    import pipeline  # deferred: torch, ~2 s (module docstring)
 
     try:
         problems = pipeline.verify(shard_dir)
@@ -232,57 +250,77 @@ def verify(shard_dir: str) -> int:
     return 0
 
 
+def start_or_stop_serving(args: argparse.Namespace) -> int:
+    """`vaepipe serve`, or `vaepipe serve --stop`."""
+    if args.stop:
+        return serve.stop()
+    return serve.serve(args.host, args.port, args.mlflow_port, args.runner_port, args.train_concurrency)
+
+
+def print_train_help(args: argparse.Namespace) -> int:
+    """`vaepipe train`: how to train without Prefect."""
+    print(TRAIN_HELP, end="")
+    return 0
+
+
+class FlowCommand(NamedTuple):
+    """A command that runs a flow on a run config."""
+
+    prepare: Callable[[RunConfig], int | None]  # before the temporary server; an exit status ends the command
+    run: Callable[[RunConfig], int]
+
+
+# the commands that take no config overrides (anything left over on their command line is an error) ...
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "models": models,
+    "serve": start_or_stop_serving,
+    "status": lambda args: serve.status(),
+    "train": print_train_help,
+    "verify": lambda args: verify(args.shard_dir),
+}
+# ... and those that run a flow on a config built from a preset and the rest of the command line
+FLOWS = {
+    "demo": FlowCommand(prepare=choose_tracking_store, run=demo),  # the first line: where the run and model go
+    "ingest": FlowCommand(prepare=preflight, run=ingest),  # a wrong root costs one line, not a server start
+}
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    root, with_config = parser()
-    args, rest = root.parse_known_args(argv)
-    if args.command == "models":
-        if rest:
-            root.error(f"unrecognized arguments: {' '.join(rest)}")
-        return models(args)
-    if args.command in ("serve", "status", "train", "verify") and rest:
-        root.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "train":
-        print(TRAIN_HELP, end="")
-        return 0
-    if args.command == "verify":
-        return verify(args.shard_dir)
-    if args.command == "serve":
-        from flows import serve
-
-        if args.stop:
-            return serve.stop()
-        return serve.serve(args.host, args.port, args.mlflow_port, args.runner_port, args.train_concurrency)
-    if args.command == "status":
-        from flows import serve
-
-        return serve.status()
-    cfg = load(with_config[args.command], args.config, rest)
+def run_flow(command: FlowCommand, cfg: RunConfig) -> int:
+    """`command.prepare`, then its flow beside a temporary Prefect server; 130 on Ctrl-C or SIGTERM."""
     # without PREFECT_API_URL, Prefect starts a temporary local server; its telemetry heartbeat only adds
     # "database is locked" tracebacks on sqlite
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # SIGTERM unwinds like Ctrl-C: the training group is killed and Prefect's temporary server stopped
     # (under the default action the temporary server would be orphaned)
     signal.signal(signal.SIGTERM, _interrupt)
-    if args.command == "ingest" and (refused := preflight(cfg)) is not None:
-        return refused  # before the temporary server: a wrong root costs one line, not a server start
-    if args.command == "demo":
-        tracking_store(cfg)  # the first line: where the run and the model go
-    from flows import temporary_server
-
+    if (refused := command.prepare(cfg)) is not None:
+        return refused
     try:
         # started before the flow: a generous start-up wait, and the server dies with this process (kill -9 too)
         temporary_server.start()
-        return demo(cfg) if args.command == "demo" else ingest(cfg)
+        return command.run(cfg)
     except temporary_server.StartupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vaepipe COMMAND ...`: the exit status of the command."""
+    root, with_config = parser()
+    args, rest = root.parse_known_args(argv)
+    if args.command in COMMANDS:
+        if rest:
+            root.error(f"unrecognized arguments: {' '.join(rest)}")
+        return COMMANDS[args.command](args)
+    cfg = load(with_config[args.command], args.config, rest)
+    return run_flow(FLOWS[args.command], cfg)
 
 
 if __name__ == "__main__":

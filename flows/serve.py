@@ -162,11 +162,13 @@ def deployments(train_concurrency: int = 1, work_pool: str | None = None, workin
 
     `work_pool` registers them for a worker's pool (infra/compose.yaml) instead of this process's runner.
     """
+    # imported here, not at the top, for their cost: the flows pull in torch and Prefect (~3.3 s), which
+    # `vaepipe serve`, `status` and `--stop` never need; only the runner and --deploy call this
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.ingest import ingest_dataset
-    from flows.train import train_vae
+    from flows.ingest import ingest_dataset  # deferred: heavy (torch, Prefect), see above
+    from flows.train import train_vae  # deferred: heavy (torch, Prefect, MLflow), see above
 
     if train_concurrency < 1:  # the server deadlocks every run of a deployment limited to 0
         raise ValueError(f"train_concurrency must be at least 1, got {train_concurrency}")
@@ -184,7 +186,7 @@ def deployments(train_concurrency: int = 1, work_pool: str | None = None, workin
 
 def run_runner(train_concurrency: int) -> None:
     """The runner process: serve both deployments until SIGTERM or Ctrl-C (`prefect.serve` handles both)."""
-    from prefect import serve as prefect_serve
+    from prefect import serve as prefect_serve  # deferred: Prefect costs ~1 s that `vaepipe status` never needs
 
     prefect_serve(*deployments(train_concurrency))
 
@@ -242,88 +244,149 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One child before it starts: where it answers, what runs, where its output goes."""
+
+    title: str  # how messages name it
+    port: int
+    url: str  # what a person opens or exports
+    health: str  # answers 200 once the child works
+    option: str  # the `vaepipe serve` option that sets `port`, named when the port is taken
+    argv: list[str]
+    env: dict[str, str]
+    log: str | None  # a file under state_dir() (the servers); None: this terminal (the runner's flow runs' progress)
+
+
+def plan_children(host: str, ports: Ports, train_concurrency: int) -> dict[str, Planned]:
+    """The three children in start order: the Prefect server, the MLflow server, the runner."""
+    api, mlflow_url = api_url(host, ports.prefect), f"http://{client_host(host)}:{ports.mlflow}"
+    runner_url = f"http://{client_host(host)}:{ports.runner}"
+    argv, env = commands(host, ports, train_concurrency), child_env(api)
+    # MLflow 3.17's job runner (~8 huey consumer processes) serves GenAI features vaepipe does not use
+    mlflow_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # the runner's flow runs log to the served MLflow; its webserver answers /health while it polls
+    runner_env = {**env, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_RUNNER_SERVER_ENABLE": "true",
+                  "PREFECT_RUNNER_SERVER_HOST": host, "PREFECT_RUNNER_SERVER_PORT": str(ports.runner)}
+    return {
+        "prefect-server": Planned("Prefect server", ports.prefect, api, f"{api}/health", "--port",
+                                  argv["prefect-server"], env, "prefect-server.log"),
+        "mlflow-server": Planned("MLflow server", ports.mlflow, mlflow_url, f"{mlflow_url}/health", "--mlflow-port",
+                                 argv["mlflow-server"], mlflow_env, "mlflow-server.log"),
+        "runner": Planned("deployment runner", ports.runner, runner_url, f"{runner_url}/health", "--runner-port",
+                          argv["runner"], runner_env, None),
+    }
+
+
+def already_serving() -> bool:
+    """Whether a `vaepipe serve` runs from this directory already (said on stderr); a dead one's record is removed."""
+    state = read_state()
+    if state is None:
+        return False
+    if serving(state):
+        print(f"vaepipe serve is already running here (pid {state['serve']}, {state['api_url']}); "
+              "stop it with `vaepipe serve --stop`", file=sys.stderr)
+        return True
+    pid_file().unlink()  # stale: its owner died without cleaning up
+    return False
+
+
+def refusal(planned: dict[str, Planned]) -> str | None:
+    """Why the children cannot start as planned (two share a port, or something answers on one already), or None."""
+    ports = [child.port for child in planned.values()]
+    if len(set(ports)) < len(ports):
+        return f"--port, --mlflow-port and --runner-port must differ, got {', '.join(map(str, ports))}"
+    for name, child in planned.items():
+        if answers(child.health):
+            return f"something already answers on {child.health} (for the {name}); choose another {child.option}"
+    return None
+
+
+class Children:
+    """The children one `vaepipe serve` started: their processes, and their records in the state file."""
+
+    def __init__(self, host: str, planned: dict[str, Planned]) -> None:
+        self.host = host
+        self.planned = planned
+        self.procs: dict[str, subprocess.Popen] = {}  # by name, in start order
+        self.records: dict[str, Child] = {}  # what the state file holds
+
+    def start(self, name: str) -> None:
+        """Start child `name` leading its own session, and record it at once: `--stop` also cleans up a start
+        that hangs."""
+        plan = self.planned[name]
+        with open(state_dir() / plan.log, "ab") if plan.log else contextlib.nullcontext() as log:
+            out = {"stdout": log, "stderr": subprocess.STDOUT} if plan.log else {}
+            proc = self.procs[name] = subprocess.Popen(plan.argv, env=plan.env, stdin=subprocess.DEVNULL,
+                                                       start_new_session=True, **out)
+        try:  # Popen returns after the exec, so this is the child's own command line
+            known = processes.identity(proc.pid)
+        except psutil.NoSuchProcess:  # it died at once; wait_ready reports its exit
+            known = {}
+        self.records[name] = Child(proc.pid, plan.port, plan.url, plan.health, **known)
+        write_state(self.host, self.records)
+
+    def wait_ready(self, name: str) -> None:
+        """Until child `name` answers its health URL; RuntimeError when a started child exits first, TimeoutError
+        after START_TIMEOUT_S."""
+        plan = self.planned[name]
+        wait_until(lambda: answers(plan.health), list(self.procs.values()), START_TIMEOUT_S, plan.title)
+
+    def watch(self) -> int:
+        """Block while every child runs; when one exits, say which and return 1."""
+        while all(proc.poll() is None for proc in self.procs.values()):
+            time.sleep(1)
+        dead = next(name for name, proc in self.procs.items() if proc.poll() is not None)
+        print(f"the {dead} ({self.procs[dead].args[:4]}) exited with {self.procs[dead].returncode}; stopping",
+              file=sys.stderr)
+        return 1
+
+    def stop(self) -> None:
+        """Stop every started child, the runner first while the servers still answer it; then drop the state file."""
+        for name in STOP_ORDER:
+            if name in self.procs:
+                stop_group(self.procs[name].pid, STOP_SIGNAL[name])
+                self.procs[name].wait()
+        pid_file().unlink(missing_ok=True)
+
+
+def start_and_watch(children: Children, train_concurrency: int) -> int:
+    """Start both servers at once, the runner once they answer, print the banner; then `children.watch()`."""
+    started = time.monotonic()
+    host, planned = children.host, children.planned
+    print(f"starting the Prefect server on {host}:{planned['prefect-server'].port} and the MLflow server on "
+          f"{host}:{planned['mlflow-server'].port} ...", flush=True)
+    children.start("prefect-server")
+    children.start("mlflow-server")  # both start at once: each takes ~15 s
+    children.wait_ready("prefect-server")
+    children.wait_ready("mlflow-server")
+    print(f"servers up after {time.monotonic() - started:.1f} s; starting the deployment runner ...", flush=True)
+    children.start("runner")
+    children.wait_ready("runner")
+    print(f"ready after {time.monotonic() - started:.1f} s", flush=True)
+    print(banner(host, children.records, train_concurrency), flush=True)
+    mlflow_url, shell_uri = planned["mlflow-server"].url, os.environ.get("MLFLOW_TRACKING_URI")
+    if shell_uri and shell_uri != mlflow_url:
+        print(f"note: flow runs log to {mlflow_url}, not to MLFLOW_TRACKING_URI={shell_uri} of this shell "
+              "(a run's config.tracking.tracking_uri still overrides both)", flush=True)
+    return children.watch()
+
+
 def serve(host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, runner_port: int = 4201,
           train_concurrency: int = 1) -> int:
     """Start the servers and the runner, print how to use them, and stay in the foreground until stopped."""
-    state = read_state()
-    if state is not None:
-        if serving(state):
-            print(f"vaepipe serve is already running here (pid {state['serve']}, {state['api_url']}); "
-                  "stop it with `vaepipe serve --stop`", file=sys.stderr)
-            return 1
-        pid_file().unlink()  # stale: its owner died without cleaning up
-    ports = Ports(port, mlflow_port, runner_port)
-    api = api_url(host, port)
-    mlflow_url = f"http://{client_host(host)}:{mlflow_port}"
-    planned = {
-        "prefect-server": (port, api, f"{api}/health", "--port"),
-        "mlflow-server": (mlflow_port, mlflow_url, f"{mlflow_url}/health", "--mlflow-port"),
-        "runner": (runner_port, f"http://{client_host(host)}:{runner_port}",
-                   f"http://{client_host(host)}:{runner_port}/health", "--runner-port"),
-    }
-    if len({p for p, *_ in planned.values()}) < len(planned):
-        print(f"--port, --mlflow-port and --runner-port must differ, got {port}, {mlflow_port}, {runner_port}",
-              file=sys.stderr)
+    if already_serving():
         return 1
-    for name, (_, _, health, option) in planned.items():
-        if answers(health):
-            print(f"something already answers on {health} (for the {name}); choose another {option}", file=sys.stderr)
-            return 1
-    state_dir().mkdir(parents=True, exist_ok=True)
+    planned = plan_children(host, Ports(port, mlflow_port, runner_port), train_concurrency)
+    if (why := refusal(planned)) is not None:
+        print(why, file=sys.stderr)
+        return 1
     (state_dir() / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
-    env = child_env(api)
-    envs = {
-        "prefect-server": env,
-        # MLflow 3.17's job runner (~8 huey consumer processes) serves GenAI features vaepipe does not use
-        "mlflow-server": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
-        # the runner's flow runs log to the served MLflow; its webserver answers /health while it polls
-        "runner": {**env, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_RUNNER_SERVER_ENABLE": "true",
-                   "PREFECT_RUNNER_SERVER_HOST": host, "PREFECT_RUNNER_SERVER_PORT": str(runner_port)},
-    }
-    argv = commands(host, ports, train_concurrency)
-    started = time.monotonic()
-    procs: dict[str, subprocess.Popen] = {}
-    children: dict[str, Child] = {}
-
-    def start(name: str, log_name: str | None) -> None:
-        # the servers log to files; the runner writes to this terminal (the flow runs' progress)
-        with open(state_dir() / log_name, "ab") if log_name else contextlib.nullcontext() as log:
-            out = {"stdout": log, "stderr": subprocess.STDOUT} if log_name else {}
-            procs[name] = subprocess.Popen(argv[name], env=envs[name], stdin=subprocess.DEVNULL,
-                                           start_new_session=True, **out)
-        p, url, health, _ = planned[name]
-        try:  # Popen returns after the exec, so this is the child's own command line
-            known = processes.identity(procs[name].pid)
-        except psutil.NoSuchProcess:  # it died at once; the wait below reports its exit
-            known = {}
-        children[name] = Child(procs[name].pid, p, url, health, **known)
-        write_state(host, children)  # recorded at once: `--stop` also cleans up a start that hangs
-
+    children = Children(host, planned)
     # SIGTERM (from --stop, or a supervisor) unwinds like Ctrl-C so the `finally` below stops the children
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        print(f"starting the Prefect server on {host}:{port} and the MLflow server on {host}:{mlflow_port} ...",
-              flush=True)
-        start("prefect-server", "prefect-server.log")
-        start("mlflow-server", "mlflow-server.log")  # both start at once: each takes ~15 s
-        servers = list(procs.values())
-        wait_until(lambda: answers(f"{api}/health"), servers, START_TIMEOUT_S, "Prefect server")
-        wait_until(lambda: answers(f"{mlflow_url}/health"), servers, START_TIMEOUT_S, "MLflow server")
-        print(f"servers up after {time.monotonic() - started:.1f} s; starting the deployment runner ...", flush=True)
-        start("runner", None)
-        wait_until(lambda: answers(children["runner"].health), list(procs.values()), START_TIMEOUT_S,
-                   "deployment runner")
-        print(f"ready after {time.monotonic() - started:.1f} s", flush=True)
-        print(banner(host, children, train_concurrency), flush=True)
-        shell_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if shell_uri and shell_uri != mlflow_url:
-            print(f"note: flow runs log to {mlflow_url}, not to MLFLOW_TRACKING_URI={shell_uri} of this shell "
-                  "(a run's config.tracking.tracking_uri still overrides both)", flush=True)
-        while all(proc.poll() is None for proc in procs.values()):
-            time.sleep(1)
-        dead = next(name for name, proc in procs.items() if proc.poll() is not None)
-        print(f"the {dead} ({procs[dead].args[:4]}) exited with {procs[dead].returncode}; stopping", file=sys.stderr)
-        return 1
+        return start_and_watch(children, train_concurrency)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
         return 0
@@ -334,12 +397,7 @@ def serve(host: str = "127.0.0.1", port: int = 4200, mlflow_port: int = 5000, ru
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C or --stop must not cut the shutdown short
             signal.signal(sig, signal.SIG_IGN)
-        # the runner first, while the servers still answer it
-        for name in STOP_ORDER:
-            if name in procs:
-                stop_group(procs[name].pid, STOP_SIGNAL[name])
-                procs[name].wait()
-        pid_file().unlink(missing_ok=True)
+        children.stop()
 
 
 def ours(pid: int, recorded: dict, say) -> bool:
@@ -428,7 +486,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flows.serve`: the runner `vaepipe serve` starts, or registering the deployments for a work pool."""
     # a shell starts background jobs with SIGINT ignored and children inherit that; restore Ctrl-C's
     # KeyboardInterrupt first thing, as `vaepipe serve` stops this process with SIGINT
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -442,8 +501,12 @@ if __name__ == "__main__":
     mode.add_argument("--deploy", metavar="POOL")
     cli.add_argument("--train-concurrency", type=positive_int, default=1)
     cli.add_argument("--working-dir", help="with --deploy: the worker's directory for runs (data/, runs/)")
-    args = cli.parse_args()
+    args = cli.parse_args(argv)
     if args.runner:
         run_runner(args.train_concurrency)
     else:
         deploy_to_pool(args.deploy, args.train_concurrency, args.working_dir)
+
+
+if __name__ == "__main__":
+    main()

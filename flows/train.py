@@ -224,7 +224,7 @@ def publish(config: RunConfig, run_id: str) -> tuple[dict[str, float], Any]:
     # Heavy, so imported only here: the registry with mlflow and the objectives' evaluation stack make importing
     # this module take 11.3 s instead of 4.9 s (measured on this 2-core machine), paid by every flow process.
     from vae.registry.publish import publish_run
-    from vae.training.finalize import load_evaluation
+    from vae.training.finalize import load_evaluation  # deferred with the registry, as said above
 
     uri = str(config.tracking.tracking_uri)
     journal = Path(config.train.output_dir) / JOURNAL_DIR / f"{run_id}.jsonl"

@@ -1,5 +1,5 @@
-"""Data side of vaepipe: source plugins, the ingest and its settings, the version-1 shard format, and the per-rank
-loader.
+"""Data side of vaepipe. Owns the source plugins, the ingest and its settings, the version-1 shard format, and the
+per-rank loader.
 
 This module is the public API that `vae` and `flows` import; the submodules are internal. The packages:
 `sources` (plugins that read inputs as records), `ingest` (records -> a shard directory, step by step) and

@@ -37,7 +37,7 @@ def test_pull_downloads_the_named_version(registered, tmp_path, ref, version):
     result = vaepipe_models("pull", ref.format(name=name), str(dest))
     assert result.returncode == 0, result.stderr
     assert f"pulled {name} version {version} into {dest}" in result.stdout
-    assert {"MLmodel", "mlflow_model.py", "requirements.txt"} <= {p.name for p in dest.iterdir()}
+    assert {"MLmodel", "pyfunc.py", "requirements.txt"} <= {p.name for p in dest.iterdir()}
     assert (dest / "code" / "vae" / "models" / "__init__.py").is_file()
     weights = load_file(dest / "artifacts" / "weights.safetensors")
     expected = modules[version].state_dict()

@@ -250,7 +250,7 @@ def test_torch_compile_runs_the_steps_through_a_compiled_module(tmp_path, few_di
         torch._dynamo.reset()
     assert meta(tmp_path)["val"]["val/elbo"] > -60
     cfg = load_config(PRESET, ["--ingest.shard_dir", str(few_digits), "--train.output_dir", str(tmp_path / "run")])
-    model, _ = load_trained(cfg)
+    model, _ = load_trained(cfg.train.output_dir)
     assert sum(p.numel() for p in model.parameters()) > 0 and model._compiled_call_impl is None
 
 

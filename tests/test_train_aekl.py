@@ -68,9 +68,10 @@ def config(shards: Path, out: Path, vgg: Path, *overrides: str):
 
 
 def train(cfg) -> None:
+    from vae.registry.publish import publish_run
     from vae.training.trainer import train
 
-    train(cfg)
+    train(cfg, publisher=publish_run)
 
 
 def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg_weights, tracking_uri):

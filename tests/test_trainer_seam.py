@@ -194,3 +194,21 @@ def test_an_s3_run_registers_and_loads_without_reaching_the_shards_again(s3_serv
     version = publish_run(out, meta["mlflow_run_id"], tracking_uri)
     registered = mlflow.MlflowClient(tracking_uri).get_model_version(version.name, str(version.version))
     assert registered.run_id == meta["mlflow_run_id"]
+
+
+def test_registering_without_a_publisher_is_refused_before_training_and_journaling(tmp_path, digits_shards,
+                                                                                  tracking_uri):
+    """tracking.finalize register needs the registry's publisher, handed in by the entry point: without it the run
+    stops before any step (not after training, with a registration that can never be sent)."""
+    from vae.tracking.journal import MetricJournal
+    from vae.training.errors import TrainingError
+    from vae.training.trainer import train as bare_train
+
+    cfg = load_config(PRESET, ["--ingest.shard_dir", str(digits_shards), "--train.output_dir", str(tmp_path / "run")])
+    with in_process(tracking_uri), pytest.raises(TrainingError, match="needs a publisher to register the model"):
+        bare_train(cfg)
+    assert not (tmp_path / "run").exists()
+    journal = MetricJournal(tmp_path / "j" / "run.jsonl", "0" * 32, tracking_uri)
+    with pytest.raises(ValueError, match="opened without a publisher"):
+        journal.publish(tmp_path / "run")
+    assert journal.pending == []

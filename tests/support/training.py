@@ -63,10 +63,12 @@ def config(shard_dir: Path | str, out: Path, *overrides: str):
 
 
 def train(shard_dir: Path | str, out: Path, *overrides: str) -> None:
-    """vae.trainer.train on `config(shard_dir, out, *overrides)`; call it inside `in_process`."""
+    """vae.training.trainer.train on `config(shard_dir, out, *overrides)`, publishing through the registry as
+    vae/train.py does; call it inside `in_process`."""
+    from vae.registry.publish import publish_run
     from vae.training.trainer import train as run
 
-    run(config(shard_dir, out, *overrides))
+    run(config(shard_dir, out, *overrides), publisher=publish_run)
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

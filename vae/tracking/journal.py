@@ -116,6 +116,9 @@ class MetricJournal:
     def publish(self, output_dir: str | os.PathLike) -> None:
         """Journal the registration of the model and evaluation kept in `output_dir` (done by the journal's
         publisher when the entry is sent), then send what is pending unless backing off."""
+        if self.publisher is None:  # a programming error, refused before anything is journaled
+            raise ValueError("this journal was opened without a publisher, so it cannot register the model; open it "
+                             "with publisher=vae.registry.publish.publish_run (vae/train.py does)")
         self.stop_monitor()
         self._append({"kind": "publish", "output_dir": str(Path(output_dir).resolve()), "timestamp": _now_ms()})
         self.flush()

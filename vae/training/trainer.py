@@ -60,6 +60,10 @@ class Trainer(Checkpointing):
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.output_dir = Path(cfg.train.output_dir)
+        if cfg.tracking.finalize == "register" and publisher is None:
+            raise TrainingError("tracking.finalize register needs a publisher to register the model: call "
+                                "train(cfg, publisher=vae.registry.publish.publish_run) as vae/train.py does, or "
+                                "set --tracking.finalize evaluate")
         self.check_launch()
         set_seed(cfg.train.seed)
         self.spec = spec_of(cfg)  # the one read of the shard index for the model; meta.json keeps it from here on

@@ -21,6 +21,7 @@ from vae.objectives.aekl.losses import (
     generator_loss,
 )
 from vae.training.data import build_loaders
+from vae.training.trained import resolve_model
 
 TINY = {"channels": (8, 16, 16), "layers_per_block": 1, "norm_groups": 4, "attention": False}
 
@@ -77,7 +78,7 @@ def _folder(tmp_path, **config):
 
 def test_pretrained_folder_fills_the_section_and_loads_its_weights(tmp_path):
     reference, folder = _folder(tmp_path)
-    cfg = validate({"model": {"arch": "aekl", "pretrained": str(folder)}})
+    cfg = resolve_model(validate({"model": {"arch": "aekl", "pretrained": str(folder)}}))
     assert (list(cfg.model.channels), cfg.model.layers_per_block, cfg.model.norm_groups) == ([8, 16, 16], 1, 4)
     options = cfg.model.model_dump(exclude={"arch", "latent_dim"})
     model = build_model("aekl", (3, 32, 32), cfg.model.latent_dim, **options).eval()
@@ -85,9 +86,9 @@ def test_pretrained_folder_fills_the_section_and_loads_its_weights(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.encode_latents(x), reference.encode(x * 2 - 1).latent_dist.mean)
     with pytest.raises(ConfigError, match=r"disagrees with model.latent_dim 16 \(the folder has 4\): leave"):
-        validate({"model": {"arch": "aekl", "pretrained": str(folder), "latent_dim": 16}})
+        resolve_model(validate({"model": {"arch": "aekl", "pretrained": str(folder), "latent_dim": 16}}))
     with pytest.raises(ConfigError, match=r"not a diffusers AutoencoderKL folder: no config.json"):
-        validate({"model": {"arch": "aekl", "pretrained": str(tmp_path)}})
+        resolve_model(validate({"model": {"arch": "aekl", "pretrained": str(tmp_path)}}))
     with pytest.raises(ValueError, match=r"in_channels=3, the model section or data asks for 1"):
         build_model("aekl", (1, 32, 32), 4, **options)
     # the resolved config, saved beside a checkpoint, still validates where the folder is gone

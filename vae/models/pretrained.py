@@ -16,7 +16,8 @@ Pickles (.ckpt, .bin, .pt, .pth) are refused: loading one runs code from the fil
 
 `locate` turns `model.pretrained` into a `Pretrained` reading configs and safetensors headers only; its `load`
 builds the AutoencoderKL. diffusers and huggingface_hub are imported inside the functions that use them: every
-logged MLflow model imports this package, and loading one needs neither (their import costs ~2 s).
+logged MLflow model imports this package (through vae.models.aekl), and only starting from pretrained weights needs
+them here (diffusers' import alone costs ~2 s).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class Pretrained:
 
 def locate(pretrained: str, subfolder: str | None = None, norm_groups: int = 32) -> Pretrained:
     """`model.pretrained` (+ `model.pretrained_subfolder`) as weights on this machine, or a ValueError of one line
-    saying why not and what to do. `norm_groups`: the GroupNorm groups of a single file's model (no tensor says)."""
+    saying why not and what to do. A local path wins over a repo id spelled the same. `norm_groups`: the GroupNorm
+    groups of a single file's model (no tensor says)."""
     refuse_pickle(pretrained)
     path = Path(pretrained).expanduser()
     if path.is_dir():
@@ -216,7 +218,7 @@ def single_file(given: str, path: Path, norm_groups: int) -> Pretrained:
     if quant:
         release = "sdxl" if any(k.startswith("conditioner.") for k in shapes) else "sd"
     else:
-        release = "flux" if prefix == "" else "sd3"
+        release = {"": "flux", "first_stage_model.": "sd3"}.get(prefix, "")
     config = {
         "_class_name": "AutoencoderKL", "act_fn": "silu",
         "in_channels": vae["encoder.conv_in.weight"][1], "out_channels": vae["decoder.conv_out.weight"][0],
@@ -226,7 +228,7 @@ def single_file(given: str, path: Path, norm_groups: int) -> Pretrained:
         "norm_num_groups": norm_groups, "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in vae,
         "use_quant_conv": quant, "use_post_quant_conv": quant,
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        **FACTORS[release],
+        **FACTORS.get(release, {}),
     }
     fixes = tuple(k for k in SECTION_FIELDS if k != "norm_groups")
     return Pretrained(given, "file", path, config, prefix, fixes)

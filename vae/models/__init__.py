@@ -5,9 +5,10 @@ names. Model files are single-device code returning a `VAEOutput`; they import n
 tracking, orchestration or the data pipeline (a test guards that). Each model class carries its `Options`, the
 typed section of its constructor's options that the run config uses (vae/models/options.py).
 
-Owns: the architectures, their option sections, the output contract, and the spec a model is rebuilt from
-(vae/models/spec.py). Never imports another vaepipe package: a logged MLflow model carries a copy of this folder
-as its code, and loads where vaepipe is not installed.
+Owns: the architectures, their option sections, the output contract, the spec a model is rebuilt from
+(vae/models/spec.py), and aekl's starting weights in the forms people have them (vae/models/pretrained.py).
+Never imports another vaepipe package: a logged MLflow model carries a copy of this folder as its code, and loads
+where vaepipe is not installed.
 
 The contract, the same for one latent layer or a hierarchy of groups:
 

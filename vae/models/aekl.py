@@ -14,18 +14,16 @@ folder that `AutoencoderKL.from_pretrained` loads (vae/registry/diffusers.py). C
 - `autoencode(x)` is what the aekl objective (vae/objectives/aekl/) trains on: the reconstruction in [-1, 1] and
   the posterior, on diffusers' own scale.
 
-`pretrained` is a local diffusers AutoencoderKL folder (config.json + weights): its architecture wins, and a
-section value that disagrees is refused (`with_pretrained` fills the section from the folder where training builds
-the model, so the resolved config describes the model). `train_encoder=False` freezes encoder and quant_conv
-(decoder-only
-fine-tuning, as the SD VAE ft-MSE / ft-EMA releases did): their weights, hence the latents, stay bit-equal.
+`pretrained` is a diffusers folder, a Hugging Face repo id from the local cache, or one original-layout
+.safetensors file (vae/models/pretrained.py): its architecture wins, and a section value that disagrees is refused
+(`with_pretrained` fills the section where training builds the model, so the resolved config describes the model).
+`train_encoder=False` freezes encoder and quant_conv (decoder-only fine-tuning, as the SD VAE ft-MSE / ft-EMA
+releases did): their weights, hence the latents, stay bit-equal.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -34,6 +32,7 @@ from torch import nn
 
 from vae.models import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, register_model, reparameterize
 from vae.models.options import ArchOptions
+from vae.models.pretrained import locate, refuse_pickle
 
 # diffusers is imported where a model is built, not here: vae.models (and so every logged MLflow model's code)
 # imports this file, and the other architectures should not need diffusers, nor pay its ~2 s import.
@@ -47,31 +46,6 @@ class AeklOutput(NamedTuple):
     recon: torch.Tensor  # (B, C, H, W) in [-1, 1] (unclamped): the decoder's image, diffusers' scale
     posterior: Gaussian  # (B, latent_dim, H / f, W / f) mean and log-variance (diffusers clamps it to [-30, 20])
     z: torch.Tensor  # the latent that was decoded: a sample of the posterior, or its mean
-
-
-def folder_config(folder: str | Path) -> dict:
-    """config.json of a local diffusers AutoencoderKL folder; a wrong folder raises naming what is missing."""
-    folder = Path(folder)
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ValueError(f"model.pretrained {str(folder)!r} is not a diffusers AutoencoderKL folder: no config.json "
-                         "there. Give the folder that holds config.json and diffusion_pytorch_model.safetensors "
-                         "(e.g. the `vae` subfolder of a Stable Diffusion download, or `vaepipe models pull NAME "
-                         "--format diffusers DIR`)")
-    data = json.loads(config.read_text())
-    if data.get("_class_name") not in (None, "AutoencoderKL"):
-        raise ValueError(f"model.pretrained {str(folder)!r} holds a {data['_class_name']}, not an AutoencoderKL")
-    if not any(folder.glob("diffusion_pytorch_model*.safetensors")):
-        raise ValueError(f"model.pretrained {str(folder)!r} has no diffusion_pytorch_model.safetensors (weights "
-                         "in .bin files are pickles and are not loaded: convert them to safetensors)")
-    return data
-
-
-def section_from_folder(data: dict) -> dict:
-    """The aekl section fields a diffusers config describes (what `with_pretrained` fills in)."""
-    return {"channels": list(data["block_out_channels"]), "layers_per_block": data["layers_per_block"],
-            "latent_dim": data["latent_channels"], "norm_groups": data["norm_num_groups"],
-            "attention": data.get("mid_block_add_attention", True)}
 
 
 def _plain(value):
@@ -93,9 +67,17 @@ class AeklOptions(ArchOptions):
     layers_per_block: int = Field(2, gt=0, description="Resnet layers per level (SD's VAE: 2).")
     norm_groups: int = Field(32, gt=0, description="GroupNorm groups; divides every entry of model.channels.")
     attention: bool = Field(True, description="Self-attention in the mid block (as SD's VAE).")
+    quant_conv: bool = Field(True, description="The 1x1 convolutions around the latent (quant_conv, "
+                             "post_quant_conv) of SD's and SDXL's VAE; FLUX's and SD3's have none.")
     pretrained: str | None = Field(
-        None, description="A local diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model"
-        ".safetensors) to start from; its architecture fills the fields above (a given one must agree)."
+        None, description="Weights to start from: a diffusers AutoencoderKL folder (config.json + "
+        "diffusion_pytorch_model.safetensors), a Hugging Face repo id in the local cache (stabilityai/sd-vae-ft-mse; "
+        "never downloaded), or one .safetensors file in the original LDM (SD, SDXL) or BFL (FLUX ae) layout. Its "
+        "architecture fills the fields above (a given one must agree; a file does not fix norm_groups)."
+    )
+    pretrained_subfolder: str | None = Field(
+        None, description="The folder inside model.pretrained (a repo id or a local folder) that holds the VAE: "
+        "vae for a pipeline (stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev)."
     )
     train_encoder: bool = Field(
         True, description="false: freeze encoder and quant_conv and fine-tune the decoder only; the latents stay "
@@ -112,21 +94,27 @@ class AeklOptions(ArchOptions):
         if any(n <= 0 or n % self.norm_groups for n in self.channels):
             raise ValueError(f"model.norm_groups {self.norm_groups} must divide every entry of model.channels "
                              f"{list(self.channels)}")
+        if self.pretrained_subfolder and not self.pretrained:
+            raise ValueError("model.pretrained_subfolder names a folder inside model.pretrained: give "
+                             "model.pretrained too (a repo id or a local folder)")
+        if self.pretrained:
+            refuse_pickle(self.pretrained)  # from the name alone: validation reads no disk
         return self
 
 
 def with_pretrained(options: AeklOptions) -> AeklOptions:
-    """`options` with the architecture of its `pretrained` folder filled in (the resolved config then describes
-    the model that trains); a field the user set to another value than the folder's is refused, naming both."""
+    """`options` with the architecture of its `pretrained` weights filled in (the resolved config then describes
+    the model that trains); a field the user set to another value than the weights' is refused, naming both."""
     if options.pretrained in (None, ""):
         return options
-    folder = section_from_folder(folder_config(options.pretrained))
-    clash = [f"model.{k} {_plain(getattr(options, k))!r} (the folder has {v!r})" for k, v in folder.items()
+    source = locate(options.pretrained, options.pretrained_subfolder, options.norm_groups)
+    fixed = source.section()
+    clash = [f"model.{k} {_plain(getattr(options, k))!r} (the {source.noun} has {v!r})" for k, v in fixed.items()
              if k in options.model_fields_set and _plain(getattr(options, k)) != v]
     if clash:
         raise ValueError(f"model.pretrained {options.pretrained!r} disagrees with {', '.join(clash)}: leave those "
-                         "fields unset to take the folder's values")
-    return AeklOptions.model_validate({**options.model_dump(), **folder})
+                         f"fields unset to take the {source.noun}'s values")
+    return AeklOptions.model_validate({**options.model_dump(), **fixed})
 
 
 @register_model("aekl")
@@ -143,8 +131,9 @@ class AEKL(VAE):
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4,
                  channels: tuple[int, ...] = (128, 256, 512, 512), layers_per_block: int = 2, norm_groups: int = 32,
-                 attention: bool = True, pretrained: str | None = None, train_encoder: bool = True,
-                 likelihood: str = "gaussian", mixtures: int = 10, gaussian_std: float = 0.1):
+                 attention: bool = True, quant_conv: bool = True, pretrained: str | None = None,
+                 pretrained_subfolder: str | None = None, train_encoder: bool = True, likelihood: str = "gaussian",
+                 mixtures: int = 10, gaussian_std: float = 0.1):
         if likelihood not in IMAGE_HEADS:
             raise ValueError(f"model.arch 'aekl' decodes images (one value per channel, diffusers' convention), so "
                              f"loss.likelihood {likelihood!r} cannot be used: set --loss.likelihood gaussian "
@@ -165,31 +154,23 @@ class AEKL(VAE):
                         "(--data.crop_size, --ingest.size_rule), or use fewer levels in model.channels")
         options = dict(in_channels=c, out_channels=c, block_out_channels=channels, layers_per_block=layers_per_block,
                        latent_channels=latent_dim, norm_num_groups=norm_groups, mid_block_add_attention=attention,
+                       use_quant_conv=quant_conv, use_post_quant_conv=quant_conv,
                        down_block_types=("DownEncoderBlock2D",) * len(channels),
                        up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=max(h, w))
         from diffusers import AutoencoderKL
 
-        self.vae = self._load(Path(pretrained), options) if pretrained is not None else AutoencoderKL(**options)
+        if pretrained is None:
+            self.vae = AutoencoderKL(**options)
+        else:
+            source = locate(pretrained, pretrained_subfolder, norm_groups)
+            source.check(options)
+            self.vae = source.load()
         self.latent_shape = (latent_dim, h // self.factor, w // self.factor)
         self.latent_size = math.prod(self.latent_shape)
         self.train_encoder = train_encoder
         if not train_encoder:
             for module in self.frozen():
                 module.requires_grad_(False)
-
-    @staticmethod
-    def _load(folder: Path, options: dict) -> nn.Module:
-        from diffusers import AutoencoderKL
-
-        given = folder_config(folder)
-        for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
-                    "norm_num_groups"):
-            want, have = options[key], given.get(key)
-            if (list(want) if isinstance(want, tuple) else want) != have:
-                raise ValueError(f"model.pretrained {str(folder)!r} has {key}={have}, the model section or data "
-                                 f"asks for {want}: leave model.channels/layers_per_block/latent_dim/norm_groups "
-                                 "unset to take the folder's, and ingest images with its channel count")
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
 
     def frozen(self) -> list[nn.Module]:
         """The modules decoder-only fine-tuning freezes (empty while the encoder trains)."""

@@ -20,13 +20,6 @@ from torch import nn
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-def portable_spec(spec: dict) -> dict:
-    """The spec without what only the training machine has: a pretrained folder's weights are in the model's
-    own weights by now, and its architecture in the options (vae.models.aekl.with_pretrained filled them)."""
-    options = {k: v for k, v in spec.get("options", {}).items() if k != "pretrained"}
-    return {**spec, "options": options}
-
-
 def diffusers_config(stats: dict[str, Any] | None) -> dict[str, Any]:
     """Latent statistics -> the AutoencoderKL config fields that carry them (empty without statistics)."""
     if not stats:

@@ -21,8 +21,8 @@ from mlflow.models import Model, infer_signature
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vae.models.spec import build_from_spec
-from vae.registry.diffusers import export_diffusers, portable_spec
+from vae.models.spec import build_from_spec, portable_spec
+from vae.registry.diffusers import export_diffusers
 from vae.registry.pyfunc import PARAMS, ServingLimits
 
 VAE_PACKAGE = Path(__file__).resolve().parents[1]  # the `vae` package, of which the model carries `models`
@@ -50,7 +50,7 @@ def _pyfunc_kwargs(model: nn.Module, spec: dict, tmp: Path, input_example: np.nd
                    limits: ServingLimits | None) -> dict[str, Any]:
     """The arguments `mlflow.pyfunc.log_model` and `save_model` share for `model`, its files written in `tmp`."""
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    spec = portable_spec(spec)  # a pretrained folder is in the weights now, and only on the training machine
+    spec = portable_spec(spec)  # pretrained weights are in the model's now, and only on the training machine
     # Rebuilding from the spec checks, before anything is logged, that spec and weights agree.
     packaged = build_from_spec(spec)
     packaged.load_state_dict(weights)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vae.config import ConfigError, RunConfig, validate
-from vae.models.spec import build_from_spec, model_spec
+from vae.models.spec import build_from_spec, model_spec, portable_spec
 from vae.training import checkpoint
 from vae.training.data import image_shape
 from vae.training.errors import TrainingError
@@ -58,9 +58,11 @@ def weights_file(path: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
-    """The model of checkpoint `path` (EMA weights when kept) in a fresh CPU module, in eval mode, and its meta."""
+    """The model of checkpoint `path` (EMA weights when kept) in a fresh CPU module, in eval mode, and its meta.
+    The module is built without the weights the run started from (its `portable_spec`): the checkpoint holds all
+    of them, and they may be on the training machine only."""
     meta = checkpoint.read_meta(path)
-    model = build_from_spec(checkpoint_spec(meta))
+    model = build_from_spec(portable_spec(checkpoint_spec(meta)))
     model.load_state_dict(load_file(weights_file(path)))
     return model.eval(), meta
 

@@ -2,33 +2,64 @@
 per-rank loader.
 
 This module is the public API that `vae` and `flows` import; the submodules are internal. The packages:
-`sources` (plugins that read inputs as records), `ingest` (records -> a shard directory, step by step) and
+`sources` (plugins that read inputs as records), `ingestion` (records -> a shard directory, step by step) and
 `loader` (a shard directory -> batches for one rank); `settings` is the schema of the source and ingest sections.
 Between them lie the shard format (`shards`, `layouts`, `npy`), image conforming (`conform`, `augment`), storage
 (`storage`, `lock`, `ownership`) and `errors`. Nothing in pipeline imports `vae` or `flows`, the ingest and the
 loader never import each other, and no two modules import each other.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.ingest import (
-    GroupResult,
-    GroupTask,
-    IngestPlan,
-    finalize_ingest,
-    ingest,
-    is_complete,
-    plan_ingest,
-    prepare_dir,
-    write_group,
-)
-from pipeline.loader import Batch, ShardLoader, open_loader, read_split
-from pipeline.lock import DirectoryLockedError, DirLock
-from pipeline.preflight import check_ingest
-from pipeline.records import Record, Rejected
 from pipeline.settings import SHARD_FIELDS, IngestSection, SourceSection
-from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify
-from pipeline.sources import available_sources, build_source, get_source_class
 from pipeline.storage import DestinationError, is_url
+
+# The rest of the face is loaded on first use (PEP 562): the ingest, the shard format and the loader import torch,
+# numpy's heavier parts, Pillow and webdataset (~2 s), which the settings, read by the run config and
+# `vaepipe --help`, never need.
+_LAZY = {
+    **dict.fromkeys(("GroupResult", "GroupTask", "IngestPlan", "finalize_ingest", "ingest", "is_complete",
+                     "plan_ingest", "prepare_dir", "write_group"), "pipeline.ingestion"),
+    **dict.fromkeys(("Batch", "ShardLoader", "open_loader", "read_split"), "pipeline.loader"),
+    **dict.fromkeys(("DirectoryLockedError", "DirLock"), "pipeline.lock"),
+    "check_ingest": "pipeline.preflight",
+    **dict.fromkeys(("Record", "Rejected"), "pipeline.records"),
+    **dict.fromkeys(("INDEX_NAME", "REPORT_NAME", "ShardIndex", "index_sha256", "read_index", "verify"),
+                    "pipeline.shards"),
+    **dict.fromkeys(("available_sources", "build_source", "get_source_class"), "pipeline.sources"),
+}
+
+if TYPE_CHECKING:
+    from pipeline.ingestion import (  # noqa: F401
+        GroupResult,
+        GroupTask,
+        IngestPlan,
+        finalize_ingest,
+        ingest,
+        is_complete,
+        plan_ingest,
+        prepare_dir,
+        write_group,
+    )
+    from pipeline.loader import Batch, ShardLoader, open_loader, read_split  # noqa: F401
+    from pipeline.lock import DirectoryLockedError, DirLock  # noqa: F401
+    from pipeline.preflight import check_ingest  # noqa: F401
+    from pipeline.records import Record, Rejected  # noqa: F401
+    from pipeline.shards import INDEX_NAME, REPORT_NAME, ShardIndex, index_sha256, read_index, verify  # noqa: F401
+    from pipeline.sources import available_sources, build_source, get_source_class  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
 
 __all__ = [
     "INDEX_NAME",

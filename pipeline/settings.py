@@ -1,7 +1,7 @@
 """The settings of an ingest as users write them: the `source` and `ingest` sections of a run config.
 
 One schema: the run config (`vae.config.RunConfig`) composes these sections, the ingest flow takes them as
-parameters, and `pipeline.ingest` reads its settings from an `IngestSection`. Every field is documented here, and
+parameters, and `pipeline.ingestion` reads its settings from an `IngestSection`. Every field is documented here, and
 a bad value raises naming the field. This module imports neither torch nor numpy.
 """
 
@@ -132,11 +132,11 @@ class IngestSection(Section):
         return data
 
     # samples_per_shard must be a multiple of block_size only for packed shards, which the layout decides once the
-    # image size is known: the ingest's plan checks it (pipeline.ingest.plan), before any shard is written
+    # image size is known: the ingest's plan checks it (pipeline.ingestion.plan), before any shard is written
 
 
 # The ingest settings a shard group's files are a function of: a finished group is kept by a re-run only when they
-# are unchanged (`pipeline.ingest.group`). The other fields say where the shards go (shard_dir, storage_options),
+# are unchanged (`pipeline.ingestion.group`). The other fields say where the shards go (shard_dir, storage_options),
 # whether to start over (overwrite), when to give up (max_skip_fraction), and how the flow schedules the groups.
 SHARD_FIELDS = frozenset({
     "samples_per_shard", "shard_bytes", "block_size", "layout", "image_format", "quality", "shards_per_task",

@@ -5,6 +5,8 @@ and a `vae/` whose top level is the entry script and the packages."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -106,3 +108,13 @@ def test_the_import_checker_finds_a_circle_and_a_hidden_import(tmp_path):
     assert circles(edges) == [["vae.a", "vae.b"]]
     assert [(i.source, i.in_function, i.target, i.comment) for i in imports if i.in_function] == [
         ("vae.b", "f", "vae.a", "circle")]
+
+
+def test_the_run_config_and_the_cli_import_without_torch():
+    """The settings faces are light (pipeline.settings, vae.models.options): parsing a config and `vaepipe --help`
+    never pay torch's import; the rest of each face loads on first use."""
+    code = ("import sys, vae.config, flows.cli; vae.config.load_config(None, ['--model.arch', 'aekl']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import pipeline, vae.models; pipeline.open_loader; vae.models.build_model; "
+            "assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=300)

@@ -28,7 +28,7 @@ from support.servers import PrefectServer
 
 import pipeline
 from flows.ingest import ingest_dataset, shard_dir_key
-from pipeline.ingest import MARKERS
+from pipeline.ingestion import MARKERS
 from pipeline.sources import available_sources
 from pipeline.sources.digits import DigitsConfig, DigitsSource
 from vae.config import IngestSection, SourceSection

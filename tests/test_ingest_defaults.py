@@ -31,7 +31,7 @@ def _tree(root: Path, sizes: dict[str, tuple[int, int]], seed: int = 0) -> Path:
 
 def test_one_split_folder_warns_at_ingest_and_training_names_both_fixes(tmp_path, caplog):
     root = _tree(tmp_path / "faces", {f"test/p{i // 4}/{i}.png": (8, 8) for i in range(12)})
-    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingestion"):
         index = pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "shards", progress=False)
     assert list(index.splits) == ["test"]
     assert "only the split 'test'" in caplog.text and "source.options.test_fraction" in caplog.text

@@ -48,7 +48,7 @@ def test_a_foreign_shard_in_our_directory_is_never_deleted(tmp_path):
 
 def test_the_partial_shards_of_an_interrupted_group_are_ours_to_replace(tmp_path, monkeypatch):
     """A group killed mid-write leaves a shard no marker lists; its claim says it is ours, so a re-run replaces it."""
-    ingest_module = importlib.import_module("pipeline.ingest.group")  # where write_group finds _conformed
+    ingest_module = importlib.import_module("pipeline.ingestion.group")  # where write_group finds _conformed
     conformed = ingest_module._conformed
     calls = []
 

@@ -28,7 +28,7 @@ Which loader a split gets is `open_loader`'s choice (`factory.py`): resident whe
 and the split fits `memory_budget`; `ShardLoader` is the type both share.
 
 This package owns reading shard directories for training and evaluation. It imports the shard format
-(`pipeline.shards`, `pipeline.layouts`), `pipeline.augment` and storage; never the ingest (`pipeline.ingest`), the
+(`pipeline.shards`, `pipeline.layouts`), `pipeline.augment` and storage; never the ingest (`pipeline.ingestion`), the
 sources, `pipeline.settings`, `vae` or `flows`. Inside it, imports point one way: `factory` imports `resident` and
 `streamed`, they import `base` and `read`, and those two the leaf `corrupt`; `base` knows none of its subclasses.
 """

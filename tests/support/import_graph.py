@@ -5,7 +5,8 @@
 A module's edges are the project modules it imports, at the top level or inside a function; `from a.b import c`
 counts as an edge to `a.b.c` when that is a module, else to `a.b`. Importing a package runs its `__init__`, so an
 edge to `a.b.c` also counts as one to `a.b` (an import of a package face that re-exports is where circles hide).
-`TYPE_CHECKING` blocks are left out: they never run.
+`TYPE_CHECKING` blocks are left out: they never run. A package face that loads names on first use (PEP 562) lists
+their modules in a module-level `_LAZY` dict: each module named there counts as an import of the face.
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[Import]:
             else:
                 visit(child, function)
 
-    visit(ast.parse(text), None)
+    tree = ast.parse(text)
+    visit(tree, None)
+    for node in tree.body:  # a lazy face's `_LAZY = {name: module}`: the modules it loads on first use
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in node.targets):
+            for value in ast.walk(node.value):
+                if isinstance(value, ast.Constant) and isinstance(value.value, str) and value.value in known:
+                    add(value.value, node, None)
     return found
 
 

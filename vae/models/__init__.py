@@ -24,111 +24,27 @@ The contract, the same for one latent layer or a hierarchy of groups:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from vae.models.options import SECTIONS, ArchOptions  # noqa: F401 - torch-free: what the run config reads
 
-from vae.models.heads import Head
-from vae.models.options import SECTIONS, ArchOptions, add_section  # noqa: F401 - SECTIONS: the face the config reads
+# The rest of the face is loaded on first use (PEP 562): it imports torch (~2 s), which the run config and
+# `vaepipe --help` never need. Old logged models import `build_model` from here and keep working.
+_LAZY = {
+    **dict.fromkeys(("VAE", "VAEOutput", "Gaussian", "LatentGroup", "check_divisible", "reparameterize",
+                     "standard_normal"), "vae.models.base"),
+    **dict.fromkeys(("MODELS", "build_model", "register_model", "resolve_options"), "vae.models.registry"),
+}
 
-MODELS: dict[str, type[nn.Module]] = {}  # model.arch -> its class; its options section is in SECTIONS
-
-
-class Gaussian(NamedTuple):
-    """A diagonal Gaussian; tensors of one shape, e.g. (B, D) or (B, C, h, w)."""
-
-    mu: torch.Tensor
-    logvar: torch.Tensor
-
-
-class LatentGroup(NamedTuple):
-    """One group of latents: its sample from q, the posterior q(z | x, z_above) and the prior p(z | z_above)."""
-
-    z: torch.Tensor
-    q: Gaussian
-    p: Gaussian
+if TYPE_CHECKING:
+    from vae.models.base import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, reparameterize  # noqa: F401
+    from vae.models.registry import MODELS, build_model, register_model, resolve_options  # noqa: F401
 
 
-class VAEOutput(NamedTuple):
-    params: torch.Tensor  # (B, P, H, W): the decoder's parameters of p(x|z) per pixel, layout per `model.head`
-    groups: tuple[LatentGroup, ...]  # top (first sampled) to bottom; a single-layer VAE has one
-
-
-def standard_normal(like: torch.Tensor) -> Gaussian:
-    return Gaussian(torch.zeros_like(like), torch.zeros_like(like))
-
-
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """z = mu + sigma * eps with eps ~ N(0, I): the sample stays differentiable in mu and logvar."""
-    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-
-
-class VAE(nn.Module):
-    """Base of the single-latent-layer models (prior N(0, I)): subclasses define `encode` and `decode_params`.
-
-    `likelihood` (and `mixtures`, `gaussian_std`) choose the output head: how many parameters per pixel the
-    decoder emits and which pixel mean they imply (vae/models/heads.py); densities live in
-    vae/objectives/elbo/likelihoods.py.
-    """
-
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, likelihood: str = "bernoulli",
-                 mixtures: int = 10, gaussian_std: float = 0.1):
-        super().__init__()
-        self.image_shape = tuple(int(n) for n in image_shape)
-        self.latent_size = latent_dim
-        self.head = Head.build(likelihood, self.image_shape[0], mixtures=mixtures, gaussian_std=gaussian_std)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) in [0, 1] -> mu, logvar (B, D)."""
-        raise NotImplementedError
-
-    def decode_params(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, D) -> the parameters of p(x|z), (B, head.channels, H, W)."""
-        raise NotImplementedError
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z -> pixel means in [0, 1]."""
-        return self.head.mean(self.decode_params(z))
-
-    def forward(self, x: torch.Tensor, samples: int = 1) -> VAEOutput:
-        mu, logvar = self.encode(x)  # once per image, whatever `samples` is
-        if samples > 1:
-            mu, logvar = mu.repeat(samples, 1), logvar.repeat(samples, 1)
-        z = reparameterize(mu, logvar)
-        return VAEOutput(self.decode_params(z), (LatentGroup(z, Gaussian(mu, logvar), standard_normal(mu)),))
-
-
-def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make a model available as model.arch `name`, with its `Options` section (the typed
-    options its constructor takes, vae/models/options.py); a second model under the same name raises."""
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered twice ({MODELS[name].__qualname__}, {cls.__qualname__})")
-        options = getattr(cls, "Options", None)
-        if not (isinstance(options, type) and issubclass(options, ArchOptions)):
-            raise ValueError(f"model {name!r} ({cls.__qualname__}) declares no Options section (a subclass of "
-                             "vae.models.options.ArchOptions)")
-        add_section(name, options)
-        MODELS[name] = cls
-        return cls
-
-    return add
-
-
-def build_model(arch: str, image_shape: tuple[int, int, int], latent_dim: int, **options) -> nn.Module:
-    """Instantiate `arch` for images of shape (C, H, W); a size the architecture cannot take raises ValueError."""
-    if arch not in MODELS:
-        raise ValueError(f"unknown model architecture {arch!r}; valid: {', '.join(sorted(MODELS))}")
-    return MODELS[arch](image_shape=tuple(image_shape), latent_dim=latent_dim, **options)
-
-
-def check_divisible(arch: str, image_shape: tuple[int, int, int], factor: int, fix: str) -> None:
-    """Fail at build time, before any training step, on an image side the architecture's strides cannot take."""
-    _, h, w = image_shape
-    if h % factor or w % factor:
-        raise ValueError(f"model.arch {arch!r} needs image sides divisible by {factor}, got {h}x{w}: {fix}")
-
-
-from vae.models import aekl, conv, hvae, mlp, resnet  # noqa: E402,F401  (registers the built-in architectures)
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vae.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value

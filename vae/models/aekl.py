@@ -24,15 +24,14 @@ releases did): their weights, hence the latents, stay bit-equal.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from vae.models import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, register_model, reparameterize
-from vae.models.options import ArchOptions
-from vae.models.pretrained import locate, refuse_pickle
+from vae.models.base import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, reparameterize
+from vae.models.options import AeklOptions
+from vae.models.pretrained import locate
 
 # diffusers is imported where a model is built, not here: vae.models (and so every logged MLflow model's code)
 # imports this file, and the other architectures should not need diffusers, nor pay its ~2 s import.
@@ -52,56 +51,6 @@ def _plain(value):
     return list(value) if isinstance(value, tuple | list) else value
 
 
-class AeklOptions(ArchOptions):
-    """The aekl section (`AEKL.Options`). `pretrained` is resolved by `with_pretrained` where the model is built,
-    never while the config is validated: validating reads no disk."""
-
-    name_prefix = "aekl"  # its versions compete on PSNR, never with the ELBO family's NLL
-    arch: Literal["aekl"] = Field(description="diffusers' AutoencoderKL (the VAE of SD/SDXL/FLUX): spatial latents "
-                                  "(latent_dim, H/f, W/f), exportable as a diffusers folder.")
-    latent_dim: int = Field(4, gt=0, description="Latent channels: 4 (SD, SDXL) or 16 (SD3, FLUX).")
-    channels: tuple[int, ...] = Field(
-        (128, 256, 512, 512), description="Channels per level, full resolution first; 3, 4 or 5 levels give the "
-        "down-sampling factor f4, f8 or f16 (SD's VAE: 128 256 512 512, f8)."
-    )
-    layers_per_block: int = Field(2, gt=0, description="Resnet layers per level (SD's VAE: 2).")
-    norm_groups: int = Field(32, gt=0, description="GroupNorm groups; divides every entry of model.channels.")
-    attention: bool = Field(True, description="Self-attention in the mid block (as SD's VAE).")
-    quant_conv: bool = Field(True, description="The 1x1 convolutions around the latent (quant_conv, "
-                             "post_quant_conv) of SD's and SDXL's VAE; FLUX's and SD3's have none.")
-    pretrained: str | None = Field(
-        None, description="Weights to start from: a diffusers AutoencoderKL folder (config.json + "
-        "diffusion_pytorch_model.safetensors), a Hugging Face repo id in the local cache (stabilityai/sd-vae-ft-mse; "
-        "never downloaded), or one .safetensors file in the original LDM (SD, SDXL) or BFL (FLUX ae) layout. Its "
-        "architecture fills the fields above (a given one must agree; a file does not fix norm_groups)."
-    )
-    pretrained_subfolder: str | None = Field(
-        None, description="The folder inside model.pretrained (a repo id or a local folder) that holds the VAE: "
-        "vae for a pipeline (stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev)."
-    )
-    train_encoder: bool = Field(
-        True, description="false: freeze encoder and quant_conv and fine-tune the decoder only; the latents stay "
-        "bit-equal (the SD VAE ft-MSE / ft-EMA recipe)."
-    )
-
-    def resolved(self) -> AeklOptions:
-        return with_pretrained(self)
-
-    @model_validator(mode="after")
-    def _levels(self) -> AeklOptions:
-        if len(self.channels) not in (3, 4, 5):
-            raise ValueError(f"model.channels has {len(self.channels)} levels: give 3, 4 or 5 (f4, f8, f16)")
-        if any(n <= 0 or n % self.norm_groups for n in self.channels):
-            raise ValueError(f"model.norm_groups {self.norm_groups} must divide every entry of model.channels "
-                             f"{list(self.channels)}")
-        if self.pretrained_subfolder and not self.pretrained:
-            raise ValueError("model.pretrained_subfolder names a folder inside model.pretrained: give "
-                             "model.pretrained too (a repo id or a local folder)")
-        if self.pretrained:
-            refuse_pickle(self.pretrained)  # from the name alone: validation reads no disk
-        return self
-
-
 def with_pretrained(options: AeklOptions) -> AeklOptions:
     """`options` with the architecture of its `pretrained` weights filled in (the resolved config then describes
     the model that trains); a field the user set to another value than the weights' is refused, naming both."""
@@ -117,7 +66,6 @@ def with_pretrained(options: AeklOptions) -> AeklOptions:
     return AeklOptions.model_validate({**options.model_dump(), **fixed})
 
 
-@register_model("aekl")
 class AEKL(VAE):
     """diffusers `AutoencoderKL` for images (C, H, W), C 1 or 3, H and W multiples of f (need not be equal).
 
@@ -127,6 +75,10 @@ class AEKL(VAE):
     """
 
     Options = AeklOptions
+
+    @classmethod
+    def resolve_options(cls, options: AeklOptions) -> AeklOptions:
+        return with_pretrained(options)
     requirements = ("diffusers",)  # beyond torch: what its logged MLflow model needs installed
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4,

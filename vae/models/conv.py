@@ -1,18 +1,15 @@
 """The classic convolutional VAE (two strided 5x5 convs down, two upsample + 5x5 convs up), any image size."""
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from vae.models import VAE, register_model
-from vae.models.options import ArchOptions
+from vae.models.base import VAE
+from vae.models.options import ConvOptions
 
 
-@register_model("conv")
 class ConvVAE(VAE):
     """Encoder: conv 5x5/2 -> 64, LeakyReLU(0.2), conv 5x5/2 -> 128, LeakyReLU, flatten, dense mu and logvar.
     Decoder: dense -> (128, H/4, W/4), LeakyReLU, upsample x2, conv 5x5 -> 64, LeakyReLU, upsample x2,
@@ -24,8 +21,8 @@ class ConvVAE(VAE):
     upsampled tensor. `reference_decode_params` is the literal upsample+conv path (tests, FLOP counts).
     """
 
-    class Options(ArchOptions):
-        arch: Literal["conv"] = Field("conv", description="The classic two-conv network; pads any image size.")
+    Options = ConvOptions
+
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 2, channels: tuple[int, int] = (64, 128),
                  **head):

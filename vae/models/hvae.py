@@ -10,15 +10,13 @@ near zero and each group's KL is reported separately.
 """
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from vae.models import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, register_model, reparameterize
+from vae.models.base import VAE, Gaussian, LatentGroup, VAEOutput, check_divisible, reparameterize
 from vae.models.blocks import ResBlock, down, stage, up
-from vae.models.options import ArchOptions
+from vae.models.options import HVAEOptions
 
 
 class Cell(nn.Module):
@@ -37,17 +35,12 @@ class Cell(nn.Module):
             nn.init.zeros_(conv.bias)
 
 
-@register_model("hvae")
 class HierarchicalVAE(VAE):
     """`latent_dim` is the channels of each group's latent map (groups x latent_dim x H/4 x W/4 numbers in all);
     `width` the channels of both towers; `blocks` residual blocks per stage. Sides must be divisible by 4."""
 
-    class Options(ArchOptions):
-        arch: Literal["hvae"] = Field(description="Hierarchical VAE with groups of spatial latents.")
-        latent_dim: int = Field(2, gt=0, description="Channels of each latent group (H/4 x W/4 spatial latents).")
-        width: int = Field(32, gt=0, description="Base channels.")
-        groups: int = Field(2, ge=2, description="Groups of latents in the hierarchy.")
-        blocks: int = Field(1, gt=0, description="Residual blocks per stage.")
+    Options = HVAEOptions
+
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4, width: int = 64, groups: int = 2,
                  blocks: int = 1, **head):

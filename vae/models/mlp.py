@@ -1,14 +1,12 @@
 """The MLP VAE of the PyTorch example (784-400-latent), deeper on request, for any image size."""
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from vae.models import VAE, register_model
-from vae.models.options import ArchOptions
+from vae.models.base import VAE
+from vae.models.options import MLPOptions
 
 
 def _tower(sizes: list[int]) -> nn.Sequential:
@@ -16,14 +14,11 @@ def _tower(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*(m for a, b in zip(sizes, sizes[1:], strict=False) for m in (nn.Linear(a, b), nn.ReLU())))
 
 
-@register_model("mlp")
 class MLPVAE(VAE):
     """`hidden_layers` ReLU layers of `hidden_dim` units each side (1: the PyTorch example; Burda et al. use 2)."""
 
-    class Options(ArchOptions):
-        arch: Literal["mlp"] = Field(description="Fully connected encoder and decoder.")
-        hidden_dim: int = Field(400, gt=0, description="Hidden width.")
-        hidden_layers: int = Field(1, gt=0, description="Hidden layers on each side.")
+    Options = MLPOptions
+
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 2, hidden_dim: int = 400,
                  hidden_layers: int = 1, **head):

@@ -30,7 +30,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-PICKLES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+from vae.models.options import refuse_pickle
+
 VAE_PREFIXES = ("first_stage_model.", "vae.", "")  # a whole LDM checkpoint's, some trainers', a VAE file's
 VAE_MODULES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # not `loss.` (LPIPS, discriminator)
 SECTION_FIELDS = ("channels", "layers_per_block", "latent_dim", "norm_groups", "attention", "quant_conv")
@@ -116,16 +117,6 @@ def locate(pretrained: str, subfolder: str | None = None, norm_groups: int = 32)
                              f"{subfolder!r}; leave model.pretrained_subfolder unset")
         return single_file(pretrained, path, norm_groups)
     return _folder(pretrained, "repo", cached_repo(pretrained, subfolder), subfolder)
-
-
-def refuse_pickle(pretrained: str) -> None:
-    """A ValueError with the fix for weights in a pickle (.ckpt, .bin, .pt, .pth), judged by the name alone."""
-    suffix = Path(pretrained).suffix.lower()
-    if suffix in PICKLES:
-        raise ValueError(f"model.pretrained {pretrained!r} is a pickle ({suffix}): loading one runs code from the "
-                         "file, so vaepipe does not. Use the release's .safetensors file, or convert this one "
-                         "where you trust it: `safetensors.torch.save_file(torch.load(PATH, weights_only=True)"
-                         "['state_dict'], 'vae.safetensors')` (a VAE-only file may hold the tensors at the top level)")
 
 
 def cached_repo(repo: str, subfolder: str | None) -> Path:

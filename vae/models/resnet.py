@@ -1,28 +1,21 @@
 """A residual convolutional VAE: `depth` stride-2 stages of residual blocks each side, a dense latent."""
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
-from vae.models import VAE, check_divisible, register_model
+from vae.models.base import VAE, check_divisible
 from vae.models.blocks import down, stage, up
-from vae.models.options import ArchOptions
+from vae.models.options import ResNetOptions
 
 
-@register_model("resnet")
 class ResNetVAE(VAE):
     """Encoder: 3x3 stem -> `width`; per stage `blocks` residual blocks then a stride-2 conv doubling the
     channels (capped at 4 x width); flatten; dense mu and logvar. The decoder mirrors it with nearest upsampling.
     Sides must be divisible by 2**depth (28 px takes depth <= 2, 32 and 64 px depth <= 5).
     """
 
-    class Options(ArchOptions):
-        arch: Literal["resnet"] = Field(description="Residual conv encoder and decoder, dense latent.")
-        width: int = Field(32, gt=0, description="Base channels.")
-        depth: int = Field(2, gt=0, description="Stride-2 stages each side (image sides divisible by 2**depth).")
-        blocks: int = Field(1, gt=0, description="Residual blocks per stage.")
+    Options = ResNetOptions
+
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 32, width: int = 32, depth: int = 2,
                  blocks: int = 1, **head):

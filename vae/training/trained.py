@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vae.config import ConfigError, RunConfig, validate
+from vae.models import resolve_options
 from vae.models.spec import build_from_spec, model_spec, portable_spec
 from vae.training import checkpoint
 from vae.training.data import image_shape
@@ -24,7 +25,7 @@ def resolve_model(cfg: RunConfig) -> RunConfig:
     """`cfg` with what its model section leaves to files filled in (aekl: a pretrained folder's architecture), so
     the resolved config that training saves describes the model it trains; a disagreement is a ConfigError."""
     try:
-        model = cfg.model.resolved()
+        model = resolve_options(cfg.model)
     except ValueError as err:
         raise ConfigError(f"invalid config: {err}") from None
     return cfg if model is cfg.model else validate({**cfg.model_dump(mode="json"),

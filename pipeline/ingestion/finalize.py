@@ -10,8 +10,8 @@ from collections import Counter
 
 from pipeline import ownership, shards
 from pipeline.errors import ShardFormatError, SourceError
-from pipeline.ingest.group import GroupResult, Skip, marker_name, shard_range
-from pipeline.ingest.plan import IngestPlan
+from pipeline.ingestion.group import GroupResult, Skip, marker_name, shard_range
+from pipeline.ingestion.plan import IngestPlan
 from pipeline.layouts import get_layout
 from pipeline.ownership import MARKERS
 from pipeline.shards import REPORT_NAME, ShardIndex, SplitInfo

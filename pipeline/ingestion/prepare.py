@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline import ownership
 from pipeline.errors import ShardFormatError
-from pipeline.ingest.plan import source_record
+from pipeline.ingestion.plan import source_record
 from pipeline.ownership import MARKERS
 from pipeline.shards import INDEX_NAME, ShardIndex, read_index
 from pipeline.sources import get_source_class, validate_options

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pipeline import ownership, shards
 from pipeline.conform import conform
 from pipeline.errors import SourceError
-from pipeline.ingest.plan import GroupTask, IngestPlan
+from pipeline.ingestion.plan import GroupTask, IngestPlan
 from pipeline.ownership import MARKERS
 from pipeline.records import Record, Rejected
 from pipeline.settings import SHARD_FIELDS

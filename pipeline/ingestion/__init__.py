@@ -25,10 +25,10 @@ import logging
 import os
 from typing import Any
 
-from pipeline.ingest.finalize import finalize_ingest
-from pipeline.ingest.group import GroupResult, Skip, write_group
-from pipeline.ingest.plan import GroupTask, IngestPlan, plan_ingest
-from pipeline.ingest.prepare import is_complete, prepare_dir
+from pipeline.ingestion.finalize import finalize_ingest
+from pipeline.ingestion.group import GroupResult, Skip, write_group
+from pipeline.ingestion.plan import GroupTask, IngestPlan, plan_ingest
+from pipeline.ingestion.prepare import is_complete, prepare_dir
 from pipeline.lock import DirLock
 from pipeline.ownership import MARKERS
 from pipeline.settings import IngestSection

@@ -80,7 +80,7 @@ def photo_runners(n: int, workers: int, rounds: int, per_group: int = 64) -> dic
     from prefect.logging import disable_run_logger
 
     import pipeline
-    from flows.ingest import ingest_dataset
+    from flows.ingest_dataset import ingest_dataset
     from vae.config import IngestSection, SourceSection
 
     settings = {"samples_per_shard": per_group, "image_size": (256, 256), "size_rule": "crop"}
@@ -162,7 +162,7 @@ def pool_sizes(args) -> dict:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     import pipeline
-    from flows.ingest import ingest_dataset
+    from flows.ingest_dataset import ingest_dataset
     from vae.config import IngestSection, SourceSection
 
     arms = [None if a == "default" else int(a) for a in args.arms.split(",")]
@@ -202,7 +202,7 @@ def pool_sizes(args) -> dict:
 
 def summary(runs: dict[str, list[dict]], label: dict) -> dict:
     """Per arm: best wall, most threads, largest RSS peak over the rounds; wall ratio of the best fixed count."""
-    from flows.ingest import pool_size
+    from flows.ingest_dataset import pool_size
     from vae.config import IngestSection
 
     arms = {}
@@ -243,7 +243,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.logging import disable_run_logger
 
-    from flows.ingest import ingest_dataset
+    from flows.ingest_dataset import ingest_dataset
     from vae.config import IngestSection, SourceSection
 
     with tempfile.TemporaryDirectory() as tmp:

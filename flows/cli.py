@@ -5,9 +5,10 @@ an invalid config stops with the field and the allowed values, exit status 2. `v
 status 2 and one line, before Prefect starts, when the source cannot list its splits (a wrong root) or the
 shard directory is a file, not writable, holds files vaepipe did not write, or is locked by a running ingest.
 
-The modules that pull in torch, Prefect or MLflow (`pipeline`, `flows.train`, `flows.ingest`, `vae.tracking`,
-`vae.registry.store`) are imported inside the command that needs them, for speed alone: `vaepipe --help`, `status`
-and `train` take 0.2 s; with those imports at the top, 5.1 s (median wall time on the 2-core dev box).
+The modules that pull in torch, Prefect or MLflow (`flows.train_vae`, `flows.ingest_dataset`, `vae.tracking`,
+`vae.registry.store`, the heavy half of `pipeline`) are imported inside the command that needs them, for speed
+alone: `vaepipe --help`, `status` and `train` take 0.2-0.4 s; with those imports at the top, 5.1 s (median wall
+time on the 2-core dev box).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def choose_tracking_store(cfg: RunConfig) -> None:
 
 def demo(cfg: RunConfig) -> int:
     """Run the train-vae flow and print the registered model; 1 when the flow fails."""
-    from flows.train import train_vae  # deferred: torch, Prefect and MLflow, ~3.3 s (module docstring)
+    from flows.train_vae import train_vae  # deferred: torch, Prefect and MLflow, ~3.3 s (module docstring)
 
     try:
         summary = train_vae(cfg)
@@ -194,7 +195,7 @@ def preflight(cfg: RunConfig) -> int | None:
 
 def ingest(cfg: RunConfig) -> int:
     """Run the ingest-dataset flow (a progress bar on a terminal); 1 when the flow fails. `preflight` first."""
-    from flows.ingest import ingest_dataset  # deferred: torch and Prefect, ~3 s (module docstring)
+    from flows.ingest_dataset import ingest_dataset  # deferred: torch and Prefect, ~3 s (module docstring)
 
     try:
         print(ingest_dataset(cfg.source, cfg.ingest))

@@ -167,8 +167,8 @@ def deployments(train_concurrency: int = 1, work_pool: str | None = None, workin
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.ingest import ingest_dataset  # deferred: heavy (torch, Prefect), see above
-    from flows.train import train_vae  # deferred: heavy (torch, Prefect, MLflow), see above
+    from flows.ingest_dataset import ingest_dataset  # deferred: heavy (torch, Prefect), see above
+    from flows.train_vae import train_vae  # deferred: heavy (torch, Prefect, MLflow), see above
 
     if train_concurrency < 1:  # the server deadlocks every run of a deployment limited to 0
         raise ValueError(f"train_concurrency must be at least 1, got {train_concurrency}")

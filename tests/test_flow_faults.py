@@ -27,7 +27,7 @@ from support.flow_runs import task_runs
 from support.servers import PrefectServer
 
 import pipeline
-from flows.ingest import ingest_dataset, shard_dir_key
+from flows.ingest_dataset import ingest_dataset, shard_dir_key
 from pipeline.ingestion import MARKERS
 from pipeline.sources import available_sources
 from pipeline.sources.digits import DigitsConfig, DigitsSource
@@ -238,7 +238,7 @@ def test_a_sigkilled_rank_is_resumed_by_the_flow_retry_and_the_report_shows_samp
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterTaskRunId
 
-    from flows.train import train_vae
+    from flows.train_vae import train_vae
     from vae.config import load_config
     from vae.training.checkpoint import latest, read_meta
 
@@ -329,15 +329,15 @@ def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
     is retried with --train.resume true; a child that stopped on its own TrainingError is not."""
     from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
 
-    import flows.train
+    import flows.train_vae
     from vae.config import RunConfig
 
     def fake_command(config_path, num_processes, accelerate_config, overrides):
         return [sys.executable, "-c", FAKE_CHILD, str(Path(config_path).parent), *overrides, child], {}
 
-    monkeypatch.setattr(flows.train, "accelerate_command", fake_command)
+    monkeypatch.setattr(flows.train_vae, "accelerate_command", fake_command)
     config = RunConfig(train={"output_dir": tmp_path / "run"}, tracking={"tracking_uri": "sqlite:////nowhere.db"})
-    launch = flows.train.launch_training.with_options(retries=2, retry_delay_seconds=0)
+    launch = flows.train_vae.launch_training.with_options(retries=2, retry_delay_seconds=0)
     with temporary_settings(updates={PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):  # a task without a flow
         state = launch(config, "run-id-1", return_state=True)
     attempts = (tmp_path / "run" / "argv.log").read_text().splitlines()
@@ -348,7 +348,7 @@ def test_a_preempted_launch_is_retried_with_resume_and_a_refusal_is_not(
         assert "exited with 75 (preempted, checkpoint" in caplog.text  # recognised as a preemption, not a crash
     else:
         assert state.is_failed() and len(attempts) == 1  # not retried: a retry would repeat the refusal
-        with pytest.raises(flows.train.TrainingFailed, match="TrainingError, not retried"):
+        with pytest.raises(flows.train_vae.TrainingFailed, match="TrainingError, not retried"):
             state.result()
 
 

@@ -19,7 +19,7 @@ from conftest import BIN, run, stop
 from PIL import Image
 
 import pipeline
-from flows.ingest import ingest_dataset
+from flows.ingest_dataset import ingest_dataset
 from vae.config import IngestSection, SourceSection
 
 pytestmark = pytest.mark.usefixtures("prefect_home")  # every test here, subprocesses included

@@ -12,7 +12,7 @@ import pytest
 from support.flow_runs import latest_task_run_names
 
 import pipeline
-from flows.ingest import ingest_dataset, task_runner
+from flows.ingest_dataset import ingest_dataset, task_runner
 from vae.config import IngestSection, SourceSection
 
 
@@ -72,7 +72,7 @@ def _progress_artifacts(flow_name: str) -> list[float]:
 def test_flow_holds_the_lock_and_reports_progress(tmp_path, prefect_api, monkeypatch, capsys):
     """Every group runs while the flow process holds the directory's lock; progress reaches 100 in the UI's
     artifact, and on a terminal a bar shows images/s."""
-    import flows.ingest
+    import flows.ingest_dataset
     from pipeline.lock import LOCK_NAME, DirLock
     from pipeline.storage import Location
 
@@ -85,7 +85,7 @@ def test_flow_holds_the_lock_and_reports_progress(tmp_path, prefect_api, monkeyp
         return write_group(plan, task, progress)
 
     monkeypatch.setattr(pipeline, "write_group", recording)
-    monkeypatch.setattr(flows.ingest, "on_terminal", lambda: True)
+    monkeypatch.setattr(flows.ingest_dataset, "on_terminal", lambda: True)
     ingest_dataset(SourceSection(), IngestSection(shard_dir=out, samples_per_shard=512, block_size=128))
     assert len(holders) == 4 and {h["pid"] for h in holders} == {os.getpid()}
     assert not (out / LOCK_NAME).exists()
@@ -105,7 +105,7 @@ def test_flow_refuses_a_directory_another_ingest_holds(tmp_path, prefect_api):
 
 PROCESS_RUNNER_SCRIPT = """
 import json, sys
-from flows.ingest import ingest_dataset
+from flows.ingest_dataset import ingest_dataset
 from vae.config import IngestSection, SourceSection
 section = IngestSection(shard_dir=sys.argv[1], samples_per_shard=64, block_size=16, workers=1, runner="processes")
 ingest_dataset(SourceSection(name="shapes", options={"train_samples": 128, "test_samples": 16, "size": 16}), section)

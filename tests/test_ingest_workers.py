@@ -13,9 +13,9 @@ from prefect.settings import (
     temporary_settings,
 )
 
-import flows.ingest
+import flows.ingest_dataset
 import pipeline
-from flows.ingest import ingest_dataset, pool_size, usable_cpus
+from flows.ingest_dataset import ingest_dataset, pool_size, usable_cpus
 from vae.config import IngestSection, SourceSection
 
 GUARD_S = 300  # a group waiting this long means the flow stopped submitting: fail instead of hanging the suite
@@ -60,9 +60,9 @@ class GroupsAtOnce:
 
 @pytest.fixture
 def counted(monkeypatch) -> GroupsAtOnce:
-    counter = GroupsAtOnce(pipeline.write_group, flows.ingest.as_completed)
+    counter = GroupsAtOnce(pipeline.write_group, flows.ingest_dataset.as_completed)
     monkeypatch.setattr(pipeline, "write_group", counter.write_group)
-    monkeypatch.setattr(flows.ingest, "as_completed", counter.as_completed)
+    monkeypatch.setattr(flows.ingest_dataset, "as_completed", counter.as_completed)
     return counter
 
 

@@ -138,8 +138,8 @@ def test_json_schema_and_prefect_deployment_parameters():
     from prefect.exceptions import ParameterTypeError
     from prefect.utilities.schema_tools.validation import validate as validate_schema
 
-    from flows.ingest import DEMO
-    from flows.train import train_vae
+    from flows.ingest_dataset import DEMO
+    from flows.train_vae import train_vae
 
     assert "oneOf" in json.dumps(RunConfig.model_json_schema()["properties"]["model"])
     schema = train_vae.parameters.model_dump(exclude_unset=True)
@@ -161,7 +161,7 @@ def test_json_schema_and_prefect_deployment_parameters():
 
 
 def test_overrides_change_single_fields_of_the_deployment_config():
-    from flows.ingest import DEMO
+    from flows.ingest_dataset import DEMO
     from vae.config import ConfigError, with_overrides
 
     config = with_overrides(DEMO, ["--train.epochs", "5", "--model.latent_dim", "4"])

@@ -285,7 +285,7 @@ def test_serve_status_limited_deployment_served_mlflow_and_stop(tmp_path):
             assert found.data.tags["prefect.flow_run.id"] in {r["id"] for r in flow_runs}
             assert found.data.tags["prefect.flow_run.url"].endswith(found.data.tags["prefect.flow_run.id"])
             assert (found.data.tags["mlflow.source.name"], found.data.tags["mlflow.source.type"]) == (
-                "flows.train:train_vae", "JOB")
+                "flows.train_vae:train_vae", "JOB")
         # `vaepipe models` here finds the served MLflow without MLFLOW_TRACKING_URI
         listed = subprocess.run([str(BIN / "vaepipe"), "models", "list"], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=300)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from flows.ingest import ingest_dataset
+from flows.ingest_dataset import ingest_dataset
 from pipeline.records import Record
 from pipeline.sources import available_sources
 from pipeline.sources.digits import DigitsConfig, DigitsSource

@@ -36,7 +36,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.tasks import exponential_backoff
 
 import pipeline
-from flows.ingest import DEMO, ingest_dataset
+from flows.ingest_dataset import DEMO, ingest_dataset
 from vae.config import RunConfig, dump, with_overrides
 from vae.launch.command import accelerate_command
 from vae.tracking import provenance
@@ -115,7 +115,7 @@ def find_shards(config: RunConfig) -> str | None:
 @task(name="create-mlflow-run", cache_policy=NO_CACHE)
 def create_mlflow_run(config: RunConfig) -> str:
     # the run names the flow that made it and links back to its flow run; JOB is MLflow's source type for a job
-    tags = {"mlflow.source.name": "flows.train:train_vae", "mlflow.source.type": "JOB",
+    tags = {"mlflow.source.name": "flows.train_vae:train_vae", "mlflow.source.type": "JOB",
             provenance.FLOW_RUN_ID_TAG: str(flow_run.id), provenance.FLOW_RUN_URL_TAG: flow_run.ui_url or ""}
     run_id = create_run(config, tags=tags)
     get_run_logger().info("MLflow run %s in %s", run_id, config.tracking.tracking_uri)
@@ -303,7 +303,8 @@ def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: A
 """
 
 
-DEFAULT_CONFIG = DEMO  # the deployment's default parameters, the demo's (flows/ingest.py); copied, never mutated
+# the deployment's default parameters, the demo's (flows/ingest_dataset.py); copied, never mutated
+DEFAULT_CONFIG = DEMO
 
 
 @flow(name="train-vae")

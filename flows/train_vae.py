@@ -160,6 +160,36 @@ def stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
     proc.wait()
 
 
+def child_env(config: RunConfig, run_id: str, extra: dict[str, str]) -> dict[str, str]:
+    """The launch's environment: this process's, the launcher's extras, and the run to log into."""
+    return {
+        **os.environ, **extra, "PYTHONUNBUFFERED": "1",
+        # each line of the child's output becomes a Prefect log record: a tqdm refresh every 0.1 s would
+        # flood the run's log, so bars redraw at most every 30 s here (tqdm reads TQDM_* defaults from the env)
+        "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"),
+        "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": str(config.tracking.tracking_uri),
+    }
+
+
+def run_logged(argv: list[str], env: dict[str, str], logger) -> tuple[int, deque[str]]:
+    """Run `argv` in its own session, each output line a log record; its exit status and last lines. Whatever
+    ends this early (cancellation, Ctrl-C, an error) takes the child's process group down with it."""
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:  # text mode turns tqdm's '\r' updates into lines too
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                logger.info(line)
+        return proc.wait(), tail
+    finally:
+        stop_group(proc)  # no-op after a normal exit; on cancellation, Ctrl-C or an error, kills the ranks
+
+
 @task(name="train", cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)  # retries: train.retries, in the flow
 def launch_training(
     config: RunConfig, run_id: str, num_processes: int = 1, accelerate_config: str | None = None
@@ -185,28 +215,8 @@ def launch_training(
         logger.info("attempt %d: resuming from %s (epoch %s of %d)", task_run.run_count, resume_from,
                     checkpoint.read_meta(resume_from).get("epoch"), config.train.epochs)
     argv, extra_env = accelerate_command(config_path, num_processes, accelerate_config, overrides=overrides)
-    env = {
-        **os.environ, **extra_env, "PYTHONUNBUFFERED": "1",
-        # each line of the child's output becomes a Prefect log record: a tqdm refresh every 0.1 s would
-        # flood the run's log, so bars redraw at most every 30 s here (tqdm reads TQDM_* defaults from the env)
-        "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"),
-        "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": str(config.tracking.tracking_uri),
-    }
     logger.info("launching: %s", " ".join(argv))
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        start_new_session=True,
-    )
-    try:
-        for line in proc.stdout:  # text mode turns tqdm's '\r' updates into lines too
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                logger.info(line)
-        returncode = proc.wait()
-    finally:
-        stop_group(proc)  # no-op after a normal exit; on cancellation, Ctrl-C or an error, kills the ranks
+    returncode, tail = run_logged(argv, child_env(config, run_id, extra_env), logger)
     if returncode != 0:
         preempted = checkpoint.latest(out) if returncode == PREEMPTED_EXIT else None
         own_error = next((name for name in NOT_RETRIED if any(name in line for line in tail)), None)

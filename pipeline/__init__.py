@@ -21,7 +21,7 @@ from pipeline.ingest import (
     prepare_dir,
     write_group,
 )
-from pipeline.loader import Batch, ShardLoader, open_loader, read_split
+from pipeline.loader import Batch, ShardLoader, open_loader, read_captions, read_split
 from pipeline.lock import DirectoryLockedError, DirLock
 from pipeline.preflight import check_ingest
 from pipeline.records import Record, Rejected
@@ -61,6 +61,7 @@ __all__ = [
     "open_loader",
     "plan_ingest",
     "prepare_dir",
+    "read_captions",
     "read_index",
     "read_split",
     "verify",

@@ -167,4 +167,4 @@ def conform(
         image = resize(image, (h, w), size_rule)
     if image is record.image:
         return record
-    return Record(record.key, np.ascontiguousarray(image), record.label, record.factors)
+    return Record(record.key, np.ascontiguousarray(image), record.label, record.factors, text=record.text)

@@ -62,6 +62,7 @@ class SplitInfo(BaseModel):
     shards: list[ShardInfo]
     num_classes: int | None = Field(None, description="1 + the largest label, when the split has labels.")
     num_factors: int | None = Field(None, description="K of the per-sample factors (K,), when the split has them.")
+    captions: bool = Field(False, description="Whether every sample has a caption (stored beside its key).")
     skipped: dict[str, int] = Field(default_factory=dict, description="Reason -> inputs skipped in this split.")
 
 
@@ -147,14 +148,16 @@ class WrittenShards:
     max_label: int  # -1 when unlabelled
     has_labels: bool | None  # None: no records
     num_factors: int | None
+    captions: bool | None = None  # None: no records
 
 
 class _LabelCheck:
-    """Labels and factors must be present on every record or on none: a mix would lose data silently."""
+    """Labels, factors and captions must be present on every record or on none: a mix would lose data silently."""
 
     def __init__(self) -> None:
         self.has_labels: bool | None = None
         self.num_factors: int | None = None
+        self.captions: bool | None = None
         self.max_label = -1
         self.first = True
 
@@ -163,14 +166,24 @@ class _LabelCheck:
         factors = None if record.factors is None else len(record.factors)
         if self.first:
             self.has_labels, self.num_factors, self.first = has_label, factors, False
+            self.captions = record.text is not None
         elif has_label != self.has_labels or factors != self.num_factors:
             raise SourceError(
                 f"record {record.key!r} has label={record.label!r}, factors of length {factors}, but earlier records "
                 f"have {'labels' if self.has_labels else 'no labels'} and factors of length {self.num_factors}; "
                 "a source must give labels (and factors) for every record or for none"
             )
+        elif (record.text is not None) != self.captions:
+            raise SourceError(captions_mixed(f"record {record.key!r}"))
         if has_label:
             self.max_label = max(self.max_label, int(record.label))
+
+
+def captions_mixed(where: str) -> str:
+    """The message for a split where some records have a caption and others do not."""
+    return (f"{where}: some records have a caption and others do not; a source gives a caption to every record or "
+            "to none (the webdataset source: set source.options.caption_key to a member every sample has, or to "
+            "null to store no captions)")
 
 
 def write_shards(
@@ -227,7 +240,7 @@ def write_shards(
         writer.close()
         if staging is not None:
             staging.cleanup()
-    return WrittenShards(shards, check.max_label, check.has_labels, check.num_factors)
+    return WrittenShards(shards, check.max_label, check.has_labels, check.num_factors, check.captions)
 
 
 def write_split(
@@ -246,7 +259,7 @@ def write_split(
     written = write_shards(_prepend(first, records), location, split, 0, plan)
     num_classes = written.max_label + 1 if written.has_labels else None
     info = SplitInfo(num_samples=sum(s.num_samples for s in written.shards), shards=written.shards,
-                     num_classes=num_classes, num_factors=written.num_factors)
+                     num_classes=num_classes, num_factors=written.num_factors, captions=bool(written.captions))
     return info, tuple(first.image.shape)
 
 

@@ -25,6 +25,9 @@ def _merge_split(split: str, results: list[GroupResult], location: Location) -> 
     factors = {r.num_factors for r in results if r.has_labels is not None}
     if len(labelled) > 1 or len(factors) > 1:
         raise SourceError(f"split {split!r}: some records have labels or factors and others do not; fix the source")
+    captions = {r.captions for r in results if r.has_labels is not None}
+    if len(captions) > 1:
+        raise SourceError(shards.captions_mixed(f"split {split!r}"))
     shard_list = [s for r in sorted(results, key=lambda r: r.task.group) for s in r.shards]
     skipped = Counter(s.kind for r in results for s in r.skipped)
     if not shard_list:
@@ -37,6 +40,7 @@ def _merge_split(split: str, results: list[GroupResult], location: Location) -> 
         shards=shard_list,
         num_classes=max(r.max_label for r in results) + 1 if has_labels else None,
         num_factors=next(iter(factors), None),
+        captions=captions == {True},
         skipped=dict(skipped),
     )
 

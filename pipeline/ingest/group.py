@@ -47,6 +47,7 @@ class GroupResult(BaseModel):
     max_label: int
     has_labels: bool | None
     num_factors: int | None
+    captions: bool | None = None  # None: no records (or a marker from before captions were stored)
     reused: bool = False
 
 
@@ -112,7 +113,8 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     written = shards.write_shards(_conformed(items, plan, task.split, skipped), location, task.split,
                                   task.first_shard, plan.shard)
     result = GroupResult(task=task, fingerprint=fingerprint, shards=written.shards, skipped=skipped,
-                         max_label=written.max_label, has_labels=written.has_labels, num_factors=written.num_factors)
+                         max_label=written.max_label, has_labels=written.has_labels, num_factors=written.num_factors,
+                         captions=written.captions)
     location.write_text(marker_name(task), result.model_dump_json())
     location.remove(ownership.claim_name(task.split, task.group))  # the marker lists the shards from now on
     return result

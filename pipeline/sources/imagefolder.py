@@ -71,7 +71,10 @@ class ImageFolderConfig(SourceConfig):
         "auto", description="folders: first-level subfolders are classes; auto: folders when every image is in one."
     )
     test_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Without train/test subfolders: share of files held out as a 'test' split."
+        0.0, ge=0, lt=1, description="Without train/test subfolders: share of files held out as a 'test' split, by a "
+        "seeded permutation of the sorted file list (a file added or removed can move others between the splits). "
+        "Kept for existing configs; ingest.test_fraction, by a hash of each file's path, is stable and works for "
+        "every source."
     )
     seed: int = Field(0, description="Seed of the train/test assignment when test_fraction > 0.")
 

@@ -122,7 +122,7 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     outputs = plan.outputs(task.split)
     for split in outputs:
         _clear_range(location, split, task, plan.options.shards_per_task)
-    source = build_source(plan.source["name"], plan.source["config"])
+    source = build_source(plan.source["name"], plan.source["config"], plan.options.max_pixels)
     items = source.records(task.split, task.start, task.stop)
     total = None if task.stop is None else task.stop - task.start
     items = tqdm(items, desc=f"ingest {task.split}/{task.group}", unit="img", total=total, disable=not progress)

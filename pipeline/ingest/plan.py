@@ -87,7 +87,7 @@ def _first_image(source, splits: list[str]) -> Record:
 
 def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, opts: IngestSection) -> IngestPlan:
     """Splits, target shape, layout and shard groups (see the module docstring)."""
-    source = build_source(name, options)
+    source = build_source(name, options, opts.max_pixels)
     splits = source.splits()
     if not splits:
         raise SourceError(f"source {name!r} has no splits; check its options")

@@ -294,7 +294,7 @@ class WebDatasetSource(Source):
                                             f"it has {members}. Set source.options.image_keys")
         data = sample[image_key]
         try:
-            image, kept_as = decode_source(data)
+            image, kept_as = decode_source(data, self.max_pixels)
         except BadImage as err:
             return Rejected(key, err.kind, f"in {shard.url}: {key}.{image_key}: {err}")
         label = None

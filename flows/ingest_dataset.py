@@ -262,7 +262,9 @@ def shard_dir_key(source: SourceSection, ingest: IngestSection, out: str) -> str
         for shard in split.shards:
             if not location.isfile(shard.name) or location.size(shard.name) != shard.bytes:
                 return None
-    # the fields of the former pipeline.IngestOptions less storage_options, so that existing keys still match
+    # the fields that shape the shards, and max_skip_fraction; storage_options (credentials) never. A field added to
+    # SHARD_FIELDS (the held-out split's, max_pixels) changes every key once: the next run misses, finds the
+    # directory complete and reuses it
     settings = ingest.model_dump(mode="json", include=pipeline.SHARD_FIELDS | {"max_skip_fraction"})
     data = {"version": CACHE_KEY_VERSION, "source": source_record, "options": settings, "location": str(location),
             "index_sha256": index_sha256}

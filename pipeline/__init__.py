@@ -24,7 +24,7 @@ from pipeline.storage import DestinationError, is_url
 _LAZY = {
     **dict.fromkeys(("GroupResult", "GroupTask", "IngestPlan", "finalize_ingest", "ingest", "is_complete",
                      "plan_ingest", "prepare_dir", "write_group"), "pipeline.ingestion"),
-    **dict.fromkeys(("Batch", "ShardLoader", "open_loader", "read_split"), "pipeline.loader"),
+    **dict.fromkeys(("Batch", "ShardLoader", "open_loader", "read_captions", "read_split"), "pipeline.loader"),
     **dict.fromkeys(("DirectoryLockedError", "DirLock"), "pipeline.lock"),
     "check_ingest": "pipeline.preflight",
     **dict.fromkeys(("Record", "Rejected"), "pipeline.records"),
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
         prepare_dir,
         write_group,
     )
-    from pipeline.loader import Batch, ShardLoader, open_loader, read_split  # noqa: F401
+    from pipeline.loader import Batch, ShardLoader, open_loader, read_captions, read_split  # noqa: F401
     from pipeline.lock import DirectoryLockedError, DirLock  # noqa: F401
     from pipeline.preflight import check_ingest  # noqa: F401
     from pipeline.records import Record, Rejected  # noqa: F401
@@ -92,6 +92,7 @@ __all__ = [
     "open_loader",
     "plan_ingest",
     "prepare_dir",
+    "read_captions",
     "read_index",
     "read_split",
     "verify",

@@ -3,6 +3,9 @@
 Plain functions. `decode_image` turns file bytes into uint8 (H, W, C) or raises `BadImage` with a reason
 class; `conform` brings a record to the target (H, W, C) by the configured rules or returns a `Rejected`.
 What happens to a rejected input (skip and report, or stop) is the ingest's `on_error` policy.
+
+An image of more than `max_pixels` (W x H, ingest.max_pixels) is refused from its header, before any pixel is
+decoded (`check_pixels`): a 30000x30000 PNG of one colour is 874 kB on disk and 2.7 GB decoded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pipeline.records import Record, Rejected
 SizeRule = Literal["reject", "resize", "crop"]
 ChannelRule = Literal["reject", "convert"]
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's limit (its default when switched off)
 # PIL modes read as-is, and modes converted losslessly to one we store (palette, bilevel, gray+alpha, CMYK)
 _CONVERT = {"1": "L", "LA": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 
@@ -73,9 +77,32 @@ def image_to_array(image: Image.Image) -> np.ndarray:
     return pil_to_array(image)
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded bytes (any format Pillow reads) -> uint8 (H, W, C); a truncated or corrupt file raises BadImage."""
-    return decode_source(data)[0]
+    return decode_source(data, max_pixels)[0]
+
+
+def admit_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to `max_pixels`: it refuses anything over twice its own limit
+    (`Image.MAX_IMAGE_PIXELS`, a process-wide setting) before the caller sees the size, so a larger
+    ingest.max_pixels raises that limit in this process. A smaller one leaves it alone."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """Raise BadImage('oversized') for an image of (W, H) `size` with more than `max_pixels` pixels."""
+    w, h = size
+    if w * h > max_pixels:
+        raise BadImage("oversized", f"is {w}x{h} (W x H), {w * h:,} pixels, over ingest.max_pixels ({max_pixels:,}); "
+                                    f"decoded it would take {w * h * 4 / 2**30:.1f} GiB. Raise ingest.max_pixels to "
+                                    "read it, or leave it out")
+
+
+def bomb_reason(err: Exception, max_pixels: int) -> BadImage:
+    """Pillow's DecompressionBombError (an image over twice its limit) as our 'oversized' rejection."""
+    return BadImage("oversized", f"is over ingest.max_pixels ({max_pixels:,}): {err} Raise ingest.max_pixels to "
+                                 "read it, or leave it out")
 
 
 # formats whose files a shard keeps as they are, and the PIL modes they may be in for that
@@ -83,18 +110,23 @@ _KEPT = {"JPEG": ("jpeg", ("L", "RGB")), "PNG": ("png", ("L", "RGB", "RGBA")), "
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
-def decode_source(data: bytes) -> tuple[np.ndarray, str | None]:
+def decode_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """`decode_image`, and the format ('jpeg', 'png', 'webp') under which `data` itself can be stored in a shard:
     set only when decoding it needs no conversion (an 8-bit L/RGB(A) single frame, upright), so that a reader
-    decoding the stored bytes gets this image. None when the bytes must be re-encoded."""
+    decoding the stored bytes gets this image. None when the bytes must be re-encoded. An image over
+    `max_pixels` raises BadImage('oversized') from its header."""
+    admit_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image.size, max_pixels)
             fmt, modes = _KEPT.get(image.format, (None, ()))
             keep = (fmt is not None and image.mode in modes and not getattr(image, "is_animated", False)
                     and image.getexif().get(_ORIENTATION, 1) == 1)
             return image_to_array(image), fmt if keep else None
     except UnidentifiedImageError:
         raise BadImage("corrupt", "not a readable image (unknown format or corrupt header)") from None
+    except Image.DecompressionBombError as err:
+        raise bomb_reason(err, max_pixels) from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated/corrupt data
         if isinstance(err, BadImage):
             raise
@@ -167,4 +199,4 @@ def conform(
         image = resize(image, (h, w), size_rule)
     if image is record.image:
         return record
-    return Record(record.key, np.ascontiguousarray(image), record.label, record.factors)
+    return Record(record.key, np.ascontiguousarray(image), record.label, record.factors, text=record.text)

@@ -4,21 +4,25 @@ One registry (`LAYOUTS`): the index's `layout` names an entry that holds both it
 other module branches on a layout's name.
 
 - `packed` (small images): a tar member groups a block of up to `block_size` images as one uint8 array
-  (n, H, W, C) in `.images.npy`, with `.labels.npy` (n,), `.factors.npy` (n, K) and `.keys.json`. One member
+  (n, H, W, C) in `.images.npy`, with `.labels.npy` (n,), `.factors.npy` (n, K), `.keys.json` and, when the
+  records have captions, `.texts.json` (a list of n strings, in the order of `.keys.json`). One member
   per 784-byte image costs ~5k samples/s per core in tar and Python overhead; a block of 1,024 costs almost
   nothing, and a reader copies pixels straight from the file into its buffer (`readinto`).
-- `encoded` (large images, photos): one sample per image, `.jpg`/`.png`/`.webp` with `.cls`,
-  `.factors.npy` and `.key.txt`. The source's own bytes are kept when the image needed no conversion
-  (`Record.encoded`); others are encoded in the ingest's format and quality.
+- `encoded` (large images, photos): one sample per image, `.jpg`/`.png`/`.webp` with `.cls`, `.factors.npy`,
+  `.key.txt` and the caption as `.txt` (webdataset's and img2dataset's name for it), so a plain
+  `webdataset.WebDataset` sees image, key and caption. The source's own bytes are kept when the image needed no
+  conversion (`Record.encoded`); others are encoded in the ingest's format and quality.
 - `encoded-blocks` (photos, the default): `encoded`'s images, a block of them per tar sample: `.encoded.bin`
   holds the encoded files back to back, `.offsets.npy` (n + 1,) int64 where each begins (and the last ends),
-  `.formats.json` each one's suffix, and `.labels.npy`, `.factors.npy`, `.keys.json` as `packed`. Tar frames
-  every member with a 512-byte header and pads it to 512 bytes: on one ~10 kB photo per sample (3 members) that
-  is ~28% of the source bytes, on a block of ~1 MB about 1%. Still a WebDataset tar (a sample is a block).
+  `.formats.json` each one's suffix, and `.labels.npy`, `.factors.npy`, `.keys.json`, `.texts.json` as `packed`.
+  Tar frames every member with a 512-byte header and pads it to 512 bytes: on one ~10 kB photo per sample (3
+  members) that is ~28% of the source bytes, on a block of ~1 MB about 1%. Still a WebDataset tar (a sample is a
+  block).
 
 A reader first builds a shard's `ShardTable` from the tar and .npy headers alone (where each sample's bytes
 lie, its label and factors), checked against index.json; then it reads any sample by offset, so a rank or a
-worker process reads exactly the samples it needs, in any order.
+worker process reads exactly the samples it needs, in any order. Keys and captions are not in the table: a
+layout's `annotations` reads them, shard by shard, for whoever carries them on (`pipeline.read_captions`).
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ SUFFIX_OF = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 def block_sample(split: str, number: int, records, images: dict[str, bytes]) -> dict[str, Any]:
     """One tar sample holding a block of records: their images (`images`, the layout's members), keys, and
-    labels and factors where the records have them."""
+    labels, factors and captions where the records have them."""
     sample: dict[str, Any] = {"__key__": f"{split}-block-{number:06d}", **images,
                               "keys.json": json.dumps([r.key for r in records]).encode()}
+    if records[0].text is not None:
+        sample["texts.json"] = json.dumps([r.text for r in records], ensure_ascii=False).encode()
     if records[0].label is not None:
         sample["labels.npy"] = npy_bytes(np.asarray([r.label for r in records], dtype=np.int64))
     if records[0].factors is not None:
@@ -73,6 +79,16 @@ class ShardTable:
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+
+def _all_or_none(parts: list[list[str] | None]) -> list[str] | None:
+    if not parts or parts[0] is None:
+        if any(p is not None for p in parts):
+            raise ShardFormatError("some samples have captions and others do not")
+        return None
+    if any(p is None for p in parts):
+        raise ShardFormatError("some samples have captions and others do not")
+    return [t for p in parts for t in p]
 
 
 def _concat(parts: list[np.ndarray | None]) -> np.ndarray | None:
@@ -104,6 +120,22 @@ class Layout:
     def decode(self, data: bytes | memoryview, suffix: str | None, image_shape: tuple[int, int, int]) -> torch.Tensor:
         """One sample's bytes -> uint8 (C, H, W)."""
         raise NotImplementedError
+
+    def annotations(self, f) -> tuple[list[str], list[str] | None]:
+        """An open shard's keys and captions (None when it has none), in sample order: what the table leaves out.
+        A block layout's: from each block's `keys.json` and `texts.json`."""
+        keys, texts = [], []
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for key, found in _groups(tar):
+                if "keys.json" not in found:
+                    raise ShardFormatError(f"holds a block {key} without keys.json (members: {sorted(found)})")
+                block = json.loads(tar.extractfile(found["keys.json"]).read())
+                keys += block
+                texts.append(json.loads(tar.extractfile(found["texts.json"]).read()) if "texts.json" in found
+                             else None)
+                if texts[-1] is not None and len(texts[-1]) != len(block):
+                    raise ShardFormatError(f"holds a block {key} of {len(block)} keys with {len(texts[-1])} captions")
+        return keys, _all_or_none(texts)
 
 
 @dataclass(frozen=True)
@@ -167,6 +199,8 @@ class Encoded(Layout):
             sample["cls"] = str(int(record.label))
         if record.factors is not None:
             sample["factors.npy"] = npy_bytes(np.asarray(record.factors, np.float32))
+        if record.text is not None:
+            sample["txt"] = record.text
         return sample
 
     def table(self, f, name, image_shape):
@@ -192,6 +226,16 @@ class Encoded(Layout):
             suffixes,
         )
 
+    def annotations(self, f):
+        keys, texts = [], []
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for key, found in _groups(tar):
+                if "key.txt" not in found:
+                    raise ShardFormatError(f"holds a sample {key} without key.txt (members: {sorted(found)})")
+                keys.append(tar.extractfile(found["key.txt"]).read().decode())
+                texts.append([tar.extractfile(found["txt"]).read().decode()] if "txt" in found else None)
+        return keys, _all_or_none(texts)
+
     def decode(self, data, suffix, image_shape):
         image = decode_tensor(bytes(data), image_shape[2])
         if tuple(image.shape) != (image_shape[2], *image_shape[:2]):
@@ -203,6 +247,7 @@ class Encoded(Layout):
 class EncodedBlocks(Encoded):
     name = "encoded-blocks"
     block_bytes = 1 << 20  # a block holds about this many encoded bytes (the ingest picks the images per block)
+    annotations = Layout.annotations  # keys and captions per block, as packed
 
     def per_write(self, block_size: int) -> int:
         return block_size

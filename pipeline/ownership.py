@@ -2,7 +2,7 @@
 
 A shard is ours when one of these names it:
 - a previous `index.json` of ours (format `vaepipe-shards`): the shards of a finished ingest;
-- a group marker `.ingest/{split}-{group}.json`: the shards of a finished group;
+- a group marker `.ingest/{split}-{group}.json`: the shards of a finished group (of every split it wrote);
 - a claim `.ingest/{split}-{group}.claim`, written before a group writes: the shard numbers it may write, so
   the partial shards of an interrupted group are ours too;
 - `.ingest/owned`: the list this module saves when an ingest starts (`snapshot`), because the steps after it
@@ -88,7 +88,12 @@ def _ours_in_markers(location: Location, present: list[str]) -> set[str]:
     names = set(_json(location, OWNED) or [])
     for marker in location.glob(f"{MARKERS}/*.json"):
         record = _json(location, marker)
-        names |= _shard_names(record.get("shards")) if isinstance(record, dict) else set()
+        if not isinstance(record, dict):
+            continue
+        names |= _shard_names(record.get("shards"))  # a marker written before groups wrote held-out splits
+        parts = record.get("parts")
+        for part in parts if isinstance(parts, list) else []:
+            names |= _shard_names(part.get("shards")) if isinstance(part, dict) else set()
     for claim in location.glob(f"{MARKERS}/*.claim"):
         record = _json(location, claim)
         names |= {name for name in present if claimed(record, name)}

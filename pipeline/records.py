@@ -18,6 +18,8 @@ class Record:
     image: uint8 array (H, W, C); grayscale sources use C = 1.
     label: class index, when the source has labels.
     factors: ground-truth generative factors (K,), for disentanglement metrics, when known.
+    text: the image's caption, when the source has one (img2dataset's `.txt`); stored with the image, so that
+        latents made from the shards can carry it.
     encoded, encoded_format: the source's encoded file, when decoding it gives `image` with no conversion (no
         EXIF rotation, mode change, resize or crop); the encoded layout stores these bytes as they are.
     """
@@ -28,6 +30,7 @@ class Record:
     factors: np.ndarray | None = None
     encoded: bytes | None = None  # the source file's bytes when they decode to exactly `image` (kept in shards)
     encoded_format: str | None = None  # their format: 'jpeg', 'png' or 'webp'
+    text: str | None = None  # the caption
 
     def __post_init__(self) -> None:
         if self.image.dtype != np.uint8 or self.image.ndim != 3:

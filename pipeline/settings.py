@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.conform import DEFAULT_MAX_PIXELS
 from pipeline.sources import validate_options
 from pipeline.storage import is_url
 
@@ -95,6 +96,22 @@ class IngestSection(Section):
     channels: Literal[1, 3, 4] | None = Field(
         None, description="Target channels; default: the most common channel count (as image_size)."
     )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, gt=0, description="Largest image read, in pixels (W x H); default Pillow's limit "
+        f"(Image.MAX_IMAGE_PIXELS, {DEFAULT_MAX_PIXELS:,}). A larger image is refused from its header, before "
+        "decoding, as an unusable input ('oversized', under ingest.on_error): a 30000x30000 PNG is 874 kB on disk and "
+        "2.7 GB decoded. Above Pillow's limit, the ingest raises Pillow's to this."
+    )
+    test_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of a collection that arrives as one split (img2dataset shards, an arrays "
+        "file, an hf dataset with only train) held out as a validation split 'test'; each input goes by a seeded hash "
+        "of its key, so a re-ingest keeps every key in its split whatever the order. 0: none. A source with "
+        "several splits is left as it is unless ingest.test_from names one."
+    )
+    test_from: str | None = Field(
+        None, description="The split ingest.test_fraction holds 'test' out of; default: the source's only split."
+    )
+    test_seed: int = Field(0, description="Seed of the held-out assignment (ingest.test_fraction).")
     max_skip_fraction: float = Field(
         0.01, ge=0, le=1, description="The ingest fails, naming the reasons and skipped.jsonl, when more than this "
         "fraction of the inputs was skipped; with size_rule reject and mixed sizes it refuses before writing."
@@ -140,5 +157,6 @@ class IngestSection(Section):
 # whether to start over (overwrite), when to give up (max_skip_fraction), and how the flow schedules the groups.
 SHARD_FIELDS = frozenset({
     "samples_per_shard", "shard_bytes", "block_size", "layout", "image_format", "quality", "shards_per_task",
-    "on_error", "size_rule", "channel_rule", "image_size", "channels",
+    "on_error", "size_rule", "channel_rule", "image_size", "channels", "test_fraction", "test_from", "test_seed",
+    "max_pixels",
 })

@@ -62,7 +62,25 @@ class SplitInfo(BaseModel):
     shards: list[ShardInfo]
     num_classes: int | None = Field(None, description="1 + the largest label, when the split has labels.")
     num_factors: int | None = Field(None, description="K of the per-sample factors (K,), when the split has them.")
+    captions: bool = Field(False, description="Whether every sample has a caption (stored beside its key).")
     skipped: dict[str, int] = Field(default_factory=dict, description="Reason -> inputs skipped in this split.")
+
+
+class HeldOut(BaseModel, frozen=True):
+    """A validation split the ingest held out of a source split (ingest.test_fraction): which inputs went there is
+    a function of each one's key and the seed alone, so a re-ingest, in any order or grouping, sends each key to
+    the same split."""
+
+    split: str = Field("test", description="The held-out split.")
+    source_split: str = Field(description="The source's split it was taken from (the rest keeps that name).")
+    fraction: float = Field(description="Share of the inputs held out: each key with hash(seed, key) below it.")
+    seed: int = 0
+
+    def split_of(self, key: str) -> str:
+        """The split an input of `source_split` goes to: the first 8 bytes of sha256(seed, key) as a fraction of
+        2^64, held out when below `fraction` (uniform over keys, and independent of every other input)."""
+        digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
+        return self.split if int.from_bytes(digest[:8], "big") < self.fraction * 2**64 else self.source_split
 
 
 class ShardIndex(BaseModel):
@@ -82,6 +100,7 @@ class ShardIndex(BaseModel):
     dtype: Literal["uint8"] = "uint8"
     splits: dict[str, SplitInfo]
     factor_names: list[str] | None = Field(None, description="Names of the factors, when the source knows them.")
+    held_out: HeldOut | None = Field(None, description="The split the ingest held out (ingest.test_fraction), if any.")
     skipped: dict[str, int] = Field(default_factory=dict, description="Reason -> number of inputs skipped.")
     skipped_report: str | None = Field(None, description=f"File listing every skipped input ({REPORT_NAME}).")
 
@@ -130,31 +149,22 @@ def sha256_of(location: Location, name: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    block: list[Record] = []
-    for record in records:
-        block.append(record)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block
-
-
 @dataclass
 class WrittenShards:
     shards: list[ShardInfo]
     max_label: int  # -1 when unlabelled
     has_labels: bool | None  # None: no records
     num_factors: int | None
+    captions: bool | None = None  # None: no records
 
 
 class _LabelCheck:
-    """Labels and factors must be present on every record or on none: a mix would lose data silently."""
+    """Labels, factors and captions must be present on every record or on none: a mix would lose data silently."""
 
     def __init__(self) -> None:
         self.has_labels: bool | None = None
         self.num_factors: int | None = None
+        self.captions: bool | None = None
         self.max_label = -1
         self.first = True
 
@@ -163,71 +173,111 @@ class _LabelCheck:
         factors = None if record.factors is None else len(record.factors)
         if self.first:
             self.has_labels, self.num_factors, self.first = has_label, factors, False
+            self.captions = record.text is not None
         elif has_label != self.has_labels or factors != self.num_factors:
             raise SourceError(
                 f"record {record.key!r} has label={record.label!r}, factors of length {factors}, but earlier records "
                 f"have {'labels' if self.has_labels else 'no labels'} and factors of length {self.num_factors}; "
                 "a source must give labels (and factors) for every record or for none"
             )
+        elif (record.text is not None) != self.captions:
+            raise SourceError(captions_mixed(f"record {record.key!r}"))
         if has_label:
             self.max_label = max(self.max_label, int(record.label))
+
+
+def captions_mixed(where: str) -> str:
+    """The message for a split where some records have a caption and others do not."""
+    return (f"{where}: some records have a caption and others do not; a source gives a caption to every record or "
+            "to none (the webdataset source: set source.options.caption_key to a member every sample has, or to "
+            "null to store no captions)")
+
+
+class SplitWriter:
+    """Conformed records of one split -> its shards numbered from `first_shard` (webdataset's ShardWriter, each
+    shard checksummed in its post hook), a tar sample per `plan.per_write` records. A context manager: `written`
+    is set when the block ends without an error; after an error the partial shard stays for the re-run to replace.
+
+    A local destination is written in place; any other is staged in a temporary directory and uploaded shard
+    by shard. Records must already have `plan.image_shape` (see `pipeline.conform`). A shard group writes one
+    split, or two at once (its own and the held-out one): records are routed one by one, so each is read once.
+    """
+
+    def __init__(self, location: Location, split: str, first_shard: int, plan: ShardPlan) -> None:
+        if plan.samples_per_shard % plan.per_write:
+            raise ValueError(
+                f"ingest.samples_per_shard ({plan.samples_per_shard}) must be a multiple of the {plan.layout} "
+                f"layout's samples per tar sample ({plan.per_write}: ingest.block_size)"
+            )
+        self.location, self.split, self.plan = location, split, plan
+        self.shards: list[ShardInfo] = []
+        self.pending = 0  # samples written to the shard that is open now
+        self.block: list[Record] = []
+        self.check = _LabelCheck()
+        self.layout = get_layout(plan.layout)
+        self.options = WriteOptions(image_format=plan.image_format, quality=plan.quality)
+        self.number = first_shard * (plan.samples_per_shard // plan.per_write)  # the next tar sample's number
+        self.staging = None if location.local else tempfile.TemporaryDirectory(prefix="vaepipe-shards-")
+        self.written: WrittenShards | None = None
+        self.writer = wds.ShardWriter(
+            str(Path(self.staging.name if self.staging else location.root) / f"{split}-%06d.tar"),
+            maxcount=plan.samples_per_shard // plan.per_write, maxsize=float("inf"), post=self._closed,
+            start_shard=first_shard, verbose=0,
+        )
+
+    def add(self, record: Record) -> None:
+        if record.image.shape != self.plan.image_shape:
+            raise SourceError(
+                f"record {record.key!r} has shape {record.image.shape}, but this dataset's images are "
+                f"{self.plan.image_shape}; set ingest.size_rule / ingest.channel_rule to fit or skip such images"
+            )
+        self.check(record)
+        self.block.append(record)
+        if len(self.block) == self.plan.per_write:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.block:
+            self.writer.write(self.layout.sample(self.split, self.number, self.block, self.options))
+            self.number += 1
+            self.pending += len(self.block)
+            self.block = []
+
+    def _closed(self, fname: str) -> None:  # ShardWriter's post= hook, called as each shard closes
+        name = Path(fname).name
+        if self.pending == 0:  # ShardWriter opens its first file eagerly; an empty group leaves nothing behind
+            os.unlink(fname)
+            return
+        digest, size = sha256_of(Location(Path(fname).parent), name)
+        self.location.put(fname, name)
+        self.shards.append(ShardInfo(name=name, num_samples=self.pending, bytes=size, sha256=digest))
+        self.pending = 0
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self._flush()
+        finally:
+            self.writer.close()
+            if self.staging is not None:
+                self.staging.cleanup()
+        if kind is None:
+            check = self.check
+            self.written = WrittenShards(self.shards, check.max_label, check.has_labels, check.num_factors,
+                                         check.captions)
 
 
 def write_shards(
     records: Iterable[Record], location: Location, split: str, first_shard: int, plan: ShardPlan
 ) -> WrittenShards:
-    """Write conformed records as shards numbered from `first_shard` (ShardWriter, checksummed in its post hook).
-
-    A local destination is written in place; any other is staged in a temporary directory and uploaded shard
-    by shard. Records must already have `plan.image_shape` (see `pipeline.conform`).
-    """
-    if plan.samples_per_shard % plan.per_write:
-        raise ValueError(
-            f"ingest.samples_per_shard ({plan.samples_per_shard}) must be a multiple of the {plan.layout} layout's "
-            f"samples per tar sample ({plan.per_write}: ingest.block_size)"
-        )
-    shards: list[ShardInfo] = []
-    pending = 0  # samples written to the shard that is open now
-    staging = None if location.local else tempfile.TemporaryDirectory(prefix="vaepipe-shards-")
-
-    def on_shard_closed(fname: str) -> None:  # ShardWriter's post= hook, called as each shard closes
-        nonlocal pending
-        name = Path(fname).name
-        if pending == 0:  # ShardWriter opens its first file eagerly; an empty group leaves nothing behind
-            os.unlink(fname)
-            return
-        local = Location(Path(fname).parent)
-        digest, size = sha256_of(local, name)
-        location.put(fname, name)
-        shards.append(ShardInfo(name=name, num_samples=pending, bytes=size, sha256=digest))
-        pending = 0
-
-    check = _LabelCheck()
-    layout = get_layout(plan.layout)
-    options = WriteOptions(image_format=plan.image_format, quality=plan.quality)
-    per_write = plan.per_write
-    writer = wds.ShardWriter(
-        str(Path(staging.name if staging else location.root) / f"{split}-%06d.tar"),
-        maxcount=plan.samples_per_shard // per_write, maxsize=float("inf"), post=on_shard_closed,
-        start_shard=first_shard, verbose=0,
-    )
-    try:
-        first_write = first_shard * (plan.samples_per_shard // per_write)
-        for number, chunk in enumerate(_chunked(records, per_write), start=first_write):
-            for record in chunk:
-                if record.image.shape != plan.image_shape:
-                    raise SourceError(
-                        f"record {record.key!r} has shape {record.image.shape}, but this dataset's images are "
-                        f"{plan.image_shape}; set ingest.size_rule / ingest.channel_rule to fit or skip such images"
-                    )
-                check(record)
-            writer.write(layout.sample(split, number, chunk, options))
-            pending += len(chunk)
-    finally:
-        writer.close()
-        if staging is not None:
-            staging.cleanup()
-    return WrittenShards(shards, check.max_label, check.has_labels, check.num_factors)
+    """Write conformed records of one split as shards numbered from `first_shard` (see `SplitWriter`)."""
+    with SplitWriter(location, split, first_shard, plan) as sink:
+        for record in records:
+            sink.add(record)
+    return sink.written
 
 
 def write_split(
@@ -246,7 +296,7 @@ def write_split(
     written = write_shards(_prepend(first, records), location, split, 0, plan)
     num_classes = written.max_label + 1 if written.has_labels else None
     info = SplitInfo(num_samples=sum(s.num_samples for s in written.shards), shards=written.shards,
-                     num_classes=num_classes, num_factors=written.num_factors)
+                     num_classes=num_classes, num_factors=written.num_factors, captions=bool(written.captions))
     return info, tuple(first.image.shape)
 
 

@@ -34,12 +34,12 @@ def test_one_split_folder_warns_at_ingest_and_training_names_both_fixes(tmp_path
     with caplog.at_level(logging.WARNING, logger="pipeline.ingestion"):
         index = pipeline.ingest("imagefolder", {"root": str(root)}, tmp_path / "shards", progress=False)
     assert list(index.splits) == ["test"]
-    assert "only the split 'test'" in caplog.text and "source.options.test_fraction" in caplog.text
+    assert "only the split 'test'" in caplog.text and "--ingest.test_fraction 0.1" in caplog.text
 
     from vae.training.data import build_loaders
 
     cfg = load_config(None, ["--source.name", "imagefolder", "--ingest.shard_dir", str(tmp_path / "shards")])
-    fixes = r"source.options.test_fraction.*--data.train_split and --data.val_split"
+    fixes = r"--ingest.test_fraction 0.1 --ingest.overwrite true.*--data.train_split and --data.val_split"
     missing = r"has the split\(s\) \['test'\] but not data.train_split 'train'.*"
     with pytest.raises(ShardFormatError, match=missing + fixes):
         build_loaders(cfg, 0, 1, device="cpu")

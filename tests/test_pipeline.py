@@ -73,16 +73,16 @@ def test_unknown_source_lists_valid_names():
 def test_killed_ingest_leaves_no_index_and_rerun_keeps_finished_groups(tmp_path, monkeypatch):
     from pipeline import shards
 
-    real = shards.write_shards
+    real = shards.SplitWriter
     calls = []
 
     def dies_on_third_group(*args, **kwargs):
-        calls.append(args[2:4])  # (split, first shard)
+        calls.append(args[1:3])  # (split, first shard)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the ingest is killed while writing its third shard group
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "write_shards", dies_on_third_group)
+    monkeypatch.setattr(shards, "SplitWriter", dies_on_third_group)
     with pytest.raises(KeyboardInterrupt):
         pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
     assert not (tmp_path / "index.json").exists()
@@ -91,7 +91,7 @@ def test_killed_ingest_leaves_no_index_and_rerun_keeps_finished_groups(tmp_path,
     finished = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("train-00000[01].tar")}
     assert len(finished) == 2
     calls.clear()
-    monkeypatch.setattr(shards, "write_shards", lambda *a, **k: (calls.append(a[2:4]), real(*a, **k))[1])
+    monkeypatch.setattr(shards, "SplitWriter", lambda *a, **k: (calls.append(a[1:3]), real(*a, **k))[1])
     index = pipeline.ingest("digits", {}, tmp_path, 512, 128, progress=False)
     assert index.splits["train"].num_samples + index.splits["test"].num_samples == 1797
     assert calls == [("train", 2), ("test", 0)]  # the two finished groups were kept, not rewritten

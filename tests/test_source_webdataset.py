@@ -79,16 +79,62 @@ def test_img2dataset_shards_ingest_with_defaults_keeping_keys_and_jpeg_bytes(i2d
     index = pipeline.ingest("webdataset", {"urls": str(src)}, tmp_path / "shards", progress=False)
     assert index.source == {"name": "webdataset", "config": {"urls": str(src), "storage_options": {},
                                                              "image_keys": ["jpg", "jpeg", "png", "webp"],
-                                                             "label_key": None, "use_stats": True}}
+                                                             "label_key": None, "caption_key": "txt",
+                                                             "use_stats": True}}
     assert index.layout == "encoded-blocks" and index.image_shape == (128, 128, 3)
-    assert index.splits["train"].num_samples == N and index.skipped == {}
+    assert index.splits["train"].num_samples == N and index.skipped == {} and index.splits["train"].captions
     images, labels = pipeline.read_split(tmp_path / "shards", "train")
     assert labels is None
     np.testing.assert_array_equal(images, np.stack([_decoded(w.jpg) for w in written]))
     assert _stored_keys(tmp_path / "shards") == [w.key for w in written]
+    assert pipeline.read_captions(tmp_path / "shards", "train") == [(w.key, w.caption) for w in written]
     ours = sum(s.bytes for s in index.splits["train"].shards)
     theirs = sum(p.stat().st_size for p in src.glob("*.tar"))
     assert ours <= 1.05 * theirs  # the JPEG bytes kept, not re-encoded (img2dataset's tars also hold .txt, .json)
+
+
+@pytest.mark.parametrize("layout", ["encoded", "encoded-blocks", "packed"])
+def test_every_caption_and_key_is_read_back_by_pipeline_and_by_a_plain_webdataset(tmp_path, images, layout):
+    """Captions with any text (accents, newlines, an empty one) travel with their keys through every layout, over
+    parallel groups and a skipped member; `pipeline.read_captions` gives them in read_split's order, and webdataset
+    itself sees them: a `txt` member per sample (encoded), a `texts.json` list beside `keys.json` (block layouts)."""
+    src = tmp_path / "i2d"
+    written = write_img2dataset(src, [im[::4, ::4] for im in images], replace={6: b"not a jpeg"},
+                                captions={0: "", 1: "un café\nà deux lignes", 2: "  spaced  "})
+    kept = [w for i, w in enumerate(written) if i != 6]
+    index = pipeline.ingest("webdataset", {"urls": str(src)}, tmp_path / "shards", layout=layout, samples_per_shard=4,
+                            block_size=2, max_skip_fraction=0.1, progress=False)
+    assert index.splits["train"].captions and index.skipped == {"corrupt": 1}
+    pairs = pipeline.read_captions(tmp_path / "shards", "train")
+    assert pairs == [(w.key, w.caption) for w in kept] and pairs[1] == (written[1].key, "un café\nà deux lignes")
+    images_back, _ = pipeline.read_split(tmp_path / "shards", "train")
+    np.testing.assert_array_equal(images_back, np.stack([_decoded(w.jpg) for w in kept]))
+    urls = [str(tmp_path / "shards" / s.name) for s in index.splits["train"].shards]
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        if layout == "encoded":
+            seen.append((sample["key.txt"], sample["txt"]))
+        else:
+            seen += zip(sample["keys.json"], sample["texts.json"], strict=True)
+    assert seen == pairs
+
+
+def test_captions_off_or_absent_store_none_and_a_mix_is_refused(tmp_path, images):
+    src = tmp_path / "i2d"
+    written = write_img2dataset(src, [im[::4, ::4] for im in images[:6]])
+    index = pipeline.ingest("webdataset", {"urls": str(src), "caption_key": None}, tmp_path / "off", progress=False)
+    assert not index.splits["train"].captions
+    assert pipeline.read_captions(tmp_path / "off", "train") == [(w.key, None) for w in written]
+    with wds.TarWriter(str(tmp_path / "mixed.tar")) as sink:
+        for i, w in enumerate(written):
+            sink.write({"__key__": w.key, "jpg": w.jpg, **({"txt": w.caption} if i != 3 else {})})
+    with pytest.raises(SourceError, match=f"record '{written[3].key}': some records have a caption and others do "
+                                          "not.*caption_key"):
+        pipeline.ingest("webdataset", {"urls": str(tmp_path / "mixed.tar")}, tmp_path / "mixed", progress=False)
+    with wds.TarWriter(str(tmp_path / "latin1.tar")) as sink:
+        sink.write({"__key__": "a", "jpg": written[0].jpg, "txt": "café".encode("latin-1")})
+    (item,) = pipeline.build_source("webdataset", {"urls": str(tmp_path / "latin1.tar")}).records("train")
+    assert item.kind == "caption" and "a.txt is not UTF-8 text" in item.reason
 
 
 def test_stats_give_counts_so_groups_run_in_parallel_and_read_only_their_shards(i2d, tmp_path, monkeypatch):

@@ -20,25 +20,42 @@ from pipeline.storage import Location
 log = logging.getLogger(__name__)
 
 
-def _merge_split(split: str, results: list[GroupResult], location: Location) -> SplitInfo:
-    labelled = {r.has_labels for r in results if r.has_labels is not None}
-    factors = {r.num_factors for r in results if r.has_labels is not None}
+def _merge_split(split: str, results: list[GroupResult], plan: IngestPlan, location: Location) -> SplitInfo:
+    """The split's entry in index.json, from the parts the groups wrote into it (in group order)."""
+    ordered = sorted(results, key=lambda r: (plan.splits.index(r.task.split), r.task.group))
+    parts = [p for r in ordered for p in r.parts if p.split == split]
+    labelled = {p.has_labels for p in parts if p.has_labels is not None}
+    factors = {p.num_factors for p in parts if p.has_labels is not None}
     if len(labelled) > 1 or len(factors) > 1:
         raise SourceError(f"split {split!r}: some records have labels or factors and others do not; fix the source")
-    shard_list = [s for r in sorted(results, key=lambda r: r.task.group) for s in r.shards]
-    skipped = Counter(s.kind for r in results for s in r.skipped)
+    captions = {p.captions for p in parts if p.has_labels is not None}
+    if len(captions) > 1:
+        raise SourceError(shards.captions_mixed(f"split {split!r}"))
+    shard_list = [s for p in parts for s in p.shards]
+    skipped = Counter(s.kind for r in results for s in r.skipped if s.split == split)
     if not shard_list:
-        report = location.display(REPORT_NAME)
-        detail = f"all {sum(skipped.values())} inputs were skipped ({dict(skipped)}), each listed in {report}"
-        raise SourceError(f"split {split!r} yielded no images: {detail if skipped else 'the source gave none'}")
+        raise SourceError(f"split {split!r} yielded no images: {_why_empty(split, skipped, plan, location)}")
     has_labels = labelled == {True}
     return SplitInfo(
         num_samples=sum(s.num_samples for s in shard_list),
         shards=shard_list,
-        num_classes=max(r.max_label for r in results) + 1 if has_labels else None,
+        num_classes=max(p.max_label for p in parts) + 1 if has_labels else None,
         num_factors=next(iter(factors), None),
+        captions=captions == {True},
         skipped=dict(skipped),
     )
+
+
+def _why_empty(split: str, skipped: Counter, plan: IngestPlan, location: Location) -> str:
+    held = plan.held_out
+    if skipped:
+        report = location.display(REPORT_NAME)
+        return f"all {sum(skipped.values())} inputs were skipped ({dict(skipped)}), each listed in {report}"
+    if held is not None and split in (held.split, held.source_split):
+        return (f"ingest.test_fraction {held.fraction} sent {'none' if split == held.split else 'every one'} of the "
+                f"inputs of {held.source_split!r} to {held.split!r} (by a hash of each key: a small collection can get "
+                "none or all); change ingest.test_fraction or ingest.test_seed")
+    return "the source gave none"
 
 
 def _check_skip_fraction(plan: IngestPlan, report: list[Skip], written: int, location: Location) -> None:
@@ -65,12 +82,11 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
         raise ShardFormatError(f"shard groups {sorted(missing)} were not written; re-run the ingest")
     report = [s for r in sorted(results, key=lambda r: (r.task.split, r.task.group)) for s in r.skipped]
     location.write_text(REPORT_NAME, "".join(s.model_dump_json() + "\n" for s in report))
-    splits = {
-        split: _merge_split(split, [r for r in results if r.task.split == split], location) for split in plan.splits
-    }
+    splits = {split: _merge_split(split, results, plan, location) for split in plan.splits}
     _check_skip_fraction(plan, report, sum(info.num_samples for info in splits.values()), location)
     owned = ownership.read_owned(location)
-    claims = [ownership.claim(t.split, *shard_range(t, plan.options.shards_per_task)) for t in plan.groups]
+    claims = [ownership.claim(split, *shard_range(t, plan.options.shards_per_task))
+              for t in plan.groups for split in plan.outputs(t.split)]
     for split, info in splits.items():  # shards of an earlier, differently planned run: never mixed in
         listed = {s.name for s in info.shards}
         for name in location.glob(f"{split}-*.tar"):
@@ -88,6 +104,7 @@ def finalize_ingest(plan: IngestPlan, results: list[GroupResult]) -> ShardIndex:
         image_shape=plan.shard.image_shape,
         splits=splits,
         factor_names=plan.factor_names,
+        held_out=plan.held_out,
         skipped=dict(Counter(s.kind for s in report)),
         skipped_report=REPORT_NAME,
     )

@@ -1,5 +1,6 @@
 """Step 2 of an ingest, one task per shard group, on any worker: `write_group` turns its records into conformed
 images and its shards, then writes a small marker `.ingest/{split}-{group}.json` listing them with their sha256.
+A group of the split that ingest.test_fraction holds 'test' out of writes the shards of both, from one read.
 
 A re-run keeps a group whose marker matches this plan (the same source and `SHARD_FIELDS`) and whose shards still
 match their checksums; every other group is written again. So a killed ingest resumes where it stopped, and a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 from pydantic import BaseModel
 from tqdm.auto import tqdm
@@ -37,17 +39,29 @@ class Skip(BaseModel):
     reason: str
 
 
+class Part(BaseModel):
+    """What a group wrote into one split."""
+
+    split: str
+    shards: list[ShardInfo]
+    max_label: int
+    has_labels: bool | None  # None: no records
+    num_factors: int | None
+    captions: bool | None
+
+
 class GroupResult(BaseModel):
     """What a group wrote, or kept from a previous run: stored as its marker, merged by `finalize_ingest`."""
 
     task: GroupTask
     fingerprint: str
-    shards: list[ShardInfo]
-    skipped: list[Skip]
-    max_label: int
-    has_labels: bool | None
-    num_factors: int | None
+    parts: list[Part]  # one per split the group writes (`IngestPlan.outputs`)
+    skipped: list[Skip]  # each with the split its input went to
     reused: bool = False
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        return [s for part in self.parts for s in part.shards]
 
 
 def _fingerprint(plan: IngestPlan, task: GroupTask) -> str:
@@ -79,7 +93,8 @@ def _reusable(location: Location, task: GroupTask, fingerprint: str) -> GroupRes
 def _conformed(
     items: Iterator[Record | Rejected], plan: IngestPlan, split: str, skipped: list[Skip]
 ) -> Iterator[Record]:
-    """The records at the plan's shape; rejected inputs are listed in `skipped` or, under 'fail', stop the run."""
+    """The records at the plan's shape; rejected inputs are listed in `skipped` (under the split they would have
+    gone to) or, under 'fail', stop the run."""
     opts = plan.options
     for item in items:
         if isinstance(item, Record):
@@ -90,7 +105,8 @@ def _conformed(
                     f"input {item.key!r} of split {split!r} was rejected ({item.kind}): {item.reason}. Fix or remove "
                     "it, or set ingest.on_error=skip to skip such inputs and list them in skipped.jsonl"
                 )
-            skipped.append(Skip(split=split, key=item.key, kind=item.kind, reason=item.reason))
+            skipped.append(Skip(split=plan.split_of(split, item.key), key=item.key, kind=item.kind,
+                                reason=item.reason))
             continue
         yield item
 
@@ -103,33 +119,40 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     if reused is not None:
         return reused
     location.remove(marker_name(task))
-    _clear_range(location, task, plan.options.shards_per_task)
-    source = build_source(plan.source["name"], plan.source["config"])
+    outputs = plan.outputs(task.split)
+    for split in outputs:
+        _clear_range(location, split, task, plan.options.shards_per_task)
+    source = build_source(plan.source["name"], plan.source["config"], plan.options.max_pixels)
     items = source.records(task.split, task.start, task.stop)
     total = None if task.stop is None else task.stop - task.start
     items = tqdm(items, desc=f"ingest {task.split}/{task.group}", unit="img", total=total, disable=not progress)
     skipped: list[Skip] = []
-    written = shards.write_shards(_conformed(items, plan, task.split, skipped), location, task.split,
-                                  task.first_shard, plan.shard)
-    result = GroupResult(task=task, fingerprint=fingerprint, shards=written.shards, skipped=skipped,
-                         max_label=written.max_label, has_labels=written.has_labels, num_factors=written.num_factors)
+    with ExitStack() as stack:
+        sinks = {split: stack.enter_context(shards.SplitWriter(location, split, task.first_shard, plan.shard))
+                 for split in outputs}
+        for record in _conformed(items, plan, task.split, skipped):
+            sinks[plan.split_of(task.split, record.key)].add(record)
+    parts = [Part(split=split, **vars(sink.written)) for split, sink in sinks.items()]
+    result = GroupResult(task=task, fingerprint=fingerprint, parts=parts, skipped=skipped)
     location.write_text(marker_name(task), result.model_dump_json())
-    location.remove(ownership.claim_name(task.split, task.group))  # the marker lists the shards from now on
+    for split in outputs:  # the marker lists the shards from now on
+        location.remove(ownership.claim_name(split, task.group))
     return result
 
 
 def shard_range(task: GroupTask, shards_per_task: int) -> tuple[int, int | None]:
-    """The shard numbers a group may write: `shards_per_task` of them, or any from its first (an uncounted
-    split's one group writes as many as its inputs fill)."""
+    """The shard numbers a group may write, in each split it writes: `shards_per_task` of them, or any from its
+    first (an uncounted split's one group writes as many as its inputs fill)."""
     return task.first_shard, None if task.stop is None else task.first_shard + shards_per_task
 
 
-def _clear_range(location: Location, task: GroupTask, shards_per_task: int) -> None:
-    """Claim the group's shard numbers, and remove the shards there of an earlier or interrupted run (only ours)."""
-    previous = ownership.read_claim(location, task.split, task.group)  # an interrupted attempt's range
+def _clear_range(location: Location, split: str, task: GroupTask, shards_per_task: int) -> None:
+    """Claim the group's shard numbers in `split`, and remove the shards there of an earlier or interrupted run
+    (only ours)."""
+    previous = ownership.read_claim(location, split, task.group)  # an interrupted attempt's range
     owned = ownership.read_owned(location)
-    claim = ownership.write_claim(location, task.split, task.group, *shard_range(task, shards_per_task))
-    for name in location.glob(f"{task.split}-*.tar"):
+    claim = ownership.write_claim(location, split, task.group, *shard_range(task, shards_per_task))
+    for name in location.glob(f"{split}-*.tar"):
         if not ownership.claimed(claim, name):
             continue
         if name not in owned and not ownership.claimed(previous, name):

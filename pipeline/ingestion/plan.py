@@ -1,6 +1,9 @@
 """Step 1 of an ingest, once: `plan_ingest` decides the splits, the target image shape (the config's, or the most
 common among the inputs), the layout, the samples per shard, and per split the shard groups, record ranges of
-`shards_per_task * samples_per_shard` inputs that one task each writes."""
+`shards_per_task * samples_per_shard` inputs that one task each writes.
+
+A split held out by ingest.test_fraction has no groups of its own: each group of the split it is taken from
+writes both, routing every input by its key (`pipeline.shards.HeldOut`), so each input is read and decoded once."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pipeline.errors import SourceError
 from pipeline.layouts import get_layout
 from pipeline.records import Record
 from pipeline.settings import IngestSection
-from pipeline.shards import ShardPlan
+from pipeline.shards import HeldOut, ShardPlan
 from pipeline.sources import build_source, validate_options
 from pipeline.storage import Location
 
@@ -46,13 +49,24 @@ class IngestPlan(BaseModel, frozen=True):
     out: str  # local path or fsspec URL
     options: IngestSection
     shard: ShardPlan
-    splits: list[str]
+    splits: list[str]  # the splits written: the source's, and the held-out one
     factor_names: list[str] | None
     groups: list[GroupTask]
+    held_out: HeldOut | None = None
     warnings: list[str] = Field(default_factory=list)  # for the person running the ingest: logged, not fatal
 
     def location(self) -> Location:
         return Location(self.out, self.options.storage_options)
+
+    def outputs(self, split: str) -> list[str]:
+        """The splits a group of source split `split` writes."""
+        held = self.held_out
+        return [split, held.split] if held is not None and held.source_split == split else [split]
+
+    def split_of(self, split: str, key: str) -> str:
+        """The split an input of source split `split` goes to."""
+        held = self.held_out
+        return held.split_of(key) if held is not None and held.source_split == split else split
 
 
 def source_record(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -73,16 +87,17 @@ def _first_image(source, splits: list[str]) -> Record:
 
 def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, opts: IngestSection) -> IngestPlan:
     """Splits, target shape, layout and shard groups (see the module docstring)."""
-    source = build_source(name, options)
+    source = build_source(name, options, opts.max_pixels)
     splits = source.splits()
     if not splits:
         raise SourceError(f"source {name!r} has no splits; check its options")
-    warnings = []
-    if len(splits) == 1:
+    warnings: list[str] = []
+    held_out = _held_out(name, splits, opts, warnings)
+    if len(splits) == 1 and held_out is None:
         warnings.append(
             f"source {name!r} gave only the split {splits[0]!r}: training needs a training and a validation split "
-            "(data.train_split, data.val_split). Hold some out at ingest (an imagefolder without train/test folders: "
-            "--source.options.test_fraction 0.1), or point both at this split when training"
+            "(data.train_split, data.val_split). Hold some out at ingest (--ingest.test_fraction 0.1), or point both "
+            "at this split when training"
         )
     shape = _target_shape(source, splits, opts)
     layout = shards.choose_layout(opts.layout, shape)
@@ -106,11 +121,34 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         shard=ShardPlan(layout=layout, image_format=opts.image_format, quality=opts.quality,
                         samples_per_shard=per_shard,
                         block_size=block_size, image_shape=shape),
-        splits=splits,
+        splits=splits + ([held_out.split] if held_out else []),
         factor_names=list(source.factor_names) or None,
         groups=groups,
+        held_out=held_out,
         warnings=warnings,
     )
+
+
+def _held_out(name: str, splits: list[str], opts: IngestSection, warnings: list[str]) -> HeldOut | None:
+    """The split ingest.test_fraction holds out, or None: when it is 0, or the source has several splits and
+    ingest.test_from names none of them (then a warning says it was not applied)."""
+    if not opts.test_fraction:
+        return None
+    source_split = opts.test_from or (splits[0] if len(splits) == 1 else None)
+    if source_split is None:
+        warnings.append(f"ingest.test_fraction {opts.test_fraction} is not applied: source {name!r} has its own splits "
+                        f"{splits}; set ingest.test_from to the split to hold 'test' out of")
+        return None
+    if source_split not in splits:
+        raise SourceError(f"ingest.test_from {source_split!r} is not a split of source {name!r}; it has {splits}")
+    held_out = HeldOut(source_split=source_split, fraction=opts.test_fraction, seed=opts.test_seed)
+    if held_out.split in splits:
+        raise SourceError(
+            f"source {name!r} has its own split {held_out.split!r}, so ingest.test_fraction cannot hold out another "
+            f"of that name from {source_split!r}: set ingest.test_fraction 0 and validate on the source's own (or on "
+            "this split, with --data.train_split and --data.val_split naming it)"
+        )
+    return held_out
 
 
 def _shard_sizes(source, splits: list[str], opts: IngestSection, shape: tuple[int, int, int],

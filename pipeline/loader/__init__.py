@@ -35,9 +35,9 @@ sources, `pipeline.settings`, `vae` or `flows`. Inside it, imports point one way
 
 from pipeline.loader.base import Batch, ShardLoader
 from pipeline.loader.corrupt import CORRUPTION, CorruptShardError, OnCorrupt
-from pipeline.loader.factory import Resident, open_loader, read_split
+from pipeline.loader.factory import Resident, open_loader, read_captions, read_split
 from pipeline.loader.resident import ResidentLoader
 from pipeline.loader.streamed import StreamedLoader
 
 __all__ = ["CORRUPTION", "Batch", "CorruptShardError", "OnCorrupt", "Resident", "ResidentLoader", "ShardLoader",
-           "StreamedLoader", "open_loader", "read_split"]
+           "StreamedLoader", "open_loader", "read_captions", "read_split"]

@@ -1,5 +1,5 @@
-"""How a caller gets at a split: `open_loader` builds the loader that fits it (resident or streamed), and
-`read_split` reads all of it at once, for evaluation and plots."""
+"""How a caller gets at a split: `open_loader` builds the loader that fits it (resident or streamed), `read_split`
+reads all of it at once, for evaluation and plots, and `read_captions` gives each sample's key and caption."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.errors import ShardFormatError
+from pipeline.layouts import get_layout
 from pipeline.loader.base import ShardLoader
 from pipeline.loader.corrupt import OnCorrupt
 from pipeline.loader.resident import ResidentLoader, read_whole
 from pipeline.loader.streamed import StreamedLoader
 from pipeline.shards import read_index
+from pipeline.storage import Location
 
 Resident = Literal["auto", "on", "off"]
 
@@ -64,3 +67,28 @@ def read_split(
     labels = None if labels is None else labels.numpy()
     factors = None if factors is None else factors.numpy()
     return (images, labels, factors) if with_factors else (images, labels)
+
+
+def read_captions(
+    shard_dir: str | os.PathLike, split: str, storage_options: dict | None = None
+) -> list[tuple[str, str | None]]:
+    """Each sample's (key, caption) of a split, in file order: the order of `read_split`'s images and of a loader
+    with shuffle=False. The caption is None throughout when the split has none (index.json's `captions`).
+
+    Reads the keys' and captions' tar members only, never an image: ~one small member per block of images.
+    """
+    location = Location(shard_dir, storage_options)
+    index = read_index(location)
+    layout, info = get_layout(index.layout), index.split(split)
+    pairs: list[tuple[str, str | None]] = []
+    for shard in info.shards:
+        with location.open(shard.name) as f:
+            keys, texts = layout.annotations(f)
+        if len(keys) != shard.num_samples or (texts is not None) != info.captions:
+            has = f"{'captions' if texts is not None else 'no captions'}"
+            raise ShardFormatError(
+                f"{location.display(shard.name)} holds {len(keys)} keys and {has}, but index.json gives it "
+                f"{shard.num_samples} samples and {'captions' if info.captions else 'no captions'}; re-ingest"
+            )
+        pairs += zip(keys, texts or [None] * len(keys), strict=True)
+    return pairs

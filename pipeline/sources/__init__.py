@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.conform import DEFAULT_MAX_PIXELS
 from pipeline.errors import SourceError
 from pipeline.records import Record, Rejected
 
@@ -40,11 +41,16 @@ class Source:
     policy decides and nothing disappears silently. A source that can say how many inputs a split has
     (`num_records`) is ingested in parallel, one task per group of shards; one that cannot (None, the
     default) is ingested by one task per split, and its `records` is called with start=0, stop=None only.
+
+    A source of image files reads no image of more than `max_pixels` (W x H): it yields a Rejected('oversized')
+    from the file's header (`pipeline.conform.decode_source` does this) and leaves it out of its `shapes` survey.
+    The ingest sets it from ingest.max_pixels (`build_source`).
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     factor_names: ClassVar[tuple[str, ...]] = ()  # names of Record.factors' entries, when the source has them
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejected unread (see above)
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
@@ -119,6 +125,10 @@ def validate_options(name: str, options: dict[str, Any], complete: bool = True) 
         raise SourceError(f"invalid options for source {name!r}: {problems} (its fields: {fields})") from None
 
 
-def build_source(name: str, options: dict[str, Any] | None = None) -> Source:
-    """Instantiate the source `name` with validated `options`."""
-    return get_source_class(name)(validate_options(name, options or {}))
+def build_source(name: str, options: dict[str, Any] | None = None, max_pixels: int | None = None) -> Source:
+    """Instantiate the source `name` with validated `options`; `max_pixels`: the largest image it decodes
+    (ingest.max_pixels; None: Pillow's limit)."""
+    source = get_source_class(name)(validate_options(name, options or {}))
+    if max_pixels is not None:
+        source.max_pixels = max_pixels
+    return source

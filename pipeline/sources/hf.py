@@ -1,7 +1,9 @@
 """`hf`: a HuggingFace `datasets` dataset saved with `save_to_disk`, or parquet files (the Hub's format).
 
-Needs the optional extra: `pip install 'vaepipe[hf]'`. The image column may be an `Image` feature (decoded
-to PIL) or an array; the label column, when present, must hold class indices (a `ClassLabel` or ints).
+Needs the optional extra: `pip install 'vaepipe[hf]'`. The image column may be an `Image` feature or an array;
+the label column, when present, must hold class indices (a `ClassLabel` or ints). An `Image` column is read as
+its encoded files and decoded here, as the folder source decodes files: an image over `max_pixels` is rejected
+from its header, and a file that needs no conversion keeps its bytes in the shards.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from pipeline.conform import BadImage, pil_to_array
+from pipeline.conform import BadImage, check_pixels, decode_source, pil_to_array
 from pipeline.errors import SourceError
 from pipeline.records import Record, Rejected
 from pipeline.sources import Source, SourceConfig
@@ -41,13 +43,23 @@ def _datasets():
     return datasets
 
 
-def _to_array(value: Any) -> np.ndarray:
-    if hasattr(value, "mode"):  # a PIL image (the Image feature, decoded)
+def _to_array(value: Any, max_pixels: int) -> np.ndarray:
+    if hasattr(value, "mode"):  # a PIL image (a feature `datasets` decodes itself)
+        check_pixels(value.size, max_pixels)
         return pil_to_array(value)
     array = np.asarray(value)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise BadImage("mode", f"array of {array.dtype} {array.shape} is not a uint8 (H, W[, C]) image")
+    check_pixels((array.shape[1], array.shape[0]), max_pixels)
     return array[..., None] if array.ndim == 2 else array
+
+
+def _file(value: dict[str, Any]) -> bytes:
+    """The encoded file of an `Image` feature read with decode=False: its bytes, or the file its path names."""
+    if value.get("bytes") is not None:
+        return value["bytes"]
+    with open(value["path"], "rb") as f:
+        return f.read()
 
 
 class HFSource(Source):
@@ -90,17 +102,27 @@ class HFSource(Source):
 
     def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record | Rejected]:
         dataset = self._split(split)
+        column = self.config.image_column
+        files = isinstance(dataset.features[column], _datasets().Image)
+        if files:  # the encoded files, decoded below: `datasets` would decode any size, and EXIF-rotate none
+            dataset = dataset.cast_column(column, _datasets().Image(decode=False))
         label_column = self.config.label_column if self.config.label_column in dataset.column_names else None
         lo, hi, _ = slice(start, stop).indices(len(dataset))
         for offset, row in enumerate(dataset.select(range(lo, hi))):
             key = f"{split}-{lo + offset:07d}"
+            data, kept_as = None, None
             try:
-                image = _to_array(row[self.config.image_column])
+                if files:
+                    data = _file(row[column])
+                    image, kept_as = decode_source(data, self.max_pixels)
+                else:
+                    image = _to_array(row[column], self.max_pixels)
             except BadImage as err:
                 yield Rejected(key, err.kind, str(err))
                 continue
-            except OSError as err:  # a corrupt encoded image inside the dataset
-                yield Rejected(key, "corrupt", f"corrupt or truncated image: {err}")
+            except OSError as err:  # an image file the dataset names that cannot be read
+                yield Rejected(key, "unreadable", f"cannot be read: {err}")
                 continue
             label = None if label_column is None else int(row[label_column])
-            yield Record(key=key, image=np.ascontiguousarray(image), label=label)
+            yield Record(key=key, image=np.ascontiguousarray(image), label=label,
+                         encoded=data if kept_as else None, encoded_format=kept_as)

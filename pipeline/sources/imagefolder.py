@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydantic import Field
 
-from pipeline.conform import BadImage, decode_source
+from pipeline.conform import BadImage, admit_pixels, decode_source
 from pipeline.errors import SourceError
 from pipeline.records import Record, Rejected
 from pipeline.sources import Source, SourceConfig
@@ -71,7 +71,10 @@ class ImageFolderConfig(SourceConfig):
         "auto", description="folders: first-level subfolders are classes; auto: folders when every image is in one."
     )
     test_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Without train/test subfolders: share of files held out as a 'test' split."
+        0.0, ge=0, lt=1, description="Without train/test subfolders: share of files held out as a 'test' split, by a "
+        "seeded permutation of the sorted file list (a file added or removed can move others between the splits). "
+        "Kept for existing configs; ingest.test_fraction, by a hash of each file's path, is stable and works for "
+        "every source."
     )
     seed: int = Field(0, description="Seed of the train/test assignment when test_fraction > 0.")
 
@@ -81,6 +84,8 @@ def _is_image(path: str) -> bool:
     try:
         with Image.open(path) as image:
             return image.format in decodable_formats()
+    except Image.DecompressionBombError:  # identified, and too large: listed, to be rejected with its size when read
+        return True
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):  # not an image, or not one Pillow knows
         return False
 
@@ -175,7 +180,7 @@ class ImageFolderSource(Source):
         for rel in files[start:stop]:
             try:
                 data = (root / rel).read_bytes()
-                image, kept_as = decode_source(data)
+                image, kept_as = decode_source(data, self.max_pixels)
             except OSError as err:
                 yield Rejected(rel, "unreadable", f"cannot be read: {err.strerror or err}")
                 continue
@@ -187,19 +192,22 @@ class ImageFolderSource(Source):
 
     def shapes(self, split: str) -> Counter[tuple[int, int, int]]:
         """(H, W, C) per file from its header (Pillow reads no pixels until asked), as the image will be decoded:
-        EXIF rotations by 90 degrees swap H and W. Files Pillow cannot identify are left out (they are rejected
-        when read)."""
+        EXIF rotations by 90 degrees swap H and W. Files Pillow cannot identify, and images over `max_pixels`, are
+        left out (they are rejected, with their reason, when read)."""
         self._check_split(split)
         root, files = self._listing()[split]
         found: Counter[tuple[int, int, int]] = Counter()
+        admit_pixels(self.max_pixels)
         for rel in files:
             try:
                 with Image.open(root / rel) as image:
                     w, h = image.size
+                    if w * h > self.max_pixels:
+                        continue
                     if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):  # transposed or rotated by 90 degrees
                         w, h = h, w
                     found[h, w, _channels(image)] += 1
-            except (OSError, ValueError, SyntaxError):  # PIL's errors for an unreadable or unknown file
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # unreadable, unknown, too large
                 continue
         return found
 

@@ -11,9 +11,10 @@ are opened through fsspec; `pipe:` URLs through webdataset's `gopen` (they run a
 webdataset). Tar members become samples with webdataset's own tar iterator and key grouping.
 
 A sample's image is its first member among `image_keys`; its key is the sample's `__key__` (img2dataset's
-running id) and is stored in the shards. The bytes are kept as they are when they decode with no conversion
-(as imagefolder does). A member that does not decode is a `Rejected` naming the shard; a tar that ends inside a
-member is a `SourceError` naming the file.
+running id) and its caption the UTF-8 text of its `caption_key` member (`txt`); both are stored in the shards.
+A split's samples have a caption each or none (a sample without the member has none). The image bytes are kept
+as they are when they decode with no conversion (as imagefolder does). A member that does not decode is a
+`Rejected` naming the shard; a tar that ends inside a member is a `SourceError` naming the file.
 
 Counts: when every shard of a split has img2dataset's `{name}_stats.json` beside it, its `successes` (the
 samples img2dataset wrote into that tar) give the split's size, so the ingest plans parallel shard groups and
@@ -66,6 +67,10 @@ class WebDatasetConfig(SourceConfig):
         ("jpg", "jpeg", "png", "webp"), min_length=1, description="Member suffixes tried in order for a sample's image."
     )
     label_key: str | None = Field(None, description="Member suffix holding a class index (webdataset's 'cls').")
+    caption_key: str | None = Field(
+        "txt", description="Member suffix holding the caption (img2dataset's 'txt'), stored with the image and its "
+        "key; null: store no captions."
+    )
     use_stats: bool = Field(
         True, description="Take each shard's sample count from img2dataset's {shard}_stats.json (parallel ingest)."
     )
@@ -289,7 +294,7 @@ class WebDatasetSource(Source):
                                             f"it has {members}. Set source.options.image_keys")
         data = sample[image_key]
         try:
-            image, kept_as = decode_source(data)
+            image, kept_as = decode_source(data, self.max_pixels)
         except BadImage as err:
             return Rejected(key, err.kind, f"in {shard.url}: {key}.{image_key}: {err}")
         label = None
@@ -299,7 +304,15 @@ class WebDatasetSource(Source):
             except (KeyError, ValueError) as err:
                 return Rejected(key, "label", f"in {shard.url}: no integer class in member .{self.config.label_key} "
                                               f"({type(err).__name__}: {err}); it has {members}")
-        return Record(key=key, image=image, label=label, encoded=data if kept_as else None, encoded_format=kept_as)
+        text = None
+        if self.config.caption_key is not None and self.config.caption_key in sample:
+            try:
+                text = sample[self.config.caption_key].decode()
+            except UnicodeDecodeError as err:
+                return Rejected(key, "caption", f"in {shard.url}: {key}.{self.config.caption_key} is not UTF-8 text "
+                                                f"({err}); set source.options.caption_key null to store no captions")
+        return Record(key=key, image=image, label=label, encoded=data if kept_as else None, encoded_format=kept_as,
+                      text=text)
 
 
 def _samples(shard: Shard) -> Iterator[dict[str, Any]]:

@@ -61,10 +61,12 @@ class Written:
 
 
 def write_img2dataset(out: Path, images: list[np.ndarray], per_shard: int = 8, fail_every: int = 5,
-                      stats: bool = True, replace: dict[int, bytes] | None = None) -> list[Written]:
+                      stats: bool = True, replace: dict[int, bytes] | None = None,
+                      captions: dict[int, str] | None = None) -> list[Written]:
     """The inputs `images` (plus a failed download every `fail_every`-th input) as img2dataset shards of
     `per_shard` inputs each under `out`; returns what went into the tars, in order. `replace`: image number ->
-    the bytes stored as its .jpg instead (a corrupt member)."""
+    the bytes stored as its .jpg instead (a corrupt member); `captions`: image number -> its caption instead of
+    "photo {key}"."""
     out.mkdir(parents=True, exist_ok=True)
     images = iter(images)
     written: list[Written] = []
@@ -76,7 +78,8 @@ def write_img2dataset(out: Path, images: list[np.ndarray], per_shard: int = 8, f
             image = None if failed else next(images, None)
             if not failed and image is None:
                 break
-            row = {"url": f"https://example.com/{key}.jpg", "key": key, "caption": f"photo {key}",
+            caption = (captions or {}).get(len(written), f"photo {key}")
+            row = {"url": f"https://example.com/{key}.jpg", "key": key, "caption": caption,
                    "status": "failed_to_download" if failed else "success",
                    "error_message": "HTTP 404" if failed else None,
                    "width": None if failed else image.shape[1], "height": None if failed else image.shape[0]}

@@ -68,8 +68,7 @@ def _check_splits(cfg: RunConfig) -> None:
     if missing:
         named = ", ".join(f"{field} {split!r}" for field, split in missing.items())
         raise ShardFormatError(
-            f"{cfg.shard_dir} has the split(s) {sorted(index.splits)} but not {named}. Either hold out a split at "
-            "ingest (an imagefolder without train/test folders: --source.options.test_fraction 0.1 --ingest.overwrite "
-            "true), or train on the splits there are: --data.train_split and --data.val_split (the same split for "
-            "both validates on training images)"
+            f"{cfg.shard_dir} has the split(s) {sorted(index.splits)} but not {named}. Either hold out a split 'test' "
+            "at ingest (--ingest.test_fraction 0.1 --ingest.overwrite true), or train on the splits there are: "
+            "--data.train_split and --data.val_split (the same split for both validates on training images)"
         )

@@ -81,8 +81,9 @@ class ServingLimits(BaseModel):
                                                      "request; more is refused.")
     max_pixels: int = Field(2**24, gt=0, description="Most pixels (N x H x W of the images in, or out for decode and "
                                                       "sample) in one request, refused before any compute; 2**24 is "
-                                                      "sixteen 1024 x 1024 images. A model logged without it gets "
-                                                      "this default (and a load-time override cannot add it).")
+                                                      "sixteen 1024 x 1024 images. A config written before it "
+                                                      "existed gets this default, which a load-time override cannot "
+                                                      "change (MLflow only replaces keys the logged config has).")
     chunk_rows: int = Field(256, gt=0, description="Rows the network runs on at once, so peak memory for activations "
                                                     "is bounded by this, not by the request; images larger than the "
                                                     "training size run in proportionally fewer rows (at least one).")

@@ -56,6 +56,8 @@ BAD = {
                                                               "which JSON cannot carry: use smaller latents"),
     "boolean count": (True, {"mode": "sample"}, "a positive integer such as 16 or [16], got True"),
     "boolean count in a list": ([True], {"mode": "sample"}, "a positive integer such as 16 or [16], got True"),
+    "image of another size": (np.zeros((1, 1, 16, 16), np.float32), {}, "mode 'reconstruct' expects images of shape "
+                              "(N, 1, 8, 8), got (1, 1, 16, 16)"),  # dense latents: the training shape only
     "boolean images": (np.ones((1, 1, 8, 8), bool), {}, "expects images of shape (N, 1, 8, 8) as numbers, got "
                                                         "booleans"),
     "string latents": ([["a", "b"]], {"mode": "decode"}, "expects latents of shape (N, 2) as numbers, got dtype <U1"),
@@ -174,6 +176,7 @@ def test_limits_are_stored_with_the_model_and_overridable_at_load(saved, monkeyp
 
 
 def test_default_limits():
-    assert ServingLimits().model_dump() == {"max_samples": 1024, "max_images": 1024, "chunk_rows": 256}
+    assert ServingLimits().model_dump() == {"max_samples": 1024, "max_images": 1024, "max_pixels": 2**24,
+                                            "chunk_rows": 256, "tile_size": 1024}
     with pytest.raises(ValidationError, match="max_samples"):
         ServingLimits(max_samples=True)  # strict: a boolean is not a count

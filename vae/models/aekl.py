@@ -7,7 +7,9 @@ folder that `AutoencoderKL.from_pretrained` loads (vae/registry/diffusers.py). C
 - The latent is SPATIAL: (B, latent_dim, H / f, W / f) with f = 2 ** (len(channels) - 1) (f4, f8, f16).
   `encode_latents` / `decode_latents` work on that map, unscaled (a diffusion model multiplies by the exported
   `scaling_factor` after subtracting `shift_factor`). The contract's `encode` / `decode` flatten it to
-  (B, latent_size) so the project's evaluation, plots and pyfunc work unchanged; `latent_shape` undoes that.
+  (B, latent_size) so the project's evaluation and plots work unchanged; `latent_shape` undoes that. Like
+  `AutoencoderKL`, the spatial methods take any H and W that f divides, not only the training size, and `tile`
+  switches on diffusers' tiling for images larger than a tile (the registered model's `tile_size` limit).
 - `forward(x, samples)` returns a `VAEOutput` whose params are the logits of the pixel means (one per image
   channel), so the bernoulli and gaussian heads' means are exactly diffusers' (out + 1) / 2. Heads that need
   more decoder channels (gaussian_learned, logistic_mixture) are refused: the exported decoder must emit images.
@@ -135,6 +137,23 @@ class AEKL(VAE):
         for module in self.frozen():  # frozen parts stay in eval mode (no dropout); their output is fixed
             module.eval()
         return self
+
+    def tile(self, tile_size: int) -> None:
+        """Encode and decode images with a side over `tile_size` px tile by tile, with diffusers' own tiling
+        (`enable_tiling`: tiles of that side, overlapping by a quarter and blended), so memory is bounded by the
+        tile, not the image; 0 runs whole images always. Tiled latents differ a little from whole ones (a tile's
+        GroupNorm statistics and attention see the tile only); an image within one tile is not tiled at all."""
+        if tile_size == 0:
+            self.vae.disable_tiling()
+            return
+        # diffusers steps by 3/4 of a tile and crops 3/4 of a latent tile: both are whole latent pixels, and the
+        # latent has H / f rows, only when a tile is a multiple of 4 f
+        if tile_size < 0 or tile_size % (4 * self.factor):
+            raise ValueError(f"tile_size {tile_size} must be 0 (never tile) or a multiple of 4 f = {4 * self.factor} "
+                             "(tiles overlap by a quarter, which must fall on whole latent pixels)")
+        self.vae.enable_tiling()
+        self.vae.tile_sample_min_size = tile_size  # diffusers' own knobs; its default is the config's sample_size
+        self.vae.tile_latent_min_size = tile_size // self.factor
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -83,9 +83,10 @@ def log_model(model: nn.Module, spec: dict, run_id: str, input_example: np.ndarr
 
     `input_example` is a float32 batch (N, C, H, W) in [0, 1] for the default mode, reconstruct; by default
     two uniform-noise images. `limits` caps what one request may ask (default `ServingLimits()`: 1,024 samples
-    or images, run 256 rows at a time). `tags` go on the logged model, over the ones MLflow reads from this
-    process (e.g. the run's `mlflow.source.name` instead of whatever script logs the model). `step` is the
-    training step the weights are from: MLflow links the run's metrics logged at that step to the logged model.
+    or images, 2**24 pixels, run 256 rows at a time, aekl tiled past 1,024 px a side). `tags` go on the logged
+    model, over the ones MLflow reads from this process (e.g. the run's `mlflow.source.name` instead of whatever
+    script logs the model). `step` is the training step the weights are from: MLflow links the run's metrics
+    logged at that step to the logged model.
     """
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:

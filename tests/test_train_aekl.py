@@ -17,6 +17,7 @@ import torch
 from conftest import BIN, run
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from support.journal import logged_image_steps
 from support.reconstruct import reconstruct_elsewhere
 from support.training import checkpoint_tensors, in_process
 
@@ -25,6 +26,7 @@ from vae.config import load_config
 from vae.training import checkpoint
 from vae.training.preemption import PREEMPTED_EXIT
 from vae.training.trained import load_checkpoint
+from vae.training.trainer import GRID_KEY, GRIDS_DIR
 
 SIDE = 32  # px; 32 train crops in batches of 16: two optimiser steps per epoch
 
@@ -91,6 +93,10 @@ def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg
     assert all(v != 0 for name in ("g_loss", "d_weight", "disc_loss") for v in logged[name][1:])
     assert all(v > 0 for v in logged["perceptual"] + logged["kl"])
     assert client.get_metric_history(meta["mlflow_run_id"], "val/psnr")[-1].value > 0
+    # each validation's grid (8 crops over their reconstructions, full resolution) in MLflow at its step
+    assert logged_image_steps(client, meta["mlflow_run_id"], GRID_KEY) == [2, 4]
+    with Image.open(tmp_path / "whole" / GRIDS_DIR / "step-000000004.png") as grid:
+        assert grid.size == (8 * (SIDE + 2) + 2, 2 * (SIDE + 2) + 2)
     lr = torch.load(whole / "optimizer_1.bin", weights_only=True)["param_groups"][0]["lr"]
     assert lr == pytest.approx(5e-4)  # loss.aekl.disc_lr
 

@@ -49,8 +49,7 @@ KILL_GRACE_S = 10.0  # SIGTERM -> SIGKILL; well inside the runner's own grace be
 TAIL_LINES = 40  # child output quoted in the error when training fails
 RETRY_DELAY_S = 5.0  # first delay between launch attempts, doubled per retry: a preempted node gets time to go
 NOT_RETRIED = ("TrainingError", "ConfigError")  # the child's own errors: they name a fix, a retry repeats them
-SAMPLES_PNG = Path("plots") / "samples.png"  # written by vae.finalize into the run's output dir
-INLINE_IMAGE_BYTES = 200_000  # a larger sample grid is shrunk before it goes into the artifact as a data URI
+INLINE_IMAGE_BYTES = 200_000  # a larger picture is shrunk before it goes into the artifact as a data URI
 
 
 class TrainingFailed(RuntimeError):
@@ -227,10 +226,10 @@ def launch_training(
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish(config: RunConfig, run_id: str) -> tuple[dict[str, float], Any]:
-    """The evaluation training saved in output_dir, and its registration: what the child journaled and could not
-    send (MLflow down as it ended) goes first, then the registry's `publish_run`, as the journal of a run launched
-    without a flow calls it (a retry registers nothing twice)."""
+def publish(config: RunConfig, run_id: str) -> tuple[dict[str, float], dict, Any]:
+    """The evaluation training saved in output_dir (metrics.json, evaluation.json), and its registration: what the
+    child journaled and could not send (MLflow down as it ended) goes first, then the registry's `publish_run`, as
+    the journal of a run launched without a flow calls it (a retry registers nothing twice)."""
     # Heavy, so imported only here: the registry with mlflow and the objectives' evaluation stack make importing
     # this module take 11.3 s instead of 4.9 s (measured on this 2-core machine), paid by every flow process.
     from vae.registry.publish import publish_run
@@ -240,8 +239,8 @@ def publish(config: RunConfig, run_id: str) -> tuple[dict[str, float], Any]:
     journal = Path(config.train.output_dir) / JOURNAL_DIR / f"{run_id}.jsonl"
     if journal.is_file():
         sync_journal(journal, run_id, uri)
-    metrics, _ = load_evaluation(config.train.output_dir)
-    return metrics, publish_run(config.train.output_dir, run_id, uri)
+    metrics, details = load_evaluation(config.train.output_dir)
+    return metrics, details, publish_run(config.train.output_dir, run_id, uri)
 
 
 def run_link(uri: str, run_id: str) -> str:
@@ -284,33 +283,56 @@ def artifact_link(uri: str, run_id: str, name: str) -> str:
     return runs_uri
 
 
-def report(config: RunConfig, run_id: str, metrics: dict[str, float], version: Any) -> str:
-    """The markdown artifact: metrics, the sample grid, registered version and alias, the load URI, the MLflow run."""
+def report(config: RunConfig, run_id: str, metrics: dict[str, float], details: dict, version: Any) -> str:
+    """The markdown artifact: the headline and metrics, the picture the objective names in evaluation.json (the
+    ELBO family's samples, aekl's reconstructions), registered version and alias, the load URI, the MLflow run."""
     rows = "\n".join(f"| `{name}` | {value:.4f} |" for name, value in sorted(metrics.items()))
     alias = (
         "became the `champion`" if version.champion
         else "did not beat the current `champion`, which keeps the alias"
     )
     uri = str(config.tracking.tracking_uri)
-    image = inline_png(Path(config.train.output_dir) / SAMPLES_PNG)
-    samples = (
-        f"![samples from the prior]({image})" if image is not None
-        else f"(no sample grid at `{Path(config.train.output_dir) / SAMPLES_PNG}`, or too large to inline)"
-    )
+    picture, shown, links = details["picture"], "(the objective names no picture of the run)", []
+    if picture is not None:  # the ELBO family's samples, aekl's reconstructions: whatever the objective drew
+        path = Path(config.train.output_dir) / picture["file"]
+        image = inline_png(path)
+        shown = (f"![{picture['caption']}]({image})" if image is not None
+                 else f"(no picture at `{path}`, or too large to inline)")
+        caption = picture["caption"][:1].upper() + picture["caption"][1:]
+        links.append(f"- {caption}, in MLflow: {artifact_link(uri, run_id, picture['file'])}")
+    links += [
+        f"- Registered model: `{version.name}` version **{version.version}** (`{version.uri}`); it {alias}.",
+        f'- Load the champion: `mlflow.pyfunc.load_model("models:/{version.name}@champion")`',
+        f"- MLflow run: {run_link(uri, run_id)}",
+        f"- Checkpoints and resolved config: `{config.train.output_dir}`",
+    ]
+    bullets = "\n".join(links)
     return f"""# train-vae: `{config.model_name}` version {version.version}
+
+Final evaluation: {details["headline"]}
 
 | metric | value |
 | --- | --- |
 {rows}
 
-{samples}
+{shown}
 
-- Sample grid in MLflow: {artifact_link(uri, run_id, SAMPLES_PNG.as_posix())}
-- Registered model: `{version.name}` version **{version.version}** (`{version.uri}`); it {alias}.
-- Load the champion: `mlflow.pyfunc.load_model("models:/{version.name}@champion")`
-- MLflow run: {run_link(uri, run_id)}
-- Checkpoints and resolved config: `{config.train.output_dir}`
+{bullets}
 """
+
+
+def outcome(run_id: str, metrics: dict[str, float], details: dict, version: Any) -> dict[str, Any]:
+    """What the flow returns (`vaepipe demo` prints it): the run, its evaluation as saved in output_dir, and the
+    registered version."""
+    return {
+        "run_id": run_id,
+        "metrics": metrics,
+        "headline": details["headline"],  # the objective's figures in one line (ELBO and NLL; PSNR and SSIM)
+        "model_name": version.name,
+        "version": int(version.version),
+        "champion": bool(version.champion),
+        "model_uri": f"models:/{version.name}@champion",
+    }
 
 
 # the deployment's default parameters, the demo's (flows/ingest_dataset.py); copied, never mutated
@@ -338,19 +360,12 @@ def train_vae(
             retries=config.train.retries, retry_delay_seconds=exponential_backoff(RETRY_DELAY_S)
         )
         launch(config, run_id, num_processes, accelerate_config)
-        metrics, version = publish(config, run_id)
+        metrics, details, version = publish(config, run_id)
     except BaseException as err:  # cancelled (TerminationSignal), interrupted or failed: say so in MLflow too
         end_mlflow_run(config, run_id, "FAILED" if isinstance(err, Exception) else "KILLED")
         raise
     create_markdown_artifact(
-        key="train-vae-report", markdown=report(config, run_id, metrics, version),
+        key="train-vae-report", markdown=report(config, run_id, metrics, details, version),
         description=f"{version.name} v{version.version}",
     )
-    return {
-        "run_id": run_id,
-        "metrics": metrics,
-        "model_name": version.name,
-        "version": int(version.version),
-        "champion": bool(version.champion),
-        "model_uri": f"models:/{version.name}@champion",
-    }
+    return outcome(run_id, metrics, details, version)

@@ -9,15 +9,17 @@ import json
 import shlex
 import sys
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
 from conftest import REPO, run
-from support.journal import entries, journal_of, train_argv
+from support.journal import entries, journal_of, logged_image_steps, train_argv
 from support.servers import MlflowServer
 
 from vae.tracking.store import ensure_experiment
 from vae.training import checkpoint
+from vae.training.trainer import GRID_KEY
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -50,6 +52,9 @@ def test_mlflow_down_when_training_ends_keeps_the_model_and_the_printed_command_
     assert (out / "evaluation.json").is_file() and (out / "plots" / "samples.png").is_file()
     journaled = entries(path)
     assert [e["kind"] for e in journaled[-2:]] == ["publish", "status"] and journaled[-1]["status"] == "FINISHED"
+    [grid] = [e for e in journaled if e["kind"] == "image"]  # the one validation's grid, kept for later
+    validated_at = {e["step"] for e in journaled if e["kind"] == "metrics" and "val/elbo" in e["metrics"]}
+    assert grid["key"] == GRID_KEY and {grid["step"]} == validated_at and Path(grid["path"]).is_file()
 
     srv.start()
     try:
@@ -62,7 +67,9 @@ def test_mlflow_down_when_training_ends_keeps_the_model_and_the_printed_command_
         assert finished.info.status == "FINISHED"
         assert finished.data.metrics["val/nll_iwae"] == metrics["val/nll_iwae"]
         assert {a.path for a in client.list_artifacts(run_id, "plots")} >= {"plots/samples.png"}
+        assert logged_image_steps(client, run_id, GRID_KEY) == [grid["step"]]  # the grid went with the sync
         again = run([sys.executable, *shlex.split(command)[1:]], cwd=REPO)  # nothing left: no second version
         assert again.returncode == 0 and len(client.search_model_versions(f"name='{name}'")) == 1
+        assert logged_image_steps(client, run_id, GRID_KEY) == [grid["step"]]
     finally:
         srv.stop()

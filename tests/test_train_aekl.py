@@ -6,6 +6,7 @@ AutoencoderKL on 32-px crops of scikit-learn's photos, CPU."""
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from conftest import BIN, run
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from support.journal import logged_image_steps
 from support.reconstruct import reconstruct_elsewhere
 from support.training import checkpoint_tensors, in_process
 
@@ -25,6 +27,7 @@ from vae.config import load_config
 from vae.training import checkpoint
 from vae.training.preemption import PREEMPTED_EXIT
 from vae.training.trained import load_checkpoint
+from vae.training.trainer import GRID_KEY, GRIDS_DIR
 
 SIDE = 32  # px; 32 train crops in batches of 16: two optimiser steps per epoch
 
@@ -91,6 +94,10 @@ def test_aekl_every_loss_on_and_exact_sigterm_resume(tmp_path, photo_shards, vgg
     assert all(v != 0 for name in ("g_loss", "d_weight", "disc_loss") for v in logged[name][1:])
     assert all(v > 0 for v in logged["perceptual"] + logged["kl"])
     assert client.get_metric_history(meta["mlflow_run_id"], "val/psnr")[-1].value > 0
+    # each validation's grid (8 crops over their reconstructions, full resolution) in MLflow at its step
+    assert logged_image_steps(client, meta["mlflow_run_id"], GRID_KEY) == [2, 4]
+    with Image.open(tmp_path / "whole" / GRIDS_DIR / "step-000000004.png") as grid:
+        assert grid.size == (8 * (SIDE + 2) + 2, 2 * (SIDE + 2) + 2)
     lr = torch.load(whole / "optimizer_1.bin", weights_only=True)["param_groups"][0]["lr"]
     assert lr == pytest.approx(5e-4)  # loss.aekl.disc_lr
 
@@ -116,8 +123,36 @@ def validation_images(shards: Path) -> np.ndarray:
     return (np.load(shards.parent / "test.npy").transpose(0, 3, 1, 2) / 255).astype(np.float32)
 
 
+def meta_run_id(out: Path) -> str:
+    return checkpoint.read_meta(checkpoint.latest(out))["mlflow_run_id"]
+
+
+def shows_what_the_flow_and_the_demo_show(out: Path, run_id: str, metrics: dict, tracking_uri: str, capsys,
+                                          monkeypatch) -> None:
+    """The train-vae flow's report of this registered aekl run inlines its reconstruction grid, and `vaepipe demo`
+    ends with its PSNR and SSIM: both read from what the run saved, as the flow's publish task does."""
+    from flows import cli
+    from flows import train_vae as flow
+    from vae.training.finalize import load_evaluation
+
+    cfg = load_config(out / "config.yaml", ["--tracking.tracking_uri", tracking_uri])
+    saved, details, version = flow.publish.fn(cfg, run_id)  # registered already: the same version comes back
+    assert saved == metrics and int(version.version) == 1
+    markdown = flow.report(cfg, run_id, saved, details, version)
+    grid = markdown.split("![validation images (top) over their reconstructions](data:image/png;base64,", 1)[1]
+    assert base64.b64decode(grid.split(")", 1)[0]) == (out / "plots" / "reconstructions.png").read_bytes()
+    assert f"runs:/{run_id}/plots/reconstructions.png" in markdown and "no picture" not in markdown
+    assert load_evaluation(out)[1]["headline"] in markdown
+
+    monkeypatch.setattr(flow, "train_vae", lambda config: flow.outcome(run_id, saved, details, version))
+    capsys.readouterr()
+    assert cli.demo(cfg) == 0
+    printed = capsys.readouterr().out
+    assert f"final evaluation   val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.4f}" in printed
+
+
 def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_reconstructs_as_logged(
-        tmp_path, photo_shards, vgg_weights, tracking_uri):
+        tmp_path, photo_shards, vgg_weights, tracking_uri, capsys, monkeypatch):
     name = f"aekl-e2e-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "run"
     with in_process(tracking_uri):
@@ -135,10 +170,14 @@ def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_recon
                                                                 metrics["val/shift_factor"])
     with Image.open(out / "plots" / "reconstructions.png") as grid:  # 8 originals over 8 reconstructions, 32 px
         assert grid.size == (8 * (SIDE + 2) + 2, 2 * (SIDE + 2) + 2)
+    assert details["picture"]["file"] == "plots/reconstructions.png"  # what reports show of an aekl run
+    assert details["headline"].startswith(f"val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.4f}")
     client = mlflow.MlflowClient(tracking_uri)
     version = client.get_model_version_by_alias(name, "champion")
     assert int(version.version) == 1 and float(version.tags["val_psnr"]) == metrics["val/psnr"]
     assert float(version.tags["val_scaling_factor"]) == metrics["val/scaling_factor"]
+
+    shows_what_the_flow_and_the_demo_show(out, meta_run_id(out), metrics, tracking_uri, capsys, monkeypatch)
 
     dest = tmp_path / "pulled"
     result = run([str(BIN / "vaepipe"), "models", "pull", name, str(dest), "--format", "diffusers",

@@ -33,3 +33,11 @@ def sent(path: Path) -> int:
     """How many of the journal's entries the server acknowledged."""
     counter = path.with_suffix(".sent")
     return int(counter.read_text()) if counter.exists() else 0
+
+
+def logged_image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps at which run `run_id` holds an image `key`, one per complete upload (MLflow 3's log_image writes
+    images/<key, '/' as '~'>+step+<step>+timestamp+<ms>+<uuid>.png and then the same name +compressed.webp)."""
+    prefix = f"images/{key.replace('/', '~')}+step+"
+    return sorted(int(f.path.removeprefix(prefix).split("+")[0]) for f in client.list_artifacts(run_id, "images")
+                  if f.path.startswith(prefix) and f.path.endswith("+compressed.webp"))

@@ -1,7 +1,8 @@
 """Objectives: what an architecture minimises and how its model is judged, the seam between models and the trainer.
 
 - `base`: the `Objective` interface, its registry (`register_objective`, by name and by the architectures it
-  trains), `FinalEvaluation`, and the champion `Criterion` each objective names (NLL, PSNR);
+  trains), `FinalEvaluation`, the champion `Criterion` each objective names (NLL, PSNR) and the `Picture` a report
+  shows;
 - `inputs`: uint8 batches -> model inputs (binarised, dequantised, in the run's memory format);
 - `elbo/`: the ELBO family: likelihoods, ELBO and IWAE losses, evaluation (IWAE NLL, bits/dim), plots;
 - `aekl/`: LDM's autoencoder loss with its discriminator and LPIPS, evaluation (PSNR, SSIM, LPIPS, rFID, latents).
@@ -21,6 +22,7 @@ from vae.objectives.base import (
     Criterion,
     FinalEvaluation,
     Objective,
+    Picture,
     build_objective,
     objective_class,
     register_objective,
@@ -28,4 +30,4 @@ from vae.objectives.base import (
 )
 
 __all__ = ["ARCH_OBJECTIVES", "CRITERIA", "NLL", "OBJECTIVES", "PSNR", "Backward", "Criterion", "FinalEvaluation",
-           "Objective", "build_objective", "objective_class", "register_objective", "unwrap"]
+           "Objective", "Picture", "build_objective", "objective_class", "register_objective", "unwrap"]

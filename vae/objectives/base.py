@@ -7,6 +7,9 @@ metrics it logs during training and validation. The trainer does the rest for ev
 per model and its steps, the learning-rate schedule, EMA, checkpoints and exact resume. So the loop in
 vae/training/trainer.py has no branch on the architecture.
 
+At each validation the objective draws what people look at while it trains: `validation_grid`, its
+reconstructions of the first validation images, which the trainer journals as an image at that step.
+
 After training, the objective also says how its model is judged (vae/training/finish.py calls these on every
 architecture alike): `final_evaluation` (every rank, on the training devices, each its slice of the validation
 split, the sums all-reduced), `draw` (rank 0, the plots), `version_tags` (the registered version's headline
@@ -57,6 +60,13 @@ class Criterion(NamedTuple):
         """The winning version: the best score, then the lowest version (a tie keeps the earlier one)."""
         sign = -1.0 if self.higher_is_better else 1.0
         return min(scores, key=lambda v: (sign * scores[v], v))
+
+
+class Picture(NamedTuple):
+    """The one picture a report shows of a finished run: a file `draw` writes into plots/, and what it shows."""
+
+    file: str  # under plots/
+    caption: str
 
 
 NLL = Criterion("val/nll_iwae", "val_nll", higher_is_better=False)  # nats, the ELBO family's
@@ -128,6 +138,8 @@ class Objective:
 
     metrics: ClassVar[tuple[str, ...]]  # logged as train/<name>: the per-image mean of what `step` sums
     champion: ClassVar[Criterion]  # which registered version is the champion (vae/registry/versions.py)
+    picture: ClassVar[Picture | None] = None  # the plot a report shows (evaluation.json names it); None: none
+    grid_images: ClassVar[int] = 0  # the first validation images `validation_grid` draws; 0: it draws no grid
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -162,6 +174,12 @@ class Objective:
     def summary(self, val: dict[str, float]) -> str:
         """One line for the end of an epoch."""
         return ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+
+    def validation_grid(self, model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+        """Rank 0, at each validation when `grid_images` > 0: `model`'s reconstructions of `x` (the first
+        `grid_images` validation inputs, on the model's device, the same at every validation) beside them, as a PNG
+        at `path`."""
+        raise NotImplementedError
 
     def final_evaluation(self, accelerator, model: nn.Module, val_loader) -> FinalEvaluation:
         """Every rank: the figures of `model` (unwrapped, on this rank's device) over the validation split, each

@@ -8,6 +8,11 @@ in the journal and goes with a later flush, at the end of training, at a resume,
 is harmless: an entry keeps the timestamp of its first write, and MLflow stores a metric under (key, step,
 timestamp, value), ignoring an identical one logged again, so a batch whose response was lost adds nothing.
 
+Images go the same way: the trainer writes each validation's grid into the output directory and journals an
+`image` entry naming the file; sending it is `MlflowClient.log_image(..., key=, step=, timestamp=)` (the MLflow UI's
+image slider per step). MLflow names every image upload anew, so before uploading the journal asks whether the
+run already holds that key, step and timestamp, and a resend adds nothing here either.
+
 At the end of training the journal also holds a `publish` entry (register the model and evaluation kept in the
 output directory) before the final status, so one command, `python -m vae.tracking JOURNAL RUN_ID --uri URI`,
 sends the metrics, registers the model and marks the run FINISHED, in that order; the model is never registered
@@ -34,7 +39,7 @@ from typing import Any
 
 from vae.config import RunConfig
 from vae.tracking import provenance
-from vae.tracking.metrics import checked
+from vae.tracking.metrics import checked, checked_image
 from vae.tracking.store import configure, create_run, resolve_uri
 
 # Registers what a finished run left in an output directory: (output_dir, run_id, tracking uri) -> anything.
@@ -97,6 +102,13 @@ class MetricJournal:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Journal floats under the fixed names at `step`, then send what is pending unless backing off."""
         self._append({"kind": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": checked(metrics)})
+        self.flush()
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """Journal the PNG at `path` (in the output directory, where it stays) as image `key` at `step`, then send
+        what is pending unless backing off. The file itself goes when its entry is sent."""
+        self._append({"kind": "image", "key": checked_image(key), "step": int(step), "timestamp": _now_ms(),
+                      "path": str(Path(path).resolve())})
         self.flush()
 
     def set_status(self, status: str) -> None:
@@ -194,6 +206,10 @@ class MetricJournal:
                     client.set_terminated(self.run_id, first["status"], end_time=first["timestamp"])
                 self._acknowledge(1)
                 continue
+            if first["kind"] == "image":
+                self._send_image(client, first)
+                self._acknowledge(1)
+                continue
             count, metrics = 0, []
             for entry in self.pending:  # consecutive metric entries, up to the REST limit per request
                 if entry["kind"] != "metrics" or len(metrics) + len(entry["metrics"]) > BATCH_METRICS:
@@ -202,6 +218,25 @@ class MetricJournal:
                 count += 1
             client.log_batch(self.run_id, metrics=metrics)
             self._acknowledge(count)
+
+    def _send_image(self, client, entry: dict) -> None:
+        """One journaled image, with its key, step and first timestamp; nothing when MLflow holds it already (a
+        resend after a lost response) or its file is gone (no later attempt could send it, and it must not hold
+        back the entries after it)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+        from PIL import Image
+
+        path = Path(entry["path"])
+        if not path.is_file():
+            log.warning("%s: image %s of step %d is not sent: %s no longer exists", self.path, entry["key"],
+                        entry["step"], path)
+            return
+        if _image_logged(client, self.run_id, entry):
+            client.set_tag(self.run_id, MLFLOW_LOGGED_IMAGES, True)  # log_image's last request, maybe lost
+            return
+        with Image.open(path) as image:
+            client.log_image(self.run_id, image, key=entry["key"], step=entry["step"], timestamp=entry["timestamp"],
+                             synchronous=True)
 
     def _append(self, entry: dict) -> None:
         line = json.dumps(entry) + "\n"
@@ -266,6 +301,16 @@ def sync_journal(path: str | os.PathLike, run_id: str, uri: str | None = None,
     count = len(journal.pending)
     journal.send()
     return count
+
+
+def _image_logged(client, run_id: str, entry: dict) -> bool:
+    """Whether run `run_id` holds the image of a journal entry. MLflow 3's log_image uploads
+    images/<key, '/' as '~'>+step+<step>+timestamp+<ms>+<uuid>.png, then the same name +compressed.webp: the entry's
+    fixed timestamp finds a complete earlier upload (under another naming nothing is found, and a resend logs the
+    image twice)."""
+    prefix = f"images/{entry['key'].replace('/', '~')}+step+{entry['step']}+timestamp+{entry['timestamp']}+"
+    return any(f.path.startswith(prefix) and f.path.endswith("+compressed.webp")
+               for f in client.list_artifacts(run_id, "images"))
 
 
 def _now_ms() -> int:

@@ -18,6 +18,8 @@ METRICS = (
 )
 # Fixed families with one member per latent channel: val/latent_mean/0, val/latent_mean/1, ... (aekl).
 PER_CHANNEL = ("val/latent_mean/", "val/latent_std/")
+# The fixed keys of images logged per step (MLflow's image charts): the objective's grid at each validation.
+IMAGES = ("val/reconstructions",)
 
 
 
@@ -30,6 +32,12 @@ def checked(metrics: dict[str, float]) -> dict[str, float]:
                          f"nor {', '.join(f + '<channel>' for f in PER_CHANNEL)}")
     return {k: float(v) for k, v in metrics.items()}
 
+
+def checked_image(key: str) -> str:
+    """`key` when it is a fixed image key; an unknown one is a programming error, caught here."""
+    if key not in IMAGES:
+        raise ValueError(f"image key {key!r} is not among the fixed keys {IMAGES}")
+    return key
 
 
 

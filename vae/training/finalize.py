@@ -8,8 +8,8 @@ registry needs (vae/registry/publish.py takes it from there).
    rank 0 (stderr); aekl: PSNR, SSIM, LPIPS and rFID when their weights are local, the latent statistics.
 2. `save_evaluation` (rank 0): metrics.json, evaluation.json (the objective's details, why a metric is not
    finite, the model spec of the newest checkpoint with aekl's latent statistics, the champion criterion and
-   tags to register with), input_example.npy and the objective's plots/ in output_dir. From here on nothing
-   needs the data, the devices or the tracking server.
+   tags to register with, the headline and the picture a report shows), input_example.npy and the objective's
+   plots/ in output_dir. From here on nothing needs the data, the devices or the tracking server.
 3. the metrics to the run's journal, and with tracking.finalize "register" the journal's `publish` entry.
 The journal's publish entry is sent by its publisher, `vae.registry.publish.publish_run` (rank 0 through the
 journal, so a tracking server that is down costs nothing: see vae/tracking/journal.py; or the flow's publish
@@ -83,10 +83,14 @@ def save_evaluation(cfg: RunConfig, objective: Objective, result: FinalEvaluatio
     spec = checkpoint_spec(checkpoint.read_meta(newest))
     if result.latent_stats is not None:  # aekl: the exported diffusers config carries them (vae/registry/diffusers.py)
         spec = {**spec, "latent_stats": result.latent_stats}
-    champion = objective.champion
+    champion, picture = objective.champion, objective.picture
     details = {**result.details, "global_step": global_step, "nonfinite": result.nonfinite, "model_spec": spec,
                "model_name": cfg.model_name, "champion": champion.tag,
-               "tags": version_tags(cfg, result.metrics)}
+               "tags": version_tags(cfg, result.metrics),
+               # what a report shows of the run (flows/train_vae.py, `vaepipe demo`), whatever the architecture
+               "headline": result.headline,
+               "picture": None if picture is None else {"file": f"{PLOTS_DIR}/{picture.file}",
+                                                        "caption": picture.caption}}
     (run_dir / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))  # NaN stays NaN (json reads it)
     (run_dir / DETAILS_FILE).write_text(json.dumps(details, indent=2))
 

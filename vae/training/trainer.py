@@ -1,6 +1,7 @@
 """Training, decomposed as torchtitan does: a `Trainer` builds everything and knows how to step, validate, save and
-load; `train()` is the loop that calls it, top to bottom: build, resume, then per epoch train, validate,
-checkpoint, and at the end the post-training path (vae/training/finalize.py).
+load; `train()` is the loop that calls it, top to bottom: build, resume, then per epoch train, validate (the
+metrics, and the objective's reconstruction grid as an image at that step), checkpoint, and at the end the
+post-training path (vae/training/finalize.py).
 
 What is minimised is behind one seam, the run's `Objective` (vae/objectives): it names the models it trains and
 backpropagates its losses; the trainer treats every model alike. Accelerate does devices, DDP, mixed precision,
@@ -45,6 +46,8 @@ from vae.training.step_guard import DeviceStepGuard, StepGuard, masked, masked_s
 from vae.training.trained import resolve_model, spec_of
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lamb": Lamb, "muon": MuonAdamW}
+GRIDS_DIR = "validation"  # in output_dir: the objective's grid of each validation, step-<step>.png, kept for MLflow
+GRID_KEY = "val/reconstructions"  # the image key in MLflow (vae/tracking/metrics.py: IMAGES)
 
 
 
@@ -78,6 +81,7 @@ class Trainer(Checkpointing):
         self.steps_per_epoch = len(self.train_loader) // self.accumulation
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.run_id, self.journal = None, None
+        self.grid_inputs: torch.Tensor | None = None  # rank 0: the validation images of every grid, read once
         self.lr, self.grad_norms = 0.0, {}
         self._reset_running()
 
@@ -287,7 +291,25 @@ class Trainer(Checkpointing):
                       f"val {skipped['val']}; check them with `vaepipe verify {self.cfg.shard_dir}` and re-ingest",
                       flush=True)
             print(f"epoch {self.progress.epoch + 1}: {self.objective.summary(val)}", flush=True)
+            if self.objective.grid_images:
+                self.log_grid()
         return val
+
+    def log_grid(self) -> None:
+        """Rank 0: the objective's grid of the first validation images, written into the output directory and
+        journaled as an image at this step, so MLflow shows the reconstructions improve."""
+        if self.grid_inputs is None:
+            taken = []
+            for batch in self.val_loader:  # the first images of rank 0's slice, in a fixed order
+                taken.append(to_input(batch.images, self.cfg).cpu())
+                if sum(len(x) for x in taken) >= self.objective.grid_images:
+                    break
+            self.grid_inputs = torch.cat(taken)[: self.objective.grid_images]
+        step = self.progress.global_step
+        path = self.output_dir / GRIDS_DIR / f"step-{step:09d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.objective.validation_grid(self.model, self.grid_inputs.to(self.device), path)
+        self.journal.log_image(path, GRID_KEY, step)
 
     # ---- stop: preempted mid-epoch, or finished
 

@@ -28,8 +28,22 @@ from vae.objectives.aekl.losses import (
     generator_loss,
     vgg16_weights_path,
 )
-from vae.objectives.base import PSNR, Backward, FinalEvaluation, Objective, frozen, reduced, register_objective, unwrap
+from vae.objectives.base import (
+    PSNR,
+    Backward,
+    FinalEvaluation,
+    Objective,
+    Picture,
+    frozen,
+    reduced,
+    register_objective,
+    unwrap,
+)
 from vae.objectives.inputs import to_input
+
+# A validation grid holds at most this many pixels (originals and reconstructions, full resolution): 8 pairs at
+# 512 px; fewer pairs above. Each is a PNG sent to MLflow in one short request (vae/tracking/journal.py).
+GRID_PIXELS = 4 << 20
 
 
 @register_objective("aekl", archs=("aekl",))
@@ -40,6 +54,8 @@ class AeklObjective(Objective):
 
     metrics = ("loss", "recon", "perceptual", "kl", "g_loss", "d_weight", "disc_loss")
     champion = PSNR
+    picture = Picture("reconstructions.png", "validation images (top) over their reconstructions")
+    grid_images = 8
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -82,6 +98,10 @@ class AeklObjective(Objective):
 
     def summary(self, val: dict[str, float]) -> str:
         return f"val PSNR {val['val/psnr']:.2f} dB, SSIM {val['val/ssim']:.4f}"
+
+    def validation_grid(self, model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+        pairs = max(1, GRID_PIXELS // (2 * x.shape[-2] * x.shape[-1]))  # full resolution, bounded in pixels
+        return reconstruction_grid(unwrap(model), x, path, n=pairs)
 
     def final_evaluation(self, accelerator, model: nn.Module, val_loader) -> FinalEvaluation:
         """PSNR and SSIM at full resolution, LPIPS with the objective's LPIPS (or local VGG weights), rFID when
@@ -126,7 +146,7 @@ class AeklObjective(Objective):
 
     def draw(self, model: nn.Module, x: torch.Tensor, labels: np.ndarray | None, result: FinalEvaluation,
              out: Path) -> None:
-        reconstruction_grid(model, x, out / "reconstructions.png", n=8)  # full resolution
+        reconstruction_grid(model, x, out / self.picture.file, n=self.grid_images)  # full resolution
 
     @classmethod
     def version_tags(cls, metrics: dict[str, float]) -> dict[str, str]:

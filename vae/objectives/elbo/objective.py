@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vae.objectives.base import NLL, Backward, FinalEvaluation, Objective, reduced, register_objective, unwrap
+from vae.objectives.base import NLL, Backward, FinalEvaluation, Objective, Picture, reduced, register_objective, unwrap
 from vae.objectives.elbo import plots
 from vae.objectives.elbo.evaluation import evaluation_sums, evaluation_totals, rows_within, summarize, to_metrics
 from vae.objectives.elbo.losses import training_loss
@@ -24,6 +24,8 @@ class ELBOObjective(Objective):
 
     metrics = ("loss", "elbo", "recon", "kl")
     champion = NLL
+    picture = Picture("samples.png", "samples from the prior")
+    grid_images = 32  # four rows of 8 originals, each over its reconstructions
 
     def step(self, models: dict[str, nn.Module], x: torch.Tensor, step: int, backward: Backward) -> torch.Tensor:
         terms = training_loss(models["model"], x, self.cfg.loss, step)  # autocast: accelerate's forward
@@ -40,6 +42,9 @@ class ELBOObjective(Objective):
     def summary(self, val: dict[str, float]) -> str:
         return (f"val ELBO {val['val/elbo']:.3f} nats (recon {val['val/recon']:.3f}, KL {val['val/kl']:.3f}), "
                 f"recon MSE {val['val/recon_mse']:.4f}")
+
+    def validation_grid(self, model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+        return plots.reconstructions(unwrap(model).eval(), x, path, n=self.grid_images)
 
     def final_evaluation(self, accelerator, model: nn.Module, val_loader) -> FinalEvaluation:
         """ELBO, IWAE NLL (loss.eval_iwae_k), bits/dim, KL per dimension and active units (elbo/evaluation.py)."""
@@ -69,7 +74,7 @@ class ELBOObjective(Objective):
         kl = result.details["kl_per_dim"]
         by_kl = sorted(range(model.latent_size), key=lambda d: -kl[d])[:8]  # the most used dimensions
         plots.latent_scatter(mu, labels, out / "latent_scatter.png")
-        plots.samples(model, model.latent_size, out / "samples.png", seed=seed)
+        plots.samples(model, model.latent_size, out / self.picture.file, seed=seed)
         plots.temperatures(model, out / "temperatures.png", seed=seed)
         plots.reconstructions(model, x[:32], out / "reconstructions.png")
         plots.traversals(model, x[:1], by_kl, out / "traversals.png")

@@ -148,3 +148,49 @@ def test_vaepipe_encode_writes_a_latent_directory(folder, shards, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert index["format"] == "vaepipe-latents" and index["flip"] and index["splits"]["train"]["num_samples"] == 24
     assert "wrote 32 latents" in result.stdout
+
+
+@pytest.mark.parametrize("shards", ["encoded-blocks"], indirect=True)
+def test_a_registered_version_encodes_and_its_encode_run_links_model_source_and_latents(shards, tracking_uri,
+                                                                                        tmp_path):
+    """models:/NAME/VERSION: the version's diffusers folder encodes (its latent statistics in index.json), and the
+    MLflow run names the version, lists the source shards and the latent shards, and holds index.json."""
+    import uuid
+
+    import mlflow
+
+    from vae.latents.tracking import log_encode_run
+    from vae.registry.packaging import log_model
+    from vae.registry.versions import register_version
+    from vae.tracking.store import ensure_experiment
+
+    mlflow.set_tracking_uri(tracking_uri)
+    torch.manual_seed(1)
+    model = build_from_spec(SPEC).eval()
+    client = mlflow.MlflowClient(tracking_uri)
+    train_run = client.create_run(ensure_experiment("encode-test", tracking_uri)).info.run_id
+    name = f"vae-encode-{uuid.uuid4().hex[:8]}"
+    register_version(log_model(model, {**SPEC, "latent_stats": STATS}, train_run), name, 1.0, train_run)
+    encoder = load_encoder(f"models:/{name}/1", tracking_uri)
+    out = tmp_path / "latents"
+    index = encode_dataset(encoder, shards, out, EncodeOptions(splits=("test",)))
+    assert index.model == {"uri": f"models:/{name}/1", "name": name, "version": 1, "version_uri": f"models:/{name}/1"}
+    assert index.scaling_factor == 1.5
+    samples = plain_webdataset(out, "test")
+    images, _ = pipeline.read_split(shards, "test")
+    with torch.no_grad():
+        expected = model.encode_latents(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+    np.testing.assert_allclose(np.stack([s["mean.npy"] for s in samples]).astype(np.float32), expected,
+                               rtol=2e-3, atol=2e-3)
+    run_id = log_encode_run(index, out, tracking_uri)
+    run_ = client.get_run(run_id)
+    assert run_.info.status == "FINISHED"
+    assert run_.data.tags["vaepipe.model.name"] == name and run_.data.tags["vaepipe.model.version"] == "1"
+    assert run_.data.tags["vaepipe.source.index_sha256"] == pipeline.index_sha256(shards)
+    contexts = {d.dataset.name: d.tags[0].value for d in run_.inputs.dataset_inputs}
+    assert contexts == {"source-shards": "source", "latent-shards": "output"}
+    version = client.get_model_version(name, "1")
+    # a version registered with a logged model's id is linked by it too (this store's versions carry none: the tags
+    # above are the link then)
+    assert [m.model_id for m in run_.inputs.model_inputs] == ([version.model_id] if version.model_id else [])
+    assert [a.path for a in client.list_artifacts(run_id)] == ["index.json"]

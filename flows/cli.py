@@ -84,6 +84,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     latents.add_argument("--workers", type=int, default=0, help="loader processes decoding the images (0)")
     latents.add_argument("--tracking-uri", help="MLflow URI holding a models:/ MODEL (default as `vaepipe models`)")
     latents.add_argument("--overwrite", action="store_true", help="encode again into a complete OUT_DIR")
+    latents.add_argument("--no-track", action="store_true", help="record no MLflow run (experiment encode-latents)")
     return root, with_config
 
 
@@ -276,6 +277,7 @@ def verify(shard_dir: str) -> int:
 def encode(args: argparse.Namespace) -> int:
     """`vaepipe encode MODEL SHARD_DIR OUT_DIR`: 0 once index.json is written, 1 with one line on a refusal."""
     from vae.latents import EncodeOptions, encode_dataset, load_encoder  # deferred: torch, diffusers, ~4 s
+    from vae.latents.tracking import log_encode_run  # deferred: MLflow, ~1.8 s
     from vae.tracking.store import embedded_uri  # deferred: MLflow, ~1.8 s
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or serve.served_mlflow_url() or embedded_uri()
@@ -289,6 +291,8 @@ def encode(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     total = sum(split.num_samples for split in index.splits.values())
+    if not args.no_track:
+        print(f"MLflow run {log_encode_run(index, args.out_dir, uri)} at {uri} (experiment encode-latents)")
     print(f"wrote {total} latents {tuple(index.latent_shape)} {index.dtype} into {args.out_dir} "
           f"(scaling_factor {index.scaling_factor}, shift_factor {index.shift_factor})")
     return 0

@@ -5,6 +5,7 @@ a killed encode resumes keeping its finished groups."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -140,14 +141,18 @@ def test_a_killed_encode_leaves_no_index_and_resumes_keeping_finished_groups(fol
 
 
 @pytest.mark.parametrize("shards", ["encoded-blocks"], indirect=True)
-def test_vaepipe_encode_writes_a_latent_directory(folder, shards, tmp_path):
+def test_vaepipe_encode_writes_a_latent_directory_and_an_mlflow_run(folder, shards, tmp_path):
     out = tmp_path / "latents"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = run([str(BIN / "vaepipe"), "encode", str(folder), str(shards), str(out), "--samples-per-shard", "16",
-                  "--flip"], timeout=300)
+                  "--flip"], env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     index = json.loads((out / "index.json").read_text())
     assert index["format"] == "vaepipe-latents" and index["flip"] and index["splits"]["train"]["num_samples"] == 24
-    assert "wrote 32 latents" in result.stdout
+    assert "wrote 32 latents" in result.stdout and "(experiment encode-latents)" in result.stdout
+    again = run([str(BIN / "vaepipe"), "encode", str(folder), str(shards), str(out), "--no-track"], env=env,
+                timeout=300)
+    assert again.returncode == 1 and "already holds a complete latent directory" in again.stderr
 
 
 @pytest.mark.parametrize("shards", ["encoded-blocks"], indirect=True)

@@ -199,3 +199,19 @@ def test_a_registered_version_encodes_and_its_encode_run_links_model_source_and_
     # above are the link then)
     assert [m.model_id for m in run_.inputs.model_inputs] == ([version.model_id] if version.model_id else [])
     assert [a.path for a in client.list_artifacts(run_id)] == ["index.json"]
+
+
+@pytest.mark.parametrize("shards", ["encoded-blocks"], indirect=True)
+def test_the_encode_latents_flow_writes_the_directory_and_rewrites_it_byte_for_byte(folder, shards, tmp_path,
+                                                                                    monkeypatch, prefect_api):
+    """The flow, run in this process against the session's Prefect server: a task per group, index.json last; an
+    encode is reproducible, so a rerun with overwrite gives the same shards (same sha256)."""
+    from flows.encode_latents import encode_latents
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "latents"
+    options = EncodeOptions(samples_per_shard=10)
+    index = encode_latents(str(folder), str(shards), str(out), options, track=False)
+    assert index["splits"]["train"]["num_samples"] == 24 and len(index["splits"]["train"]["shards"]) == 3
+    again = encode_latents(str(folder), str(shards), str(out), options, overwrite=True, track=False)
+    assert again["splits"] == index["splits"]

@@ -10,9 +10,9 @@ Owns encoding a dataset into latents. Imports the registry (to pull a registered
 pipeline's public API (the shard index and `open_loader`); nothing imports it but the flows and entry points.
 """
 
-from vae.latents.encode import EncodeOptions, encode_dataset, finalize_encode, plan_encode
+from vae.latents.encode import EncodeJob, EncodeOptions, encode_dataset, finalize_encode, plan_encode
 from vae.latents.format import LatentIndex, read_index, restored
 from vae.latents.model import Encoder, load_encoder
 
-__all__ = ["EncodeOptions", "Encoder", "LatentIndex", "encode_dataset", "finalize_encode", "load_encoder",
+__all__ = ["EncodeJob", "EncodeOptions", "Encoder", "LatentIndex", "encode_dataset", "finalize_encode", "load_encoder",
            "plan_encode", "read_index", "restored"]

@@ -16,6 +16,7 @@ import math
 import os
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -259,25 +260,52 @@ def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str
     return latent
 
 
+@dataclass
+class EncodeJob:
+    """One encode, prepared: what every group needs. `groups(rank, world_size)` are a rank's, `run(group)` encodes
+    one (or keeps it), `finalize()` writes index.json once all are done. The flow runs a task per group."""
+
+    encoder: Encoder
+    shard_dir: str | os.PathLike
+    out_dir: Path
+    options: EncodeOptions
+    index: pipeline.ShardIndex
+    source_sha: str
+    _keys: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                options: EncodeOptions | None = None, overwrite: bool = False, rank: int = 0) -> EncodeJob:
+        """Read the source index, check the output directory (rank 0) and the image size; move the encoder to its
+        device."""
+        options = options or EncodeOptions()
+        job = cls(encoder, shard_dir, Path(out_dir), options, pipeline.read_index(shard_dir),
+                  pipeline.index_sha256(shard_dir))
+        if rank == 0:
+            check_out_dir(job.out_dir, overwrite)
+        latent_shape(encoder, job.index, options)  # refuse an indivisible size before any work
+        encoder.vae.to(options.device)
+        return job
+
+    def groups(self, rank: int = 0, world_size: int = 1) -> list[Group]:
+        return plan_encode(self.index, self.options)[rank::world_size]
+
+    def run(self, group: Group) -> GroupDone:
+        if group.split not in self._keys:
+            self._keys[group.split] = source_keys(self.shard_dir, self.index, group.split)
+        return encode_group(self.encoder, self.shard_dir, self.out_dir, group, self._keys[group.split], self.options,
+                            fingerprint(self.encoder, self.source_sha, self.options, group))
+
+    def finalize(self) -> LatentIndex:
+        return finalize_encode(self.encoder, self.shard_dir, self.out_dir, self.index, self.source_sha, self.options)
+
+
 def encode_dataset(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    options: EncodeOptions | None = None, *, rank: int = 0, world_size: int = 1,
                    overwrite: bool = False, finalize: bool = True) -> LatentIndex | None:
     """Encode this rank's groups of `shard_dir` into `out_dir`; with finalize (one rank, or rank 0 after all
     ranks are done) write index.json. Returns the index, or None when not finalized."""
-    options = options or EncodeOptions()
-    out_dir = Path(out_dir)
-    index = pipeline.read_index(shard_dir)
-    source_sha = pipeline.index_sha256(shard_dir)
-    if rank == 0:
-        check_out_dir(out_dir, overwrite)
-    latent_shape(encoder, index, options)  # refuse an indivisible size before any work
-    encoder.vae.to(options.device)
-    keys: dict[str, list[str]] = {}
-    for group in plan_encode(index, options)[rank::world_size]:
-        if group.split not in keys:
-            keys[group.split] = source_keys(shard_dir, index, group.split)
-        encode_group(encoder, shard_dir, out_dir, group, keys[group.split], options,
-                     fingerprint(encoder, source_sha, options, group))
-    if not finalize:
-        return None
-    return finalize_encode(encoder, shard_dir, out_dir, index, source_sha, options)
+    job = EncodeJob.prepare(encoder, shard_dir, out_dir, options, overwrite, rank)
+    for group in job.groups(rank, world_size):
+        job.run(group)
+    return job.finalize() if finalize else None

@@ -276,7 +276,8 @@ def verify(shard_dir: str) -> int:
 
 def encode(args: argparse.Namespace) -> int:
     """`vaepipe encode MODEL SHARD_DIR OUT_DIR`: 0 once index.json is written, 1 with one line on a refusal."""
-    from vae.latents import EncodeOptions, encode_dataset, load_encoder  # deferred: torch, diffusers, ~4 s
+    from vae.latents import EncodeOptions, load_encoder  # deferred: torch, diffusers, ~4 s
+    from vae.latents.ranks import encode_on_ranks  # deferred: as above
     from vae.latents.tracking import log_encode_run  # deferred: MLflow, ~1.8 s
     from vae.tracking.store import embedded_uri  # deferred: MLflow, ~1.8 s
 
@@ -285,11 +286,13 @@ def encode(args: argparse.Namespace) -> int:
         options = EncodeOptions(splits=args.splits, dtype=args.dtype, flip=args.flip, crop_size=args.crop_size,
                                 samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
                                 device=args.device, precision=args.precision, workers=args.workers)
-        index = encode_dataset(load_encoder(args.model, uri), args.shard_dir, args.out_dir, options,
-                               overwrite=args.overwrite)
+        # under `accelerate launch`, each rank encodes its groups; rank 0 writes index.json and returns it
+        index = encode_on_ranks(load_encoder(args.model, uri), args.shard_dir, args.out_dir, options, args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # pydantic's ValidationError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if index is None:  # a rank other than 0: rank 0 reports
+        return 0
     total = sum(split.num_samples for split in index.splits.values())
     if not args.no_track:
         print(f"MLflow run {log_encode_run(index, args.out_dir, uri)} at {uri} (experiment encode-latents)")

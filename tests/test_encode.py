@@ -215,3 +215,30 @@ def test_the_encode_latents_flow_writes_the_directory_and_rewrites_it_byte_for_b
     assert index["splits"]["train"]["num_samples"] == 24 and len(index["splits"]["train"]["shards"]) == 3
     again = encode_latents(str(folder), str(shards), str(out), options, overwrite=True, track=False)
     assert again["splits"] == index["splits"]
+
+
+@pytest.mark.parametrize("shards", ["encoded"], indirect=True)
+def test_two_accelerate_ranks_encode_each_image_once_as_one_process_does(folder, shards, tmp_path):
+    """`accelerate launch vaepipe encode` on two CPU ranks (gloo): each rank its groups, rank 0 the index; the
+    same samples as one process, with the same means up to fp16 rounding (accelerate gives each CPU rank one
+    thread, and the convolutions then sum in another order: a value may round to the next fp16)."""
+    from conftest import free_port
+
+    alone = encode_dataset(load_encoder(str(folder)), shards, tmp_path / "alone", EncodeOptions(samples_per_shard=7))
+    out = tmp_path / "ranks"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    result = run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                  str(BIN / "vaepipe"), "encode", str(folder), str(shards), str(out), "--samples-per-shard", "7",
+                  "--no-track"], env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("wrote 32 latents") == 1  # rank 0 alone reports
+    index = read_index(out)
+    for split in ("train", "test"):
+        assert ([(s.name, s.num_samples) for s in index.splits[split].shards]
+                == [(s.name, s.num_samples) for s in alone.splits[split].shards])
+        ours, theirs = plain_webdataset(out, split), plain_webdataset(tmp_path / "alone", split)
+        assert [(s["__key__"], s["key.txt"], s["cls"]) for s in ours] == [
+            (s["__key__"], s["key.txt"], s["cls"]) for s in theirs]
+        np.testing.assert_allclose(np.stack([s["mean.npy"] for s in ours]).astype(np.float32),
+                                   np.stack([s["mean.npy"] for s in theirs]).astype(np.float32), rtol=2e-3, atol=2e-3)

@@ -4,7 +4,9 @@
 - `format`: the latent shard format (one WebDataset sample per image: mean, std, key, label, an optional
   mirrored twin) and its `index.json`;
 - `encode`: the plan (groups of exact image ranges), a group's encode and resume, and the finalize that writes
-  `index.json` last.
+  `index.json` last;
+- `ranks`: the same on many ranks under Accelerate; `tracking`: the encode as an MLflow run (model version, source
+  and latent shards as datasets).
 
 Owns encoding a dataset into latents. Imports the registry (to pull a registered model's diffusers folder) and
 pipeline's public API (the shard index and `open_loader`); nothing imports it but the flows and entry points.

@@ -140,6 +140,40 @@ def test_a_killed_encode_leaves_no_index_and_resumes_keeping_finished_groups(fol
         encode_dataset(encoder, shards, out, options)
 
 
+@pytest.mark.parametrize("shards", ["encoded"], indirect=True)
+def test_a_kill_inside_the_first_group_resumes_and_foreign_or_unfit_input_is_refused(folder, shards, tmp_path,
+                                                                                    digits_shards):
+    encoder = load_encoder(str(folder))
+    out = tmp_path / "latents"
+    real = encode_module.npy_bytes
+    calls = []
+
+    def dies_midway(array):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # inside group 0: its shard is half written under a temporary name
+        return real(array)
+
+    encode_module.npy_bytes = dies_midway
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            encode_dataset(encoder, shards, out, EncodeOptions(samples_per_shard=8))
+    finally:
+        encode_module.npy_bytes = real
+    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
+    index = encode_dataset(encoder, shards, out, EncodeOptions(samples_per_shard=8))
+    assert index.splits["train"].num_samples == 24
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files no encode of vaepipe wrote"):
+        encode_dataset(encoder, shards, foreign)
+    with pytest.raises(ValueError, match="1-channel images, the model encodes 3"):
+        encode_dataset(encoder, digits_shards, tmp_path / "digits")
+    with pytest.raises(ValueError, match="do not divide by the model's downsampling factor 4"):
+        encode_dataset(encoder, shards, tmp_path / "odd", EncodeOptions(crop_size=(78, 78)))
+
+
 @pytest.mark.parametrize("shards", ["encoded-blocks"], indirect=True)
 def test_vaepipe_encode_writes_a_latent_directory_and_an_mlflow_run(folder, shards, tmp_path):
     out = tmp_path / "latents"

@@ -187,7 +187,6 @@ def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | 
     info = LatentShard(name=group.shard_name, num_samples=group.stop - group.start, bytes=shard.stat().st_size,
                        sha256=_sha256(shard))
     done = GroupDone(group=group, fingerprint=expected, shard=info, max_label=max(labels, default=-1))
-    (out_dir / MARKERS).mkdir(exist_ok=True)
     marker_tmp = out_dir / f"{group.marker}.tmp"
     marker_tmp.write_text(done.model_dump_json())
     os.replace(marker_tmp, out_dir / group.marker)
@@ -195,7 +194,9 @@ def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | 
 
 
 def latent_shape(encoder: Encoder, index: pipeline.ShardIndex, options: EncodeOptions) -> tuple[int, int, int]:
-    h, w, _ = index.image_shape
+    h, w, c = index.image_shape
+    if c != encoder.vae.config.in_channels:
+        raise ValueError(f"the shards hold {c}-channel images, the model encodes {encoder.vae.config.in_channels}")
     h, w = options.crop_size or (h, w)
     f = encoder.factor
     if h % f or w % f:
@@ -213,10 +214,10 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir} already holds a complete latent directory; give a new OUT_DIR or "
                                   "--overwrite to encode it again")
         (out_dir / INDEX_NAME).unlink()
-        return
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKERS).is_dir():
+    elif out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKERS).is_dir():
         raise FileExistsError(f"{out_dir} holds files no encode of vaepipe wrote; give a new or empty OUT_DIR")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # made before any shard is written: a run killed inside its first group is still known as ours
+    (out_dir / MARKERS).mkdir(parents=True, exist_ok=True)
 
 
 def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -1,4 +1,4 @@
-"""The `vaepipe` command: demo, ingest, serve, status, models, train, verify.
+"""The `vaepipe` command: demo, ingest, encode, serve, status, models, train, verify.
 
 Config fields are overridden as `--section.field VALUE` after the command (`vaepipe demo --train.epochs 3`);
 an invalid config stops with the field and the allowed values, exit status 2. `vaepipe ingest` also stops with
@@ -62,6 +62,29 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     )
     check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
     add_models_command(commands)
+    latents = commands.add_parser(
+        "encode", help="encode a shard directory into latent shards with an aekl model",
+        description="Encode every image of SHARD_DIR (each once) with MODEL into latent shards in OUT_DIR: per image "
+        "the posterior's mean and std, key and label; index.json, written last, records the model, the source "
+        "index's sha256, dtype, shape, scaling_factor and shift_factor. A killed encode resumes, keeping finished "
+        "shards.",
+    )
+    latents.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a diffusers folder")
+    latents.add_argument("shard_dir", help="a complete shard directory (vaepipe ingest)")
+    latents.add_argument("out_dir", type=Path, help="where the latent shards go (new, empty, or an interrupted encode)")
+    latents.add_argument("--split", action="append", dest="splits", help="a split to encode (repeat; default all)")
+    latents.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                         help="stored dtype of mean and std (bfloat16 as raw uint16 bits; default float16)")
+    latents.add_argument("--flip", action="store_true", help="also store each image's mirrored twin")
+    latents.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"), help="centre crop before encoding")
+    latents.add_argument("--samples-per-shard", type=int, default=4096, help="images per latent shard (4096)")
+    latents.add_argument("--batch-size", type=int, default=32, help="images per forward pass (32)")
+    latents.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    latents.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder compute")
+    latents.add_argument("--workers", type=int, default=0, help="loader processes decoding the images (0)")
+    latents.add_argument("--tracking-uri", help="MLflow URI holding a models:/ MODEL (default as `vaepipe models`)")
+    latents.add_argument("--overwrite", action="store_true", help="encode again into a complete OUT_DIR")
+    latents.add_argument("--no-track", action="store_true", help="record no MLflow run (experiment encode-latents)")
     return root, with_config
 
 
@@ -252,6 +275,33 @@ def verify(shard_dir: str) -> int:
     return 0
 
 
+def encode(args: argparse.Namespace) -> int:
+    """`vaepipe encode MODEL SHARD_DIR OUT_DIR`: 0 once index.json is written, 1 with one line on a refusal."""
+    from vae.latents import EncodeOptions, load_encoder  # deferred: torch, diffusers, ~4 s
+    from vae.latents.ranks import encode_on_ranks  # deferred: as above
+    from vae.latents.tracking import log_encode_run  # deferred: MLflow, ~1.8 s
+    from vae.tracking.store import embedded_uri  # deferred: MLflow, ~1.8 s
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or serve.served_mlflow_url() or embedded_uri()
+    try:
+        options = EncodeOptions(splits=args.splits, dtype=args.dtype, flip=args.flip, crop_size=args.crop_size,
+                                samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
+                                device=args.device, precision=args.precision, workers=args.workers)
+        # under `accelerate launch`, each rank encodes its groups; rank 0 writes index.json and returns it
+        index = encode_on_ranks(load_encoder(args.model, uri), args.shard_dir, args.out_dir, options, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # pydantic's ValidationError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if index is None:  # a rank other than 0: rank 0 reports
+        return 0
+    total = sum(split.num_samples for split in index.splits.values())
+    if not args.no_track:
+        print(f"MLflow run {log_encode_run(index, args.out_dir, uri)} at {uri} (experiment encode-latents)")
+    print(f"wrote {total} latents {tuple(index.latent_shape)} {index.dtype} into {args.out_dir} "
+          f"(scaling_factor {index.scaling_factor}, shift_factor {index.shift_factor})")
+    return 0
+
+
 def start_or_stop_serving(args: argparse.Namespace) -> int:
     """`vaepipe serve`, or `vaepipe serve --stop`."""
     if args.stop:
@@ -274,6 +324,7 @@ class FlowCommand(NamedTuple):
 
 # the commands that take no config overrides (anything left over on their command line is an error) ...
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "encode": encode,
     "models": models,
     "serve": start_or_stop_serving,
     "status": lambda args: serve.status(),

@@ -79,7 +79,7 @@ class GroupProgress:
     """Shard groups landed, as the progress artifact `artifact_id` (0-100) and, on a terminal, a tqdm bar.
 
     A group weighs its input count, so the bar's rate is images/s; a source that cannot count its inputs
-    (one group per split) weighs 1 per group.
+    (one group per split, or per part of it) weighs 1 per group.
     """
 
     def __init__(self, plan: pipeline.IngestPlan, artifact_id: UUID | None, loggers: list | None = None) -> None:

@@ -78,7 +78,7 @@ def test_webdataset_shards_in_any_order_give_the_same_split_with_captions_and_sk
     first = pipeline.ingest("webdataset", {"urls": tars}, tmp_path / "a", samples_per_shard=8, block_size=4,
                             **settings)
     again = pipeline.ingest("webdataset", {"urls": tars[::-1], "use_stats": False}, tmp_path / "b",
-                            samples_per_shard=16, block_size=2, **settings)  # shards reversed, read by one task
+                            samples_per_shard=16, block_size=2, **settings)  # shards reversed, a task per tar
     good = [w for i, w in enumerate(written) if i != 5]
     for index, out in ((first, tmp_path / "a"), (again, tmp_path / "b")):
         assert index.splits["test"].captions and index.splits["train"].captions

@@ -1,6 +1,7 @@
 """The `webdataset` source on shards written here in img2dataset's layout (tests/support/img2dataset.py) from real
-photographs: ingest end to end, parallel groups from the stats files, a corrupt member, a truncated tar, patterns
-that name no shard, brace expansion and splits, and shards in a moto S3 bucket."""
+photographs: ingest end to end, parallel groups from the stats files or a task per tar without them (the same
+splits either way, resumable), a corrupt member, a truncated tar, patterns that name no shard, brace expansion
+and splits, and shards in a moto S3 bucket."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from support.img2dataset import jpeg, photos, write_img2dataset
 
 import pipeline
 from pipeline import IngestSection, SourceError
+from pipeline.ingestion import group as group_module
+from pipeline.ingestion import plan as plan_module
+from pipeline.ingestion.plan import PART_SHARDS
 from pipeline.sources import available_sources, get_source_class
 from pipeline.sources.webdataset import Shard, WebDatasetSource
 
@@ -156,18 +160,102 @@ def test_stats_give_counts_so_groups_run_in_parallel_and_read_only_their_shards(
     assert _stored_keys(tmp_path / "shards") == everything and index.splits["train"].num_samples == N
 
 
-def test_without_stats_the_split_is_one_task(tmp_path, images, caplog):
+def test_without_stats_each_input_tar_is_one_task_writing_its_own_shards(tmp_path, images, caplog):
     src = tmp_path / "i2d"
-    written = write_img2dataset(src, images[:9], stats=False)
-    source = pipeline.build_source("webdataset", {"urls": str(src)})
+    written = write_img2dataset(src, images, stats=False)  # 3 tars of 7, 6 and 7 images
+    tars = sorted(str(p) for p in src.glob("*.tar"))
+    options = {"urls": str(src)}
+    source = pipeline.build_source("webdataset", options)
     with caplog.at_level(logging.INFO, logger="pipeline.sources.webdataset"):
         assert source.num_records("train") is None
-    assert "have no img2dataset _stats.json" in caplog.text
-    options = {"urls": str(src)}
+    assert "have no img2dataset _stats.json" in caplog.text and "one task per shard" in caplog.text
+    assert source.parts("train") == tars
+    assert [r.key for t in tars for r in source.part_records("train", t)] == [w.key for w in written]
     plan = pipeline.plan_ingest("webdataset", options, tmp_path / "shards", IngestSection(samples_per_shard=4))
-    assert [(g.start, g.stop) for g in plan.groups] == [(0, None)]
-    pipeline.ingest("webdataset", options, tmp_path / "shards", samples_per_shard=4, progress=False)
-    assert _stored_keys(tmp_path / "shards") == [w.key for w in written]
+    assert [(g.group, g.part, g.start, g.stop, g.first_shard) for g in plan.groups] == [
+        (g, t, 0, None, g * PART_SHARDS) for g, t in enumerate(tars)]
+    index = pipeline.ingest("webdataset", options, tmp_path / "shards", samples_per_shard=4, progress=False)
+    assert pipeline.read_captions(tmp_path / "shards", "train") == [(w.key, w.caption) for w in written]
+    assert [(s.name, s.num_samples) for s in index.splits["train"].shards] == [  # each tar's own shards, in order
+        ("train-000000.tar", 4), ("train-000001.tar", 3), ("train-001000.tar", 4), ("train-001001.tar", 2),
+        ("train-002000.tar", 4), ("train-002001.tar", 3)]
+    images_back, _ = pipeline.read_split(tmp_path / "shards", "train")
+    np.testing.assert_array_equal(images_back, np.stack([_decoded(w.jpg) for w in written]))
+    with pytest.raises(SourceError, match="has no shard .*gone.tar"):
+        list(source.part_records("train", str(src / "gone.tar")))
+
+
+def _summary(index, shard_dir) -> dict:
+    """What an ingest gives, whatever its groups: per split the count, skips and (key, caption) in order."""
+    return {split: (info.num_samples, info.skipped, pipeline.read_captions(shard_dir, split))
+            for split, info in index.splits.items()}
+
+
+def test_one_task_or_one_per_tar_or_counted_groups_give_the_same_splits(tmp_path, images, monkeypatch):
+    """Stats (counted groups of 4 images), no stats (a task per tar) and no stats read whole (one task, as for a
+    source that names no parts): the same images, keys, captions and skips in each split, held out by key."""
+    src = tmp_path / "i2d"
+    write_img2dataset(src, [im[::4, ::4] for im in images], replace={9: b"not a jpeg"})
+    bare = tmp_path / "bare"  # the same tars, without their stats
+    bare.mkdir()
+    for tar in src.glob("*.tar"):
+        (bare / tar.name).write_bytes(tar.read_bytes())
+    settings = {"samples_per_shard": 4, "block_size": 2, "test_fraction": 0.3, "test_seed": 3,
+                "max_skip_fraction": 0.1, "progress": False}
+    counted = pipeline.ingest("webdataset", {"urls": str(src)}, tmp_path / "counted", **settings)
+    per_tar = pipeline.ingest("webdataset", {"urls": str(bare)}, tmp_path / "per-tar", **settings)
+    again = pipeline.ingest("webdataset", {"urls": str(bare)}, tmp_path / "again", **settings)
+    times = {"created": True, "splits": {"__all__": {"shards": {"__all__": {"sha256", "bytes"}}}}}  # tars hold one
+    assert again.model_dump(exclude=times) == per_tar.model_dump(exclude=times)  # deterministic
+    monkeypatch.setattr(WebDatasetSource, "parts", lambda self, split: [])
+    plan = pipeline.plan_ingest("webdataset", {"urls": str(bare)}, tmp_path / "one",
+                                IngestSection(**{k: v for k, v in settings.items() if k != "progress"}))
+    assert [(g.part, g.stop) for g in plan.groups] == [(None, None)]
+    whole = pipeline.ingest("webdataset", {"urls": str(bare)}, tmp_path / "one", **settings)
+    expected = _summary(counted, tmp_path / "counted")
+    assert set(expected) == {"train", "test"} and expected["train"][0] + expected["test"][0] == N - 1
+    assert _summary(per_tar, tmp_path / "per-tar") == expected
+    assert _summary(whole, tmp_path / "one") == expected
+
+
+def test_a_killed_ingest_of_tars_without_stats_keeps_the_finished_ones(tmp_path, images, monkeypatch):
+    from pipeline import shards
+
+    src = tmp_path / "i2d"
+    written = write_img2dataset(src, images, stats=False)
+    real, calls = shards.SplitWriter, []
+
+    def dies_on_third_tar(*args, **kwargs):
+        calls.append(args[1:3])  # (split, first shard)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the ingest is killed while writing its third input tar's shards
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "SplitWriter", dies_on_third_tar)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.ingest("webdataset", {"urls": str(src)}, tmp_path / "shards", samples_per_shard=4, progress=False)
+    assert not (tmp_path / "shards" / "index.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("train-*.tar")}
+    assert sorted(finished) == ["train-000000.tar", "train-000001.tar", "train-001000.tar", "train-001001.tar"]
+    calls.clear()
+    monkeypatch.setattr(shards, "SplitWriter", lambda *a, **k: (calls.append(a[1:3]), real(*a, **k))[1])
+    index = pipeline.ingest("webdataset", {"urls": str(src)}, tmp_path / "shards", samples_per_shard=4,
+                            progress=False)
+    assert calls == [("train", 2 * PART_SHARDS)]  # only the third tar was written again
+    assert {n: (tmp_path / "shards" / n).stat().st_mtime_ns for n in finished} == finished
+    assert index.splits["train"].num_samples == N
+    assert pipeline.read_captions(tmp_path / "shards", "train") == [(w.key, w.caption) for w in written]
+
+
+def test_a_tar_that_fills_more_than_its_shard_numbers_stops_before_the_next_ones(tmp_path, images, monkeypatch):
+    src = tmp_path / "i2d"
+    write_img2dataset(src, images, stats=False)
+    monkeypatch.setattr(plan_module, "PART_SHARDS", 1)
+    monkeypatch.setattr(group_module, "PART_SHARDS", 1)
+    with pytest.raises(SourceError, match=r"part .*00000.tar of split 'train' holds more images than its 1 shards "
+                                          r"of 4 in split 'train': raise ingest.samples_per_shard"):
+        pipeline.ingest("webdataset", {"urls": str(src)}, tmp_path / "shards", samples_per_shard=4, progress=False)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["train-000000.tar"]
 
 
 def test_a_member_that_does_not_decode_is_skipped_naming_its_shard_and_key(tmp_path, images):

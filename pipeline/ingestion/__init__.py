@@ -5,7 +5,8 @@ The steps are separate functions, one module each, so that a Prefect flow can fa
 0. `prepare_dir` (`prepare.py`, once, under the directory's lock): reuse a complete directory of this source, else
    make it ready, refusing one that holds files this project did not write.
 1. `plan_ingest` (`plan.py`, once): the splits, the target image shape and the layout, and per split the *shard
-   groups*: record ranges of `shards_per_task * samples_per_shard` inputs each.
+   groups*: record ranges of `shards_per_task * samples_per_shard` inputs each, or, for a split the source cannot
+   count, one group per part it names (`Source.parts`: its input files).
 2. `write_group` (`group.py`, one task per group, on any worker): its records -> conformed images -> its shards
    and a marker listing them; a re-run keeps the groups a previous run finished intact.
 3. `finalize_ingest` (`finalize.py`, once): merge the groups, write the skip report, remove stray shards of ours,

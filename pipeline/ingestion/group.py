@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline import ownership, shards
 from pipeline.conform import conform
 from pipeline.errors import SourceError
-from pipeline.ingestion.plan import GroupTask, IngestPlan
+from pipeline.ingestion.plan import PART_SHARDS, GroupTask, IngestPlan
 from pipeline.ownership import MARKERS
 from pipeline.records import Record, Rejected
 from pipeline.settings import SHARD_FIELDS
@@ -67,8 +68,9 @@ class GroupResult(BaseModel):
 def _fingerprint(plan: IngestPlan, task: GroupTask) -> str:
     """What a group's shards depend on; a marker with another fingerprint is stale."""
     settings = plan.options.model_dump(mode="json", include=SHARD_FIELDS)
+    # exclude_defaults: a task without a part hashes as it did before GroupTask had one, so markers stay valid
     data = {"source": plan.source, "options": settings, "shard": plan.shard.model_dump(mode="json"),
-            "task": task.model_dump(mode="json")}
+            "task": task.model_dump(mode="json", exclude_defaults=True)}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -123,15 +125,25 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
     for split in outputs:
         _clear_range(location, split, task, plan.options.shards_per_task)
     source = build_source(plan.source["name"], plan.source["config"], plan.options.max_pixels)
-    items = source.records(task.split, task.start, task.stop)
+    if task.part is None:
+        items = source.records(task.split, task.start, task.stop)
+    else:
+        items = source.part_records(task.split, task.part)
     total = None if task.stop is None else task.stop - task.start
     items = tqdm(items, desc=f"ingest {task.split}/{task.group}", unit="img", total=total, disable=not progress)
     skipped: list[Skip] = []
+    first, stop = shard_range(task, plan.options.shards_per_task)
+    room = None if stop is None else (stop - first) * plan.shard.samples_per_shard  # images per split
+    written = Counter()
     with ExitStack() as stack:
         sinks = {split: stack.enter_context(shards.SplitWriter(location, split, task.first_shard, plan.shard))
                  for split in outputs}
         for record in _conformed(items, plan, task.split, skipped):
-            sinks[plan.split_of(task.split, record.key)].add(record)
+            split = plan.split_of(task.split, record.key)
+            written[split] += 1
+            if room is not None and written[split] > room:
+                raise _overflow(task, split, stop - first, plan.shard.samples_per_shard)
+            sinks[split].add(record)
     parts = [Part(split=split, **vars(sink.written)) for split, sink in sinks.items()]
     result = GroupResult(task=task, fingerprint=fingerprint, parts=parts, skipped=skipped)
     location.write_text(marker_name(task), result.model_dump_json())
@@ -141,9 +153,20 @@ def write_group(plan: IngestPlan, task: GroupTask, progress: bool = False) -> Gr
 
 
 def shard_range(task: GroupTask, shards_per_task: int) -> tuple[int, int | None]:
-    """The shard numbers a group may write, in each split it writes: `shards_per_task` of them, or any from its
-    first (an uncounted split's one group writes as many as its inputs fill)."""
+    """The shard numbers a group may write, in each split it writes: `shards_per_task` of them, `PART_SHARDS` for
+    a part of an uncounted split, or any from its first (an uncounted split's one group writes as many as its
+    inputs fill)."""
+    if task.part is not None:
+        return task.first_shard, task.first_shard + PART_SHARDS
     return task.first_shard, None if task.stop is None else task.first_shard + shards_per_task
+
+
+def _overflow(task: GroupTask, split: str, room: int, per_shard: int) -> SourceError:
+    """A group that would write past its shard numbers, into the next group's."""
+    return SourceError(
+        f"part {task.part} of split {task.split!r} holds more images than its {room} shards of {per_shard} in "
+        f"split {split!r}: raise ingest.samples_per_shard, or split the input file"
+    )
 
 
 def _clear_range(location: Location, split: str, task: GroupTask, shards_per_task: int) -> None:

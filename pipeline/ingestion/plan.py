@@ -1,6 +1,7 @@
 """Step 1 of an ingest, once: `plan_ingest` decides the splits, the target image shape (the config's, or the most
 common among the inputs), the layout, the samples per shard, and per split the shard groups, record ranges of
-`shards_per_task * samples_per_shard` inputs that one task each writes.
+`shards_per_task * samples_per_shard` inputs that one task each writes. A split the source cannot count is
+written by one task per part the source names (`Source.parts`: its input files), else by one task.
 
 A split held out by ingest.test_fraction has no groups of its own: each group of the split it is taken from
 writes both, routing every input by its key (`pipeline.shards.HeldOut`), so each input is read and decoded once."""
@@ -30,16 +31,21 @@ log = logging.getLogger(__name__)
 ESTIMATE_SAMPLES = 32  # encoded images whose size sets the samples per shard (the largest, so shards stay under)
 TAR_FRAMING = 2048  # a sample's tar headers and padding: about 3 members of 512 + padding
 TAR_RECORD = 10240  # tar's record: a file's size is a multiple of it
+# shard numbers of each part of an uncounted split: part g writes shards g * PART_SHARDS on, as many as it fills
+# (unknown when planned) up to this many; at 8192 images or 256 MB a shard, far more than one input file holds
+PART_SHARDS = 1000
 
 
 class GroupTask(BaseModel, frozen=True):
-    """One shard group: the inputs [start, stop) of a split, written as shards from number `first_shard` on."""
+    """One shard group: the inputs [start, stop) of a split, or all of one of its parts, written as shards from
+    number `first_shard` on."""
 
     split: str
     group: int
     start: int
-    stop: int | None  # None: to the end of the split (a source that cannot count its inputs)
+    stop: int | None  # None: to the end of the split, or of the part (a source that cannot count its inputs)
     first_shard: int
+    part: str | None = None  # the part of an uncounted split (`Source.parts`) this group reads, start=0, stop=None
 
 
 class IngestPlan(BaseModel, frozen=True):
@@ -111,9 +117,7 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         count = source.num_records(split)
         if count == 0:
             raise SourceError(f"split {split!r} of source {name!r} has no inputs; check the source's path and options")
-        bounds = [(0, None)] if count is None else [(a, min(a + per_group, count)) for a in range(0, count, per_group)]
-        for g, (start, stop) in enumerate(bounds):
-            groups.append(GroupTask(split=split, group=g, start=start, stop=stop, first_shard=g * opts.shards_per_task))
+        groups += _split_groups(source, split, count, per_group, opts.shards_per_task)
     return IngestPlan(
         source=source_record(name, options),
         out=str(Location(out_dir, opts.storage_options)),
@@ -127,6 +131,19 @@ def plan_ingest(name: str, options: dict[str, Any], out_dir: str | os.PathLike, 
         held_out=held_out,
         warnings=warnings,
     )
+
+
+def _split_groups(source, split: str, count: int | None, per_group: int, shards_per_task: int) -> list[GroupTask]:
+    """A counted split's groups of `per_group` inputs; an uncounted one's group per part (from shard g *
+    PART_SHARDS), or its one group when the source names fewer than two parts."""
+    if count is not None:
+        return [GroupTask(split=split, group=g, start=a, stop=min(a + per_group, count),
+                          first_shard=g * shards_per_task) for g, a in enumerate(range(0, count, per_group))]
+    parts = source.parts(split)
+    if len(parts) < 2:
+        return [GroupTask(split=split, group=0, start=0, stop=None, first_shard=0)]
+    return [GroupTask(split=split, group=g, start=0, stop=None, first_shard=g * PART_SHARDS, part=part)
+            for g, part in enumerate(parts)]
 
 
 def _held_out(name: str, splits: list[str], opts: IngestSection, warnings: list[str]) -> HeldOut | None:

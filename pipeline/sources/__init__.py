@@ -39,8 +39,10 @@ class Source:
     `records(split, start, stop)` yields the inputs [start, stop) of the split in a deterministic order: a
     `Record` each, or a `Rejected` for an input that gives no image (a corrupt file), so that the ingest's
     policy decides and nothing disappears silently. A source that can say how many inputs a split has
-    (`num_records`) is ingested in parallel, one task per group of shards; one that cannot (None, the
-    default) is ingested by one task per split, and its `records` is called with start=0, stop=None only.
+    (`num_records`) is ingested in parallel, one task per group of shards. One that cannot (None, the default)
+    but can name independent parts of the split (`parts`: its input files) is ingested by one task per part,
+    each reading `part_records`; otherwise by one task per split, and its `records` is called with start=0,
+    stop=None only.
 
     A source of image files reads no image of more than `max_pixels` (W x H): it yields a Rejected('oversized')
     from the file's header (`pipeline.conform.decode_source` does this) and leaves it out of its `shapes` survey.
@@ -66,6 +68,15 @@ class Source:
     def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record | Rejected]:
         """Yield the inputs [start, stop) of `split` (stop None: to the end), in a deterministic order."""
         raise NotImplementedError
+
+    def parts(self, split: str) -> list[str]:
+        """Names of independent parts of `split` (its input files), in the split's order: `part_records` of each
+        in turn yields what `records(split)` yields. [] (the default): the split is read as one."""
+        return []
+
+    def part_records(self, split: str, part: str) -> Iterator[Record | Rejected]:
+        """Yield the inputs of one of `parts(split)`, in order."""
+        raise NotImplementedError(f"source {self.name!r} names no parts of its splits")
 
     def shapes(self, split: str) -> Counter[tuple[int, int, int]] | None:
         """How many inputs of `split` have each (H, W, C), from file headers without decoding pixels; None (the

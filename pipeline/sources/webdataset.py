@@ -19,7 +19,8 @@ as they are when they decode with no conversion (as imagefolder does). A member 
 Counts: when every shard of a split has img2dataset's `{name}_stats.json` beside it, its `successes` (the
 samples img2dataset wrote into that tar) give the split's size, so the ingest plans parallel shard groups and
 a group opens only the shards its range touches; a shard whose samples differ from its stats is an error.
-Without them the split's size is unknown and the ingest reads it in one task.
+Without them the split's size is unknown, and the ingest reads it with one task per input tar (`parts`), each
+writing its own shards.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,8 @@ class WebDatasetConfig(SourceConfig):
         "key; null: store no captions."
     )
     use_stats: bool = Field(
-        True, description="Take each shard's sample count from img2dataset's {shard}_stats.json (parallel ingest)."
+        True, description="Take each shard's sample count from img2dataset's {shard}_stats.json (parallel groups "
+        "of ingest.shards_per_task shards; without: one ingest task per input tar)."
     )
 
     @field_validator("urls")
@@ -191,8 +193,8 @@ def _counted(split: str, shards: list[Shard], listing: _Listings) -> list[Shard]
              for s, p in zip(shards, stats, strict=True)]
     if None in infos:
         log.info("webdataset: %d of %d shards of split %r have no img2dataset %s beside them (e.g. %s), so its size "
-                 "is unknown and the ingest reads it in one task", infos.count(None), len(shards), split, STATS_SUFFIX,
-                 shards[infos.index(None)].url)
+                 "is unknown and the ingest reads it with one task per shard", infos.count(None), len(shards), split,
+                 STATS_SUFFIX, shards[infos.index(None)].url)
         return shards
     keys = [(s.fs, p, _version(info)) for s, p, info in zip(shards, stats, infos, strict=True)]
     unread: dict[fsspec.AbstractFileSystem, dict[str, str]] = {}  # fs -> {path: version}
@@ -266,12 +268,29 @@ class WebDatasetSource(Source):
         counts = [s.count for s in self._shards[split]]
         return None if None in counts else sum(counts)
 
+    def parts(self, split: str) -> list[str]:
+        """The split's shards, each a part: an uncounted split is ingested by one task per input tar."""
+        self._check_split(split)
+        return [shard.url for shard in self._shards[split]]
+
+    def part_records(self, split: str, part: str) -> Iterator[Record | Rejected]:
+        """The samples of the split's shard `part` (its url, as `parts` names it)."""
+        self._check_split(split)
+        shards = [shard for shard in self._shards[split] if shard.url == part]
+        if not shards:
+            raise SourceError(f"webdataset source: split {split!r} has no shard {part}; its shards changed since the "
+                              "ingest was planned? Run the ingest again")
+        return self._read(shards, 0, None)
+
     def records(self, split: str, start: int = 0, stop: int | None = None) -> Iterator[Record | Rejected]:
         """The samples [start, stop) of the split, shard after shard. With counts, shards wholly before `start` are
         not opened, and a shard the range reaches the end of is read to its end, so that its count is checked."""
         self._check_split(split)
-        index = 0  # the split's number of the next sample
-        for shard in self._shards[split]:
+        return self._read(self._shards[split], start, stop)
+
+    def _read(self, shards: Sequence[Shard], start: int, stop: int | None) -> Iterator[Record | Rejected]:
+        index = 0  # the number, among these shards, of the next sample
+        for shard in shards:
             if stop is not None and index >= stop:
                 return
             if shard.count is not None and index + shard.count <= start:
@@ -341,6 +360,6 @@ def _samples(shard: Shard) -> Iterator[dict[str, Any]]:
 def _count_error(shard: Shard, how: str, cause: str) -> SourceError:
     return SourceError(
         f"webdataset source: {shard.url} holds {how} the {shard.count} samples its {STATS_SUFFIX} gives ({cause}); "
-        "download it again, or set source.options.use_stats=false to ignore the stats (the split is then read by "
-        "one task)"
+        "download it again, or set source.options.use_stats=false to ignore the stats (the split is then read "
+        "by one task per shard)"
     )

@@ -162,3 +162,22 @@ def test_elbo_is_minus_recon_minus_kl_and_gradients_flow():
         torch.testing.assert_close(terms.loss, (terms.recon + 2.0 * terms.kl).mean())
         terms.loss.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), arch
+
+
+def test_the_model_registry_refuses_a_second_name_and_a_model_without_its_options_section():
+    """Registries fail loudly: a name registered twice, and a class whose `Options` is not its section in
+    vae/models/options.py (the run config would build the union from one and the model take another)."""
+    from vae.models.base import VAE
+    from vae.models.registry import MODELS, register_model
+
+    with pytest.raises(ValueError, match="model 'conv' is registered twice"):
+        register_model("conv")(MODELS["mlp"])
+
+    class Unsectioned(VAE):
+        pass
+
+    with pytest.raises(ValueError, match=r"must declare `Options = SECTIONS\['plugin'\]`"):
+        register_model("plugin")(Unsectioned)
+    assert "plugin" not in MODELS
+    with pytest.raises(ValueError, match="unknown model architecture 'plugin'; valid: aekl, conv, hvae, mlp, resnet"):
+        build_model("plugin", (1, 8, 8), 2)

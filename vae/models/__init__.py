@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from vae.models.registry import MODELS, build_model, register_model, resolve_options  # noqa: F401
 
 
+# By hand, not lazy_loader: six lines, and vae.models is carried as code into every logged model, whose
+# requirements should stay torch, pydantic and MLflow's own.
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'vae.models' has no attribute {name!r}")

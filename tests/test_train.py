@@ -66,7 +66,7 @@ def meta(tmp_path, epoch=None, run="run"):
 
 
 def train(tmp_path, shard_dir, *overrides, run="run"):
-    """vae.trainer.train in this process (call inside `in_process`); the digits preset's batch of 64 unless
+    """vae.training.trainer.train in this process (call inside `in_process`); the digits preset's batch of 64 unless
     `overrides` name another."""
     training.train(shard_dir, tmp_path / run, "--train.log_every", "5", *DIGITS_BATCH, *overrides)
 

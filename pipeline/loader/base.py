@@ -34,8 +34,9 @@ log = logging.getLogger("pipeline.loader")
 @dataclass(frozen=True, slots=True)
 class Batch:
     # uint8 (B, C, H, W). From the CPU paths the memory is channels-last ((B, H, W, C) contiguous, as decoders and
-    # shards hold pixels): reordering it is left to the consumer's cast to float (`vae.data.to_input`), free on a
-    # GPU. Index it by shape; call .contiguous() where planar memory is needed.
+    # shards hold pixels): reordering it is left to the consumer's cast to float
+    # (`vae.objectives.inputs.to_input`), free on a GPU. Index it by shape; call .contiguous() where planar memory is
+    # needed.
     images: torch.Tensor
     labels: torch.Tensor | None  # int64 (B,)
     factors: torch.Tensor | None = None  # float32 (B, K): ground-truth factors, when the source has them

@@ -224,7 +224,7 @@ class BatchJobs(Dataset):
         The batch keeps the decoders' interleaved pixel order (channels last), so an uncropped image is one
         memcpy: making it planar (B, C, h, w) here cost a strided copy of 0.13 ms per 256-px photo next to a
         0.63 ms decode (bench/LOG.md, 2026-12-06), while the consumer's uint8 -> float cast reorders for free
-        on a GPU and for ~0.09 ms on a CPU (`vae.data.to_input`)."""
+        on a GPU and for ~0.09 ms on a CPU (`vae.objectives.inputs.to_input`)."""
         h, w = batch.shape[1:3]
         out = batch.numpy()
         for j, image in enumerate(images):

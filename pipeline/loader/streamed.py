@@ -142,5 +142,5 @@ def _dispatch(batches: range, pool: BatchPool | None, reserved: set[int]) -> Ite
 
 def _chw(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, C) -> (B, C, H, W) as a view: the pixels stay channels-last in memory, as every loader hands
-    them out (`Batch`); the consumer's cast to float makes the model's layout (`vae.data.to_input`)."""
+    them out (`Batch`); the consumer's cast to float makes the model's layout (`vae.objectives.inputs.to_input`)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2)

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc model, logged as code: `vae.registry.log_model` passes this file's path, not an object.
+"""The MLflow pyfunc model, logged as code: `vae.registry.packaging.log_model` passes this file's path, not an object.
 
 MLflow runs this file when it logs and again when it loads the model, so nothing is pickled. The model
 carries two artifacts, `config` (JSON: arch, image_shape [C, H, W], latent_dim, options) and `weights`
@@ -65,12 +65,12 @@ PARAMS: dict[str, Any] = {"mode": "reconstruct", "seed": 0, "temperature": 1.0}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 LATENT_MODES = ("decode", "sample")  # the request sets their latents' scale, so a non-finite output is its doing
 
-_logger = logging.getLogger("vae.mlflow_model")
+_logger = logging.getLogger("vae.mlflow_model")  # the name it had before the move: log filters keep working
 
 
 class ServingLimits(BaseModel):
     """What one request may ask of the model, stored as the logged model's MLflow `model_config`: set when
-    logging (`vae.registry.log_model(..., limits=...)`), or when loading (`mlflow.pyfunc.load_model(uri,
+    logging (`vae.registry.packaging.log_model(..., limits=...)`), or when loading (`mlflow.pyfunc.load_model(uri,
     model_config={...})`, or `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_samples": 64}'` for `mlflow models serve`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)

@@ -146,8 +146,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 def step_kernels(name: str, device: torch.device | str) -> dict[str, bool]:
     """Constructor options for torch's Adam/AdamW (`name` "adam" or "adamw") on `device`: the fused kernel on
-    CUDA (one launch for every tensor, and the on-device skip of vae.step_guard through `found_inf`), the foreach
-    kernels elsewhere (a few launches per step instead of several per tensor; on a CPU the same result as the
+    CUDA (one launch for every tensor, and the on-device skip of vae.training.step_guard through `found_inf`), the
+    foreach kernels elsewhere (a few launches per step instead of several per tensor; on a CPU the same result as the
     per-tensor loop). LAMB and Muon are ours and take neither: {}."""
     if name not in ("adam", "adamw"):
         return {}

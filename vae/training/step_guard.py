@@ -88,7 +88,7 @@ def masked_step(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
 
 
 class DeviceStepGuard:
-    """Feeds a synchronous guard (vae.trainer.StepGuard: `record(skipped, step)`, `state_dict`) from device
+    """Feeds a synchronous guard (`StepGuard` below: `record(skipped, step)`, `state_dict`) from device
     flags, read one step late, so that the counting, the limit and the error stay exactly StepGuard's.
 
     Per optimiser step: `stop = guard.advance(flags, step)` after the step's work is queued; it starts the copy

@@ -106,6 +106,9 @@ BAD_SHAPES = {
     "wrong channels": (np.zeros((1, 1, 32, 24), np.float32), {}, "mode 'reconstruct' expects images of shape "
                        "(N, 3, H, W), H and W multiples of 4, got (1, 1, 32, 24)"),
     "empty sides": (np.zeros((1, 3, 0, 0), np.float32), {}, "H and W multiples of 4, got (1, 3, 0, 0)"),
+    "no images": (np.zeros((0, 3, 32, 24), np.float32), {"mode": "encode"}, "mode 'encode' expects images of "
+                  "shape (N, 3, H, W), H and W multiples of 4 with N at least 1, got (0, 3, 32, 24)"),
+    "no latents": (np.zeros((0, 4, 8, 6), np.float32), {"mode": "decode"}, f"{LATENTS_EXPECTED} with N at least 1"),
     "latent channels": (np.zeros((1, 3, 8, 6), np.float32), {"mode": "decode"},
                         f"{LATENTS_EXPECTED}, got (1, 3, 8, 6)"),
     "flat latents of another size": (np.zeros((1, 100), np.float32), {"mode": "decode"},

@@ -171,7 +171,7 @@ class VAEModel(mlflow.pyfunc.PythonModel):
     def _array(self, data: Any, mode: str, expects: str, fits: Callable[[tuple[int, ...]], bool],
                side: Callable[[tuple[int, ...]], tuple[int, int]]) -> torch.Tensor:
         """`data` as float32 (N, ...), refused unless it is numbers (not booleans), a row's shape `fits`, N is
-        within max_images, the N images of `side(row shape)` (H, W), in or out, within max_pixels, and every value
+        from 1 to max_images, the N images of `side(row shape)` (H, W), in or out, within max_pixels, and every value
         is finite. `expects` opens each refusal ("mode 'encode' expects images of shape (N, 3, 64, 64)")."""
         try:
             x = np.asarray(data)
@@ -181,6 +181,8 @@ class VAEModel(mlflow.pyfunc.PythonModel):
             raise InputError(f"{expects} as numbers, got {'booleans' if x.dtype == np.bool_ else f'dtype {x.dtype}'}")
         if x.ndim < 2 or not fits(x.shape[1:]):
             raise InputError(f"{expects}, got {x.shape}")
+        if len(x) == 0:  # torch would fail deep inside the model (a 500) on an empty batch
+            raise InputError(f"{expects} with N at least 1, got {x.shape}; send at least one")
         if len(x) > self.limits.max_images:
             raise InputError(f"{expects} with N at most {self.limits.max_images} per request (the model's "
                              f"max_images), got N = {len(x)}; split the batch")

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,11 @@ import webdataset as wds
 from pydantic import BaseModel, Field
 
 import pipeline
-from vae.latents.format import INDEX_NAME, LatentDtype, LatentIndex, LatentShard, LatentSplit, npy_bytes, stored
-from vae.latents.format import write_index as write_latent_index
+from pipeline.latents import LatentDtype, LatentIndex, LatentSplit, stored
+from pipeline.latents import write_index as write_latent_index
+from pipeline.npy import npy_bytes
+from pipeline.shards import INDEX_NAME
+from pipeline.shards import ShardInfo as LatentShard
 from vae.latents.model import Encoder
 
 MARKERS = ".encode"
@@ -93,23 +95,6 @@ def fingerprint(encoder: Encoder, source_sha: str, options: EncodeOptions, group
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def source_keys(shard_dir: str | os.PathLike, index: pipeline.ShardIndex, split: str) -> list[str]:
-    """The split's source keys in file order, from the shards' `keys.json` (block layouts) or `key.txt`
-    (one image per sample) members: the documented shard format, read with headers and these members only."""
-    keys: list[str] = []
-    for shard in index.split(split).shards:
-        with tarfile.open(Path(shard_dir) / shard.name, mode="r:") as tar:
-            for member in tar:
-                if member.name.endswith(".keys.json"):
-                    keys += json.loads(tar.extractfile(member).read())
-                elif member.name.endswith(".key.txt"):
-                    keys.append(tar.extractfile(member).read().decode())
-    if len(keys) != index.split(split).num_samples:
-        raise pipeline.ShardFormatError(f"{shard_dir}: split {split!r} has {len(keys)} keys for "
-                                        f"{index.split(split).num_samples} images; re-run the ingest")
-    return keys
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -143,7 +128,7 @@ def posterior(encoder: Encoder, images: torch.Tensor, options: EncodeOptions) ->
     return dist.mean.float(), dist.std.float()
 
 
-def _samples(encoder: Encoder, loader, group: Group, keys: list[str], options: EncodeOptions,
+def _samples(encoder: Encoder, loader, group: Group, keys: list[tuple[str, str | None]], options: EncodeOptions,
              labels_seen: list[int]) -> Iterator[dict]:
     position = group.start
     for batch in loader:
@@ -151,8 +136,11 @@ def _samples(encoder: Encoder, loader, group: Group, keys: list[str], options: E
         twin = posterior(encoder, batch.images.flip(-1), options) if options.flip else None
         arrays = [stored(t, options.dtype) for t in (mean, std, *(twin or ()))]
         for i in range(len(mean)):
-            sample = {"__key__": f"{group.split}-{position:09d}", "key.txt": keys[position],
+            key, caption = keys[position]
+            sample = {"__key__": f"{group.split}-{position:09d}", "key.txt": key,
                       "mean.npy": npy_bytes(arrays[0][i]), "std.npy": npy_bytes(arrays[1][i])}
+            if caption is not None:
+                sample["txt"] = caption
             if twin is not None:
                 sample["mean_flip.npy"], sample["std_flip.npy"] = npy_bytes(arrays[2][i]), npy_bytes(arrays[3][i])
             if batch.labels is not None:
@@ -168,7 +156,7 @@ def _samples(encoder: Encoder, loader, group: Group, keys: list[str], options: E
 
 @torch.inference_mode()
 def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike, group: Group,
-                 keys: list[str], options: EncodeOptions, expected: str) -> GroupDone:
+                 keys: list[tuple[str, str | None]], options: EncodeOptions, expected: str) -> GroupDone:
     """Encode one group into its latent shard (or keep it, when a previous run finished it intact)."""
     out_dir = Path(out_dir)
     if (done := reusable(out_dir, group, expected)) is not None:
@@ -236,7 +224,8 @@ def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str
         mine = [d for d in done if d.group.split == split]
         top = max(d.max_label for d in mine)
         splits[split] = LatentSplit(num_samples=sum(d.shard.num_samples for d in mine),
-                                    shards=[d.shard for d in mine], num_classes=top + 1 if top >= 0 else None)
+                                    shards=[d.shard for d in mine], num_classes=top + 1 if top >= 0 else None,
+                                    captions=index.split(split).captions)
     listed = {s.name for info in splits.values() for s in info.shards}
     for stale in out_dir.glob("*.tar"):  # an earlier, differently planned encode into this directory
         if stale.name not in listed:
@@ -272,7 +261,7 @@ class EncodeJob:
     options: EncodeOptions
     index: pipeline.ShardIndex
     source_sha: str
-    _keys: dict[str, list[str]] = field(default_factory=dict)
+    _keys: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # split -> (key, caption)
 
     @classmethod
     def prepare(cls, encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -293,7 +282,7 @@ class EncodeJob:
 
     def run(self, group: Group) -> GroupDone:
         if group.split not in self._keys:
-            self._keys[group.split] = source_keys(self.shard_dir, self.index, group.split)
+            self._keys[group.split] = pipeline.read_captions(self.shard_dir, group.split)
         return encode_group(self.encoder, self.shard_dir, self.out_dir, group, self._keys[group.split], self.options,
                             fingerprint(self.encoder, self.source_sha, self.options, group))
 

@@ -13,7 +13,8 @@ import json
 import warnings
 from pathlib import Path
 
-from vae.latents.format import INDEX_NAME, LatentIndex
+from pipeline.latents import LatentIndex
+from pipeline.shards import INDEX_NAME
 from vae.tracking.provenance import DIGEST_CHARS, source_tags
 from vae.tracking.store import ensure_experiment
 

@@ -5,21 +5,27 @@ source's captions carried through."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
+import test_encode
 import torch
 import webdataset as wds
 from support.img2dataset import photos, write_img2dataset
-from test_encode import folder, tree  # noqa: F401 - the tiny aekl diffusers folder and the photo tree
 
 import pipeline
 from pipeline.latents import read_index, restored
 from pipeline.loader import CorruptShardError, LatentBatch, LatentLoader
+from pipeline.storage import Location
 from vae.latents import EncodeOptions, encode_dataset, load_encoder
+
+folder, tree = test_encode.folder, test_encode.tree  # the fixtures: a tiny random aekl diffusers folder, 32 photos
 
 
 @pytest.fixture(scope="module")
-def shards(tree):  # noqa: F811 - the fixture imported above
+def shards(tree):
     out = tree.parent / "shards"
     pipeline.ingest("imagefolder", {"root": str(tree)}, out, samples_per_shard=9, block_size=3,
                     layout="encoded-blocks", progress=False)
@@ -27,7 +33,7 @@ def shards(tree):  # noqa: F811 - the fixture imported above
 
 
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
-def latents(request, folder, shards, tmp_path_factory):  # noqa: F811
+def latents(request, folder, shards, tmp_path_factory):
     """24 train and 8 test photos encoded with the mirrored twin, 5 to a shard (uneven: 5 shards of 4-5)."""
     out = tmp_path_factory.mktemp("latents") / request.param
     encode_dataset(load_encoder(str(folder)), shards, out,
@@ -136,7 +142,7 @@ def test_load_time_crops_and_flips_are_refused_naming_the_fix(latents, shards):
         read_index(shards)
 
 
-def test_a_captioned_source_gives_every_latent_its_caption_in_the_shards_the_index_and_the_loader(folder, tmp_path):  # noqa: F811
+def test_a_captioned_source_gives_every_latent_its_caption_in_the_shards_the_index_and_the_loader(folder, tmp_path):
     source = tmp_path / "i2d"
     written = write_img2dataset(source, photos(10, size=32), per_shard=4,
                                 captions={0: "", 1: "un café\nà deux lignes"})
@@ -151,3 +157,57 @@ def test_a_captioned_source_gives_every_latent_its_caption_in_the_shards_the_ind
     batches = list(loader)
     assert [(k, c) for b in batches for k, c in zip(b.keys, b.captions, strict=True)] == expected
     assert batches[0].labels is None and batches[0].mean_flip is None
+
+
+def test_an_encode_between_fsspec_urls_writes_the_shards_a_local_encode_writes_and_reads_back(folder, tree, shards,
+                                                                                            tmp_path):
+    """SHARD_DIR and OUT_DIR as memory:// URLs (any fsspec file system, as for shard directories): the latent shards
+    are byte for byte those of the same encode between local paths, and the loader reads them there."""
+    source, out = "memory://encode-test/shards", "memory://encode-test/latents"
+    pipeline.ingest("imagefolder", {"root": str(tree)}, source, samples_per_shard=9, block_size=3,
+                    layout="encoded-blocks", progress=False)
+    options = EncodeOptions(samples_per_shard=10, flip=True)
+    encoder = load_encoder(str(folder))
+    remote = encode_dataset(encoder, source, out, options)
+    local = encode_dataset(encoder, shards, tmp_path / "latents", options)
+    assert remote.source["index_sha256"] == pipeline.index_sha256(source)
+    for split in ("train", "test"):
+        assert remote.splits[split].shards == local.splits[split].shards  # names, counts, bytes and sha256
+        there, here = (list(pipeline.open_loader(d, split, 4, shuffle=False, drop_last=False, pad=False))
+                       for d in (out, tmp_path / "latents"))
+        assert [b.keys for b in there] == [b.keys for b in here]
+        assert all(torch.equal(a.mean_flip, b.mean_flip) for a, b in zip(there, here, strict=True))
+    with pytest.raises(FileExistsError, match="already holds a complete latent directory"):
+        encode_dataset(encoder, source, out, options)
+    Location("memory://encode-test/foreign").write_text("notes.txt", "mine")
+    with pytest.raises(FileExistsError, match="memory:///?encode-test/foreign holds files no encode of vaepipe wrote"):
+        encode_dataset(encoder, source, "memory://encode-test/foreign", options)
+
+
+def test_vaepipe_encode_from_and_to_an_s3_bucket_records_its_run_and_the_loader_reads_it_there(
+        folder, tree, s3_server, monkeypatch, tmp_path):
+    """The command between two prefixes of a moto S3 bucket (the endpoint from AWS_ENDPOINT_URL, as s3fs reads it):
+    index.json written last there, the MLflow run names both s3:// directories, the loader reads the latents."""
+    import mlflow
+    import s3fs
+    from conftest import BIN, run
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made for another endpoint would be reused
+    pipeline.ingest("imagefolder", {"root": str(tree)}, "s3://shards/photos", samples_per_shard=9, block_size=3,
+                    layout="encoded-blocks", progress=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run([str(BIN / "vaepipe"), "encode", str(folder), "s3://shards/photos", "s3://shards/latents",
+                  "--samples-per-shard", "16", "--split", "test"], env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                 timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = read_index("s3://shards/latents")
+    assert index.splits["test"].num_samples == 8 and not Location("s3://shards/latents").exists(".encode")
+    keys = [k for b in pipeline.open_loader("s3://shards/latents", "test", 3, shuffle=False, drop_last=False,
+                                            pad=False) for k in b.keys]
+    assert keys == [k for k, _ in pipeline.read_captions("s3://shards/photos", "test")]
+    (run_,) = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name(
+        "encode-latents").experiment_id])
+    sources = {d.dataset.name: json.loads(d.dataset.source) for d in run_.inputs.dataset_inputs}
+    assert "s3://shards/photos" in json.dumps(sources["source-shards"])
+    assert "s3://shards/latents" in json.dumps(sources["latent-shards"])

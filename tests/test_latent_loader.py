@@ -32,7 +32,7 @@ def shards(tree):
     return out
 
 
-@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+@pytest.fixture(scope="module", params=["float16", "bfloat16", "float32"])
 def latents(request, folder, shards, tmp_path_factory):
     """24 train and 8 test photos encoded with the mirrored twin, 5 to a shard (uneven: 5 shards of 4-5)."""
     out = tmp_path_factory.mktemp("latents") / request.param
@@ -69,7 +69,7 @@ def test_latents_read_through_open_loader_equal_what_plain_webdataset_reads_in_t
     samples = plain(latents, "train")
     assert [k for b in batches for k in b.keys] == [s["key.txt"] for s in samples]
     assert torch.cat([b.labels for b in batches]).tolist() == [s["cls"] for s in samples]
-    expected_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[index.dtype]
+    expected_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[index.dtype]
     for field in ("mean", "std", "mean_flip", "std_flip"):
         got = joined(batches, field)
         want = restored(np.stack([s[f"{field}.npy"] for s in samples]), index.dtype)

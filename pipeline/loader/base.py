@@ -3,7 +3,8 @@
 The plan of an epoch is a pure function of (seed, epoch, rank) and of which shards are readable: the rank's
 samples as (shard, sample) pairs in stream order, and the order in which they are batched. How the samples are
 then read (in this process or in worker processes, on the CPU or the GPU) cannot change a batch. The subclasses
-(`resident.py`, `streamed.py`) say how; this module knows neither of them (`factory.py` picks one).
+(`resident.py`, `streamed.py`; `latents.py` for latent shards, through the format seams `_read_index`,
+`_table_of` and `repair`) say how; this module knows none of them (`factory.py` picks one).
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         "shards.",
     )
     latents.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a diffusers folder")
-    latents.add_argument("shard_dir", help="a complete shard directory (vaepipe ingest)")
-    latents.add_argument("out_dir", type=Path, help="where the latent shards go (new, empty, or an interrupted encode)")
+    latents.add_argument("shard_dir", help="a complete shard directory (vaepipe ingest): a path or fsspec URL (s3://...)")
+    latents.add_argument("out_dir", help="where the latent shards go (new, empty, or an interrupted encode): a path or "
+                         "fsspec URL")
     latents.add_argument("--split", action="append", dest="splits", help="a split to encode (repeat; default all)")
     latents.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                          help="stored dtype of mean and std (bfloat16 as raw uint16 bits; default float16)")

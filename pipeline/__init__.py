@@ -1,12 +1,13 @@
-"""Data side of vaepipe. Owns the source plugins, the ingest and its settings, the version-1 shard format, and the
-per-rank loader.
+"""Data side of vaepipe. Owns the source plugins, the ingest and its settings, the version-1 shard formats (images,
+and the latents `vaepipe encode` writes), and the per-rank loader.
 
-This module is the public API that `vae` and `flows` import; the submodules are internal. The packages:
-`sources` (plugins that read inputs as records), `ingestion` (records -> a shard directory, step by step) and
-`loader` (a shard directory -> batches for one rank); `settings` is the schema of the source and ingest sections.
-Between them lie the shard format (`shards`, `layouts`, `npy`), image conforming (`conform`, `augment`), storage
-(`storage`, `lock`, `ownership`) and `errors`. Nothing in pipeline imports `vae` or `flows`, the ingest and the
-loader never import each other, and no two modules import each other.
+This module is the public API that `vae` and `flows` import; the submodules are internal but for `latents`, the
+latent format that `vae.latents` writes with. The packages: `sources` (plugins that read inputs as records),
+`ingestion` (records -> a shard directory, step by step) and `loader` (a shard directory -> batches for one rank,
+images or latents); `settings` is the schema of the source and ingest sections. Between them lie the shard formats
+(`shards`, `layouts`, `npy`, `latents`), image conforming (`conform`, `augment`), storage (`storage`, `lock`,
+`ownership`) and `errors`. Nothing in pipeline imports `vae` or `flows`, the ingest and the loader never import each
+other, and no two modules import each other.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from pipeline.storage import DestinationError, is_url
 _LAZY = {
     **dict.fromkeys(("GroupResult", "GroupTask", "IngestPlan", "finalize_ingest", "ingest", "is_complete",
                      "plan_ingest", "prepare_dir", "write_group"), "pipeline.ingestion"),
-    **dict.fromkeys(("Batch", "ShardLoader", "open_loader", "read_captions", "read_split"), "pipeline.loader"),
+    **dict.fromkeys(("Batch", "LatentBatch", "LatentLoader", "ShardLoader", "open_loader", "read_captions",
+                     "read_split"), "pipeline.loader"),
+    "LatentIndex": "pipeline.latents",
     **dict.fromkeys(("DirectoryLockedError", "DirLock"), "pipeline.lock"),
     "check_ingest": "pipeline.preflight",
     **dict.fromkeys(("Record", "Rejected"), "pipeline.records"),
@@ -45,7 +48,16 @@ if TYPE_CHECKING:
         prepare_dir,
         write_group,
     )
-    from pipeline.loader import Batch, ShardLoader, open_loader, read_captions, read_split  # noqa: F401
+    from pipeline.latents import LatentIndex  # noqa: F401
+    from pipeline.loader import (  # noqa: F401
+        Batch,
+        LatentBatch,
+        LatentLoader,
+        ShardLoader,
+        open_loader,
+        read_captions,
+        read_split,
+    )
     from pipeline.lock import DirectoryLockedError, DirLock  # noqa: F401
     from pipeline.preflight import check_ingest  # noqa: F401
     from pipeline.records import Record, Rejected  # noqa: F401
@@ -74,6 +86,9 @@ __all__ = [
     "GroupTask",
     "IngestPlan",
     "IngestSection",
+    "LatentBatch",
+    "LatentIndex",
+    "LatentLoader",
     "Record",
     "Rejected",
     "ShardFormatError",

@@ -71,7 +71,8 @@ def block_sample(split: str, number: int, records, images: dict[str, bytes]) -> 
 class ShardTable:
     """Where each sample of one shard lies: byte offsets and sizes, and its label and factors."""
 
-    offsets: np.ndarray  # int64 (n,): first byte of the sample's pixels (packed) or encoded file (encoded)
+    offsets: np.ndarray  # int64 (n,): first byte of the sample's pixels (packed) or encoded file (encoded); (n, F)
+    # for a latent sample's F arrays (pipeline.latents)
     sizes: np.ndarray  # int64 (n,)
     labels: np.ndarray | None  # int64 (n,)
     factors: np.ndarray | None  # float32 (n, K)
@@ -126,7 +127,7 @@ class Layout:
         A block layout's: from each block's `keys.json` and `texts.json`."""
         keys, texts = [], []
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            for key, found in _groups(tar):
+            for key, found in member_groups(tar):
                 if "keys.json" not in found:
                     raise ShardFormatError(f"holds a block {key} without keys.json (members: {sorted(found)})")
                 block = json.loads(tar.extractfile(found["keys.json"]).read())
@@ -161,7 +162,7 @@ class Packed(Layout):
         size = f.tell()
         f.seek(0)
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            for key, found in _groups(tar):
+            for key, found in member_groups(tar):
                 if "images.npy" not in found:
                     raise ShardFormatError(f"holds a sample {key} with no images.npy (members: {sorted(found)})")
                 member = found["images.npy"]
@@ -206,7 +207,7 @@ class Encoded(Layout):
     def table(self, f, name, image_shape):
         offsets, sizes, suffixes, labels, factors = [], [], [], [], []
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            for key, found in _groups(tar):
+            for key, found in member_groups(tar):
                 image = [s for s in found if s in IMAGE_SUFFIXES]
                 if len(image) != 1:
                     raise ShardFormatError(f"holds a sample {key} with {len(image)} images (members: {sorted(found)})")
@@ -229,7 +230,7 @@ class Encoded(Layout):
     def annotations(self, f):
         keys, texts = [], []
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            for key, found in _groups(tar):
+            for key, found in member_groups(tar):
                 if "key.txt" not in found:
                     raise ShardFormatError(f"holds a sample {key} without key.txt (members: {sorted(found)})")
                 keys.append(tar.extractfile(found["key.txt"]).read().decode())
@@ -263,7 +264,7 @@ class EncodedBlocks(Encoded):
     def table(self, f, name, image_shape):
         offsets, sizes, suffixes, labels, factors = [], [], [], [], []
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            for key, found in _groups(tar):
+            for key, found in member_groups(tar):
                 missing = {"encoded.bin", "offsets.npy", "formats.json"} - set(found)
                 if missing:
                     raise ShardFormatError(f"holds a block {key} without {sorted(missing)} (members: {sorted(found)})")
@@ -327,7 +328,7 @@ def decode_tensor(data: bytes, channels: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
-def _groups(tar: tarfile.TarFile):
+def member_groups(tar: tarfile.TarFile):
     """(key, {suffix: member}) per sample, as webdataset groups members: by the name up to the first dot."""
     key, found = None, {}
     for member in tar:

@@ -16,7 +16,8 @@ from conftest import BIN, run
 from test_photo_loader import PHOTO_LAYOUTS, photo_tree
 
 import pipeline
-from vae.latents import EncodeOptions, encode_dataset, load_encoder, read_index, restored
+from pipeline.latents import read_index, restored
+from vae.latents import EncodeOptions, encode_dataset, load_encoder
 from vae.latents import encode as encode_module
 from vae.models.spec import build_from_spec, model_spec
 from vae.registry.diffusers import export_diffusers

@@ -27,17 +27,24 @@ The loader never goes through `accelerator.prepare()`: that would make rank 0 re
 Which loader a split gets is `open_loader`'s choice (`factory.py`): resident when `resident` is 'on', or 'auto'
 and the split fits `memory_budget`; `ShardLoader` is the type both share.
 
-This package owns reading shard directories for training and evaluation. It imports the shard format
-(`pipeline.shards`, `pipeline.layouts`), `pipeline.augment` and storage; never the ingest (`pipeline.ingestion`), the
-sources, `pipeline.settings`, `vae` or `flows`. Inside it, imports point one way: `factory` imports `resident` and
-`streamed`, they import `base` and `read`, and those two the leaf `corrupt`; `base` knows none of its subclasses.
+Latent directories (`pipeline.latents`, written by `vaepipe encode`) get a `LatentLoader` (`latents.py`): the same
+`ShardLoader` plan (rank slices, seeded shuffle, resume, corrupt shards), reading each sample's arrays by offset
+in this process (no decode), resident or streamed, and yielding `LatentBatch`es (mean, std, the mirrored twin,
+labels, captions, keys) in index.json's dtype.
+
+This package owns reading shard directories for training and evaluation. It imports the shard formats
+(`pipeline.shards`, `pipeline.layouts`, `pipeline.latents`), `pipeline.augment` and storage; never the ingest
+(`pipeline.ingestion`), the sources, `pipeline.settings`, `vae` or `flows`. Inside it, imports point one way:
+`factory` imports `resident`, `streamed` and `latents`, they import `base` (the first two also `read`), and those
+the leaf `corrupt`; `base` knows none of its subclasses.
 """
 
 from pipeline.loader.base import Batch, ShardLoader
 from pipeline.loader.corrupt import CORRUPTION, CorruptShardError, OnCorrupt
 from pipeline.loader.factory import Resident, open_loader, read_captions, read_split
+from pipeline.loader.latents import LatentBatch, LatentLoader
 from pipeline.loader.resident import ResidentLoader
 from pipeline.loader.streamed import StreamedLoader
 
-__all__ = ["CORRUPTION", "Batch", "CorruptShardError", "OnCorrupt", "Resident", "ResidentLoader", "ShardLoader",
-           "StreamedLoader", "open_loader", "read_captions", "read_split"]
+__all__ = ["CORRUPTION", "Batch", "CorruptShardError", "LatentBatch", "LatentLoader", "OnCorrupt", "Resident",
+           "ResidentLoader", "ShardLoader", "StreamedLoader", "open_loader", "read_captions", "read_split"]

@@ -3,7 +3,8 @@
 The plan of an epoch is a pure function of (seed, epoch, rank) and of which shards are readable: the rank's
 samples as (shard, sample) pairs in stream order, and the order in which they are batched. How the samples are
 then read (in this process or in worker processes, on the CPU or the GPU) cannot change a batch. The subclasses
-(`resident.py`, `streamed.py`) say how; this module knows neither of them (`factory.py` picks one).
+(`resident.py`, `streamed.py`; `latents.py` for latent shards, through the format seams `_read_index`,
+`_table_of` and `repair`) say how; this module knows none of them (`factory.py` picks one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 
 from pipeline import augment
 from pipeline.errors import ShardFormatError
-from pipeline.layouts import ShardTable, get_layout
+from pipeline.layouts import Layout, ShardTable, get_layout
 from pipeline.loader.corrupt import CORRUPTION, CorruptShardError, OnCorrupt
 from pipeline.shards import check_shard, read_index
 from pipeline.storage import Location
@@ -115,8 +117,7 @@ class ShardLoader(ABC):
     ) -> None:
         _check_arguments(batch_size, rank, world_size, on_corrupt, workers)
         self.location, self.shard_dir = Location(shard_dir, storage_options), shard_dir
-        self.index = read_index(self.location)
-        self.layout = get_layout(self.index.layout)
+        self.index = self._read_index()
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last, self.pad = seed, shuffle, drop_last, pad
         self.shuffle_buffer = max(shuffle_buffer, batch_size)
@@ -140,6 +141,20 @@ class ShardLoader(ABC):
         self.position = 0  # batches of this epoch already handed out
         self._skip = 0  # batches to pass over at the next iteration (a resumed mid-epoch position)
 
+    # ---- the shard format: image shards here; the latent loader (`latents.py`) reads latent shards instead
+
+    def _read_index(self):
+        """The directory's index (ShardIndex), refused when missing, incomplete or of another format."""
+        return read_index(self.location)
+
+    @cached_property
+    def layout(self) -> Layout:
+        return get_layout(self.index.layout)
+
+    def _table_of(self, f, name: str) -> ShardTable:
+        """An open shard's table, from its headers (the layout's scan)."""
+        return self.layout.table(f, name, self.index.image_shape)
+
     def _checked_crop(self, crop_size: tuple[int, int] | None) -> tuple[int, int] | None:
         h, w, _ = self.index.image_shape
         if crop_size is not None and (crop_size[0] > h or crop_size[1] > w):
@@ -148,6 +163,8 @@ class ShardLoader(ABC):
         return None if crop_size is None else tuple(crop_size)
 
     resident = False  # ResidentLoader says True
+    # the fix a corrupt-shard message gives: the writer of the directory rewrites the bad shard
+    repair = "Check the directory with `vaepipe verify {location}` and re-run the ingest (intact shard groups are kept)"
 
     # ---- state
 
@@ -235,7 +252,7 @@ class ShardLoader(ABC):
             if problem:
                 raise ShardFormatError(f"does not match index.json ({problem})")
         with self.location.open(name) as f:
-            table = self.layout.table(f, name, self.index.image_shape)
+            table = self._table_of(f, name)
         for what, promised, value in (("labels", self.has_labels, table.labels),
                                       ("factors", self.has_factors, table.factors)):
             if promised and value is None:
@@ -254,14 +271,13 @@ class ShardLoader(ABC):
             reason = str(err) if type(err) is ShardFormatError else f"could not be read ({type(err).__name__}: {err})"
         if self.on_corrupt == "fail":
             raise CorruptShardError(
-                f"{path} {reason}: the shard is corrupt. Check the directory with `vaepipe verify {self.location}` "
-                "and re-run the ingest (intact shard groups are kept), or set data.on_corrupt_shard skip to train "
-                "without the shard"
+                f"{path} {reason}: the shard is corrupt. {self.repair.format(location=self.location)}, or set "
+                "data.on_corrupt_shard skip to train without the shard"
             ) from (err if isinstance(err, BaseException) else None)
         if name not in self.skipped_shards:
             self.skipped_shards[name] = reason
-            log.warning("skipping corrupt shard %s: it %s (data.on_corrupt_shard is 'skip'); repair with `vaepipe "
-                        "verify %s` and a re-run of the ingest", path, reason, self.location)
+            log.warning("skipping corrupt shard %s: it %s (data.on_corrupt_shard is 'skip'); to repair: %s", path,
+                        reason, self.repair.format(location=self.location))
 
     # ---- the plan
 

@@ -1,5 +1,6 @@
-"""How a caller gets at a split: `open_loader` builds the loader that fits it (resident or streamed), `read_split`
-reads all of it at once, for evaluation and plots, and `read_captions` gives each sample's key and caption."""
+"""How a caller gets at a split: `open_loader` builds the loader that fits it (images or latents, by index.json's
+`format`; resident or streamed), `read_split` reads all of it at once, for evaluation and plots, and `read_captions`
+gives each sample's key and caption."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.errors import ShardFormatError
+from pipeline.latents import FORMAT_NAME as LATENT_FORMAT
+from pipeline.latents import index_format
+from pipeline.latents import read_index as read_latent_index
 from pipeline.layouts import get_layout
 from pipeline.loader.base import ShardLoader
 from pipeline.loader.corrupt import OnCorrupt
+from pipeline.loader.latents import LatentLoader, latent_bytes
 from pipeline.loader.resident import ResidentLoader, read_whole
 from pipeline.loader.streamed import StreamedLoader
 from pipeline.shards import read_index
@@ -27,9 +32,17 @@ def open_loader(
     """The loader of one split for one rank: a `ResidentLoader` (the split decoded once onto `device`) when
     `resident` is 'on', or 'auto' and the decoded split fits `memory_budget` bytes; else a `StreamedLoader` (read
     shard by shard each epoch). Both yield the same batches. `options` are `ShardLoader`'s other keyword
-    arguments (rank, world_size, seed, device, workers, ...)."""
+    arguments (rank, world_size, seed, device, workers, ...).
+
+    A latent directory (`vaepipe encode`'s) gets a `LatentLoader` yielding `LatentBatch`es, resident by the same
+    rule (its arrays as stored against `memory_budget`)."""
     if resident not in ("auto", "on", "off"):
         raise ValueError(f"resident must be 'auto', 'on' or 'off', got {resident!r}")
+    location = Location(shard_dir, storage_options)
+    if index_format(location) == LATENT_FORMAT:
+        fits = resident == "on" or (
+            resident == "auto" and latent_bytes(read_latent_index(location), split) <= memory_budget)
+        return LatentLoader(shard_dir, split, batch_size, resident=fits, storage_options=storage_options, **options)
     fits = resident == "on" or (
         resident == "auto" and decoded_bytes(shard_dir, split, storage_options) <= memory_budget)
     kind = ResidentLoader if fits else StreamedLoader

@@ -3,9 +3,13 @@
 A split of N images is cut into G = ceil(N / samples_per_shard) groups; group g is exactly the images
 [g * N // G, (g + 1) * N // G) of the split in file order: what `pipeline.open_loader` gives rank g of G
 with pad=False and no shuffle, so every image is encoded exactly once. Each group writes one latent shard
-`{split}-{g:06d}.tar` (through a temporary name) and then a marker `.encode/{split}-{g:06d}.json`; a re-run
+`{split}-{g:06d}.tar` (staged, then moved or uploaded whole) and then a marker `.encode/{split}-{g:06d}.json`; a re-run
 keeps a group whose marker has this encode's fingerprint and whose shard still matches its sha256, as the
 ingest keeps its groups. Ranks take groups g with g % world_size == rank; rank 0 finalizes once all are done.
+
+SHARD_DIR and OUT_DIR may be local paths or any fsspec URL (s3://bucket/prefix, memory://x), as a shard directory
+may (`pipeline.storage`); credentials and endpoints come from the file system's own configuration (for S3 the
+AWS_* environment variables, AWS_ENDPOINT_URL among them).
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import hashlib
 import json
 import math
 import os
-import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,11 +28,16 @@ import webdataset as wds
 from pydantic import BaseModel, Field
 
 import pipeline
-from vae.latents.format import INDEX_NAME, LatentDtype, LatentIndex, LatentShard, LatentSplit, npy_bytes, stored
-from vae.latents.format import write_index as write_latent_index
+from pipeline.latents import LatentDtype, LatentIndex, LatentSplit, stored
+from pipeline.latents import write_index as write_latent_index
+from pipeline.npy import npy_bytes
+from pipeline.shards import INDEX_NAME, sha256_of
+from pipeline.shards import ShardInfo as LatentShard
+from pipeline.storage import Location
 from vae.latents.model import Encoder
 
 MARKERS = ".encode"
+STARTED = f"{MARKERS}/started"  # written first: the directory is an encode's, even before a group is done
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -93,42 +101,16 @@ def fingerprint(encoder: Encoder, source_sha: str, options: EncodeOptions, group
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def source_keys(shard_dir: str | os.PathLike, index: pipeline.ShardIndex, split: str) -> list[str]:
-    """The split's source keys in file order, from the shards' `keys.json` (block layouts) or `key.txt`
-    (one image per sample) members: the documented shard format, read with headers and these members only."""
-    keys: list[str] = []
-    for shard in index.split(split).shards:
-        with tarfile.open(Path(shard_dir) / shard.name, mode="r:") as tar:
-            for member in tar:
-                if member.name.endswith(".keys.json"):
-                    keys += json.loads(tar.extractfile(member).read())
-                elif member.name.endswith(".key.txt"):
-                    keys.append(tar.extractfile(member).read().decode())
-    if len(keys) != index.split(split).num_samples:
-        raise pipeline.ShardFormatError(f"{shard_dir}: split {split!r} has {len(keys)} keys for "
-                                        f"{index.split(split).num_samples} images; re-run the ingest")
-    return keys
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def reusable(out_dir: Path, group: Group, expected: str) -> GroupDone | None:
+def reusable(out: Location, group: Group, expected: str) -> GroupDone | None:
     """A previous run's finished group, when it is this encode's and its shard is intact."""
-    marker = out_dir / group.marker
-    if not marker.is_file():
+    if not out.isfile(group.marker):
         return None
     try:
-        done = GroupDone.model_validate_json(marker.read_text())
+        done = GroupDone.model_validate_json(out.read_text(group.marker))
     except ValueError:
         return None
-    shard = out_dir / done.shard.name
-    if done.fingerprint != expected or not shard.is_file() or _sha256(shard) != done.shard.sha256:
+    name = done.shard.name
+    if done.fingerprint != expected or not out.isfile(name) or sha256_of(out, name)[0] != done.shard.sha256:
         return None
     return done.model_copy(update={"reused": True})
 
@@ -143,7 +125,7 @@ def posterior(encoder: Encoder, images: torch.Tensor, options: EncodeOptions) ->
     return dist.mean.float(), dist.std.float()
 
 
-def _samples(encoder: Encoder, loader, group: Group, keys: list[str], options: EncodeOptions,
+def _samples(encoder: Encoder, loader, group: Group, keys: list[tuple[str, str | None]], options: EncodeOptions,
              labels_seen: list[int]) -> Iterator[dict]:
     position = group.start
     for batch in loader:
@@ -151,8 +133,11 @@ def _samples(encoder: Encoder, loader, group: Group, keys: list[str], options: E
         twin = posterior(encoder, batch.images.flip(-1), options) if options.flip else None
         arrays = [stored(t, options.dtype) for t in (mean, std, *(twin or ()))]
         for i in range(len(mean)):
-            sample = {"__key__": f"{group.split}-{position:09d}", "key.txt": keys[position],
+            key, caption = keys[position]
+            sample = {"__key__": f"{group.split}-{position:09d}", "key.txt": key,
                       "mean.npy": npy_bytes(arrays[0][i]), "std.npy": npy_bytes(arrays[1][i])}
+            if caption is not None:
+                sample["txt"] = caption
             if twin is not None:
                 sample["mean_flip.npy"], sample["std_flip.npy"] = npy_bytes(arrays[2][i]), npy_bytes(arrays[3][i])
             if batch.labels is not None:
@@ -167,29 +152,28 @@ def _samples(encoder: Encoder, loader, group: Group, keys: list[str], options: E
 
 
 @torch.inference_mode()
-def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike, group: Group,
-                 keys: list[str], options: EncodeOptions, expected: str) -> GroupDone:
-    """Encode one group into its latent shard (or keep it, when a previous run finished it intact)."""
-    out_dir = Path(out_dir)
-    if (done := reusable(out_dir, group, expected)) is not None:
+def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out: Location, group: Group,
+                 keys: list[tuple[str, str | None]], options: EncodeOptions, expected: str) -> GroupDone:
+    """Encode one group into its latent shard (or keep it, when a previous run finished it intact). The shard is
+    written to a staging directory (in OUT_DIR when it is local, so the move is a rename), checksummed there and
+    then moved or uploaded whole (`Location.put`); the group's marker follows it."""
+    if (done := reusable(out, group, expected)) is not None:
         return done
-    (out_dir / group.marker).unlink(missing_ok=True)
+    out.remove(group.marker)
     loader = pipeline.open_loader(shard_dir, group.split, options.batch_size, rank=group.group,
                                   world_size=group.groups, shuffle=False, drop_last=False, pad=False,
                                   crop_size=options.crop_size, crop="centre", workers=options.workers)
-    tmp = out_dir / f".{group.shard_name}.tmp"
     labels: list[int] = []
-    with wds.TarWriter(str(tmp), mtime=0) as writer:  # no clock in the bytes: an encode is reproducible
-        for sample in _samples(encoder, loader, group, keys, options, labels):
-            writer.write(sample)
-    shard = out_dir / group.shard_name
-    os.replace(tmp, shard)
-    info = LatentShard(name=group.shard_name, num_samples=group.stop - group.start, bytes=shard.stat().st_size,
-                       sha256=_sha256(shard))
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=out.root if out.local else None) as staging:
+        tmp = Location(staging)
+        with wds.TarWriter(tmp.path(group.shard_name), mtime=0) as writer:  # no clock in the bytes: reproducible
+            for sample in _samples(encoder, loader, group, keys, options, labels):
+                writer.write(sample)
+        digest, size = sha256_of(tmp, group.shard_name)
+        out.put(tmp.path(group.shard_name), group.shard_name)
+    info = LatentShard(name=group.shard_name, num_samples=group.stop - group.start, bytes=size, sha256=digest)
     done = GroupDone(group=group, fingerprint=expected, shard=info, max_label=max(labels, default=-1))
-    marker_tmp = out_dir / f"{group.marker}.tmp"
-    marker_tmp.write_text(done.model_dump_json())
-    os.replace(marker_tmp, out_dir / group.marker)
+    out.write_text(group.marker, done.model_dump_json())
     return done
 
 
@@ -205,28 +189,28 @@ def latent_shape(encoder: Encoder, index: pipeline.ShardIndex, options: EncodeOp
     return int(encoder.vae.config.latent_channels), h // f, w // f
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out: Location, overwrite: bool) -> None:
     """An encode writes into a new or empty directory, or one an earlier encode of vaepipe left (to resume)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file; give a directory for the latent shards")
-    if (out_dir / INDEX_NAME).is_file():
+    if out.fs.isfile(out.root):
+        raise FileExistsError(f"{out} is a file; give a directory for the latent shards")
+    if out.isfile(INDEX_NAME):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a complete latent directory; give a new OUT_DIR or "
+            raise FileExistsError(f"{out} already holds a complete latent directory; give a new OUT_DIR or "
                                   "--overwrite to encode it again")
-        (out_dir / INDEX_NAME).unlink()
-    elif out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKERS).is_dir():
-        raise FileExistsError(f"{out_dir} holds files no encode of vaepipe wrote; give a new or empty OUT_DIR")
-    # made before any shard is written: a run killed inside its first group is still known as ours
-    (out_dir / MARKERS).mkdir(parents=True, exist_ok=True)
+        out.remove(INDEX_NAME)
+    elif out.listdir() and MARKERS not in out.listdir():
+        raise FileExistsError(f"{out} holds files no encode of vaepipe wrote; give a new or empty OUT_DIR")
+    # written before any shard (a file: object stores have no empty directories), so a run killed inside its first
+    # group is still known as ours
+    out.write_text(STARTED, "")
 
 
-def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    index: pipeline.ShardIndex, source_sha: str, options: EncodeOptions) -> LatentIndex:
+def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out: Location, index: pipeline.ShardIndex,
+                    source_sha: str, options: EncodeOptions) -> LatentIndex:
     """Merge the groups' markers (every planned group must be done), remove shards no group lists, and write
     `index.json` last; the markers go after it."""
-    out_dir = Path(out_dir)
     groups = plan_encode(index, options)
-    done = [reusable(out_dir, g, fingerprint(encoder, source_sha, options, g)) for g in groups]
+    done = [reusable(out, g, fingerprint(encoder, source_sha, options, g)) for g in groups]
     missing = [g.shard_name for g, d in zip(groups, done, strict=True) if d is None]
     if missing:
         raise RuntimeError(f"{len(missing)} latent group(s) are not done ({', '.join(missing[:5])}); re-run the "
@@ -236,11 +220,12 @@ def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str
         mine = [d for d in done if d.group.split == split]
         top = max(d.max_label for d in mine)
         splits[split] = LatentSplit(num_samples=sum(d.shard.num_samples for d in mine),
-                                    shards=[d.shard for d in mine], num_classes=top + 1 if top >= 0 else None)
+                                    shards=[d.shard for d in mine], num_classes=top + 1 if top >= 0 else None,
+                                    captions=index.split(split).captions)
     listed = {s.name for info in splits.values() for s in info.shards}
-    for stale in out_dir.glob("*.tar"):  # an earlier, differently planned encode into this directory
-        if stale.name not in listed:
-            stale.unlink()
+    for stale in out.glob("*.tar"):  # an earlier, differently planned encode into this directory
+        if stale not in listed:
+            out.remove(stale)
     crop = options.crop_size
     latent = LatentIndex(
         model=encoder.provenance,
@@ -254,10 +239,10 @@ def finalize_encode(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str
                    "pixels": "uint8 / 127.5 - 1 (diffusers' [-1, 1])", "precision": options.precision},
         flip=options.flip, splits=splits,
     )
-    write_latent_index(out_dir, latent)
-    for marker in (out_dir / MARKERS).glob("*"):
-        marker.unlink()
-    (out_dir / MARKERS).rmdir()
+    write_latent_index(out, latent)
+    out.fs.rm(out.path(MARKERS), recursive=True)
+    for staging in out.glob(".staging-*") if out.local else ():  # a killed group's leftovers (SIGKILL: no cleanup)
+        out.fs.rm(out.path(staging), recursive=True)
     return latent
 
 
@@ -268,11 +253,11 @@ class EncodeJob:
 
     encoder: Encoder
     shard_dir: str | os.PathLike
-    out_dir: Path
+    out_dir: Location
     options: EncodeOptions
     index: pipeline.ShardIndex
     source_sha: str
-    _keys: dict[str, list[str]] = field(default_factory=dict)
+    _keys: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # split -> (key, caption)
 
     @classmethod
     def prepare(cls, encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -280,7 +265,7 @@ class EncodeJob:
         """Read the source index, check the output directory (rank 0) and the image size; move the encoder to its
         device."""
         options = options or EncodeOptions()
-        job = cls(encoder, shard_dir, Path(out_dir), options, pipeline.read_index(shard_dir),
+        job = cls(encoder, shard_dir, Location(out_dir), options, pipeline.read_index(shard_dir),
                   pipeline.index_sha256(shard_dir))
         if rank == 0:
             check_out_dir(job.out_dir, overwrite)
@@ -293,7 +278,7 @@ class EncodeJob:
 
     def run(self, group: Group) -> GroupDone:
         if group.split not in self._keys:
-            self._keys[group.split] = source_keys(self.shard_dir, self.index, group.split)
+            self._keys[group.split] = pipeline.read_captions(self.shard_dir, group.split)
         return encode_group(self.encoder, self.shard_dir, self.out_dir, group, self._keys[group.split], self.options,
                             fingerprint(self.encoder, self.source_sha, self.options, group))
 

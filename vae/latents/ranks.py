@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.latents import LatentIndex
 from vae.latents.encode import EncodeJob, EncodeOptions
-from vae.latents.format import LatentIndex
 from vae.latents.model import Encoder
 
 

@@ -8,12 +8,14 @@ model's id (`LoggedModelInput`), so the version's page lists the encode among th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 
-from vae.latents.format import INDEX_NAME, LatentIndex
+import pipeline
+from pipeline.latents import LatentIndex
+from pipeline.shards import INDEX_NAME
+from pipeline.storage import Location
 from vae.tracking.provenance import DIGEST_CHARS, source_tags
 from vae.tracking.store import ensure_experiment
 
@@ -40,8 +42,8 @@ def log_encode_run(index: LatentIndex, out_dir: str | Path, tracking_uri: str) -
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
-    out_dir = Path(out_dir).resolve()
-    latent_sha = _sha256(out_dir / INDEX_NAME)
+    out = Location(out_dir)
+    latent_sha = pipeline.index_sha256(out)
     model = index.model
     tags = {**source_tags(), "vaepipe.latents.index_sha256": latent_sha,
             "vaepipe.source.index_sha256": index.source["index_sha256"],
@@ -56,7 +58,7 @@ def log_encode_run(index: LatentIndex, out_dir: str | Path, tracking_uri: str) -
         "precision": index.transform["precision"], "splits": counts}.items()])
     source = _dataset(str(index.source["shard_dir"]), "source-shards", index.source["index_sha256"],
                       {"index_sha256": index.source["index_sha256"], "layout": index.source["layout"]})
-    latents = _dataset(str(out_dir), "latent-shards", latent_sha,
+    latents = _dataset(out.url, "latent-shards", latent_sha,
                        {"index_sha256": latent_sha, "dtype": index.dtype, "latent_shape": list(index.latent_shape),
                         "num_samples": counts})
     models = []
@@ -66,10 +68,7 @@ def log_encode_run(index: LatentIndex, out_dir: str | Path, tracking_uri: str) -
     client.log_inputs(run_id, datasets=[
         DatasetInput(source, [InputTag(MLFLOW_DATASET_CONTEXT, "source")]),
         DatasetInput(latents, [InputTag(MLFLOW_DATASET_CONTEXT, "output")])], models=models)
-    client.log_artifact(run_id, str(out_dir / INDEX_NAME))
+    client.log_text(run_id, out.read_text(INDEX_NAME), INDEX_NAME)
     client.set_terminated(run_id)
     return run_id
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -239,8 +239,13 @@ def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monke
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         recon = model.decode_latents(model.encode_latents(x))
-    psnr = peak_signal_noise_ratio(recon, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
-    assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-5)
+    recon8 = (recon * 255).round()  # the protocol's PSNR: per image on uint8, then averaged
+    psnr = peak_signal_noise_ratio(recon8, x * 255, data_range=255.0, reduction="none", dim=(1, 2, 3)).mean()
+    assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-6)
+    protocol = result.details["protocol"]
+    assert (protocol["split"], protocol["count"], protocol["posterior"]) == ("test", 6, "mode")
+    assert protocol["lpips"].startswith("absent") and protocol["fid"].startswith("absent")
+    assert result.protocol_tags["eval_protocol_sha256"] == result.details["protocol_sha256"]
     assert 0 < metrics["val/ssim"] < 1 and "val/lpips" not in metrics and "val/rfid" not in metrics
     absent = result.details["absent"]
     assert set(absent) == {"val/lpips", "val/rfid"} and "torch hub cache" in absent["val/rfid"]

@@ -39,6 +39,8 @@ VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 weights, the ba
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1: LPIPS(alex), the evaluation's
 BACKBONES = {"vgg": VGG16_FILE, "alex": ALEXNET_FILE}
 BACKBONE_NAMES = {"vgg": "VGG16", "alex": "AlexNet"}
+# the smallest image side each backbone's slices take (AlexNet: an 11x11/4 conv and two 3x3/2 pools; VGG: four pools)
+BACKBONE_MIN_SIDE = {"vgg": 16, "alex": 32}
 
 
 class GeneratorTerms(NamedTuple):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.inception import random_inception_file
 from torchvision.models import alexnet
 
 import pipeline
@@ -146,18 +147,9 @@ def test_lpips_alexnet_reads_its_backbone_from_a_local_file_and_says_so(shards, 
 
 @pytest.fixture
 def inception(tmp_path, monkeypatch) -> Path:
-    """Random Inception weights in torch-fidelity's file, in this test's torch hub cache (as tests/test_aekl.py)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
-
+    """Stand-in Inception weights in torch-fidelity's file, in this test's torch hub cache (tests/support)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    torch.manual_seed(0)
-    with mock.patch.object(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
-            mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE
-    path.parent.mkdir(parents=True)
-    torch.save(net.state_dict(), path)
-    return path
+    return random_inception_file(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE)
 
 
 @pytest.mark.slow  # three FIDs of 2048 features: ~60 s on a loaded 2-core machine
@@ -186,6 +178,9 @@ def test_rfid_reference_statistics_are_cached_and_a_second_model_reuses_them_wit
     uncached = evaluate_models(folders[1:], shards, options=fresh, track=False)
     assert not uncached.models[0]["fid_reference"]["cached"]
     assert second.models[0]["metrics"]["rfid"] == pytest.approx(uncached.models[0]["metrics"]["rfid"], rel=1e-6)
+    # a real distance (the stand-in's features vary with the image), and the two models' differ
+    assert first.models[0]["metrics"]["rfid"] > 1e-3 and second.models[0]["metrics"]["rfid"] > 1e-3
+    assert first.models[0]["metrics"]["rfid"] != pytest.approx(second.models[0]["metrics"]["rfid"], rel=1e-3)
     assert second.protocol.fid.startswith("torchmetrics") and INCEPTION_FILE in second.protocol.fid
 
 

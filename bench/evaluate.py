@@ -6,8 +6,8 @@ as a diffusers folder. Inception: torch-fidelity's architecture with random weig
 temporary torch hub cache (the real file is not on the dev box; its cost is the architecture's, not the weights').
 LPIPS off, so the two arms
 differ by the reals' Inception pass and nothing else. The arms alternate, `--repeats` times each; prints JSON with
-the median and the fastest seconds per arm and both ratios cold / warm (a shared box: the fastest is the least
-disturbed).
+the median and the fastest wall seconds per arm, the process's CPU seconds, and the ratios cold / warm (on a shared
+box the fastest wall time and the CPU time are the least disturbed).
 
     .venv/bin/python bench/evaluate.py [--images 96] [--side 64] [--batch 16] [--repeats 2] [--threads 2]
 """
@@ -74,14 +74,16 @@ def main() -> None:
         options = EvaluateOptions(batch_size=args.batch, lpips="none", cache_dir=root / "warm")
         evaluate_models([folder], shards, options=options, track=False)  # fills the warm cache (and warms up)
         seconds: dict[str, list[float]] = {"cold": [], "warm": []}
+        cpu: dict[str, list[float]] = {"cold": [], "warm": []}  # this process's CPU seconds: less swayed by others
         fids: dict[str, float] = {}
         for i in range(args.repeats):
             for arm in ("cold", "warm"):
                 cache = root / f"cold-{i}" if arm == "cold" else root / "warm"
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 result = evaluate_models([folder], shards, options=options.model_copy(update={"cache_dir": cache}),
                                          track=False)
                 seconds[arm].append(time.perf_counter() - start)
+                cpu[arm].append(time.process_time() - start_cpu)
                 entry = result.models[0]
                 assert entry["fid_reference"]["cached"] == (arm == "warm")
                 fids[arm] = entry["metrics"]["rfid"]
@@ -90,6 +92,8 @@ def main() -> None:
     print(json.dumps({"images": args.images, "side": args.side, "threads": args.threads,
                       "cold_s": round(cold, 2), "warm_s": round(warm, 2), "ratio_cold_over_warm": round(cold / warm, 2),
                       "ratio_fastest": round(fastest, 2),
+                      "ratio_cpu": round(statistics.median(cpu["cold"]) / statistics.median(cpu["warm"]), 2),
+                      "cpu_s": {k: [round(v, 2) for v in vs] for k, vs in cpu.items()},
                       "rfid_cold": fids["cold"], "rfid_warm": fids["warm"],
                       "runs_s": {k: [round(v, 2) for v in vs] for k, vs in seconds.items()}}))
 

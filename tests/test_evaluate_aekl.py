@@ -208,7 +208,20 @@ def test_a_registered_version_is_evaluated_and_its_run_names_the_version(shards,
     assert folder.models[0]["metrics"] == entry["metrics"]  # the registered weights, not others
 
 
-@pytest.mark.parametrize("case", ["no shards", "not aekl", "count too large", "no such split", "images too small"])
+def test_the_command_is_in_vaepipe_help_with_its_options(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    for option in ("--shards", "--split", "--count", "--posterior", "--lpips", "--out", "--batch-size", "--device"):
+        assert option in shown
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "evaluate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["no shards", "not aekl", "registered conv", "count too large", "no such split",
+                                  "images too small"])
 def test_bad_input_is_refused_in_one_line_naming_the_problem(case, shards, folders, tmp_path, capsys):
     model, where, extra = folders[0], str(shards), []
     if case == "no shards":
@@ -217,6 +230,18 @@ def test_bad_input_is_refused_in_one_line_naming_the_problem(case, shards, folde
         model = str(tmp_path / "unet")
         Path(model).mkdir()
         (Path(model) / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    elif case == "registered conv":  # a registered version of another architecture carries no diffusers folder
+        from vae.registry.packaging import log_model
+        from vae.registry.versions import register_version
+        from vae.tracking.store import ensure_experiment
+
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        run_id = mlflow.MlflowClient(uri).create_run(ensure_experiment("evaluate-test", uri)).info.run_id
+        spec = model_spec("conv", (3, SIDE, SIDE), 2)
+        register_version(log_model(build_from_spec(spec).eval(), spec, run_id), "conv-model", 100.0, run_id)
+        model, extra = "models:/conv-model/1", ["--tracking-uri", uri]
+        capsys.readouterr()  # the setup's MLflow logs: only the command's output is checked
     elif case == "count too large":
         extra = ["--count", "13"]
     elif case == "no such split":
@@ -226,10 +251,13 @@ def test_bad_input_is_refused_in_one_line_naming_the_problem(case, shards, folde
         where = str(tmp_path / "small")
         pipeline.ingest("arrays", {"files": {"test": str(tmp_path / "small.npy")}}, where, 4, 2, progress=False)
     assert main(["evaluate", model, "--shards", where, "--no-track", "--out", str(tmp_path / "out"), *extra]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    lines = capsys.readouterr().err.strip().splitlines()  # above it, at most MLflow's download progress bar
+    err = lines[-1]
+    assert err.startswith("error: ") and [line for line in lines if line.startswith("error")] == [err]
     expected = {"no shards": "does not exist; run the ingest first", "not aekl": "holds a UNet2DModel, not an "
-                "AutoencoderKL", "count too large": "--count 13 is more than the 12 images of split 'test'",
+                "AutoencoderKL", "registered conv": "models:/conv-model/1 cannot be evaluated: conv-model version 1 "
+                "carries no diffusers folder: only model.arch aekl exports one",
+                "count too large": "--count 13 is more than the 12 images of split 'test'",
                 "no such split": "has no split 'val'",
                 "images too small": "LPIPS(alex) takes images of at least 32 px a side, these are 16x16: pass "
                 "--lpips none"}[case]

@@ -32,7 +32,7 @@ from vae.objectives.aekl.evaluation import measure, protocol_for, reference_key,
 from vae.objectives.aekl.fid import reference_file
 from vae.objectives.aekl.losses import BACKBONE_MIN_SIDE
 from vae.objectives.aekl.protocol import EvaluationProtocol, LpipsNet, Posterior
-from vae.registry.store import pull_diffusers
+from vae.registry.store import ModelStoreError, pull_diffusers
 
 MODELS_SCHEME = "models:/"
 OUT_FILE = "evaluation.json"
@@ -92,7 +92,11 @@ def load_aekl(ref: str, image_shape: tuple[int, int, int], tracking_uri: str | N
         if tracking_uri is None:
             raise ValueError(f"{ref} names a registered model: give the MLflow tracking URI that holds it")
         with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp:
-            name, version, folder = pull_diffusers(ref.removeprefix(MODELS_SCHEME), Path(tmp) / "vae", tracking_uri)
+            try:
+                name, version, folder = pull_diffusers(ref.removeprefix(MODELS_SCHEME), Path(tmp) / "vae",
+                                                       tracking_uri)
+            except ModelStoreError as err:  # a missing name, alias or version; another architecture's version
+                raise ModelStoreError(f"model {ref} cannot be evaluated: {err}") from None
             return _build(folder, image_shape), {"uri": ref, "name": name, "version": version,
                                                  "version_uri": f"models:/{name}/{version}"}
     folder = Path(ref)

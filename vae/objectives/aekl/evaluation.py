@@ -165,17 +165,14 @@ def _lpips_scorer(net: str, weights: str | Path | None) -> tuple[torch.nn.Module
 
 
 def scorers(lpips_net: str = "alex", lpips_weights: str | Path | None = None,
-            inception_weights: str | Path | None = None, images: int = 2, fid: bool = True) -> Scorers:
+            inception_weights: str | Path | None = None, images: int = 2) -> Scorers:
     """LPIPS on `lpips_net` ("alex", "vgg" or "none") and FID, from the given weights or the torch hub cache; each
     is left out, with the reason, when its weights are not on this machine (nothing is downloaded), FID also below
-    two images (its covariance needs two) or when `fid` is False."""
+    two images (its covariance needs two)."""
     lpips, lpips_said, lpips_absent = _lpips_scorer(lpips_net, lpips_weights)
     absent = {"val/lpips": lpips_absent} if lpips_absent else {}
-    weights = inception_weights_path(inception_weights) if fid else None
-    if not fid:
-        fid_said = "none: not asked"
-        absent["val/rfid"] = "rFID was not asked for"
-    elif weights is None:
+    weights = inception_weights_path(inception_weights)
+    if weights is None:
         fid_said = f"absent: no torch-fidelity {INCEPTION_FILE} on the machine"
         absent["val/rfid"] = f"no Inception weights ({INCEPTION_FILE} in the torch hub cache)"
     elif images < 2:

@@ -117,7 +117,9 @@ def register_version(model_uri: str, name: str, score: float, run_id: str, tags:
     it could not see was created later, so its own registrar read everything after W, found agreement too
     (it would otherwise have written after W), and saw a superset. Versions are only added, and the targets
     are a deterministic function of them, so the final aliases are the targets over all versions, whatever
-    the interleaving. With no write at all, the aliases already agreed with every registrar's last read.
+    the interleaving. With no write at all, the aliases already agreed with every registrar's last read. The
+    protocol versions compete under is the champion's (the oldest competing version's before there is one), and the
+    champion only ever moves to a version of that protocol, so it stays one function of the versions too.
     """
     score = float(score)
     client = mlflow.MlflowClient()
@@ -139,7 +141,7 @@ def register_version(model_uri: str, name: str, score: float, run_id: str, tags:
     for _ in range(ALIAS_ROUNDS):
         aliases, scores, tags_of = _contest(client, name, criterion)
         protocol = _class(aliases, scores, tags_of)  # only versions scored under one protocol compete
-        best = criterion.best({v: score for v, score in scores.items() if tags_of[v].get(DIGEST_TAG) == protocol})
+        best = criterion.best({v: s for v, s in scores.items() if tags_of[v].get(DIGEST_TAG) == protocol})
         targets = {CHAMPION: best, CHALLENGER: max(scores)}
         if all(aliases.get(alias) == v for alias, v in targets.items()):
             break

@@ -203,6 +203,9 @@ def test_a_registered_version_is_evaluated_and_its_run_names_the_version(shards,
                                    "version_uri": f"models:/{name}/1"}
     run = client.get_run(entry["run_id"])
     assert run.data.tags["vaepipe.model.name"] == name and run.data.tags["vaepipe.model.version"] == "1"
+    version = client.get_model_version(name, "1")  # linked by its logged model's id where the store keeps one
+    assert [m.model_id for m in run.inputs.model_inputs] == ([version.model_id] if version.model_id else [])
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [pipeline.index_sha256(shards)[:32]]
     folder = evaluate_models([str(export_diffusers(model, tmp_path / "same", STATS))], shards,
                              options=EvaluateOptions(count=4), track=False)
     assert folder.models[0]["metrics"] == entry["metrics"]  # the registered weights, not others

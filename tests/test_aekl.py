@@ -1,7 +1,6 @@
 """model.arch aekl: diffusers' AutoencoderKL wrapped, its config section, pretrained folders, decoder-only
 fine-tuning, and the aekl objective (LPIPS, PatchGAN, adaptive weight). Tiny models, 32 px, CPU."""
 
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -258,19 +257,15 @@ def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monke
 
 
 def test_rfid_runs_when_inception_weights_are_in_the_torch_hub_cache(tmp_path, monkeypatch):
-    """Random Inception weights in torch-fidelity's file (stand-ins for the real one): rFID is measured, on grey
-    images too (repeated to RGB)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    """Stand-in Inception weights in torch-fidelity's file (tests/support/inception.py): rFID is measured, on grey
+    images too (repeated to RGB), and the protocol names the extractor and its weights."""
+    from support.inception import random_inception_file
 
     from vae.objectives.aekl.evaluation import INCEPTION_FILE
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    torch.manual_seed(0)
-    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
-            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(net.state_dict(), tmp_path / "hub" / "checkpoints" / INCEPTION_FILE)
+    random_inception_file(tmp_path / "hub" / "checkpoints" / INCEPTION_FILE)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
     result, _ = final_evaluation(tmp_path, images, tiny((1, 32, 32)))
-    assert result.metrics["val/rfid"] >= 0 and "val/rfid" not in result.details["absent"]
+    assert result.metrics["val/rfid"] > 1e-3 and "val/rfid" not in result.details["absent"]
+    assert INCEPTION_FILE in result.details["protocol"]["fid"]

@@ -33,6 +33,7 @@ from vae.objectives.aekl.fid import (
     INCEPTION_FILE,
     build_fid,
     fid_description,
+    file_sha256,
     inception_weights_path,
     load_reference,
     save_reference,
@@ -160,7 +161,8 @@ def _lpips_scorer(net: str, weights: str | Path | None) -> tuple[torch.nn.Module
             f"no LPIPS {net} backbone weights on this machine: put {file} into the torch hub cache "
             f"({Path(torch.hub.get_dir()) / 'checkpoints'}) or pass its path (--lpips-weights)")
     path = backbone_weights_path(net, weights, "--lpips-weights")  # a given path that does not exist: refused
-    said = f"{net}: lpips {version('lpips')} linear heads v0.1, torchvision backbone {path.name}"
+    said = (f"{net}: lpips {version('lpips')} linear heads v0.1, torchvision backbone {path.name} sha256 "
+            f"{file_sha256(path)[:16]}")
     return load_lpips(net, path), said, None
 
 

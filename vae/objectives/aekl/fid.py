@@ -52,9 +52,18 @@ def build_fid(weights: Path):
         return FrechetInceptionDistance(feature=2048, normalize=True)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a weights file, read in 1 MiB blocks (a protocol names its weights by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fid_description(weights: Path) -> str:
     """The FID implementation and its feature extractor, with the weights' sha256 (a protocol field)."""
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sha = file_sha256(weights)
     return (f"torchmetrics {version('torchmetrics')} FrechetInceptionDistance(feature=2048) on torch-fidelity "
             f"{version('torch-fidelity')} inception-v3-compat, weights {weights.name} sha256 {sha[:16]}")
 

@@ -1,4 +1,4 @@
-"""The `vaepipe` command: demo, ingest, encode, serve, status, models, train, verify.
+"""The `vaepipe` command: demo, ingest, encode, evaluate, serve, status, models, train, verify.
 
 Config fields are overridden as `--section.field VALUE` after the command (`vaepipe demo --train.epochs 3`);
 an invalid config stops with the field and the allowed values, exit status 2. `vaepipe ingest` also stops with
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from flows import serve, temporary_server
+from flows.evaluate import add_evaluate_command, evaluate
 from vae.config import ConfigError, RunConfig, field_help, load_config
 
 DEFAULT_PRESET = Path("infra/configs/digits.yaml")
@@ -62,6 +63,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     )
     check.add_argument("shard_dir", help="shard directory, e.g. data/shards/digits or s3://bucket/prefix")
     add_models_command(commands)
+    add_evaluate_command(commands)
     latents = commands.add_parser(
         "encode", help="encode a shard directory into latent shards with an aekl model",
         description="Encode every image of SHARD_DIR (each once) with MODEL into latent shards in OUT_DIR: per image "
@@ -326,6 +328,7 @@ class FlowCommand(NamedTuple):
 # the commands that take no config overrides (anything left over on their command line is an error) ...
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "encode": encode,
+    "evaluate": evaluate,
     "models": models,
     "serve": start_or_stop_serving,
     "status": lambda args: serve.status(),

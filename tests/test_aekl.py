@@ -1,7 +1,6 @@
 """model.arch aekl: diffusers' AutoencoderKL wrapped, its config section, pretrained folders, decoder-only
 fine-tuning, and the aekl objective (LPIPS, PatchGAN, adaptive weight). Tiny models, 32 px, CPU."""
 
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -239,8 +238,13 @@ def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monke
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         recon = model.decode_latents(model.encode_latents(x))
-    psnr = peak_signal_noise_ratio(recon, x, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean()
-    assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-5)
+    recon8 = (recon * 255).round()  # the protocol's PSNR: per image on uint8, then averaged
+    psnr = peak_signal_noise_ratio(recon8, x * 255, data_range=255.0, reduction="none", dim=(1, 2, 3)).mean()
+    assert metrics["val/psnr"] == pytest.approx(float(psnr), rel=1e-6)
+    protocol = result.details["protocol"]
+    assert (protocol["split"], protocol["count"], protocol["posterior"]) == ("test", 6, "mode")
+    assert protocol["lpips"].startswith("absent") and protocol["fid"].startswith("absent")
+    assert result.protocol_tags["eval_protocol_sha256"] == result.details["protocol_sha256"]
     assert 0 < metrics["val/ssim"] < 1 and "val/lpips" not in metrics and "val/rfid" not in metrics
     absent = result.details["absent"]
     assert set(absent) == {"val/lpips", "val/rfid"} and "torch hub cache" in absent["val/rfid"]
@@ -253,19 +257,15 @@ def test_evaluation_reports_psnr_ssim_latents_and_absent_weights(tmp_path, monke
 
 
 def test_rfid_runs_when_inception_weights_are_in_the_torch_hub_cache(tmp_path, monkeypatch):
-    """Random Inception weights in torch-fidelity's file (stand-ins for the real one): rFID is measured, on grey
-    images too (repeated to RGB)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    """Stand-in Inception weights in torch-fidelity's file (tests/support/inception.py): rFID is measured, on grey
+    images too (repeated to RGB), and the protocol names the extractor and its weights."""
+    from support.inception import random_inception_file
 
     from vae.objectives.aekl.evaluation import INCEPTION_FILE
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    torch.manual_seed(0)
-    with mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None), \
-            mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(net.state_dict(), tmp_path / "hub" / "checkpoints" / INCEPTION_FILE)
+    random_inception_file(tmp_path / "hub" / "checkpoints" / INCEPTION_FILE)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
     result, _ = final_evaluation(tmp_path, images, tiny((1, 32, 32)))
-    assert result.metrics["val/rfid"] >= 0 and "val/rfid" not in result.details["absent"]
+    assert result.metrics["val/rfid"] > 1e-3 and "val/rfid" not in result.details["absent"]
+    assert INCEPTION_FILE in result.details["protocol"]["fid"]

@@ -25,6 +25,7 @@ FORBIDDEN = {
     "vae.training": ("vae.registry", "vae.launch", "flows"),
     "vae.registry": ("vae.launch", "flows"),
     "vae.latents": ("vae.training", "vae.launch", "flows"),
+    "vae.evaluation": ("vae.training", "vae.launch", "vae.latents", "flows"),
     "vae.launch": ("vae.models", "vae.objectives", "vae.tracking", "vae.registry", "vae.training.trainer", "flows"),
     "pipeline": ("vae", "flows"),
 }
@@ -89,7 +90,8 @@ def test_the_vae_folder_shows_its_packages_and_the_entry_script_only():
     files = sorted(p.name for p in (ROOT / "vae").glob("*.py"))
     packages = sorted(p.name for p in (ROOT / "vae").iterdir() if (p / "__init__.py").is_file())
     assert files == ["__init__.py", "train.py"]
-    assert packages == ["config", "latents", "launch", "models", "objectives", "registry", "tracking", "training"]
+    assert packages == ["config", "evaluation", "latents", "launch", "models", "objectives", "registry", "tracking",
+                        "training"]
 
 
 def test_every_package_says_what_it_owns_and_what_it_never_imports():

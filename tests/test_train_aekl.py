@@ -153,14 +153,23 @@ def shows_what_the_flow_and_the_demo_show(out: Path, run_id: str, metrics: dict,
 
 def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_reconstructs_as_logged(
         tmp_path, photo_shards, vgg_weights, tracking_uri, capsys, monkeypatch):
+    from torchvision.models import alexnet
+
+    from vae.evaluation import EvaluateOptions, evaluate_models
+
     name = f"aekl-e2e-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "run"
+    # the evaluation's LPIPS(alex) backbone, random, in this test's torch hub cache (no Inception: rFID absent)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(alexnet(weights=None).state_dict(), hub / "alexnet-owt-7be5be79.pth")
     with in_process(tracking_uri):
         train(config(photo_shards, out, vgg_weights, "--train.epochs", "1", "--tracking.finalize", "register",
                      "--tracking.model_name", name))
     metrics = json.loads((out / "metrics.json").read_text())
     details = json.loads((out / "evaluation.json").read_text())
-    # the aekl evaluation, not the ELBO's: PSNR/SSIM, LPIPS (local, random weights here), latent statistics
+    # the aekl evaluation, not the ELBO's: PSNR/SSIM, LPIPS(alex) (local, random weights here), latent statistics
     assert "val/nll_iwae" not in metrics and {"val/psnr", "val/ssim", "val/lpips"} <= metrics.keys()
     assert {f"val/latent_std/{c}" for c in range(4)} <= metrics.keys() and metrics["val/scaling_factor"] > 0
     assert ("val/rfid" in metrics) != ("val/rfid" in details["absent"])  # measured, or said why not
@@ -176,6 +185,19 @@ def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_recon
     version = client.get_model_version_by_alias(name, "champion")
     assert int(version.version) == 1 and float(version.tags["val_psnr"]) == metrics["val/psnr"]
     assert float(version.tags["val_scaling_factor"]) == metrics["val/scaling_factor"]
+    # the protocol it was scored under: in evaluation.json, on the version and as the run's params
+    protocol = details["protocol"]
+    assert (protocol["split"], protocol["count"], protocol["posterior"]) == ("test", 16, "mode")
+    assert protocol["lpips"].startswith("alex: lpips") and protocol["fid"].startswith("absent")
+    assert version.tags["eval_protocol_sha256"] == details["protocol_sha256"]
+    assert json.loads(version.tags["eval_protocol"]) == protocol
+    assert client.get_run(meta_run_id(out)).data.params["protocol.count"] == "16"
+    # `vaepipe evaluate` of the registered version on the same shards runs the same code: same protocol, same numbers
+    again = evaluate_models([f"models:/{name}@champion"], photo_shards, options=EvaluateOptions(split="test"),
+                            tracking_uri=tracking_uri, track=False)
+    assert again.protocol.digest() == details["protocol_sha256"]
+    for key in ("psnr", "ssim", "lpips"):
+        assert again.models[0]["metrics"][key] == pytest.approx(metrics[f"val/{key}"], rel=1e-5)
 
     shows_what_the_flow_and_the_demo_show(out, meta_run_id(out), metrics, tracking_uri, capsys, monkeypatch)
 
@@ -186,8 +208,9 @@ def test_finalize_registers_aekl_on_psnr_and_pulls_a_diffusers_folder_that_recon
     config_ = json.loads((dest / "config.json").read_text())
     assert (config_["scaling_factor"], config_["shift_factor"]) == (stats["scaling_factor"], stats["shift_factor"])
     x = validation_images(photo_shards)
-    mse = ((reconstruct_elsewhere(dest, x, tmp_path).astype(np.float64) - x) ** 2).mean(axis=(1, 2, 3))
-    psnr = float(np.mean(10 * np.log10(1 / mse)))  # per image, data range 1, as torchmetrics in the evaluation
+    recon = np.round(reconstruct_elsewhere(dest, x, tmp_path).astype(np.float64) * 255)  # the protocol: on uint8
+    mse = ((recon - np.round(x * 255)) ** 2).mean(axis=(1, 2, 3))
+    psnr = float(np.mean(10 * np.log10(255**2 / mse)))  # per image, then averaged
     assert psnr == pytest.approx(metrics["val/psnr"], abs=1e-3)
 
 

@@ -5,7 +5,9 @@
   shows;
 - `inputs`: uint8 batches -> model inputs (binarised, dequantised, in the run's memory format);
 - `elbo/`: the ELBO family: likelihoods, ELBO and IWAE losses, evaluation (IWAE NLL, bits/dim), plots;
-- `aekl/`: LDM's autoencoder loss with its discriminator and LPIPS, evaluation (PSNR, SSIM, LPIPS, rFID, latents).
+- `aekl/`: LDM's autoencoder loss with its discriminator and LPIPS, evaluation (PSNR, SSIM, LPIPS, rFID, latents)
+  under a stored `EvaluationProtocol` (`aekl/protocol.py`, torch-free), run alike by the end of training and
+  `vaepipe evaluate`; rFID's parts and cached real statistics (`aekl/fid.py`).
 
 Owns losses and evaluation; pure functions of tensors. Imports config and models; never imports training,
 tracking, registry or launch code, nor accelerate's or MLflow's APIs (an `accelerator` is handed in, duck-typed).

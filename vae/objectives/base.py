@@ -119,6 +119,7 @@ class FinalEvaluation:
     headline: str  # one line for the log
     nonfinite: dict[str, str] = field(default_factory=dict)  # metric name -> why it is NaN or infinite
     latent_stats: dict | None = None  # aekl: scaling/shift factor and per-channel stats, into the exported config
+    protocol_tags: dict[str, str] = field(default_factory=dict)  # aekl: the evaluation protocol, as version tags
 
 
 @contextlib.contextmanager

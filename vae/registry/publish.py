@@ -13,9 +13,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.entities import Param, RunTag
 
 from vae.config import RunConfig, load_config
 from vae.objectives import CRITERIA, NLL
+from vae.objectives.aekl.protocol import DIGEST_TAG, EvaluationProtocol
 from vae.registry.packaging import log_model
 from vae.registry.versions import CHAMPION, RegisteredVersion, register_version
 from vae.tracking import provenance
@@ -55,6 +57,10 @@ def register_run(cfg: RunConfig, run_id: str, metrics: dict[str, float] | None =
     model, _ = load_trained(run_dir)  # rebuilt from its meta.json: no shard index, no storage options needed
     example = np.load(run_dir / EXAMPLE_FILE, allow_pickle=False)
     log_artifacts(run_dir, run_id)
+    if "protocol" in details:  # aekl: the evaluation protocol as the run's params, its digest as a tag
+        protocol = EvaluationProtocol.model_validate(details["protocol"])
+        client.log_batch(run_id, params=[Param(k, v) for k, v in protocol.params().items()],
+                         tags=[RunTag(DIGEST_TAG, protocol.digest())])
     run_tags = client.get_run(run_id).data.tags
     # at the checkpoint's step: MLflow then links the final evaluation (logged at that step) to the logged model
     model_uri = log_model(model.eval(), details["model_spec"], run_id, input_example=example,

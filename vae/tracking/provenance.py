@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import threading
 import warnings
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 
 def shard_datasets(cfg: RunConfig) -> dict[str, Any]:
     """{context: dataset} for the training and validation splits of `cfg.shard_dir` ("training", "validation")."""
+    return {context: split_dataset(cfg.shard_dir, split, cfg.ingest.storage_options)
+            for context, split in (("training", cfg.data.train_split), ("validation", cfg.data.val_split))}
+
+
+def split_dataset(shard_dir: str | os.PathLike, split: str, storage_options: dict | None = None):
+    """One split of a shard directory as an MLflow dataset: named `<source>-<split>`, its digest the index's
+    sha256, its profile the split's counts and image shape (MLflow reads none of the files)."""
     from mlflow.data.meta_dataset import MetaDataset
 
     class ShardDataset(MetaDataset):
@@ -54,18 +62,14 @@ def shard_datasets(cfg: RunConfig) -> dict[str, Any]:
         def to_dict(self) -> dict[str, str]:
             return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
-    storage = cfg.ingest.storage_options
-    index = pipeline.read_index(cfg.shard_dir, storage)
-    sha = pipeline.index_sha256(cfg.shard_dir, storage)
-    source = _dataset_source(str(cfg.shard_dir))
-    datasets = {}
-    for context, split in (("training", cfg.data.train_split), ("validation", cfg.data.val_split)):
-        info = index.split(split)
-        profile = {"split": split, "num_samples": info.num_samples, "num_shards": len(info.shards),
-                   "image_shape_hwc": list(index.image_shape), "dtype": index.dtype, "layout": index.layout,
-                   "num_classes": info.num_classes, "shard_index_sha256": sha}
-        datasets[context] = ShardDataset(source, f"{index.source['name']}-{split}", sha[:DIGEST_CHARS], profile)
-    return datasets
+    index = pipeline.read_index(shard_dir, storage_options)
+    sha = pipeline.index_sha256(shard_dir, storage_options)
+    info = index.split(split)
+    profile = {"split": split, "num_samples": info.num_samples, "num_shards": len(info.shards),
+               "image_shape_hwc": list(index.image_shape), "dtype": index.dtype, "layout": index.layout,
+               "num_classes": info.num_classes, "shard_index_sha256": sha}
+    return ShardDataset(_dataset_source(str(shard_dir)), f"{index.source['name']}-{split}", sha[:DIGEST_CHARS],
+                        profile)
 
 
 def _dataset_source(location: str):

@@ -9,7 +9,8 @@ registry needs (vae/registry/publish.py takes it from there).
 2. `save_evaluation` (rank 0): metrics.json, evaluation.json (the objective's details, why a metric is not
    finite, the model spec of the newest checkpoint with aekl's latent statistics, the champion criterion and
    tags to register with, the headline and the picture a report shows), input_example.npy and the objective's
-   plots/ in output_dir. From here on nothing needs the data, the devices or the tracking server.
+   plots/ in output_dir; aekl's evaluation protocol (vae/objectives/aekl/protocol.py) in evaluation.json and its
+   digest among the tags. From here on nothing needs the data, the devices or the tracking server.
 3. the metrics to the run's journal, and with tracking.finalize "register" the journal's `publish` entry.
 The journal's publish entry is sent by its publisher, `vae.registry.publish.publish_run` (rank 0 through the
 journal, so a tracking server that is down costs nothing: see vae/tracking/journal.py; or the flow's publish
@@ -86,7 +87,8 @@ def save_evaluation(cfg: RunConfig, objective: Objective, result: FinalEvaluatio
     champion, picture = objective.champion, objective.picture
     details = {**result.details, "global_step": global_step, "nonfinite": result.nonfinite, "model_spec": spec,
                "model_name": cfg.model_name, "champion": champion.tag,
-               "tags": version_tags(cfg, result.metrics),
+               # aekl: the evaluation protocol's digest and fields, so the registry compares like with like
+               "tags": {**version_tags(cfg, result.metrics), **result.protocol_tags},
                # what a report shows of the run (flows/train_vae.py, `vaepipe demo`), whatever the architecture
                "headline": result.headline,
                "picture": None if picture is None else {"file": f"{PLOTS_DIR}/{picture.file}",

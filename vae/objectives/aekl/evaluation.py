@@ -1,34 +1,49 @@
-"""Evaluation of an aekl model on the validation split at full resolution, under fixed metric names.
+"""Evaluation of an aekl model under an `EvaluationProtocol` (protocol.py), under fixed metric names: the one code path
+the end of training (objective.py `final_evaluation`) and `vaepipe evaluate` (vae/evaluation) both run.
 
 Metrics (vae/training/finalize.py logs them like the ELBO family):
-- `val/psnr` (dB) and `val/ssim`: per image (torchmetrics, data range 1), averaged over images;
-- `val/lpips` (VGG) and `val/rfid` (Inception, torch-fidelity's FID weights): only when their weights are on
-  this machine; otherwise they are left out of the metrics and `absent` says why (never a made-up number);
+- `val/psnr` (dB): per image on uint8 (image and reconstruction both rounded to 0..255), averaged over images;
+  `val/ssim`: torchmetrics' SSIM on those uint8 images / 255, per image, averaged;
+- `val/lpips` (AlexNet by default, `Scorers`) and `val/rfid` (Inception, torch-fidelity's FID weights): only when
+  their weights are on this machine; otherwise they are left out of the metrics and `absent` says why (never a
+  made-up number);
 - `val/latent_mean/{c}`, `val/latent_std/{c}` per latent channel, over every position of the posterior mean of
-  every validation image, and from all channels together `val/shift_factor` (the mean) and
-  `val/scaling_factor` (1 / std): what a diffusion model multiplies latents by, `(z - shift) * scale`, to
-  train on unit-variance latents (SD's 0.18215 was computed this way); the export writes them into config.json.
+  every image, and from all channels together `val/shift_factor` (the mean) and `val/scaling_factor` (1 / std):
+  what a diffusion model multiplies latents by, `(z - shift) * scale`, to train on unit-variance latents (SD's
+  0.18215 was computed this way); the export writes them into config.json.
 
-As in vae/objectives/elbo/evaluation.py the per-image figures are running float64 sums (`aekl_sums`), so ranks can
-all-reduce one
-tensor and `aekl_metrics` turns the totals into the figures.
+The reconstruction decodes the posterior mode (its mean) or one seeded sample of it, as the protocol says. As in
+vae/objectives/elbo/evaluation.py the per-image figures are running float64 sums (`aekl_sums`), so ranks can
+all-reduce one tensor and `aekl_metrics` turns the totals into the figures; rFID's statistics are torchmetrics'
+own states (all-gathered in its `compute`), the real images' half optionally cached (fid.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from importlib.metadata import version
 from pathlib import Path
-from typing import NamedTuple
-from unittest import mock
+from typing import Any, NamedTuple
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.utils import make_grid, save_image
 
+from vae.objectives.aekl.fid import (
+    INCEPTION_FILE,
+    build_fid,
+    fid_description,
+    file_sha256,
+    inception_weights_path,
+    load_reference,
+    save_reference,
+)
+from vae.objectives.aekl.losses import BACKBONES, backbone_weights_path, load_lpips
+from vae.objectives.aekl.protocol import EvaluationProtocol
 from vae.objectives.inputs import to_unit
 
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception (the TF port)
 METRICS = ("val/psnr", "val/ssim", "val/lpips", "val/rfid", "val/shift_factor", "val/scaling_factor")
+__all__ = ["INCEPTION_FILE", "METRICS", "Scorers", "aekl_metrics", "aekl_sums", "measure", "scorers"]
 
 
 class LatentStats(NamedTuple):
@@ -57,30 +72,55 @@ def latent_stats(moments: torch.Tensor) -> LatentStats:
     return LatentStats(mean.tolist(), var.sqrt().tolist(), float(total_mean), float(total_var.rsqrt()))
 
 
+def quantised(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> float32 holding their uint8 values 0..255 (rounded, clamped): what PSNR is taken on."""
+    return images.float().mul(255).round_().clamp_(0, 255)
+
+
+def _rgb(images: torch.Tensor) -> torch.Tensor:
+    """Grey images repeated to RGB (LPIPS and Inception take three channels)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 @torch.no_grad()
 def aekl_sums(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str,
-              lpips: torch.nn.Module | None = None,
-              prepare: Callable[[torch.Tensor], torch.Tensor] = to_unit) -> tuple[torch.Tensor, torch.Tensor]:
+              lpips: torch.nn.Module | None = None, prepare: Callable[[torch.Tensor], torch.Tensor] = to_unit, *,
+              posterior: str = "mode", seed: int | None = None, fid: Any = None,
+              fid_reals: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over the batches: (psnr, ssim, lpips, count) float64 and the latent moments (3, latent channels).
 
-    Reconstructions decode the posterior mean (deterministic), at the images' full resolution.
+    Each image is reconstructed once, at full resolution, from the posterior mean (`posterior` "mode") or one draw
+    of it from a generator seeded with `seed` ("sample"); `fid` (torchmetrics' FID), when given, is updated with
+    the reconstructions, and with the images themselves while `fid_reals` (False: its real statistics are cached).
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    moments = None
+    moments, generator = None, None
     for images in batches:
         x = prepare(images.to(device, non_blocking=True))
-        z = model.encode_latents(x)
-        recon = model.decode_latents(z)
-        psnr = peak_signal_noise_ratio(recon, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        ssim = structural_similarity_index_measure(recon, x, data_range=1.0, reduction="none")
-        lp = lpips(x * 2 - 1, recon * 2 - 1).flatten() if lpips is not None else torch.zeros_like(psnr)
+        q = model.posterior(x)
+        z = q.mu
+        if posterior == "sample":
+            if generator is None:
+                generator = torch.Generator(device=q.mu.device).manual_seed(seed or 0)
+            noise = torch.randn(q.mu.shape, generator=generator, device=q.mu.device, dtype=q.mu.dtype)
+            z = q.mu + (0.5 * q.logvar).exp() * noise
+        x8, r8 = quantised(x), quantised(model.decode_latents(z))  # (B, C, H, W) 0..255
+        psnr = peak_signal_noise_ratio(r8, x8, data_range=255.0, reduction="none", dim=(1, 2, 3))
+        real, recon = x8 / 255, r8 / 255
+        ssim = structural_similarity_index_measure(recon, real, data_range=1.0, reduction="none")
+        lp = (lpips(_rgb(real) * 2 - 1, _rgb(recon) * 2 - 1).flatten() if lpips is not None
+              else torch.zeros_like(psnr))
+        if fid is not None:
+            if fid_reals:
+                fid.update(_rgb(real), real=True)
+            fid.update(_rgb(recon), real=False)
         sums += torch.stack([psnr.double().sum(), ssim.double().sum(), lp.double().sum(),
                              torch.tensor(float(len(x)), dtype=torch.float64, device=device)])
-        m = latent_moments(z)
+        m = latent_moments(q.mu)
         moments = m if moments is None else moments + m
     if moments is None:
-        raise ValueError("evaluation saw no images; check data.val_split")
+        raise ValueError("evaluation saw no images; check the split (data.val_split, --split)")
     return sums, moments
 
 
@@ -102,50 +142,94 @@ def aekl_metrics(sums: torch.Tensor, moments: torch.Tensor, lpips_present: bool,
     return metrics, stats
 
 
-def inception_weights_path(path: str | Path | None) -> Path | None:
-    """The FID Inception weights: the given file, else torch-fidelity's file in the torch hub cache, else None."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Inception weights {str(path)!r} do not exist: give torch-fidelity's "
-                                    f"{INCEPTION_FILE} (or a .safetensors of it)")
-        return Path(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    return cached if cached.is_file() else None
+class Scorers(NamedTuple):
+    """The metrics that need weights from disk, as a protocol asks for them: each None when left out."""
+
+    lpips: torch.nn.Module | None
+    fid: Any  # torchmetrics' FrechetInceptionDistance, or None
+    lpips_said: str  # the protocol's `lpips` field
+    fid_said: str  # the protocol's `fid` field
+    absent: dict[str, str]  # metric -> why it is left out (evaluation.json)
 
 
-def build_fid(weights: Path):
-    """torchmetrics' FID on torch-fidelity's Inception, its weights read without pickle.
+def _lpips_scorer(net: str, weights: str | Path | None) -> tuple[torch.nn.Module | None, str, str | None]:
+    if net == "none":
+        return None, "none: not asked", "LPIPS was not asked for (--lpips none)"
+    file = BACKBONES[net]
+    if weights is None and not (Path(torch.hub.get_dir()) / "checkpoints" / file).is_file():
+        return None, f"absent: no torchvision {file} on the machine", (
+            f"no LPIPS {net} backbone weights on this machine: put {file} into the torch hub cache "
+            f"({Path(torch.hub.get_dir()) / 'checkpoints'}) or pass its path (--lpips-weights)")
+    path = backbone_weights_path(net, weights, "--lpips-weights")  # a given path that does not exist: refused
+    said = (f"{net}: lpips {version('lpips')} linear heads v0.1, torchvision backbone {path.name} sha256 "
+            f"{file_sha256(path)[:16]}")
+    return load_lpips(net, path), said, None
 
-    torch-fidelity reads a weights file with torch.load(weights_only=False) (pickle: a planted file would run
-    code) and otherwise downloads; it offers no other way in, so its loader is replaced, for this construction
-    only, by one returning the state dict we read as safetensors or with weights_only=True.
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
-    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(weights)
+def scorers(lpips_net: str = "alex", lpips_weights: str | Path | None = None,
+            inception_weights: str | Path | None = None, images: int = 2) -> Scorers:
+    """LPIPS on `lpips_net` ("alex", "vgg" or "none") and FID, from the given weights or the torch hub cache; each
+    is left out, with the reason, when its weights are not on this machine (nothing is downloaded), FID also below
+    two images (its covariance needs two)."""
+    lpips, lpips_said, lpips_absent = _lpips_scorer(lpips_net, lpips_weights)
+    absent = {"val/lpips": lpips_absent} if lpips_absent else {}
+    weights = inception_weights_path(inception_weights)
+    if weights is None:
+        fid_said = f"absent: no torch-fidelity {INCEPTION_FILE} on the machine"
+        absent["val/rfid"] = f"no Inception weights ({INCEPTION_FILE} in the torch hub cache)"
+    elif images < 2:
+        fid_said, weights = "absent: fewer than 2 images", None
+        absent["val/rfid"] = "FID needs at least 2 images (a covariance)"
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
-        return FrechetInceptionDistance(feature=2048, normalize=True)
+        fid_said = fid_description(weights)
+    return Scorers(lpips, None if weights is None else build_fid(weights), lpips_said, fid_said, absent)
 
 
-@torch.no_grad()
-def rfid(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str, weights: Path,
-         prepare: Callable[[torch.Tensor], torch.Tensor] = to_unit) -> float:
-    """Reconstruction FID: validation images against their reconstructions (grey images repeated to RGB)."""
-    fid = build_fid(weights).to(device)
-    model.eval()
-    for images in batches:
-        x = prepare(images.to(device, non_blocking=True))
-        recon = model.decode_latents(model.encode_latents(x))
-        rgb = (lambda t: t.expand(-1, 3, -1, -1)) if x.shape[1] == 1 else (lambda t: t)
-        fid.update(rgb(x), real=True)
-        fid.update(rgb(recon), real=False)
-    return float(fid.compute())
+def measure(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str, tools: Scorers,
+            protocol: EvaluationProtocol, prepare: Callable[[torch.Tensor], torch.Tensor] = to_unit,
+            reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+            reference: Path | None = None) -> tuple[dict[str, float], LatentStats, bool]:
+    """The evaluation under `protocol`: `model` over `batches` (uint8), the sums reduced over ranks by `reduce`,
+    rFID's real statistics read from (or, computed, written to) `reference` when given. Returns the metrics, the
+    latent statistics, and whether the real statistics came from the cache."""
+    fid = tools.fid
+    cached = False
+    if fid is not None:
+        fid.reset()  # one Scorers serves several models; the real half comes back from the cache
+        fid.to(device)
+        cached = reference is not None and load_reference(fid, reference)
+    if tools.lpips is not None:
+        tools.lpips.to(device)
+    sums, moments = aekl_sums(model, batches, device, tools.lpips, prepare, posterior=protocol.posterior,
+                              seed=protocol.seed, fid=fid, fid_reals=not cached)
+    sums, moments = reduce(sums), reduce(moments)
+    score = None
+    if fid is not None:
+        score = float(fid.compute())  # torchmetrics all-gathers its feature statistics across ranks here
+        if reference is not None and not cached:
+            save_reference(fid, reference, reference_key(protocol))
+    metrics, stats = aekl_metrics(sums, moments, tools.lpips is not None, score)
+    return metrics, stats, cached
+
+
+def protocol_for(index: Any, index_sha256: str, split: str, count: int, crop_size: tuple[int, int] | None,
+                 posterior: str, seed: int | None, tools: Scorers) -> EvaluationProtocol:
+    """The protocol of an evaluation of the first `count` images of `split` of the shard directory whose index is
+    `index` (pipeline's ShardIndex; its sha256 `index_sha256`), centre-cropped to `crop_size` when given."""
+    h, w, c = index.image_shape
+    return EvaluationProtocol(
+        split=split, count=count, resolution=tuple(crop_size or (h, w)), channels=c,
+        ingest_transform=f"{index.source['name']} images conformed at ingest to {h}x{w}x{c} uint8 (index.json "
+                         "records the shape, not the size rule)",
+        crop=f"centre {crop_size[0]}x{crop_size[1]}" if crop_size else "none: whole image",
+        posterior=posterior, seed=seed if posterior == "sample" else None, lpips=tools.lpips_said,
+        fid=tools.fid_said, shard_index_sha256=index_sha256)
+
+
+def reference_key(protocol: EvaluationProtocol) -> dict:
+    """What the real images' Inception statistics depend on: the data, the images chosen, and the extractor."""
+    fields = ("shard_index_sha256", "split", "count", "resolution", "channels", "crop", "fid")
+    return {k: v for k, v in protocol.model_dump(mode="json").items() if k in fields}
 
 
 @torch.no_grad()

@@ -19,7 +19,8 @@ loss w.r.t. a parameter is local; autograd.grad does not touch .grad, so accumul
 
 No maintained package ships the PatchGAN discriminator as a module to import (taming-transformers and LDM are
 research repositories, not packages), so `NLayerDiscriminator` is hand-written after pix2pix / taming's.
-LPIPS comes from the `lpips` package; its VGG backbone weights are never downloaded here.
+LPIPS comes from the `lpips` package (VGG for the loss, AlexNet for evaluation); its backbone weights are never
+downloaded here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from vae.config import AeklLossSection
 from vae.models.aekl import AeklOutput
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's IMAGENET1K_V1 weights, the backbone the lpips package uses
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet IMAGENET1K_V1: LPIPS(alex), the evaluation's
+BACKBONES = {"vgg": VGG16_FILE, "alex": ALEXNET_FILE}
+BACKBONE_NAMES = {"vgg": "VGG16", "alex": "AlexNet"}
+# the smallest image side each backbone's slices take (AlexNet: an 11x11/4 conv and two 3x3/2 pools; VGG: four pools)
+BACKBONE_MIN_SIDE = {"vgg": 16, "alex": 32}
 
 
 class GeneratorTerms(NamedTuple):
@@ -118,21 +124,29 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
 
 # ---- perceptual -------------------------------------------------------------------------------------------------
 
-def vgg16_weights_path(cfg: AeklLossSection) -> Path:
-    """Where LPIPS's VGG16 backbone weights are: lpips_weights, else the torch hub cache; refuse when absent."""
-    if cfg.lpips_weights is not None:
-        path = Path(cfg.lpips_weights)
+def backbone_weights_path(net: str, given: str | Path | None, flag: str, way_out: str = "") -> Path:
+    """Where LPIPS's `net` backbone weights are (torchvision's file for "vgg" or "alex"): `given`, else the torch
+    hub cache; refuse when absent, saying what to put where (`flag` gives a path; `way_out`: what else to do)."""
+    file = BACKBONES[net]
+    if given is not None:
+        path = Path(given)
         if not path.is_file():
-            raise FileNotFoundError(f"loss.aekl.lpips_weights {str(path)!r} does not exist: give the path of "
-                                    f"torchvision's VGG16 weights ({VGG16_FILE} or a .safetensors of them)")
+            raise FileNotFoundError(f"{flag.lstrip('-')} {str(path)!r} does not exist: give the path of "
+                                    f"torchvision's {BACKBONE_NAMES[net]} weights ({file} or a .safetensors of them)")
         return path
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file
     if not cached.is_file():
         raise FileNotFoundError(
-            f"LPIPS needs torchvision's VGG16 backbone weights and none are on this machine (nothing is downloaded "
-            f"at run time): put {VGG16_FILE} into the torch hub cache ({cached.parent}; TORCH_HOME moves it), or "
-            f"pass its path as --loss.aekl.lpips_weights; or set --loss.aekl.perceptual_weight 0")
+            f"LPIPS({net}) needs torchvision's backbone weights and none are on this machine (nothing is downloaded "
+            f"at run time): put {file} into the torch hub cache ({cached.parent}; TORCH_HOME moves it), or pass "
+            f"its path as {flag}{way_out}")
     return cached
+
+
+def vgg16_weights_path(cfg: AeklLossSection) -> Path:
+    """Where the training loss's LPIPS VGG16 backbone is: loss.aekl.lpips_weights, else the torch hub cache."""
+    return backbone_weights_path("vgg", cfg.lpips_weights, "--loss.aekl.lpips_weights",
+                                 "; or set --loss.aekl.perceptual_weight 0")
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -145,37 +159,38 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build_lpips(cfg: AeklLossSection, random_weights: bool = False) -> nn.Module | None:
-    """The frozen LPIPS(VGG) module, or None when perceptual_weight is 0 (and not random_weights).
+    """The training loss's frozen LPIPS(VGG) module, or None when perceptual_weight is 0 (and not random_weights).
 
-    The lpips package's own linear heads ship inside it; its VGG backbone comes from `vgg16_weights_path`
-    (refused with the fix when absent). random_weights=True builds it with random backbone and heads (tests).
+    Its VGG backbone comes from `vgg16_weights_path` (refused with the fix when absent). random_weights=True builds
+    it with random backbone and heads (tests).
     """
     if cfg.perceptual_weight == 0 and not random_weights:
         return None
+    return load_lpips("vgg", None if random_weights else vgg16_weights_path(cfg))
+
+
+def load_lpips(net: str, backbone: Path | None) -> nn.Module:
+    """The frozen LPIPS module on `net` ("vgg": the training loss; "alex": the evaluation's, as the LPIPS paper
+    recommends for a metric). The lpips package's own linear heads ship inside it; the backbone is torchvision's
+    state dict at `backbone` (None: random, for tests)."""
     import warnings
 
     import lpips
 
     with warnings.catch_warnings():  # lpips 0.1.4 calls torchvision's deprecated `pretrained=` argument
         warnings.simplefilter("ignore", UserWarning)
-        model = _lpips_module(lpips, cfg, random_weights)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def _lpips_module(lpips, cfg: AeklLossSection, random_weights: bool) -> nn.Module:
-    # pretrained=True loads only the package's own non-negative linear heads (read with torch.load, whose
-    # default in torch >= 2.6 is weights_only); pnet_rand=True keeps torchvision from downloading the backbone.
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    if not random_weights:
-        path = vgg16_weights_path(cfg)
-        state = _load_state(path)
-        # lpips' vgg16 holds torchvision's `features` modules split into slices: slice{k}.{i} is features.{i}
+        # pretrained=True loads only the package's own non-negative linear heads (read with torch.load, whose
+        # default in torch >= 2.6 is weights_only); pnet_rand=True keeps torchvision from downloading the backbone.
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    if backbone is not None:
+        state = _load_state(backbone)
+        # lpips' backbones hold torchvision's `features` modules split into slices: slice{k}.{i} is features.{i}
         own = {name: f"features.{name.split('.', 1)[1]}" for name in model.net.state_dict()}
         missing = [src for src in own.values() if src not in state]
         if missing:
-            raise ValueError(f"{path} is not torchvision's VGG16 state dict (no {missing[0]})")
+            raise ValueError(f"{backbone} is not torchvision's {BACKBONE_NAMES[net]} state dict (no {missing[0]})")
         model.net.load_state_dict({name: state[src] for name, src in own.items()})
+    model.eval().requires_grad_(False)
     return model
 
 

@@ -11,23 +11,17 @@ import numpy as np
 import torch
 from torch import nn
 
+import pipeline
 from vae.config import RunConfig
-from vae.objectives.aekl.evaluation import (
-    INCEPTION_FILE,
-    aekl_metrics,
-    aekl_sums,
-    inception_weights_path,
-    reconstruction_grid,
-    rfid,
-)
+from vae.objectives.aekl.evaluation import aekl_sums, measure, protocol_for, reconstruction_grid, scorers
 from vae.objectives.aekl.losses import (
     build_discriminator,
     build_lpips,
     disc_factor,
     discriminator_loss,
     generator_loss,
-    vgg16_weights_path,
 )
+from vae.objectives.aekl.protocol import DIGEST_TAG, PROTOCOL_TAG
 from vae.objectives.base import (
     PSNR,
     Backward,
@@ -90,7 +84,7 @@ class AeklObjective(Objective):
 
     def validation_sums(self, model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
         sums, _ = aekl_sums(unwrap(model), batches, device, prepare=lambda images: to_input(images, self.cfg))
-        return sums[[0, 1, 3]]  # psnr, ssim, count; LPIPS and the latent statistics are the final evaluation's
+        return sums[[0, 1, 3]]  # psnr, ssim, count; LPIPS, rFID and the latent statistics are the final evaluation's
 
     def validation_metrics(self, sums: torch.Tensor) -> dict[str, float]:
         psnr, ssim, n = sums.tolist()
@@ -104,45 +98,25 @@ class AeklObjective(Objective):
         return reconstruction_grid(unwrap(model), x, path, n=pairs)
 
     def final_evaluation(self, accelerator, model: nn.Module, val_loader) -> FinalEvaluation:
-        """PSNR and SSIM at full resolution, LPIPS with the objective's LPIPS (or local VGG weights), rFID when
-        torch-fidelity's Inception weights are in the torch hub cache; the per-channel latent statistics and
-        from them the scaling and shift factors (aekl/evaluation.py). A metric without weights is `absent`."""
+        """The evaluation `vaepipe evaluate` runs (aekl/evaluation.py `measure`), under the protocol of the whole
+        validation split, posterior mode, LPIPS on AlexNet (the evaluation's network, whatever the loss trains
+        with) and rFID, each only with its weights on this machine (a metric without them is `absent`); the
+        per-channel latent statistics and from them the scaling and shift factors. The protocol goes into
+        evaluation.json and the registered version's tags."""
         model = unwrap(model).eval()
-        device = accelerator.device
-        lpips = self.lpips if self.lpips is not None else self.evaluation_lpips()
-        if lpips is not None:
-            lpips.to(device)
-
-        def batches():
-            return (b.images for b in val_loader)
-
-        prepare = lambda images: to_input(images, self.cfg)  # noqa: E731 - validation sees what training sees
-        sums, moments = aekl_sums(model, batches(), device, lpips, prepare)
-        sums, moments = reduced(accelerator, sums), reduced(accelerator, moments)
-        absent = {}
-        if lpips is None:
-            absent["val/lpips"] = ("no LPIPS VGG weights on this machine (loss.aekl.lpips_weights or the torch hub "
-                                   "cache)")
-        weights = inception_weights_path(None)
-        # torchmetrics' FID all-gathers its feature statistics across ranks in compute()
-        score = rfid(model, batches(), device, weights, prepare) if weights is not None else None
-        if weights is None:
-            absent["val/rfid"] = f"no Inception weights ({INCEPTION_FILE} in the torch hub cache)"
-        metrics, stats = aekl_metrics(sums, moments, lpips is not None, score)
+        tools = scorers("alex", images=val_loader.num_samples)
+        protocol = protocol_for(val_loader.index, pipeline.index_sha256(val_loader.location), val_loader.split,
+                                val_loader.num_samples, val_loader.crop_size, "mode", None, tools)
+        metrics, stats, _ = measure(model, (b.images for b in val_loader), accelerator.device, tools, protocol,
+                                    prepare=lambda images: to_input(images, self.cfg),  # what training sees
+                                    reduce=lambda t: reduced(accelerator, t))
         nonfinite = {k: f"{k} is {v}" for k, v in metrics.items() if not np.isfinite(v)}
         headline = (f"val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.4f}, scaling_factor "
                     f"{stats.scaling_factor:.5f}, shift_factor {stats.shift_factor:.5f}")
-        return FinalEvaluation(metrics, {"absent": absent, "latents": stats._asdict()}, headline, nonfinite,
-                               latent_stats=stats._asdict())
-
-    def evaluation_lpips(self) -> nn.Module | None:
-        """LPIPS for the evaluation when training ran without it: only with VGG weights on this machine."""
-        section = self.cfg.loss.aekl.model_copy(update={"perceptual_weight": 1.0})
-        try:
-            vgg16_weights_path(section)
-        except FileNotFoundError:
-            return None  # reported absent, never faked
-        return build_lpips(section)
+        details = {"absent": tools.absent, "latents": stats._asdict(), "protocol": protocol.model_dump(mode="json"),
+                   "protocol_sha256": protocol.digest()}
+        return FinalEvaluation(metrics, details, headline, nonfinite, latent_stats=stats._asdict(),
+                               protocol_tags={DIGEST_TAG: protocol.digest(), PROTOCOL_TAG: protocol.canonical()})
 
     def draw(self, model: nn.Module, x: torch.Tensor, labels: np.ndarray | None, result: FinalEvaluation,
              out: Path) -> None:

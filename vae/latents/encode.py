@@ -48,7 +48,7 @@ class EncodeOptions(BaseModel, frozen=True):
     device: str = Field("cpu", description="torch device the encoder runs on.")
     workers: int = Field(0, ge=0, description="Loader processes that read and decode the source images.")
     keep_freed_memory: bool = Field(True, description="Let glibc reuse the encoder's freed activations instead of "
-                                    "mapping them afresh each batch (`model.freed_memory_kept`; ~2x on a CPU).")
+                                    "mapping them afresh each batch (`model.freed_memory_kept`; ~1.3x on a CPU).")
 
 
 class Group(BaseModel, frozen=True):

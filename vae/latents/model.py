@@ -81,7 +81,7 @@ def freed_memory_kept() -> Iterator[bool]:
 
     Why: glibc maps each allocation over its mmap threshold (at most 32 MiB) afresh and unmaps it on free, so every
     encoder activation of a batch (32 x 32 x 128 x 128 fp32 is 64 MiB) costs page faults and zeroing on each
-    forward pass; on a 2-core CPU that was about half the encode's time (bench/LOG.md, 2026-12-08). PyTorch's CPU
+    forward pass; on a 2-core CPU that was 25-40% of the encode's CPU time (bench/LOG.md, 2026-12-08). PyTorch's CPU
     tuning guide makes the same point with jemalloc/tcmalloc; this is glibc's own switch (mallopt), no preload.
     The process keeps its peak heap while inside; on the way out the defaults come back and the heap is trimmed.
     """

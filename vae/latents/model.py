@@ -13,6 +13,7 @@ import ctypes
 import os
 import platform
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def load_encoder(model: str, tracking_uri: str | None = None) -> Encoder:
 # glibc's mallopt parameters (malloc.h) and its defaults, restored after an encode
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_holders, _holders_lock = 0, threading.Lock()  # contexts inside freed_memory_kept, across threads
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -85,15 +87,22 @@ def freed_memory_kept() -> Iterator[bool]:
     tuning guide makes the same point with jemalloc/tcmalloc; this is glibc's own switch (mallopt), no preload.
     The process keeps its peak heap while inside; on the way out the defaults come back and the heap is trimmed.
     """
+    global _holders
     libc = _glibc()
     if libc is None:
         yield False
         return
-    libc.mallopt(M_MMAP_MAX, 0)  # every allocation from the heap: nothing mapped, nothing unmapped
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and the heap's freed top kept, not returned
+    with _holders_lock:  # groups encoding at once in threads: the first in sets, the last out restores
+        if _holders == 0:
+            libc.mallopt(M_MMAP_MAX, 0)  # every allocation from the heap: nothing mapped, nothing unmapped
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and the heap's freed top kept, not returned
+        _holders += 1
     try:
         yield True
     finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        with _holders_lock:
+            _holders -= 1
+            if _holders == 0:
+                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

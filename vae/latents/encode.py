@@ -16,7 +16,7 @@ import math
 import os
 import tarfile
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -183,9 +183,8 @@ def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out_dir: str | 
                                   crop_size=options.crop_size, crop="centre", workers=options.workers)
     tmp = out_dir / f".{group.shard_name}.tmp"
     labels: list[int] = []
-    with wds.TarWriter(str(tmp), mtime=0) as writer, ExitStack() as stack:  # mtime 0: an encode is reproducible
-        if options.keep_freed_memory:
-            stack.enter_context(freed_memory_kept())
+    heap = freed_memory_kept() if options.keep_freed_memory else nullcontext()
+    with wds.TarWriter(str(tmp), mtime=0) as writer, heap:  # mtime 0: no clock in the bytes, an encode is reproducible
         for sample in _samples(encoder, loader, group, keys, options, labels):
             writer.write(sample)
     shard = out_dir / group.shard_name

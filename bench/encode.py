@@ -5,18 +5,26 @@ same photos and the same model, in one run.
 Data: JPEG q90 crops of scikit-learn's two sample photographs (bench/photo_loader.py's tree). Model: a randomly
 initialised aekl exported as a diffusers folder (the encoder's cost depends on its widths, not its weights);
 `--channels 128 256 512 512` is SD's VAE. Each arm runs in its own process (so its peak memory is its own) with
-the same torch threads and loader workers; the ingest that writes the shards is timed apart, once. Prints JSON:
-images/s (wall) per arm, peak RSS of the arm's process and of its largest worker, and the ratio.
+the same torch threads, loader workers, batch and precision; the arms are interleaved (A B A B ...) for `--rounds`
+rounds, so a busy box slows both alike, and the ratio printed is the median of the rounds' ratios. The ingest
+that writes the shards is timed apart, once. Prints JSON: per arm and round images/s (wall), CPU seconds per image
+(process and its loader workers), peak RSS of the process and of its largest worker.
+
+Arms: `plain` (the loop above), `vaepipe` (`encode_dataset` with its defaults); for ablations, `vaepipe-mapped`
+(vaepipe with `keep_freed_memory=False`) and `plain-heap` (the plain loop under glibc's environment switches
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647, what `keep_freed_memory` sets from inside).
 
     .venv/bin/python bench/encode.py [--images 512] [--side 256] [--batch 32] [--workers 1] [--threads 2]
-        [--channels 32 64 128 128] [--device cpu] [--precision fp32]
+        [--channels 32 64 128 128] [--device cpu] [--precision fp32] [--rounds 3] [--arms plain vaepipe]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,8 +39,14 @@ from bench.photo_loader import photo_tree  # noqa: E402
 
 def peak_mib() -> dict[str, float]:
     """Peak resident memory of this process and of its largest finished child (loader workers), MiB."""
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_worker_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the loader workers)."""
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                          resource.RUSAGE_CHILDREN)))
 
 
 def plain(args: argparse.Namespace, out: Path) -> int:
@@ -61,21 +75,26 @@ def vaepipe(args: argparse.Namespace, out: Path) -> int:
     from vae.latents import EncodeOptions, encode_dataset, load_encoder
 
     options = EncodeOptions(batch_size=args.batch, workers=args.workers, device=args.device,
-                            precision=args.precision)
+                            precision=args.precision, keep_freed_memory=args.arm != "vaepipe-mapped")
     index = encode_dataset(load_encoder(args.model), args.shards, out, options)
     return sum(split.num_samples for split in index.splits.values())
+
+
+ARMS = {"plain": plain, "vaepipe": vaepipe, "vaepipe-mapped": vaepipe, "plain-heap": plain}
+GLIBC_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}  # plain-heap's environment
 
 
 def arm(args: argparse.Namespace) -> None:
     """One arm, in this process: print its JSON line."""
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        n = {"plain": plain, "vaepipe": vaepipe}[args.arm](args, Path(tmp) / "out")
-        seconds = time.perf_counter() - start
+        start, cpu = time.perf_counter(), cpu_seconds()
+        n = ARMS[args.arm](args, Path(tmp) / "out")
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         size = sum(p.stat().st_size for p in (Path(tmp) / "out").rglob("*") if p.is_file())
     print(json.dumps({"arm": args.arm, "images": n, "seconds": round(seconds, 2),
-                      "images_per_s": round(n / seconds, 1), "output_mib": round(size / 2**20, 1), **peak_mib()}))
+                      "images_per_s": round(n / seconds, 1),
+                      "cpu_s_per_image": round(cpu / n, 3), "output_mib": round(size / 2**20, 1), **peak_mib()}))
 
 
 def main() -> None:
@@ -88,7 +107,10 @@ def main() -> None:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 128])
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--arm", choices=("plain", "vaepipe"), help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the arms (median ratio)")
+    p.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=["plain", "vaepipe"],
+                   help="the first is the baseline every other arm is divided by")
+    p.add_argument("--arm", choices=tuple(ARMS), help=argparse.SUPPRESS)
     for hidden in ("--root", "--model", "--shards"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -111,16 +133,24 @@ def main() -> None:
         common = ["--batch", str(args.batch), "--workers", str(args.workers), "--threads", str(args.threads),
                   "--device", args.device, "--precision", args.precision, "--root", str(root / "train"),
                   "--model", str(model), "--shards", str(tmp / "shards")]
-        results = {}
-        for name in ("plain", "vaepipe"):
-            line = subprocess.run([sys.executable, __file__, "--arm", name, *common], check=True,
-                                  stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
-            results[name] = json.loads(line)
-    ratio = results["vaepipe"]["images_per_s"] / results["plain"]["images_per_s"]
-    print(json.dumps({"config": {k: v for k, v in vars(args).items() if k not in ("arm", "root", "model", "shards")},
-                      "ingest_s": round(ingest_s, 2), **results, "ratio_vaepipe_over_plain": round(ratio, 2)},
-                     indent=2))
-
+        rounds: dict[str, list[dict]] = {name: [] for name in args.arms}
+        for _ in range(args.rounds):
+            for name in args.arms:
+                env = {**os.environ, **(GLIBC_HEAP if name == "plain-heap" else {})}
+                line = subprocess.run([sys.executable, __file__, "--arm", name, *common], check=True, env=env,
+                                      stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+                rounds[name].append(json.loads(line))
+    base = args.arms[0]
+    ratios = {name: statistics.median(r["images_per_s"] / b["images_per_s"]
+                                      for r, b in zip(rounds[name], rounds[base], strict=True))
+              for name in args.arms[1:]}
+    summary = {name: {"images_per_s": [r["images_per_s"] for r in runs],
+                      "cpu_s_per_image": [r["cpu_s_per_image"] for r in runs],
+                      **{k: max(r[k] for r in runs) for k in ("peak_rss_mib", "peak_worker_rss_mib", "output_mib")}}
+               for name, runs in rounds.items()}
+    config = {k: v for k, v in vars(args).items() if k not in ("arm", "root", "model", "shards")}
+    print(json.dumps({"config": config, "ingest_s": round(ingest_s, 2), **summary,
+                      **{f"median_ratio_{name}_over_{base}": round(r, 2) for name, r in ratios.items()}}, indent=2))
 
 if __name__ == "__main__":
     main()

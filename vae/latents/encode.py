@@ -20,6 +20,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,15 +35,16 @@ from pipeline.npy import npy_bytes
 from pipeline.shards import INDEX_NAME, sha256_of
 from pipeline.shards import ShardInfo as LatentShard
 from pipeline.storage import Location
-from vae.latents.model import Encoder
+from vae.latents.model import Encoder, freed_memory_kept
 
 MARKERS = ".encode"
 STARTED = f"{MARKERS}/started"  # written first: the directory is an encode's, even before a group is done
 Precision = Literal["fp32", "bf16", "fp16"]
+SPEED_ONLY = {"batch_size", "device", "workers", "keep_freed_memory"}  # options that never change a latent
 
 
 class EncodeOptions(BaseModel, frozen=True):
-    """How a shard directory is encoded; every field but the last three shapes the latent shards."""
+    """How a shard directory is encoded; every field but the last four shapes the latent shards."""
 
     splits: tuple[str, ...] | None = Field(None, description="Splits to encode; None: every split of the index.")
     dtype: LatentDtype = Field("float16", description="How means and stds are stored (bf16 as raw uint16).")
@@ -53,6 +55,8 @@ class EncodeOptions(BaseModel, frozen=True):
     batch_size: int = Field(32, gt=0, description="Images per forward pass.")
     device: str = Field("cpu", description="torch device the encoder runs on.")
     workers: int = Field(0, ge=0, description="Loader processes that read and decode the source images.")
+    keep_freed_memory: bool = Field(True, description="Let glibc reuse the encoder's freed activations instead of "
+                                    "mapping them afresh each batch (`model.freed_memory_kept`; ~1.3x on a CPU).")
 
 
 class Group(BaseModel, frozen=True):
@@ -95,7 +99,7 @@ def plan_encode(index: pipeline.ShardIndex, options: EncodeOptions) -> list[Grou
 
 def fingerprint(encoder: Encoder, source_sha: str, options: EncodeOptions, group: Group) -> str:
     """What a group's shard depends on; a marker with another is stale."""
-    shaping = options.model_dump(mode="json", exclude={"batch_size", "device", "workers"})
+    shaping = options.model_dump(mode="json", exclude=SPEED_ONLY)
     data = {"model": encoder.provenance, "config": dict(encoder.vae.config), "source": source_sha,
             "options": shaping, "group": group.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -164,9 +168,11 @@ def encode_group(encoder: Encoder, shard_dir: str | os.PathLike, out: Location, 
                                   world_size=group.groups, shuffle=False, drop_last=False, pad=False,
                                   crop_size=options.crop_size, crop="centre", workers=options.workers)
     labels: list[int] = []
+    heap = freed_memory_kept() if options.keep_freed_memory else nullcontext()
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=out.root if out.local else None) as staging:
         tmp = Location(staging)
-        with wds.TarWriter(tmp.path(group.shard_name), mtime=0) as writer:  # no clock in the bytes: reproducible
+        # mtime 0: no clock in the bytes, an encode is reproducible
+        with wds.TarWriter(tmp.path(group.shard_name), mtime=0) as writer, heap:
             for sample in _samples(encoder, loader, group, keys, options, labels):
                 writer.write(sample)
         digest, size = sha256_of(tmp, group.shard_name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,8 @@ from vae.objectives.aekl.evaluation import measure, protocol_for, reference_key,
 from vae.objectives.aekl.fid import reference_file
 from vae.objectives.aekl.losses import BACKBONE_MIN_SIDE
 from vae.objectives.aekl.protocol import EvaluationProtocol, LpipsNet, Posterior
-from vae.registry.store import ModelStoreError, pull_diffusers
+from vae.registry.store import ModelStoreError, diffusers_source
 
-MODELS_SCHEME = "models:/"
 OUT_FILE = "evaluation.json"
 COLUMNS = (("PSNR (dB)", "psnr", "{:.3f}"), ("SSIM", "ssim", "{:.4f}"), ("LPIPS", "lpips", "{:.4f}"),
            ("rFID", "rfid", "{:.3f}"))
@@ -88,23 +86,11 @@ def load_aekl(ref: str, image_shape: tuple[int, int, int], tracking_uri: str | N
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` (its diffusers folder pulled from `tracking_uri`) or a
     diffusers folder, as an aekl model for images (C, H, W); with where it came from. Anything else is refused in
     one line (a registered model of another architecture, a folder that holds no AutoencoderKL)."""
-    if ref.startswith(MODELS_SCHEME):
-        if tracking_uri is None:
-            raise ValueError(f"{ref} names a registered model: give the MLflow tracking URI that holds it")
-        with tempfile.TemporaryDirectory(prefix="vaepipe-evaluate-") as tmp:
-            try:
-                name, version, folder = pull_diffusers(ref.removeprefix(MODELS_SCHEME), Path(tmp) / "vae",
-                                                       tracking_uri)
-            except ModelStoreError as err:  # a missing name, alias or version; another architecture's version
-                raise ModelStoreError(f"model {ref} cannot be evaluated: {err}") from None
-            return _build(folder, image_shape), {"uri": ref, "name": name, "version": version,
-                                                 "version_uri": f"models:/{name}/{version}"}
-    folder = Path(ref)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model {ref!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor a diffusers "
-                                "folder (config.json + diffusion_pytorch_model.safetensors)")
     try:
-        return _build(folder, image_shape), {"folder": str(folder.resolve())}
+        with diffusers_source(ref, tracking_uri, prefix="vaepipe-evaluate-") as (folder, provenance):
+            return _build(folder, image_shape), provenance
+    except ModelStoreError as err:  # a missing name, alias or version; another architecture's version
+        raise ModelStoreError(f"model {ref} cannot be evaluated: {err}") from None
     except ValueError as err:  # vae.models' messages speak of model.pretrained: here it is the MODEL argument
         raise ValueError(f"model {ref!r} cannot be evaluated: {err}") from None
 

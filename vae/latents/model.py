@@ -12,17 +12,13 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from vae.registry.store import pull_diffusers
-
-MODELS_SCHEME = "models:/"
+from vae.registry.store import diffusers_source
 
 
 @dataclass
@@ -52,18 +48,8 @@ def _from_folder(folder: str | os.PathLike, provenance: dict[str, Any]) -> Encod
 
 def load_encoder(model: str, tracking_uri: str | None = None) -> Encoder:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION` (pulled from `tracking_uri`) or a diffusers folder."""
-    if not model.startswith(MODELS_SCHEME):
-        folder = Path(model)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{model} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor a diffusers "
-                                    "folder (config.json + diffusion_pytorch_model.safetensors)")
-        return _from_folder(folder, {"folder": str(folder.resolve())})
-    if tracking_uri is None:
-        raise ValueError(f"{model} names a registered model: give the MLflow tracking URI that holds it")
-    with tempfile.TemporaryDirectory(prefix="vaepipe-encode-") as tmp:
-        name, version, folder = pull_diffusers(model[len(MODELS_SCHEME):], Path(tmp) / "vae", tracking_uri)
-        return _from_folder(folder, {"uri": model, "name": name, "version": version,
-                                     "version_uri": f"models:/{name}/{version}"})
+    with diffusers_source(model, tracking_uri, prefix="vaepipe-encode-") as (folder, provenance):
+        return _from_folder(folder, provenance)
 
 
 # glibc's mallopt parameters (malloc.h) and its defaults, restored after an encode

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -156,8 +159,6 @@ def pull_diffusers(ref: str, dest_dir: str | os.PathLike, tracking_uri: str) -> 
     Only model.arch aekl versions carry one; another is refused naming why."""
     from mlflow.models import Model
 
-
-
     dest = Path(dest_dir)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ModelStoreError(f"{dest} is not an empty directory; pull into a new or empty one so no files mix")
@@ -172,3 +173,27 @@ def pull_diffusers(ref: str, dest_dir: str | os.PathLike, tracking_uri: str) -> 
             dest.rmdir()  # empty, checked above
         (local / artifacts[DIFFUSERS_ARTIFACT]["path"]).rename(dest)
     return name, version, dest
+
+
+MODELS_SCHEME = "models:/"
+
+
+@contextmanager
+def diffusers_source(ref: str, tracking_uri: str | None,
+                     prefix: str = "vaepipe-") -> Iterator[tuple[Path, dict[str, Any]]]:
+    """For the block: the diffusers folder `ref` names, and where it came from. `models:/NAME@ALIAS` or
+    `models:/NAME/VERSION`: the version's folder pulled from `tracking_uri` into a temporary directory (removed
+    after), provenance {'uri', 'name', 'version', 'version_uri'}; else a local folder with a config.json,
+    provenance {'folder'}. What `vaepipe encode` and `vaepipe evaluate` both take as MODEL."""
+    if not ref.startswith(MODELS_SCHEME):
+        folder = Path(ref)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{ref} is neither models:/NAME@ALIAS, models:/NAME/VERSION nor a diffusers folder "
+                                    "(config.json + diffusion_pytorch_model.safetensors)")
+        yield folder, {"folder": str(folder.resolve())}
+        return
+    if tracking_uri is None:
+        raise ValueError(f"{ref} names a registered model: give the MLflow tracking URI that holds it")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        name, version, folder = pull_diffusers(ref.removeprefix(MODELS_SCHEME), Path(tmp) / "vae", tracking_uri)
+        yield folder, {"uri": ref, "name": name, "version": version, "version_uri": f"models:/{name}/{version}"}

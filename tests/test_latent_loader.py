@@ -131,6 +131,19 @@ def test_a_corrupt_latent_shard_is_named_in_the_error_and_skip_reads_on_with_the
     assert {k for b in batches for k in b.keys} == intact - lost
 
 
+def test_a_split_whose_every_latent_shard_is_corrupt_names_the_encode_as_the_repair(latents, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(latents, broken)
+    for shard in read_index(broken).splits["train"].shards:
+        (broken / shard.name).write_bytes(b"not a tar")
+    for resident in ("on", "off"):  # the resident load and the streamed plan each find nothing left to read
+        loader = pipeline.open_loader(broken, "train", 4, shuffle=False, on_corrupt="skip", resident=resident)
+        with pytest.raises(pipeline.ShardFormatError, match=r"no readable shard .*Re-run `vaepipe encode` into"):
+            list(loader)
+
+
 def test_load_time_crops_and_flips_are_refused_naming_the_fix(latents, shards):
     with pytest.raises(ValueError, match="encode with --flip"):
         pipeline.open_loader(latents, "train", 4, flip=True)

@@ -299,6 +299,15 @@ class ShardLoader(ABC):
                     segments.append((int(order[pos]), int(a - starts[pos]), int(b - starts[pos])))
         return segments
 
+    def readable_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, sample) of every sample of the readable shards, in file order: what a resident load reads."""
+        readable = [s for s in range(len(self.names)) if self.table(s) is not None]
+        if not readable:
+            raise ShardFormatError(f"{self.location}: no readable shard in split {self.split!r} (skipped: "
+                                   f"{sorted(self.skipped_shards)}). {self.repair.format(location=self.location)}")
+        return (np.concatenate([np.full(self.counts[s], s, np.int64) for s in readable]),
+                np.concatenate([np.arange(self.counts[s], dtype=np.int64) for s in readable]))
+
     def stream(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (shard, sample) pairs in stream order. Samples of skipped shards are made up, when padding,
         from the stream past the slice's end (wrapping, as the padding of the last slice does), so the rank's
@@ -309,7 +318,8 @@ class ShardLoader(ABC):
         while missing and self.pad:
             if cursor - self.stop >= self.num_samples:
                 raise ShardFormatError(f"{self.location}: no readable shard is left in split {self.split!r} "
-                                       f"(skipped: {sorted(self.skipped_shards)}); re-run the ingest")
+                                       f"(skipped: {sorted(self.skipped_shards)}). "
+                                       f"{self.repair.format(location=self.location)}")
             want, missing = missing, 0
             missing = self._take(self._segments(cursor, cursor + want), shards, samples)
             cursor += want

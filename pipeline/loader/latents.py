@@ -105,12 +105,7 @@ class LatentLoader(ShardLoader):
         same width, viewed as the values per batch: on a CPU torch's index_select of 256 fp16 rows of 2 x 4 x 32
         x 32 took 12.3 ms, of the same bits as int16 0.11 ms (bf16: 4.3 ms; 2-core box, bench/LOG.md 2026-12-08)."""
         if self._data is None:
-            readable = [s for s in range(len(self.names)) if self.table(s) is not None]
-            if not readable:
-                raise ShardFormatError(f"{self.location}: no readable shard in split {self.split!r} (skipped: "
-                                       f"{sorted(self.skipped_shards)}); re-run the encode")
-            shards = np.concatenate([np.full(self.counts[s], s, np.int64) for s in readable])
-            samples = np.concatenate([np.arange(self.counts[s], dtype=np.int64) for s in readable])
+            shards, samples = self.readable_rows()
             files: dict = {}
             try:
                 arrays = self._read(shards, samples, files)

@@ -116,12 +116,7 @@ def read_whole(loader: ShardLoader) -> tuple[torch.Tensor, torch.Tensor | None, 
     """Every readable shard of the loader's split in file order, as uint8 (N, C, H, W) on the CPU, channels-last
     in memory (`Batch`), with labels and factors; packed pixels are copied straight from the files, other
     layouts decoded by the workers."""
-    readable = [s for s in range(len(loader.names)) if loader.table(s) is not None]
-    if not readable:
-        raise ShardFormatError(f"{loader.location}: no readable shard in split {loader.split!r} (skipped: "
-                               f"{sorted(loader.skipped_shards)}); re-run the ingest")
-    shards = np.concatenate([np.full(loader.counts[s], s, np.int64) for s in readable])
-    samples = np.concatenate([np.arange(loader.counts[s], dtype=np.int64) for s in readable])
+    shards, samples = loader.readable_rows()
     reader = Reader(loader.location, loader.names, loader._tables, loader.layout, loader.index.image_shape)
     try:
         if loader.layout.decodes:

@@ -35,6 +35,9 @@ def add_evaluate_command(commands) -> None:
     sub.add_argument("--count", type=int, help="the split's first N images in file order (default: all)")
     sub.add_argument("--posterior", choices=("mode", "sample"), default="mode",
                      help="decode the posterior mean (mode, default) or one seeded draw of it (sample)")
+    sub.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"),
+                     help="centre-crop the stored images to H x W first, as a run trained with data.crop_size "
+                     "validates (default: whole images)")
     sub.add_argument("--seed", type=int, default=0, help="the draws' seed with --posterior sample (default 0)")
     sub.add_argument("--lpips", choices=("alex", "vgg", "none"), default="alex",
                      help="LPIPS network (default alex; vgg is the training loss's)")
@@ -60,6 +63,7 @@ def evaluate(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or serve.served_mlflow_url() or embedded_uri()
     try:
         options = EvaluateOptions(split=args.split, count=args.count, posterior=args.posterior, seed=args.seed,
+                                  crop_size=args.crop_size,
                                   lpips=args.lpips, lpips_weights=args.lpips_weights,
                                   inception_weights=args.inception_weights, batch_size=args.batch_size,
                                   device=args.device, cache_dir=args.cache_dir)

@@ -266,3 +266,22 @@ def test_bad_input_is_refused_in_one_line_naming_the_problem(case, shards, folde
                 "--lpips none"}[case]
     assert expected in err
     assert not (tmp_path / "out" / "evaluation.json").exists()
+
+
+def test_a_centre_crop_scores_as_the_same_images_ingested_cropped_and_the_protocol_says_so(
+        shards, folders, tmp_path, no_weights):
+    """`--crop-size` reproduces a run trained with data.crop_size: the loader's centre crop, named in the protocol."""
+    images = np.random.default_rng(0).integers(0, 256, (12, SIDE, SIDE, 3), dtype=np.uint8)  # the fixture's
+    top, left = (SIDE - 16) // 2, (SIDE - 24) // 2
+    np.save(tmp_path / "cropped.npy", np.ascontiguousarray(images[:, top:top + 16, left:left + 24]))
+    cropped = tmp_path / "cropped"
+    pipeline.ingest("arrays", {"files": {"test": str(tmp_path / "cropped.npy")}}, cropped, 4, 2, progress=False)
+    options = dict(count=8, lpips="none", batch_size=4)
+    by_crop = evaluate_models(folders[:1], shards, options=EvaluateOptions(crop_size=(16, 24), **options), track=False)
+    as_stored = evaluate_models(folders[:1], cropped, options=EvaluateOptions(**options), track=False)
+    ours, theirs = by_crop.protocol, as_stored.protocol
+    assert (ours.crop, ours.resolution, theirs.crop) == ("centre 16x24", (16, 24), "none: whole image")
+    np.testing.assert_allclose([by_crop.models[0]["metrics"][k] for k in ("psnr", "ssim")],
+                               [as_stored.models[0]["metrics"][k] for k in ("psnr", "ssim")], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"--crop-size 40 8 does not fit the 32x32 images .*at most 32 32"):
+        evaluate_models(folders[:1], shards, options=EvaluateOptions(crop_size=(40, 8), **options), track=False)

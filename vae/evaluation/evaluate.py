@@ -45,6 +45,8 @@ class EvaluateOptions(BaseModel):
     count: int | None = Field(None, gt=0, description="The split's first N images; None: all of them.")
     posterior: Posterior = Field("mode", description="mode: decode the posterior mean; sample: one seeded draw.")
     seed: int = Field(0, description="The posterior draws' seed (posterior sample).")
+    crop_size: tuple[int, int] | None = Field(None, description="Centre crop (H, W) of the stored images, as a "
+                                              "training run with data.crop_size validates; None: whole images.")
     lpips: LpipsNet = Field("alex", description="LPIPS network: alex (the evaluation default), vgg (the training "
                             "loss's) or none.")
     lpips_weights: str | None = Field(None, description="torchvision's backbone file; default: the torch hub cache.")
@@ -95,11 +97,11 @@ def load_aekl(ref: str, image_shape: tuple[int, int, int], tracking_uri: str | N
         raise ValueError(f"model {ref!r} cannot be evaluated: {err}") from None
 
 
-def _images(shard_dir: str | os.PathLike, split: str, count: int, batch_size: int, device: str,
-            label: str) -> Iterator[torch.Tensor]:
-    """The split's first `count` images in file order, uint8 (B, C, H, W) on `device`, under a progress bar."""
-    loader = pipeline.open_loader(shard_dir, split, batch_size, shuffle=False, drop_last=False, pad=False,
-                                  device=device)
+def _images(shard_dir: str | os.PathLike, options: EvaluateOptions, count: int, label: str) -> Iterator[torch.Tensor]:
+    """The split's first `count` images in file order, centre-cropped to `options.crop_size` when given (the
+    loader's crop, as validation's), uint8 (B, C, H, W) on the device, under a progress bar."""
+    loader = pipeline.open_loader(shard_dir, options.split, options.batch_size, shuffle=False, drop_last=False,
+                                  pad=False, device=options.device, crop_size=options.crop_size, crop="centre")
     left = count
     with tqdm(total=count, unit="img", desc=label, disable=None, leave=False) as bar:
         for batch in loader:
@@ -127,18 +129,23 @@ def evaluate_models(models: list[str], shard_dir: str | os.PathLike, out_dir: st
         raise ValueError(f"--count {count} is more than the {available} images of split {options.split!r} in "
                          f"{shard_dir}: give at most {available}, or another --split ({', '.join(index.splits)})")
     h, w, c = index.image_shape
+    if options.crop_size is not None:
+        if not (0 < options.crop_size[0] <= h and 0 < options.crop_size[1] <= w):
+            raise ValueError(f"--crop-size {options.crop_size[0]} {options.crop_size[1]} does not fit the {h}x{w} "
+                             f"images of {shard_dir}: give a crop of at most {h} {w}")
+        h, w = options.crop_size
     if options.lpips != "none" and min(h, w) < BACKBONE_MIN_SIDE[options.lpips]:
         raise ValueError(f"LPIPS({options.lpips}) takes images of at least {BACKBONE_MIN_SIDE[options.lpips]} px a "
                          f"side, these are {h}x{w}: pass --lpips none (or another network)")
     loaded = [load_aekl(ref, (c, h, w), tracking_uri) for ref in models]
     tools = scorers(options.lpips, options.lpips_weights, options.inception_weights, images=count)
-    protocol = protocol_for(index, pipeline.index_sha256(shard_dir), options.split, count, None, options.posterior,
-                            options.seed, tools)
+    protocol = protocol_for(index, pipeline.index_sha256(shard_dir), options.split, count, options.crop_size,
+                            options.posterior, options.seed, tools)
     reference = reference_file(options.cache(), reference_key(protocol)) if tools.fid is not None else None
     result = Evaluation(protocol, absent={k.removeprefix("val/"): why for k, why in tools.absent.items()})
     for ref, (model, provenance) in zip(models, loaded, strict=True):
         model.to(options.device)
-        images = _images(shard_dir, options.split, count, options.batch_size, options.device, ref)
+        images = _images(shard_dir, options, count, ref)
         metrics, stats, cached = measure(model, images, options.device, tools, protocol, reference=reference)
         model.cpu()
         scores = {k.removeprefix("val/"): v for k, v in metrics.items()}

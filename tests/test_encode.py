@@ -195,22 +195,16 @@ def test_a_registered_version_encodes_and_its_encode_run_links_model_source_and_
                                                                                         tmp_path):
     """models:/NAME/VERSION: the version's diffusers folder encodes (its latent statistics in index.json), and the
     MLflow run names the version, lists the source shards and the latent shards, and holds index.json."""
-    import uuid
-
     import mlflow
+    from support.registry import register_new
 
     from vae.latents.tracking import log_encode_run
-    from vae.registry.packaging import log_model
-    from vae.registry.versions import register_version
-    from vae.tracking.store import ensure_experiment
 
     mlflow.set_tracking_uri(tracking_uri)
     torch.manual_seed(1)
     model = build_from_spec(SPEC).eval()
     client = mlflow.MlflowClient(tracking_uri)
-    train_run = client.create_run(ensure_experiment("encode-test", tracking_uri)).info.run_id
-    name = f"vae-encode-{uuid.uuid4().hex[:8]}"
-    register_version(log_model(model, {**SPEC, "latent_stats": STATS}, train_run), name, 1.0, train_run)
+    name = register_new(model, {**SPEC, "latent_stats": STATS}, tracking_uri, "encode-test")
     encoder = load_encoder(f"models:/{name}/1", tracking_uri)
     out = tmp_path / "latents"
     index = encode_dataset(encoder, shards, out, EncodeOptions(splits=("test",)))

@@ -5,7 +5,6 @@ rFID's real statistics cached and reused; bad input refused in one line."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from unittest import mock
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from support.inception import random_inception_file
+from support.registry import register_new
 from torchvision.models import alexnet
 
 import pipeline
@@ -185,18 +185,12 @@ def test_rfid_reference_statistics_are_cached_and_a_second_model_reuses_them_wit
 
 
 def test_a_registered_version_is_evaluated_and_its_run_names_the_version(shards, tmp_path, no_weights):
-    from vae.registry.packaging import log_model
-    from vae.registry.versions import register_version
-    from vae.tracking.store import ensure_experiment
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     torch.manual_seed(0)
     model = build_from_spec(SPEC).eval()
     client = mlflow.MlflowClient(uri)
-    train_run = client.create_run(ensure_experiment("evaluate-test", uri)).info.run_id
-    name = f"vae-evaluate-{uuid.uuid4().hex[:8]}"
-    register_version(log_model(model, {**SPEC, "latent_stats": STATS}, train_run), name, 1.0, train_run)
+    name = register_new(model, {**SPEC, "latent_stats": STATS}, uri, "evaluate-test")
     result = evaluate_models([f"models:/{name}/1"], shards, options=EvaluateOptions(count=4), tracking_uri=uri)
     entry = result.models[0]
     assert entry["provenance"] == {"uri": f"models:/{name}/1", "name": name, "version": 1,

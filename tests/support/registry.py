@@ -37,6 +37,17 @@ def register_two_versions(uri: str) -> tuple[str, dict[int, torch.nn.Module]]:
     return name, modules
 
 
+def register_new(model: torch.nn.Module, spec: dict, uri: str, experiment: str, score: float = 1.0) -> str:
+    """`model` (built from `spec`) logged in a new run of `experiment` at `uri` (this process's tracking URI) and
+    registered as version 1 of a fresh name, with `score`; the name."""
+    import mlflow
+
+    run_id = mlflow.MlflowClient(uri).create_run(ensure_experiment(experiment, uri)).info.run_id
+    name = f"vae-{experiment}-{uuid.uuid4().hex[:8]}"
+    register_version(log_model(model, spec, run_id), name, score, run_id)
+    return name
+
+
 def vaepipe_models(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`vaepipe models ARGS` with this process's environment (MLFLOW_TRACKING_URI included), run in `cwd`."""
     return subprocess.run([str(Path(sys.executable).parent / "vaepipe"), "models", *args], env=dict(os.environ),

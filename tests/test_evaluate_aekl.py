@@ -217,12 +217,14 @@ def test_the_command_is_in_vaepipe_help_with_its_options(capsys):
     assert "evaluate" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["no shards", "not aekl", "registered conv", "count too large", "no such split",
-                                  "images too small"])
+@pytest.mark.parametrize("case", ["no shards", "no such model", "not aekl", "registered conv", "count too large",
+                                  "no such split", "images too small"])
 def test_bad_input_is_refused_in_one_line_naming_the_problem(case, shards, folders, tmp_path, capsys):
     model, where, extra = folders[0], str(shards), []
     if case == "no shards":
         where = str(tmp_path / "nowhere")
+    elif case == "no such model":
+        model = str(tmp_path / "vae-typo")
     elif case == "not aekl":
         model = str(tmp_path / "unet")
         Path(model).mkdir()
@@ -251,7 +253,9 @@ def test_bad_input_is_refused_in_one_line_naming_the_problem(case, shards, folde
     lines = capsys.readouterr().err.strip().splitlines()  # above it, at most MLflow's download progress bar
     err = lines[-1]
     assert err.startswith("error: ") and [line for line in lines if line.startswith("error")] == [err]
-    expected = {"no shards": "does not exist; run the ingest first", "not aekl": "holds a UNet2DModel, not an "
+    expected = {"no shards": "does not exist; run the ingest first", "no such model": f"{tmp_path / 'vae-typo'} is "
+                "neither models:/NAME@ALIAS, models:/NAME/VERSION nor a diffusers folder (config.json + ",
+                "not aekl": "holds a UNet2DModel, not an "
                 "AutoencoderKL", "registered conv": "models:/conv-model/1 cannot be evaluated: conv-model version 1 "
                 "carries no diffusers folder: only model.arch aekl exports one",
                 "count too large": "--count 13 is more than the 12 images of split 'test'",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vae.objectives.aekl.protocol import DIGEST_TAG, EvaluationProtocol
 from vae.tracking.metrics import finite
-from vae.tracking.provenance import source_tags, split_dataset
+from vae.tracking.provenance import model_inputs, source_tags, split_dataset
 from vae.tracking.store import ensure_experiment
 
 EXPERIMENT = "evaluate-vae"
@@ -21,7 +21,7 @@ def log_evaluation_run(ref: str, provenance: dict, protocol: EvaluationProtocol,
                        shard_dir: str | os.PathLike, tracking_uri: str) -> str:
     """Record one model's evaluation as a finished run; return its id."""
     import mlflow  # ~1.4 s; imported by the function that talks to the server, as vae.latents.tracking does
-    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, Metric, Param
+    from mlflow.entities import DatasetInput, InputTag, Metric, Param
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     mlflow.set_tracking_uri(tracking_uri)  # ensure_experiment uses the fluent API
@@ -34,13 +34,9 @@ def log_evaluation_run(ref: str, provenance: dict, protocol: EvaluationProtocol,
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in finite(metrics).items()],
                      params=[Param(k, v) for k, v in protocol.params().items()])
-    models = []
-    if "name" in provenance:
-        model_id = client.get_model_version(provenance["name"], str(provenance["version"])).model_id
-        models = [LoggedModelInput(model_id)] if model_id else []
     dataset = split_dataset(shard_dir, protocol.split)._to_mlflow_entity()
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])],
-                      models=models)
+                      models=model_inputs(client, provenance))
     client.log_dict(run_id, protocol.model_dump(mode="json"), "protocol.json")
     client.set_terminated(run_id)
     return run_id

@@ -9,14 +9,13 @@ model's id (`LoggedModelInput`), so the version's page lists the encode among th
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pipeline
 from pipeline.latents import LatentIndex
 from pipeline.shards import INDEX_NAME
 from pipeline.storage import Location
-from vae.tracking.provenance import DIGEST_CHARS, source_tags
+from vae.tracking.provenance import DIGEST_CHARS, dataset_source, model_inputs, source_tags
 from vae.tracking.store import ensure_experiment
 
 EXPERIMENT = "encode-latents"
@@ -24,12 +23,9 @@ EXPERIMENT = "encode-latents"
 
 def _dataset(location: str, name: str, digest: str, profile: dict):
     """An MLflow dataset entity for a directory, with a profile (MLflow reads none of its files)."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.entities import Dataset
 
-    with warnings.catch_warnings():  # MLflow 3.17 registers its local source twice and warns it is ambiguous
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        source = resolve_dataset_source(location)
+    source = dataset_source(location)
     return Dataset(name=name, digest=digest[:DIGEST_CHARS], source_type=source._get_source_type(),
                    source=source.to_json(), profile=json.dumps(profile))
 
@@ -37,7 +33,7 @@ def _dataset(location: str, name: str, digest: str, profile: dict):
 def log_encode_run(index: LatentIndex, out_dir: str | Path, tracking_uri: str) -> str:
     """Record a finished encode as a run; return its id."""
     import mlflow
-    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+    from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -61,13 +57,9 @@ def log_encode_run(index: LatentIndex, out_dir: str | Path, tracking_uri: str) -
     latents = _dataset(out.url, "latent-shards", latent_sha,
                        {"index_sha256": latent_sha, "dtype": index.dtype, "latent_shape": list(index.latent_shape),
                         "num_samples": counts})
-    models = []
-    if "name" in model:
-        model_id = client.get_model_version(model["name"], str(model["version"])).model_id
-        models = [LoggedModelInput(model_id)] if model_id else []
     client.log_inputs(run_id, datasets=[
         DatasetInput(source, [InputTag(MLFLOW_DATASET_CONTEXT, "source")]),
-        DatasetInput(latents, [InputTag(MLFLOW_DATASET_CONTEXT, "output")])], models=models)
+        DatasetInput(latents, [InputTag(MLFLOW_DATASET_CONTEXT, "output")])], models=model_inputs(client, model))
     client.log_text(run_id, out.read_text(INDEX_NAME), INDEX_NAME)
     client.set_terminated(run_id)
     return run_id

@@ -68,12 +68,12 @@ def split_dataset(shard_dir: str | os.PathLike, split: str, storage_options: dic
     profile = {"split": split, "num_samples": info.num_samples, "num_shards": len(info.shards),
                "image_shape_hwc": list(index.image_shape), "dtype": index.dtype, "layout": index.layout,
                "num_classes": info.num_classes, "shard_index_sha256": sha}
-    return ShardDataset(_dataset_source(str(shard_dir)), f"{index.source['name']}-{split}", sha[:DIGEST_CHARS],
+    return ShardDataset(dataset_source(str(shard_dir)), f"{index.source['name']}-{split}", sha[:DIGEST_CHARS],
                         profile)
 
 
-def _dataset_source(location: str):
-    """The shard directory as an MLflow dataset source, of the kind its URL names (a local path, s3://, ...)."""
+def dataset_source(location: str):
+    """A directory as an MLflow dataset source, of the kind its URL names (a local path, s3://, ...)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     with warnings.catch_warnings():
@@ -81,6 +81,18 @@ def _dataset_source(location: str):
         # between the two, which are the same class
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         return resolve_dataset_source(location)
+
+
+def model_inputs(client, provenance: dict[str, Any]) -> list:
+    """A registered version's logged model as a run's model input (`provenance` {'name', 'version', ...} of
+    vae.registry.store.diffusers_source), so the version's page lists the run; [] for a folder, or a version
+    whose store keeps no logged model."""
+    from mlflow.entities import LoggedModelInput
+
+    if "name" not in provenance:
+        return []
+    model_id = client.get_model_version(provenance["name"], str(provenance["version"])).model_id
+    return [LoggedModelInput(model_id)] if model_id else []
 
 
 def source_tags() -> dict[str, str]:
